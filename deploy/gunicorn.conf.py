@@ -1,0 +1,24 @@
+"""gunicorn settings for the proxy: ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``.
+
+gthread workers hold one thread per concurrent stream, and no setting here can cut a long generation: the worker
+``timeout`` is a heartbeat between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1).
+Bind address, workers and threads come from the same OLLAMA_PROXY_* settings as everything else.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy_app import config as _config  # noqa: E402
+
+_settings = _config.load()
+
+bind = f"{_settings['HOST']}:{_settings['PORT']}"
+worker_class = "gthread"
+workers = _settings["WORKERS"]
+threads = _settings["THREADS"]
+timeout = 120  # heartbeat only under gthread: a busy stream never trips it
+graceful_timeout = max(int(_settings["GRACE_SECONDS"]), 1)  # on SIGTERM, streams may finish for this long
+keepalive = 75  # clients such as ollama-python reuse connections; keep idle ones open a while
+accesslog = None

@@ -1,0 +1,174 @@
+"""Settings: one table of (name, default, help), read from the environment once.
+
+This is the only module that reads ``os.environ``. It does not start anything and does not touch the disk, except
+reading a ``.env`` file in the working directory when asked to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+PREFIX = "OLLAMA_PROXY_"
+
+
+class SettingError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:11435")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError("must not carry a path or query, only scheme://host:port")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be 0 or more seconds")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _networks(value: str) -> tuple:
+    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(",") if item.strip())
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _server(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "gunicorn", "waitress"):
+        raise ValueError("must be auto, gunicorn or waitress")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name without the prefix, the default as text, a parser and a one-line help."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("UPSTREAM", "http://127.0.0.1:11435", _url, "Ollama server the proxy forwards to (scheme://host:port)"),
+    Setting("HOST", "127.0.0.1", _text, "Address the proxy listens on; keep loopback unless an admin token is set"),
+    Setting("PORT", "11434", _port, "Port the proxy listens on (Ollama's usual port)"),
+    Setting("DATA_DIR", "./ollama_analytics", _text, "Directory for the SQLite store, the CSV mirror and logs"),
+    Setting("CONNECT_TIMEOUT", "5", _seconds, "Seconds to wait for the upstream to accept a connection"),
+    Setting(
+        "READ_TIMEOUT",
+        "3600",
+        _seconds,
+        "Longest silence (seconds) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
+    ),
+    Setting("THREADS", "64", _positive_int, "Server threads per process: the number of calls served at once"),
+    Setting("WORKERS", "1", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
+    Setting("MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"),
+    Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
+    Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
+    Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
+    Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),
+    Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),
+    Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
+    Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
+    Setting("RETENTION_DAYS", "7", _positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
+    Setting("WRITER_QUEUE_SIZE", "10000", _positive_int, "Finished calls waiting to be stored before new ones are dropped"),
+    Setting("MAX_MODELS", "100", _positive_int, "Distinct model names used as metric labels; more become 'other'"),
+    Setting("METRICS_TOKEN", "", _text, "When set, /metrics needs it as a bearer token", secret=True),
+    Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
+    Setting("PROBE_INTERVAL", "15", _seconds, "Seconds between background upstream health probes"),
+    Setting("SAMPLE_INTERVAL", "5", _seconds, "Seconds between CPU/memory samples"),
+    Setting("SERVER", "auto", _server, "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress"),
+    Setting("WITH_OLLAMA", "false", _bool, "serve command: start and supervise `ollama serve` on the upstream port"),
+    Setting("OLLAMA_BIN", "", _text, "Path to the ollama executable; empty searches PATH and the usual install places"),
+    Setting("GRACE_SECONDS", "30", _seconds, "On shutdown, how long in-flight streams may run before they are cut"),
+    Setting("LOG_LEVEL", "INFO", _text, "Python logging level"),
+)
+
+
+def read_environ(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
+    """Return the variables to configure from: ``.env`` (if present) overlaid by the real environment."""
+    merged: dict[str, str] = {}
+    if env_file and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
+def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
+    """Return every setting, typed, from defaults overlaid by ``.env`` and the environment; raise SettingError."""
+    source = read_environ(environ, env_file)
+    return {setting.name: parse_setting(setting, source.get(PREFIX + setting.name, setting.default)) for setting in SETTINGS}
+
+
+def parse_setting(setting: Setting, raw: Any) -> Any:
+    """Parse one raw value (text from the environment, or an already typed override)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        shown = "***" if setting.secret else repr(raw)
+        raise SettingError(f"{PREFIX}{setting.name}={shown}: {exc}") from None
+
+
+def merge(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> dict:
+    """Return defaults, then ``.env`` and env (or ``environ`` when given), then ``overrides`` (tests pass both)."""
+    values = load(environ, env_file=".env" if environ is None else None)
+    by_name = {setting.name: setting for setting in SETTINGS}
+    for name, raw in (overrides or {}).items():
+        values[name] = parse_setting(by_name[name], raw) if name in by_name else raw
+    return derive(values)
+
+
+def derive(values: dict) -> dict:
+    """Fill the settings whose defaults depend on others (paths under DATA_DIR)."""
+    data_dir = Path(values["DATA_DIR"])
+    values.setdefault("CSV_FILE", values["CSV_PATH"] or str(data_dir / "ollama-proxy.csv"))
+    values.setdefault("DATABASE", values["DATABASE_URL"] or f"sqlite:///{data_dir / 'ollama-proxy.db'}")
+    return values
+
+
+def masked(values: Mapping[str, Any]) -> dict:
+    """Return the settings with secrets replaced by '***' (for `check` and logs)."""
+    secret = {setting.name for setting in SETTINGS if setting.secret}
+    return {name: ("***" if name in secret and values.get(name) else values.get(name)) for name in sorted(values)}

@@ -1,0 +1,129 @@
+"""Pure: what the client asked for (model, effective stream mode, parameters, prompt), read from the request body.
+
+It never changes the body, except ``with_usage_requested``, which splices one key onto the end of a /v1 chat request
+so the proxy can count tokens of clients that did not ask for usage. No Flask, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# Why: Ollama streams these unless the body says "stream": false (absent, null or true all stream).
+NATIVE_STREAMING = frozenset({"/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create"})
+
+# Top-level request keys that shape generation; stored with `options` as model_parameters.
+GENERATION_KEYS = (
+    "format", "keep_alive", "think", "raw", "truncate", "shift", "dimensions", "logprobs", "top_logprobs",
+    "temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "max_completion_tokens", "frequency_penalty",
+    "presence_penalty", "response_format", "reasoning_effort", "n", "suffix",
+)  # fmt: skip
+
+PROMPT_CHARS = 1000  # issue 3: the prompt is cut to 1000 characters (not bytes)
+USAGE_SUFFIX = b',"stream_options":{"include_usage":true}}'
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What a call asked for. None where the body does not say."""
+
+    api: str  # native or openai
+    model: str | None = None
+    stream_mode: bool = False
+    model_parameters: str | None = None
+    prompt: str | None = None
+    wants_usage_injected: bool = False  # a /v1 chat stream without include_usage
+
+
+def read_intake(path: str, body: bytes | None) -> Intake:
+    """Return what the client asked for; never raises, whatever the body holds."""
+    api = "openai" if path.startswith("/v1/") else "native"
+    document = _decode(body)
+    if not isinstance(document, dict):
+        return Intake(api=api, stream_mode=path in NATIVE_STREAMING, model=_model_from_path(path))
+    stream = _is_streaming(path, document.get("stream"))
+    return Intake(
+        api=api,
+        model=_model(path, document),
+        stream_mode=stream,
+        model_parameters=_parameters(document),
+        prompt=_prompt(path, document),
+        wants_usage_injected=stream and path == "/v1/chat/completions" and not _asked_usage(document),
+    )
+
+
+def with_usage_requested(body: bytes) -> bytes:
+    """Return the body with ``stream_options.include_usage`` set, by appending a key (the last duplicate wins in Go)."""
+    head = body.rstrip()[:-1].rstrip()  # only called for a JSON object, so this drops its closing brace
+    return head + (USAGE_SUFFIX[1:] if head.endswith(b"{") else USAGE_SUFFIX)
+
+
+def _decode(body: bytes | None):
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_streaming(path: str, value) -> bool:
+    if path in NATIVE_STREAMING:
+        return value is not False
+    if path.startswith("/v1/"):
+        return value is True
+    return False
+
+
+def _model(path: str, document: dict) -> str | None:
+    for key in ("model", "name", "source"):
+        value = document.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return _model_from_path(path)
+
+
+def _model_from_path(path: str) -> str | None:
+    if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+        return path[len("/v1/models/") :]
+    return None
+
+
+def _parameters(document: dict) -> str | None:
+    chosen = {key: document[key] for key in GENERATION_KEYS if key in document}
+    options = document.get("options")
+    if isinstance(options, dict):
+        chosen.update(options)
+    if not chosen:
+        return None
+    return json.dumps(chosen, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _prompt(path: str, document: dict) -> str | None:
+    messages = document.get("messages")
+    if isinstance(messages, list):
+        text = _last_user_text(messages)
+    else:
+        text = _text_of(document.get("prompt", document.get("input")))
+    return text[:PROMPT_CHARS] if text else None
+
+
+def _last_user_text(messages: list) -> str | None:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _text_of(message.get("content"))
+    return None
+
+
+def _text_of(value) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # /v1 content parts, or a list of inputs
+        parts = [item if isinstance(item, str) else item.get("text") for item in value if isinstance(item, str | dict)]
+        return "\n".join(part for part in parts if isinstance(part, str)) or None
+    return None
+
+
+def _asked_usage(document: dict) -> bool:
+    options = document.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
