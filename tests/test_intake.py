@@ -1,0 +1,78 @@
+"""What the client asked for, read from request bodies exactly as Ollama and its clients send them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy_app.intake import Intake, read_intake, with_usage_requested
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "stream"),
+    [
+        ("/api/generate", {"model": "m", "prompt": "p"}, True),  # absent means streaming (curl, the Go CLI)
+        ("/api/generate", {"model": "m", "stream": None}, True),
+        ("/api/generate", {"model": "m", "stream": False}, False),  # ollama-python and ollama-js always send this
+        ("/api/chat", {"model": "m", "messages": []}, True),
+        ("/api/pull", {"model": "m"}, True),
+        ("/api/embed", {"model": "m", "input": "x"}, False),
+        ("/v1/chat/completions", {"model": "m", "messages": []}, False),  # OpenAI semantics
+        ("/v1/chat/completions", {"model": "m", "messages": [], "stream": True}, True),
+    ],
+)
+def test_intake_stream_mode_follows_ollama_rules(path, body, stream):
+    assert read_intake(path, json.dumps(body).encode()).stream_mode is stream
+
+
+def test_intake_chat_last_user_message_and_parameters():
+    body = {
+        "model": "llama3.2",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "second ✓"},
+        ],
+        "options": {"temperature": 0.2, "num_ctx": 4096},
+        "keep_alive": "5m",
+        "format": "json",
+    }
+    assert read_intake("/api/chat", json.dumps(body).encode()) == Intake(
+        api="native",
+        model="llama3.2",
+        stream_mode=True,
+        model_parameters='{"format":"json","keep_alive":"5m","temperature":0.2,"num_ctx":4096}',
+        prompt="second ✓",
+    )
+
+
+def test_intake_openai_content_parts_and_usage_injection():
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    intake = read_intake("/v1/chat/completions", json.dumps(body).encode())
+    assert (intake.api, intake.prompt, intake.wants_usage_injected) == ("openai", "hi", True)
+    body["stream_options"] = {"include_usage": True}
+    assert read_intake("/v1/chat/completions", json.dumps(body).encode()).wants_usage_injected is False
+
+
+def test_intake_prompt_cut_to_1000_characters_not_bytes():
+    intake = read_intake("/api/generate", json.dumps({"model": "m", "prompt": "é" * 1500}).encode())
+    assert intake.prompt == "é" * 1000
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[1,2]", b"{" * 100000, b"\xff\xfe", b'{"model": 5}'])
+def test_intake_garbage_never_raises(body):
+    intake = read_intake("/api/generate", body)
+    assert intake.model is None and intake.stream_mode is True
+
+
+def test_intake_with_usage_requested_appends_last_key():
+    spliced = with_usage_requested(b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}\n')
+    assert spliced == b'{"model":"m","stream":true,"stream_options":{"include_usage":false},"stream_options":{"include_usage":true}}'
+    assert json.loads(spliced)["stream_options"] == {"include_usage": True}  # the last duplicate wins, as in Go
+    assert with_usage_requested(b"{ }") == b'{"stream_options":{"include_usage":true}}'
+
+
+def test_intake_model_from_v1_models_path():
+    assert read_intake("/v1/models/llama3.2:latest", None).model == "llama3.2:latest"
