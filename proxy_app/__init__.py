@@ -1,0 +1,38 @@
+"""The Ollama analytics proxy: ``create_app`` wires every part; nothing starts at import."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Flask
+
+from . import config as config_module
+
+# Our own routes. Everything else (/, /api/*, /v1/*, any future path) belongs to Ollama and is relayed.
+RESERVED_PATHS = ("/health", "/test", "/metrics", "/analytics")
+
+__version__ = "0.1.0"
+
+
+def create_app(overrides: dict | None = None, environ: dict | None = None) -> Flask:
+    """Build the app: settings from defaults, then .env and env (or ``environ``), then ``overrides``."""
+    settings = config_module.merge(overrides, environ)
+    app = Flask(__name__, template_folder=str(Path(__file__).parent.parent / "templates"), static_folder=None)
+    app.config.update(settings)
+    logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from . import ops, relay
+    from .sampler import LoadSampler
+
+    app.extensions["load_sampler"] = LoadSampler(settings["SAMPLE_INTERVAL"])
+    app.extensions["shutdown_hooks"] = [app.extensions["load_sampler"].stop]
+    ops.init_app(app)
+    relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
+    return app
+
+
+def shutdown(app: Flask) -> None:
+    """Run every part's shutdown hook (flush the writer, stop background threads); safe to call twice."""
+    for hook in reversed(app.extensions.get("shutdown_hooks", [])):
+        hook()

@@ -1,0 +1,67 @@
+"""Operational endpoints: ``/health`` (is the upstream reachable, are our parts alive) and ``/test`` (connectivity).
+
+Other modules add their own checks to ``app.extensions["health_checks"]`` (name -> callable returning a dict with
+an ``ok`` key). This module does not relay anything.
+"""
+
+from __future__ import annotations
+
+import time
+
+import requests
+from flask import Blueprint, Flask, current_app, jsonify
+
+bp = Blueprint("ops", __name__)
+
+PROBE_TIMEOUT = (2.0, 5.0)  # a health check must answer quickly even when the upstream hangs
+
+
+def init_app(app: Flask) -> None:
+    """Register the blueprint and the requests session used for probes."""
+    session = requests.Session()
+    session.trust_env = False  # never send upstream traffic through an HTTP_PROXY from the environment
+    app.extensions["probe_session"] = session
+    app.extensions.setdefault("health_checks", {})
+    app.register_blueprint(bp)
+
+
+def probe_upstream(app: Flask) -> dict:
+    """Ask the upstream for its version; return reachability, latency and version (never raises)."""
+    url = app.config["UPSTREAM"]
+    started = time.perf_counter()
+    try:
+        answer = app.extensions["probe_session"].get(url + "/api/version", timeout=PROBE_TIMEOUT)
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        version = answer.json().get("version") if answer.ok else None
+        ok = answer.ok
+        error = None if ok else f"HTTP {answer.status_code}"
+    except (requests.RequestException, ValueError) as exc:
+        latency, version, ok, error = None, None, False, f"{type(exc).__name__}: {exc}"
+    return {"url": url, "reachable": ok, "latency_ms": latency, "version": version, "error": error}
+
+
+@bp.route("/health", methods=["GET"])
+def health():
+    """200 when the upstream answers and every registered part is alive, else 503; HEAD works too."""
+    upstream = probe_upstream(current_app)
+    checks = {name: check() for name, check in current_app.extensions["health_checks"].items()}
+    healthy = upstream["reachable"] and all(check.get("ok", True) for check in checks.values())
+    document = {"status": "ok" if healthy else "degraded", "proxy": "up", "upstream": upstream, **checks}
+    return jsonify(document), 200 if healthy else 503
+
+
+@bp.route("/test", methods=["GET"])
+def connectivity_test():
+    """Call the upstream and list its models: a one-click check that the proxy can talk to Ollama."""
+    upstream = probe_upstream(current_app)
+    document = {"upstream": upstream, "models": []}
+    if upstream["reachable"]:
+        try:
+            answer = current_app.extensions["probe_session"].get(
+                current_app.config["UPSTREAM"] + "/api/tags", timeout=PROBE_TIMEOUT
+            )
+            document["models"] = [model.get("name") for model in answer.json().get("models") or []]
+        except (requests.RequestException, ValueError, AttributeError) as exc:
+            document["error"] = f"listing models failed: {exc}"
+    document["ok"] = upstream["reachable"] and "error" not in document
+    return jsonify(document), 200 if document["ok"] else 502

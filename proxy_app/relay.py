@@ -1,0 +1,403 @@
+"""The relay: every path that is not one of ours goes to the upstream, and its answer comes back unchanged.
+
+Bodies are relayed byte for byte and chunk by chunk as they arrive; a copy of each chunk feeds a ``UsageMeter``.
+When the call ends (normally, on a client disconnect, or on an upstream failure) one ``Call`` is built and handed to
+the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or render anything itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import urllib3
+from flask import Flask, Response, current_app, request
+from urllib3.util import SKIP_HEADER
+
+from . import intake as intake_module
+from .calls import Call
+from .gate import Gate, InFlight
+from .usage import Usage, UsageMeter, UsageStripper
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those the WSGI servers set themselves (waitress 500s on the former).
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+     "proxy-authenticate", "proxy-authorization"}
+)  # fmt: skip
+NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {"server", "date"}
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+READ_SIZE = 64 * 1024  # largest piece read from the upstream at once; streams arrive in far smaller chunks
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamBroke(Exception):
+    """The upstream died in the middle of a body whose length was announced; the client connection must be cut."""
+
+
+def init_app(app: Flask) -> None:
+    """Create the shared upstream pool and concurrency gate, and register the catch-all route (last)."""
+    config = app.config
+    app.extensions["upstream_pool"] = make_pool(config)
+    app.extensions["gate"] = Gate(config["MAX_CONCURRENT"])
+    app.extensions["in_flight"] = InFlight()
+    app.extensions.setdefault("call_sinks", [])
+    app.extensions.setdefault("load_sampler", None)
+    app.add_url_rule("/", "relay", forward, methods=METHODS, provide_automatic_options=False)
+    app.add_url_rule("/<path:path>", "relay", forward, methods=METHODS, provide_automatic_options=False)
+
+
+def make_pool(config) -> urllib3.HTTPConnectionPool:
+    """Return the one upstream connection pool: no retries, no redirects, no proxy environment, long reads."""
+    read = config["READ_TIMEOUT"] or None
+    timeout = urllib3.Timeout(connect=config["CONNECT_TIMEOUT"], read=read)
+    return urllib3.connection_from_url(
+        config["UPSTREAM"], maxsize=max(config["THREADS"], 10), block=False, retries=False, timeout=timeout
+    )
+
+
+def forward(path: str = "") -> Response:
+    """Relay this request to the upstream and stream its answer back."""
+    call = _start_call()
+    app = current_app._get_current_object()
+    gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
+    call["concurrent_requests"] = in_flight.enter()
+    try:
+        return _forward_in_slot(app, call, gate)
+    except BaseException:
+        in_flight.leave()
+        raise
+
+
+def _forward_in_slot(app: Flask, call: dict, gate: Gate) -> Response:
+    too_big = _check_body_size(call, app.config["MAX_BODY_BYTES"])
+    if too_big is not None:
+        return too_big
+    waited = time.perf_counter()
+    if not gate.enter(app.config["QUEUE_TIMEOUT"]):
+        call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+        return _refuse(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
+    call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+    try:
+        return _open_upstream(app, call)
+    except BaseException:
+        gate.leave()
+        raise
+
+
+def _start_call() -> dict:
+    """Copy what the call record needs out of the request before any streaming starts (no stream_with_context)."""
+    path = request.path
+    return {
+        "arrived": time.perf_counter(),
+        "timestamp": datetime.now(UTC),
+        "request_id": uuid.uuid4().hex,
+        "ip_source": client_address(request.environ, current_app.config["TRUSTED_PROXIES"]),
+        "user_agent": request.headers.get("User-Agent", ""),
+        "http_method": request.method,
+        "endpoint": path,
+        "session_id": request.headers.get("X-Session-ID", ""),
+        "queue_time_ms": 0.0,
+    }
+
+
+def client_address(environ: dict, trusted: tuple) -> str:
+    """Return the client's IP; X-Forwarded-For is believed only when the peer is a trusted proxy."""
+    peer = environ.get("REMOTE_ADDR") or ""
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if not forwarded or not trusted:
+        return peer
+    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + [peer]
+    for hop in reversed(chain):  # walk back from the peer, skipping our own trusted proxies
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop[:64]
+        if not any(address in network for network in trusted):
+            return hop
+    return chain[0]
+
+
+def _check_body_size(call: dict, limit: int) -> Response | None:
+    if _is_blob_upload(request.method, request.path) or not limit:
+        return None
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        return _refuse(current_app, call, 413, f"request body of {declared} bytes exceeds the limit of {limit}", "rejected")
+    return None
+
+
+def _is_blob_upload(method: str, path: str) -> bool:
+    return method in ("POST", "PUT") and path.startswith("/api/blobs/")
+
+
+def _open_upstream(app: Flask, call: dict) -> Response:
+    body, body_size = _request_body(app.config["MAX_BODY_BYTES"])
+    if body_size < 0:
+        app.extensions["gate"].leave()
+        return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
+    intake = intake_module.read_intake(call["endpoint"], body if isinstance(body, bytes) else None)
+    call["request_size_bytes"] = body_size
+    call["intake"] = intake
+    if intake.wants_usage_injected:
+        body = intake_module.with_usage_requested(body)
+    target = request.full_path if request.query_string else request.path
+    headers = _upstream_headers(request.headers, body)
+    call["sent"] = time.perf_counter()
+    try:
+        upstream = app.extensions["upstream_pool"].urlopen(
+            request.method, target, body=body, headers=headers, redirect=False, retries=False,
+            preload_content=False, decode_content=False, assert_same_host=False,
+        )  # fmt: skip
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        app.extensions["gate"].leave()
+        return _unreachable(app, call, exc)
+    return _relay_response(app, call, upstream)
+
+
+def _request_body(limit: int):
+    """Return (body, size): bytes for API calls, a streaming iterator for blob uploads; size -1 means too big."""
+    if _is_blob_upload(request.method, request.path):
+        return _iter_upload(request.stream), request.content_length or 0
+    data = request.stream.read(limit + 1) if limit else request.get_data(cache=False)
+    if limit and len(data) > limit:
+        return None, -1
+    return data, len(data)
+
+
+def _iter_upload(stream) -> Iterator[bytes]:
+    """Yield a blob upload in 64 KiB pieces so a 5 GB model file never sits in memory."""
+    while piece := stream.read(READ_SIZE):
+        yield piece
+
+
+def _upstream_headers(incoming, body) -> dict:
+    named_in_connection = {name.strip().lower() for name in incoming.get("Connection", "").split(",")}
+    headers = {}
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered not in NOT_FORWARDED_UP and lowered not in named_in_connection:
+            headers[name] = value if lowered not in headers else headers[name] + ", " + value
+    headers["Accept-Encoding"] = "identity"
+    if "User-Agent" not in incoming:
+        headers["User-Agent"] = SKIP_HEADER  # forward the client's (absent) agent, not urllib3's
+    if isinstance(body, bytes):
+        if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            headers["Content-Length"] = str(len(body))
+    elif request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers
+
+
+def _relay_response(app: Flask, call: dict, upstream) -> Response:
+    status = upstream.status
+    content_type = upstream.headers.get("Content-Type", "")
+    call["http_status"] = status
+    headers = _client_headers(upstream.headers)
+    headers.append(("X-Request-ID", call["request_id"]))
+    is_stream = content_type.startswith(STREAM_TYPES)
+    if is_stream:
+        headers.append(("X-Accel-Buffering", "no"))
+    meter = UsageMeter(content_type, status)
+    stripper = UsageStripper() if call["intake"].wants_usage_injected and content_type.startswith(STREAM_TYPES[1]) else None
+    if stripper is not None:
+        headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+    if request.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
+        _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
+        return Response(b"", status=status, headers=headers)
+    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
+    return Response(_Body(body), status=status, headers=headers, direct_passthrough=True)
+
+
+class _Body:
+    """The relayed body: closing it before the server ever iterated it still settles the call (no drifting counts)."""
+
+    def __init__(self, generator: Iterator[bytes]) -> None:
+        self._generator = generator
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._generator
+
+    def close(self) -> None:
+        if inspect.getgeneratorstate(self._generator) == inspect.GEN_CREATED:
+            next(self._generator, None)  # run up to the first yield so `finally` has a frame to run in
+        self._generator.close()
+
+
+def _client_headers(upstream_headers) -> list[tuple[str, str]]:
+    named_in_connection = {name.strip().lower() for name in upstream_headers.get("Connection", "").split(",")}
+    return [
+        (name, value)
+        for name, value in upstream_headers.iteritems()
+        if name.lower() not in NOT_FORWARDED_DOWN and name.lower() not in named_in_connection
+    ]
+
+
+def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
+    """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
+    sent_bytes, ttft, outcome, error = 0, None, None, None
+    try:
+        while chunk := upstream.read1(READ_SIZE):
+            meter.feed(chunk)
+            if stripper is not None:
+                chunk = stripper.feed(chunk)
+            if ttft is None and meter.has_content:
+                ttft = (time.perf_counter() - call["arrived"]) * 1000
+            if chunk:
+                sent_bytes += len(chunk)
+                yield chunk
+        if stripper is not None and (tail := stripper.flush()):
+            sent_bytes += len(tail)
+            yield tail
+    except GeneratorExit:
+        outcome = "client_gone"
+        raise
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
+        if has_length or stripper is not None:
+            raise UpstreamBroke(error) from exc
+        tail = _error_tail(upstream.headers.get("Content-Type", ""), error, meter)
+        sent_bytes += len(tail)
+        yield tail
+    finally:
+        _finish(app, call, upstream, meter, outcome, error, sent_bytes, ttft)
+
+
+def _error_tail(content_type: str, message: str, meter: UsageMeter) -> bytes:
+    """Return the last words of a broken stream, in the stream's own error shape, so clients fail cleanly."""
+    if content_type.startswith("text/event-stream"):
+        event = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+        return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    if content_type.startswith("application/x-ndjson"):
+        return b"\n" + json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
+    return b""
+
+
+def _reason(exc: BaseException) -> str:
+    while getattr(exc, "reason", None) is not None and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    return str(exc) or type(exc).__name__
+
+
+def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
+    """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
+    call["ended"] = time.perf_counter()
+    try:
+        if outcome is not None:
+            upstream.close()  # an abandoned body must not go back to the pool, and Ollama must see the close
+        upstream.release_conn()
+    except Exception:  # closing must never stop the accounting
+        log.exception("closing the upstream response failed")
+    finally:
+        app.extensions["gate"].leave()
+    usage = meter.result()
+    content_type = upstream.headers.get("Content-Type", "")
+    outcome = outcome or _outcome(call["http_status"], usage, content_type)
+    call.update(sent_bytes=sent_bytes, ttft_ms=ttft)
+    settle(app, call, usage, outcome, error)
+
+
+def _outcome(status: int, usage: Usage, content_type: str) -> str:
+    if status >= 400 or usage.error_message:
+        return "upstream_error"
+    if content_type.startswith(STREAM_TYPES) and not usage.is_complete:
+        return "incomplete"
+    return "completed"
+
+
+def _refuse(app: Flask, call: dict, status: int, message: str, outcome: str) -> Response:
+    """Answer a call ourselves (413, 503) in the error shape of its API, and record it."""
+    call.setdefault("intake", intake_module.read_intake(call["endpoint"], None))
+    call.setdefault("request_size_bytes", request.content_length or 0)
+    call.setdefault("sent", time.perf_counter())
+    call["http_status"] = status
+    body, content_type = error_body(call["endpoint"], message, status)
+    call.update(ended=time.perf_counter(), sent_bytes=len(body), ttft_ms=None)
+    settle(app, call, Usage(), outcome, message)
+    return Response(body, status=status, content_type=content_type, headers={"X-Request-ID": call["request_id"]})
+
+
+def _unreachable(app: Flask, call: dict, exc: BaseException) -> Response:
+    upstream = app.config["UPSTREAM"]
+    message = f"cannot reach the Ollama upstream at {upstream}: {_reason(exc)}"
+    log.warning("%s", message)
+    return _refuse(app, call, 502, message, "unreachable")
+
+
+def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:
+    """Return (body, content type) for an error we raise, shaped like Ollama's native or /v1 errors."""
+    if path.startswith("/v1/"):
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        document = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        return json.dumps(document, separators=(",", ":")).encode() + b"\n", "application/json"
+    return json.dumps({"error": message}, separators=(",", ":")).encode(), "application/json; charset=utf-8"
+
+
+def settle(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> None:
+    """Build the Call, lower the in-flight count and hand the Call to every sink (a failing sink is only logged)."""
+    app.extensions["in_flight"].leave()
+    finished = _build_call(app, call, usage, outcome, error)
+    for sink in app.extensions["call_sinks"]:
+        try:
+            sink(finished)
+        except Exception:
+            log.exception("call sink %r failed", sink)
+
+
+def _build_call(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> Call:
+    intake, status = call["intake"], call["http_status"]
+    sampler = app.extensions.get("load_sampler")
+    cpu, memory = sampler.latest() if sampler is not None else (None, None)
+    capture = app.config["CAPTURE_CONTENT"]
+    return Call(
+        timestamp=call["timestamp"],
+        request_id=call["request_id"],
+        ip_source=call["ip_source"],
+        user_agent=call["user_agent"],
+        http_method=call["http_method"],
+        endpoint=call["endpoint"],
+        session_id=call["session_id"] or call["ip_source"],
+        model=intake.model or usage.model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        total_tokens=usage.total_tokens,
+        model_parameters=intake.model_parameters,
+        stream_mode=intake.stream_mode,
+        request_size_bytes=call["request_size_bytes"],
+        response_size_bytes=call["sent_bytes"],
+        queue_time_ms=round(call["queue_time_ms"], 3),
+        processing_time_ms=_elapsed_ms(call["sent"], call["ended"]),
+        total_time_ms=_elapsed_ms(call["arrived"], call["ended"]),
+        http_status=status,
+        error_message=error or usage.error_message or (f"HTTP {status}" if status >= 400 else None),
+        system_load_cpu=cpu,
+        system_load_memory=memory,
+        concurrent_requests=call["concurrent_requests"],
+        outcome=outcome,
+        ttft_ms=None if call["ttft_ms"] is None else round(call["ttft_ms"], 3),
+        tokens_per_second=None if usage.tokens_per_second is None else round(usage.tokens_per_second, 3),
+        load_duration_ms=_ms(usage.load_duration_ns),
+        prompt_eval_duration_ms=_ms(usage.prompt_eval_duration_ns),
+        eval_duration_ms=_ms(usage.eval_duration_ns),
+        done_reason=usage.done_reason,
+        api=intake.api,
+        prompt=intake.prompt if capture else None,
+        response_preview=(usage.response_preview or None) if capture else None,
+    )
+
+
+def _elapsed_ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+def _ms(nanoseconds: int | None) -> float | None:
+    return None if nanoseconds is None else round(nanoseconds / 1e6, 3)

@@ -1,0 +1,161 @@
+"""Shared fixtures: the fake Ollama on a real port, our app, its test client, and the app on a real port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from proxy_app import create_app, shutdown
+from tests.fake_ollama import FakeOllama, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+# CI sets this so that tests needing PostgreSQL, Chromium or Prometheus fail rather than skip when the part is missing.
+REQUIRE_ALL = os.environ.get("OLLAMA_PROXY_TEST_REQUIRE_ALL") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip a test whose external part is missing, except in CI where that is a failure."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"required test dependency missing: {reason}")
+    pytest.skip(reason)
+
+
+class CallRecorder:
+    """A call sink that keeps every finished Call and lets a test wait for them (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self._changed = threading.Condition()
+
+    def __call__(self, call) -> None:
+        with self._changed:
+            self.calls.append(call)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int = 1, timeout: float = 10.0) -> list:
+        """Return the calls once at least ``count`` have finished; fail after ``timeout`` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.calls) >= count, timeout):
+                raise AssertionError(f"expected {count} finished calls, got {len(self.calls)}")
+            return list(self.calls)
+
+
+@pytest.fixture
+def fake():
+    """A fresh fake Ollama (knobs at their defaults)."""
+    return FakeOllama()
+
+
+@pytest.fixture
+def upstream(fake):
+    """The fake Ollama served on an ephemeral port."""
+    handle = serve(fake)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def settings(upstream, tmp_path) -> dict:
+    """Settings for a test app pointing at the fake upstream, with data in a temporary directory."""
+    return {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"}
+
+
+@pytest.fixture
+def app(settings):
+    """Our app, configured only from ``settings`` (the environment and .env are ignored)."""
+    application = create_app(settings, environ={})
+    yield application
+    shutdown(application)
+
+
+@pytest.fixture
+def recorder(app) -> CallRecorder:
+    """Collects every Call the app finishes."""
+    sink = CallRecorder()
+    app.extensions["call_sinks"].append(sink)
+    return sink
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def live_proxy(app):
+    """Our app under waitress on an ephemeral port, as a real client sees it."""
+    handle = serve(app, threads=96)
+    yield handle
+    handle.close()
+
+
+def free_port() -> int:
+    """Return a port that was free a moment ago (for servers that cannot report an ephemeral port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class GunicornProxy:
+    """The proxy under gunicorn with deploy/gunicorn.conf.py, as a subprocess on a free port."""
+
+    def __init__(self, env: dict, workers: int = 1, threads: int = 32) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **env, "OLLAMA_PROXY_PORT": str(self.port), "OLLAMA_PROXY_WORKERS": str(workers),
+                    "OLLAMA_PROXY_THREADS": str(threads), "OLLAMA_PROXY_LOG_LEVEL": "WARNING"}  # fmt: skip
+        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        self.process = subprocess.Popen(
+            [gunicorn, "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=full_env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.process.stderr.read().decode(errors='replace')}")
+            try:
+                requests.get(self.url + "/health", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("gunicorn did not answer in time")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the arbiter and wait for it to exit; return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture
+def gunicorn_proxy(upstream, tmp_path):
+    """Factory: start the proxy under gunicorn against the fake upstream; stopped after the test."""
+    started: list[GunicornProxy] = []
+
+    def start(workers: int = 1, threads: int = 32, **env) -> GunicornProxy:
+        base = {"OLLAMA_PROXY_UPSTREAM": upstream.url, "OLLAMA_PROXY_DATA_DIR": str(tmp_path / "data")}
+        proxy = GunicornProxy({**base, **env}, workers=workers, threads=threads)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
