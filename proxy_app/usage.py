@@ -1,0 +1,334 @@
+"""Token counts and timings from an Ollama response body fed chunk by chunk (`UsageMeter`), and `UsageStripper`.
+
+Does not: use Flask, a clock, I/O or anything outside the stdlib; time anything (TTFT is the relay's job); raise on
+bad input (an unreadable line is skipped); read Anthropic `/v1/messages` counts (its `event:` lines are only
+tolerated); or set `has_content` for a plain JSON body before `result()`, since nothing is decoded before then.
+"""
+
+import json
+import re
+from dataclasses import dataclass, replace
+
+MAX_PARSE_BYTES = 16 * 1024 * 1024  # bigger bodies or lines are not json-decoded, so memory per call stays bounded
+EDGE_BYTES = 4096  # kept from each end of an oversized body: model and done flag at the head, metrics at the tail
+MAX_EVENT_BYTES = 64 * 1024  # a usage-only SSE event is ~250 bytes, so bigger pending data is forwarded at once
+_MAX_COUNT = 2**63  # counts and durations end up in a signed 64-bit column
+_DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")  # int64 ns on the wire
+_NATIVE_FIELDS = (
+    ("prompt_eval_count", "input_tokens"),
+    ("eval_count", "output_tokens"),
+    *((k, k + "_ns") for k in _DURATIONS),
+)
+# /v1/completions with include_usage puts this placeholder on every chunk (ollama middleware/openai.go); it is no count
+_ZERO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+_INT_KEYS = "|".join([key for key, _ in _NATIVE_FIELDS] + ["prompt_tokens", "completion_tokens"])
+_SALVAGE_INT = re.compile(rb'"(' + _INT_KEYS.encode() + rb')":(\d{1,19})(?!\d)')
+_SALVAGE_STR = re.compile(rb'"(model|done_reason)":"([^"\\]{1,200})"')
+_MODES = {"application/x-ndjson": "ndjson", "text/event-stream": "sse", "application/json": "json"}
+
+
+@dataclass
+class Usage:
+    """What one response body said about tokens and timings; None means the body did not say."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_duration_ns: int | None = None
+    load_duration_ns: int | None = None
+    prompt_eval_duration_ns: int | None = None
+    eval_duration_ns: int | None = None
+    done_reason: str | None = None
+    error_message: str | None = None
+    is_complete: bool = False
+    response_preview: str = ""
+    model: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed (output tokens per second of eval); None when either number is unknown or zero."""
+        if not self.output_tokens or not self.eval_duration_ns:
+            return None
+        return self.output_tokens / self.eval_duration_ns * 1e9
+
+    @property
+    def total_tokens(self) -> int | None:
+        """Sum of the known token counts; None when neither is known."""
+        if self.input_tokens is None and self.output_tokens is None:
+            return None
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
+
+def _salvage(head: bytes, tail: bytes) -> dict:
+    """Pull counts, model, reason and done flag out of the two ends of a body too big to decode."""
+    obj: dict = {}
+    usage: dict = {}
+    for edge in (head, tail):
+        for key, digits in _SALVAGE_INT.findall(edge):
+            name = key.decode()
+            (usage if name in ("prompt_tokens", "completion_tokens") else obj)[name] = int(digits)
+        for key, text in _SALVAGE_STR.findall(edge):
+            obj.setdefault(key.decode(), text.decode("utf-8", "replace"))
+    if usage:
+        obj["usage"] = usage
+    if b'"done":true' in head or b'"done":true' in tail:
+        obj["done"] = True
+    return obj
+
+
+def _decode(data: bytes) -> dict | None:
+    """Decode one JSON object; None for anything else. Oversized data is salvaged instead."""
+    if len(data) > MAX_PARSE_BYTES:
+        return _salvage(data[:EDGE_BYTES], data[-EDGE_BYTES:])
+    try:
+        obj = json.loads(data.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):  # invalid JSON, ints over the digit limit, deep nesting
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_plain_chunk(data: bytes) -> bool:
+    """True for a /v1 content chunk with no count, finish reason or error, decided on bytes alone."""
+    return (
+        b'"error"' not in data
+        and (b'"finish_reason"' not in data or b'"finish_reason":null' in data)
+        and (b'"usage"' not in data or _ZERO_USAGE in data)
+    )
+
+
+class _Buffer:
+    """The bytes of one line or body: all of them up to MAX_PARSE_BYTES, else only its head and tail."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] | None = []
+        self.size = 0
+        self.head = self.tail = b""
+
+    def add(self, data: bytes) -> None:
+        """Append data, dropping the middle once the total passes MAX_PARSE_BYTES."""
+        self.size += len(data)
+        if self.parts is None:
+            self.tail = (self.tail + data[-EDGE_BYTES:])[-EDGE_BYTES:]
+            return
+        self.parts.append(data)
+        if self.size > MAX_PARSE_BYTES:
+            whole = b"".join(self.parts)
+            self.head, self.tail, self.parts = whole[:EDGE_BYTES], whole[-EDGE_BYTES:], None
+
+    def take(self) -> bytes | dict:
+        """Return the whole bytes, or a salvaged object if it overflowed, and start empty again."""
+        data = b"".join(self.parts) if self.parts is not None else _salvage(self.head, self.tail)
+        self.parts, self.size, self.head, self.tail = [], 0, b"", b""
+        return data
+
+
+class UsageMeter:
+    """Feed it a response body in any pieces; `result()` returns its `Usage`. Mode comes from the Content-Type."""
+
+    def __init__(self, content_type: str, status: int = 200, preview_chars: int = 200) -> None:
+        self.status = status
+        self.preview_chars = preview_chars
+        self.has_content = False  # the relay reads this after each feed() to time the first token
+        self._mode = _MODES.get((content_type or "").split(";", 1)[0].strip().lower())
+        self._on_line = self._sse_line if self._mode == "sse" else self._ndjson_line
+        self._usage = Usage()
+        self._carry = _Buffer()  # an unfinished line, or the whole body in json mode
+        self._preview: list[str] = []
+        self._preview_size = 0
+        self._settled = False  # content seen and preview full: lines without counts can be skipped on bytes
+        self._complete = self._failed = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Read the next piece of the body, split anywhere (mid-line, mid-character)."""
+        if self._mode == "json":
+            self._carry.add(chunk)
+        elif self._mode is not None and chunk:
+            lines = chunk.split(b"\n")  # scans only the new chunk, so a huge line costs linear time
+            rest = lines.pop()
+            if lines:
+                self._finish_line(lines[0])
+                for line in lines[1:]:
+                    self._on_line(line)
+            if rest:
+                self._carry.add(rest)
+
+    def result(self) -> Usage:
+        """Finish the body (a last line without its newline counts) and return what it said."""
+        if self._mode == "json":
+            self._finish_body()
+        elif self._carry.size:
+            self._finish_line(b"")
+        preview = "".join(self._preview)[: self.preview_chars]
+        complete = self._complete and not self._failed and self.status < 400
+        return replace(self._usage, is_complete=complete, response_preview=preview)
+
+    def _finish_line(self, piece: bytes) -> None:
+        """Complete the carried line (if any) with piece and handle it."""
+        if self._carry.size:
+            self._carry.add(piece)
+            piece = self._carry.take()
+        if isinstance(piece, dict):  # salvaged from an oversized line
+            self._take(piece)
+        else:
+            self._on_line(piece)
+
+    def _finish_body(self) -> None:
+        """Decode the buffered JSON body; an oversized one counts as complete if it ends with a brace."""
+        closed = self._carry.tail.rstrip().endswith(b"}")
+        data = self._carry.take()
+        obj = data if isinstance(data, dict) else _decode(data)
+        if obj is not None:
+            self._take(obj)
+            self._complete = closed if isinstance(data, dict) else True
+
+    def _ndjson_line(self, line: bytes) -> None:
+        """Handle one native line; intermediate lines are skipped unread once nothing more is needed from them."""
+        if self._settled and b'"done":false' in line and b'"done":true' not in line:
+            return
+        obj = _decode(line)
+        if obj is not None:
+            self._take(obj)
+
+    def _sse_line(self, line: bytes) -> None:
+        """Handle one SSE line: `data:` payloads count; blank, `event:`, `id:` and comment lines do not."""
+        if not line.startswith(b"data:"):
+            return
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self._complete = True
+        elif not (self._settled and _is_plain_chunk(payload)):
+            obj = _decode(payload)
+            if obj is not None:
+                self._take(obj)
+
+    def _take(self, obj: dict) -> None:
+        """Fold one decoded object (native, /v1 or salvaged) into the running usage."""
+        model = obj.get("model")
+        if self._usage.model is None and isinstance(model, str) and model:
+            self._usage.model = model
+        if obj.get("error"):
+            self._take_error(obj["error"])
+            return
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            self._take_choices(choices)
+        else:
+            self._take_native(obj)
+        usage = obj.get("usage")  # /v1: the last one seen wins, and the all-zero placeholder of /v1/completions is none
+        if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("completion_tokens")):
+            self._set_count("input_tokens", usage.get("prompt_tokens"))
+            self._set_count("output_tokens", usage.get("completion_tokens"))
+
+    def _take_native(self, obj: dict) -> None:
+        """Read text, metrics, reason and completion from a native generate/chat/embed/progress object."""
+        message = obj.get("message")
+        if isinstance(message, dict):
+            self._add_text(message.get("content"), message.get("thinking") or message.get("tool_calls"))
+        else:
+            self._add_text(obj.get("response"), obj.get("thinking") or obj.get("tool_calls"))
+        if obj.get("done") is not False:  # intermediate lines never carry metrics
+            for key, name in _NATIVE_FIELDS:
+                if key in obj:
+                    self._set_count(name, obj[key])
+        self._set_reason(obj.get("done_reason"))
+        if obj.get("done") is True or obj.get("status") == "success":
+            self._complete = True
+
+    def _take_choices(self, choices: list) -> None:
+        """Read text and finish reason from /v1 choices (stream deltas, messages or completion text)."""
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            part = choice.get("delta") or choice.get("message")
+            if isinstance(part, dict):
+                extra = part.get("reasoning") or part.get("reasoning_content") or part.get("tool_calls")
+                self._add_text(part.get("content"), extra)
+            else:
+                self._add_text(choice.get("text"), None)
+            self._set_reason(choice.get("finish_reason"))
+
+    def _take_error(self, error: object) -> None:
+        """Record `{"error": "..."}` or `{"error": {"message": ...}}`; the call is then not complete."""
+        self._failed = True
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str):
+            self._usage.error_message = message
+
+    def _add_text(self, text: object, extra: object) -> None:
+        """Note answer text (kept for the preview) or thinking/tool calls (content, but not previewed)."""
+        if isinstance(text, str) and text:
+            if self._preview_size < self.preview_chars:
+                self._preview.append(text)
+                self._preview_size += len(text)
+            self.has_content = True
+        elif isinstance(extra, (str, list)) and extra:
+            self.has_content = True
+        self._settled = self.has_content and self._preview_size >= self.preview_chars
+
+    def _set_count(self, name: str, value: object) -> None:
+        """Store a count or duration if it is a plausible non-negative int (bools and floats are ignored)."""
+        if type(value) is int and 0 <= value < _MAX_COUNT:
+            setattr(self._usage, name, value)
+
+    def _set_reason(self, value: object) -> None:
+        """Store a non-empty done_reason / finish_reason."""
+        if isinstance(value, str) and value:
+            self._usage.done_reason = value
+
+
+class UsageStripper:
+    """Removes the one usage-only SSE event (choices == [] and a usage key) that the proxy itself asked for
+    by injecting stream_options.include_usage into a /v1/chat/completions request the client sent without it."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._passing = False  # inside an oversized event that was forwarded before its end arrived
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the bytes to forward now: whole events only, the usage-only one removed, the rest byte-identical."""
+        start = max(len(self._pending) - 1, 0)  # a "\n\n" may straddle the old and new bytes
+        self._pending += chunk
+        end = self._pending.find(b"\n\n", start)
+        if end == -1:
+            return self._spill()
+        while (later := self._pending.find(b"\n\n", end + 2)) != -1:  # left to right, as split() cuts "\n\n\n"
+            end = later
+        block = bytes(self._pending[: end + 2])
+        del self._pending[: end + 2]
+        if not self._passing:
+            return _strip_usage_events(block)
+        self._passing = False
+        cut = block.find(b"\n\n") + 2
+        return block[:cut] + _strip_usage_events(block[cut:])
+
+    def flush(self) -> bytes:
+        """Return whatever is left at EOF, unchanged."""
+        rest, self._pending = bytes(self._pending), bytearray()
+        return rest
+
+    def _spill(self) -> bytes:
+        """Forward a partial event early once it is too big to be the usage event (keep one byte for "\\n\\n")."""
+        if not self._passing and len(self._pending) <= MAX_EVENT_BYTES:
+            return b""
+        self._passing = True
+        out = bytes(self._pending[:-1])
+        del self._pending[:-1]
+        return out
+
+
+def _strip_usage_events(block: bytes) -> bytes:
+    """Drop usage-only events from a run of whole events, keeping every other byte as it was."""
+    if b'"usage"' not in block:
+        return block
+    events = block.split(b"\n\n")
+    kept = [event for event in events if not _is_usage_event(event)]
+    return block if len(kept) == len(events) else b"\n\n".join(kept)
+
+
+def _is_usage_event(event: bytes) -> bool:
+    """True for an SSE event whose data is an object with "choices": [] and a "usage" key."""
+    if b'"usage"' not in event:
+        return False
+    lines = event.strip(b"\n").split(b"\n")
+    data = b"\n".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
+    obj = _decode(data)
+    return obj is not None and obj.get("choices") == [] and "usage" in obj
