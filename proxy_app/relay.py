@@ -47,7 +47,8 @@ class UpstreamBroke(Exception):
 def init_app(app: Flask) -> None:
     """Create the shared upstream pool and concurrency gate, and register the catch-all route (last)."""
     config = app.config
-    app.extensions["upstream_pool"] = make_pool(config)
+    app.extensions["upstream_pool"] = pool = make_pool(config)
+    app.extensions.setdefault("shutdown_hooks", []).append(pool.close)
     app.extensions["gate"] = Gate(config["MAX_CONCURRENT"])
     app.extensions["in_flight"] = InFlight()
     app.extensions.setdefault("call_sinks", [])
@@ -244,7 +245,7 @@ def _client_headers(upstream_headers) -> list[tuple[str, str]]:
 
 def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
     """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
-    sent_bytes, ttft, outcome, error = 0, None, None, None
+    sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
         while chunk := upstream.read1(READ_SIZE):
             meter.feed(chunk)
@@ -254,6 +255,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
                 ttft = (time.perf_counter() - call["arrived"]) * 1000
             if chunk:
                 sent_bytes += len(chunk)
+                at_line_start = chunk.endswith(b"\n")
                 yield chunk
         if stripper is not None and (tail := stripper.flush()):
             sent_bytes += len(tail)
@@ -265,20 +267,22 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
         outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
         if has_length or stripper is not None:
             raise UpstreamBroke(error) from exc
-        tail = _error_tail(upstream.headers.get("Content-Type", ""), error, meter)
+        tail = _error_tail(upstream.headers.get("Content-Type", ""), error, at_line_start)
         sent_bytes += len(tail)
         yield tail
     finally:
         _finish(app, call, upstream, meter, outcome, error, sent_bytes, ttft)
 
 
-def _error_tail(content_type: str, message: str, meter: UsageMeter) -> bytes:
+def _error_tail(content_type: str, message: str, at_line_start: bool) -> bytes:
     """Return the last words of a broken stream, in the stream's own error shape, so clients fail cleanly."""
     if content_type.startswith("text/event-stream"):
         event = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
         return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
     if content_type.startswith("application/x-ndjson"):
-        return b"\n" + json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
+        line = json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
+        return line if at_line_start else b"\n" + line  # end a half-sent line first
+
     return b""
 
 

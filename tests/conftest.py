@@ -159,3 +159,18 @@ def gunicorn_proxy(upstream, tmp_path):
     yield start
     for proxy in started:
         proxy.stop()
+        proxy.process.stderr.close()  # an open pipe would be a ResourceWarning (an error) in the next test
+
+
+@pytest.fixture
+def closing():
+    """Register API clients (ollama, openai) to be closed after the test, so no socket leaks into the next one."""
+    opened: list = []
+
+    def register(client):
+        opened.append(client)
+        return client
+
+    yield register
+    for client in opened:
+        client.close()

@@ -24,8 +24,9 @@ def open_stream(url: str, path: str, body: dict, headers: dict | None = None) ->
     """POST a JSON body with http.client and return the response unread (for timing lines)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
-    return connection.getresponse()
+    headers = {"Content-Type": "application/json", "Connection": "close", **(headers or {})}
+    connection.request("POST", path, json.dumps(body), headers)
+    return connection.getresponse()  # with Connection: close the response owns the socket and closes it at the end
 
 
 def timed_lines(response: http.client.HTTPResponse) -> list[tuple[float, bytes]]:
@@ -86,6 +87,7 @@ def test_relay_redirect_passed_back_not_followed(tmp_path):
         connection.request("GET", "/api/tags/")
         response = connection.getresponse()
         assert (response.status, response.getheader("Location"), response.read()) == (301, "/api/tags", b"")
+        connection.close()
     finally:
         proxy.close()
         upstream.close()
@@ -114,6 +116,7 @@ def test_relay_headers_end_to_end_only(live_proxy, fake, upstream):
     assert headers["accept-encoding"] == "identity"
     assert "x-drop-me" not in headers and "keep-alive" not in headers
     assert response.getheader("X-Request-ID")
+    connection.close()
 
 
 def test_relay_root_and_head(live_proxy, recorder):
@@ -129,6 +132,7 @@ def test_relay_root_and_head(live_proxy, recorder):
         ("GET", "/", "completed"),
         ("HEAD", "/", "completed"),
     ]
+    connection.close()
 
 
 def test_relay_lines_arrive_as_sent(live_proxy, fake):
@@ -153,8 +157,8 @@ def test_relay_sse_events_arrive_as_sent(live_proxy, fake):
     assert min(gaps) >= 0.15
 
 
-def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake):
-    client = ollama.Client(host=live_proxy.url)
+def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake, closing):
+    client = closing(ollama.Client(host=live_proxy.url))
     streamed = "".join(part.response for part in client.generate(model="llama3.2", prompt="why is the sky blue", stream=True))
     whole = client.generate(model="llama3.2", prompt="why is the sky blue")
     assert streamed == whole.response == "".join(fake.tokens)
@@ -175,8 +179,8 @@ def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake):
     assert third.api == "native" and third.http_status == 200
 
 
-def test_relay_ollama_client_other_endpoints(live_proxy, recorder, fake):
-    client = ollama.Client(host=live_proxy.url)
+def test_relay_ollama_client_other_endpoints(live_proxy, recorder, fake, closing):
+    client = closing(ollama.Client(host=live_proxy.url))
     embedded = client.embed(model="all-minilm", input=["one two", "three"])
     assert len(embedded.embeddings) == 2
     assert client.embeddings(model="all-minilm", prompt="legacy").embedding
@@ -206,8 +210,8 @@ def _write(data: bytes) -> str:
     return handle.name
 
 
-def test_relay_openai_client(live_proxy, recorder, fake):
-    client = openai.OpenAI(base_url=live_proxy.url + "/v1", api_key="sk-test")
+def test_relay_openai_client(live_proxy, recorder, fake, closing):
+    client = closing(openai.OpenAI(base_url=live_proxy.url + "/v1", api_key="sk-test"))
     messages = [{"role": "user", "content": "say hi"}]
     reply = client.chat.completions.create(model="llama3.2", messages=messages)
     assert reply.choices[0].message.content == "".join(fake.tokens)
@@ -264,34 +268,34 @@ def test_relay_upstream_unreachable_native_and_openai(tmp_path):
     assert app.extensions["in_flight"].count == 0
 
 
-def test_relay_upstream_dies_mid_stream(live_proxy, fake, recorder):
+def test_relay_upstream_dies_mid_stream(live_proxy, fake, recorder, closing):
     fake.cut_after = 2
     fake.token_delay = 0.01
     with pytest.raises(ollama.ResponseError, match="upstream connection lost"):
-        list(ollama.Client(host=live_proxy.url).generate(model="llama3.2", prompt="hi", stream=True))
+        list(closing(ollama.Client(host=live_proxy.url)).generate(model="llama3.2", prompt="hi", stream=True))
     call = recorder.wait_for(1)[0]
     assert (call.outcome, call.http_status) == ("upstream_error", 200)
     assert "upstream connection lost" in call.error_message
-    assert ollama.Client(host=live_proxy.url).generate(model="llama3.2", prompt="again").done  # still serving
+    assert closing(ollama.Client(host=live_proxy.url)).generate(model="llama3.2", prompt="again").done  # still serving
 
 
-def test_relay_mid_stream_error_line(live_proxy, fake, recorder):
+def test_relay_mid_stream_error_line(live_proxy, fake, recorder, closing):
     fake.error_after = 2
     with pytest.raises(ollama.ResponseError, match="error was encountered"):
-        list(ollama.Client(host=live_proxy.url).chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
+        list(closing(ollama.Client(host=live_proxy.url)).chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
     call = recorder.wait_for(1)[0]
     assert call.outcome == "upstream_error" and "error was encountered" in call.error_message
 
 
-def test_relay_stream_without_done_is_incomplete(live_proxy, fake, recorder):
+def test_relay_stream_without_done_is_incomplete(live_proxy, fake, recorder, closing):
     fake.omit_done = True
-    list(ollama.Client(host=live_proxy.url).generate(model="llama3.2", prompt="x", stream=True))
+    list(closing(ollama.Client(host=live_proxy.url)).generate(model="llama3.2", prompt="x", stream=True))
     assert recorder.wait_for(1)[0].outcome == "incomplete"
 
 
-def test_relay_pre_stream_error_keeps_status(live_proxy, recorder):
+def test_relay_pre_stream_error_keeps_status(live_proxy, recorder, closing):
     with pytest.raises(ollama.ResponseError) as caught:
-        ollama.Client(host=live_proxy.url).generate(model="no-such-model", prompt="x")
+        closing(ollama.Client(host=live_proxy.url)).generate(model="no-such-model", prompt="x")
     assert caught.value.status_code == 404
     call = recorder.wait_for(1)[0]
     assert (call.http_status, call.outcome) == (404, "upstream_error")
@@ -365,12 +369,12 @@ def test_relay_queue_limit_rejects_in_ollama_shape(tmp_path, upstream, fake):
     assert rejected.http_status == 503 and rejected.queue_time_ms >= 150
 
 
-def test_relay_under_gunicorn_with_clients(gunicorn_proxy, fake):
+def test_relay_under_gunicorn_with_clients(gunicorn_proxy, fake, closing):
     proxy = gunicorn_proxy(workers=2, threads=8)
-    client = ollama.Client(host=proxy.url)
+    client = closing(ollama.Client(host=proxy.url))
     text = "".join(part.message.content for part in client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
     assert text == "".join(fake.tokens)
-    reply = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x").chat.completions.create(
+    reply = closing(openai.OpenAI(base_url=proxy.url + "/v1", api_key="x")).chat.completions.create(
         model="llama3.2", messages=[{"role": "user", "content": "x"}]
     )
     assert reply.usage.completion_tokens == len(fake.tokens)
