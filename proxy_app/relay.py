@@ -253,6 +253,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
                 chunk = stripper.feed(chunk)
             if ttft is None and meter.has_content:
                 ttft = (time.perf_counter() - call["arrived"]) * 1000
+            call.setdefault("first_byte_ms", (time.perf_counter() - call["arrived"]) * 1000)
             if chunk:
                 sent_bytes += len(chunk)
                 at_line_start = chunk.endswith(b"\n")
@@ -304,6 +305,8 @@ def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error,
     finally:
         app.extensions["gate"].leave()
     usage = meter.result()
+    if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
+        ttft = call.get("first_byte_ms")
     content_type = upstream.headers.get("Content-Type", "")
     outcome = outcome or _outcome(call["http_status"], usage, content_type)
     call.update(sent_bytes=sent_bytes, ttft_ms=ttft)
