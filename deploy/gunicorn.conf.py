@@ -22,3 +22,13 @@ timeout = 120  # heartbeat only under gthread: a busy stream never trips it
 graceful_timeout = max(int(_settings["GRACE_SECONDS"]), 1)  # on SIGTERM, streams may finish for this long
 keepalive = 75  # clients such as ollama-python reuse connections; keep idle ones open a while
 accesslog = None
+
+
+def worker_exit(server, worker):
+    """Run the app's shutdown hooks once a worker stops serving: the writer stores every answered call first."""
+    # Runs in the worker after its last request (SIGTERM, HUP, max_requests), inside graceful_timeout.
+    app = getattr(worker, "wsgi", None)
+    if hasattr(app, "extensions"):
+        from proxy_app import shutdown
+
+        shutdown(app)

@@ -28,6 +28,9 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     app.extensions["load_sampler"] = LoadSampler(settings["SAMPLE_INTERVAL"])
     app.extensions["shutdown_hooks"] = [app.extensions["load_sampler"].stop]
     ops.init_app(app)
+    from . import writer
+
+    writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
     relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
     return app
 

@@ -1,0 +1,167 @@
+"""The CSV mirror of the calls table, and ``iter_csv``, the one way a row becomes a CSV line (the export reuses it).
+
+RFC 4180 through the ``csv`` module, columns in ``calls.COLUMNS`` order, the header once per file. Appends take a
+cross-process file lock so several gunicorn workers never interleave rows; the file is rotated by size and by UTC
+day, and rotated files older than the retention period are deleted. It does not read the database or decide what a
+row holds, and only the writer thread of each process calls ``append``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .calls import COLUMNS, format_timestamp
+
+# Why: a spreadsheet runs a cell starting with one of these as a formula (CSV injection); a leading apostrophe
+# makes it plain text. Only text cells are touched: a number such as -5 stays a number.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def iter_csv(rows: Iterable) -> Iterator[str]:
+    """Yield the header line, then one CSV line per row (a Call, a model instance or a mapping keyed by column)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
+    yield _drain(buffer)
+    for row in rows:
+        writer.writerow(cells(row))
+        yield _drain(buffer)
+
+
+def cells(row) -> list:
+    """Return one row's CSV cells in COLUMNS order: None is empty, booleans true/false, times ISO 8601 UTC."""
+    if isinstance(row, Mapping):
+        values = [row.get(name) for name in COLUMNS]
+    else:
+        values = [getattr(row, name, None) for name in COLUMNS]
+    return [_cell(value) for value in values]
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return format_timestamp(value.astimezone(UTC) if value.tzinfo else value)
+    if isinstance(value, int | float):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def _drain(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
+
+
+HEADER = next(iter_csv(()))
+
+
+class CsvLog:
+    """The mirror file: ``append`` adds rows (rotating first when due), ``prune`` deletes old rotated files."""
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 0, clock=lambda: datetime.now(UTC)) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes  # 0: rotate by day only
+        self.clock = clock
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        # Rotated files are named <stem>.<UTC time of their last row><suffix>, e.g. ollama-proxy.2025-05-01T134510Z.csv
+        stamp = r"\.\d{4}-\d\d-\d\dT\d{6}Z(\.\d+)?"
+        self._rotated = re.compile(re.escape(self.path.stem) + stamp + re.escape(self.path.suffix))
+
+    def append(self, rows: Iterable) -> None:
+        """Append rows in one write under the file lock; a new (or just rotated) file gets the header first."""
+        lines = "".join(list(iter_csv(rows))[1:])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.lock_path):
+            self._rotate_if_due()
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                handle.write(lines if handle.tell() else HEADER + lines)
+
+    def _rotate_if_due(self) -> Path | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        if not stat.st_size:
+            return None
+        last_write = datetime.fromtimestamp(stat.st_mtime, UTC)
+        too_big = self.max_bytes and stat.st_size >= self.max_bytes
+        if too_big or last_write.date() < self.clock().date() or not self._has_current_header():
+            target = self._free_name(last_write)
+            os.replace(self.path, target)
+            return target
+        return None
+
+    def _has_current_header(self) -> bool:
+        """False when the file was started by an older version with other columns: it then gets a file of its own."""
+        with open(self.path, newline="", encoding="utf-8", errors="replace") as handle:
+            return handle.readline() == HEADER
+
+    def _free_name(self, moment: datetime) -> Path:
+        base = f"{self.path.stem}.{moment:%Y-%m-%dT%H%M%S}Z"
+        target, number = self.path.with_name(base + self.path.suffix), 0
+        while target.exists():
+            number += 1
+            target = self.path.with_name(f"{base}.{number}{self.path.suffix}")
+        return target
+
+    def rotated_files(self) -> list[Path]:
+        """Return the rotated files next to the mirror, oldest name first."""
+        if not self.path.parent.is_dir():
+            return []
+        return sorted(entry for entry in self.path.parent.iterdir() if self._rotated.fullmatch(entry.name))
+
+    def prune(self, cutoff: datetime) -> list[Path]:
+        """Delete rotated files whose last row was written before ``cutoff``; return them. The live file stays."""
+        deleted = []
+        with locked(self.lock_path):
+            for entry in self.rotated_files():
+                if datetime.fromtimestamp(entry.stat().st_mtime, UTC) < cutoff:
+                    entry.unlink(missing_ok=True)
+                    deleted.append(entry)
+        return deleted
+
+
+@contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path`` (created if needed) across processes: flock on POSIX, msvcrt on Windows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            yield from _locked_windows(handle)
+            return
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _locked_windows(handle):  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    handle.seek(0)
+    while True:
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for about 10 s, then raises: try again
+            break
+        except OSError:
+            continue
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)

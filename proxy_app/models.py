@@ -1,0 +1,218 @@
+"""Peewee models: the ``calls`` table (one row per finished call, a column per ``COLUMNS`` entry) and its version.
+
+``open_database(url)`` opens SQLite (the default, in WAL mode) or PostgreSQL from a URL; ``create_tables`` creates or
+migrates the schema. Nothing here runs at import, and nothing here writes rows on the request path: the writer
+thread (writer.py) does the inserts, and queries.py does the reading.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from peewee import (
+    BigAutoField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    Database,
+    DatabaseProxy,
+    DateTimeField,
+    FloatField,
+    IntegerField,
+    Model,
+    PostgresqlDatabase,
+    SchemaManager,
+    SqliteDatabase,
+    TextField,
+)
+from playhouse import db_url
+from playhouse.migrate import SchemaMigrator, migrate
+
+from .calls import Call
+
+log = logging.getLogger(__name__)
+
+# The read side binds to this; open_database() fills it. The writer always passes its own database explicitly.
+database = DatabaseProxy()
+
+# Why: WAL lets the dashboard read while the writer writes; NORMAL is durable across crashes of the process (not of
+# the OS) at a fraction of FULL's cost; the busy timeout covers the other gunicorn workers' short write transactions
+# (wsgi-stack.md 4.2, rule 13). A URL query (e.g. ?timeout=0.5) overrides these.
+SQLITE_DEFAULTS = {
+    "pragmas": {"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1},
+    "timeout": 5,
+    "lock_type": "IMMEDIATE",  # every atomic() is BEGIN IMMEDIATE: no failed lock upgrades (wsgi-stack.md 4.3)
+}
+POSTGRES_DEFAULTS = {"connect_timeout": 5}  # an unroutable host must not hang the writer for minutes
+
+# Why: client-chosen text goes into indexed columns; PostgreSQL rejects btree entries over ~2.7 kB, so one silly
+# X-Session-ID header would fail a whole batch. 255 characters keeps every index entry small.
+INDEXED_TEXT_CHARS = 255
+# Why: 34 columns x 29 rows stays under SQLite's oldest limit of 999 bound parameters per statement.
+ROWS_PER_STATEMENT = 29
+
+
+class UTCDateTimeField(DateTimeField):
+    """A UTC moment stored without an offset (sortable text in SQLite, TIMESTAMP in PostgreSQL); read back aware."""
+
+    def db_value(self, value):
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return super().db_value(value)
+
+    def python_value(self, value):
+        value = super().python_value(value)
+        if isinstance(value, datetime) and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+
+
+class CallRow(BaseModel):
+    """One stored call; the fields are ``calls.COLUMNS`` in order (a test holds them to it)."""
+
+    id = BigAutoField()
+    timestamp = UTCDateTimeField(index=True)
+    request_id = CharField(max_length=64, index=True)
+    ip_source = TextField(index=True)
+    user_agent = TextField()
+    http_method = CharField(max_length=16)
+    endpoint = TextField()
+    session_id = TextField(index=True)
+    model = TextField(null=True)
+    input_tokens = IntegerField(null=True)
+    output_tokens = IntegerField(null=True)
+    total_tokens = IntegerField(null=True)
+    model_parameters = TextField(null=True)
+    stream_mode = BooleanField()
+    request_size_bytes = BigIntegerField()
+    response_size_bytes = BigIntegerField()
+    queue_time_ms = FloatField()
+    processing_time_ms = FloatField(null=True)
+    total_time_ms = FloatField()
+    http_status = IntegerField()
+    error_message = TextField(null=True)
+    system_load_cpu = FloatField(null=True)
+    system_load_memory = FloatField(null=True)
+    concurrent_requests = IntegerField()
+    outcome = CharField(max_length=16, index=True)
+    ttft_ms = FloatField(null=True)
+    tokens_per_second = FloatField(null=True)
+    load_duration_ms = FloatField(null=True)
+    prompt_eval_duration_ms = FloatField(null=True)
+    eval_duration_ms = FloatField(null=True)
+    done_reason = TextField(null=True)
+    api = CharField(max_length=8)
+    prompt = TextField(null=True)
+    response_preview = TextField(null=True)
+
+    class Meta:
+        table_name = "calls"
+        # The dashboard filters by time, then by model, endpoint or outcome, and groups by model over a time range.
+        indexes = ((("model", "timestamp"), False), (("endpoint", "timestamp"), False))
+
+
+class SchemaVersion(BaseModel):
+    """A single row holding the schema version this database was last migrated to."""
+
+    version = IntegerField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = (CallRow, SchemaVersion)
+INDEXED_TEXT = ("ip_source", "session_id", "model", "endpoint", "request_id")
+
+
+def open_database(url: str) -> Database:
+    """Return a Database for ``url`` (SQLite gets WAL, a busy timeout and IMMEDIATE writes); not yet connected."""
+    scheme = urlsplit(url).scheme
+    given = parse_qs(urlsplit(url).query)
+    defaults = SQLITE_DEFAULTS if scheme.startswith("sqlite") else POSTGRES_DEFAULTS if "postgres" in scheme else {}
+    db = db_url.connect(url, **{key: value for key, value in defaults.items() if key not in given})
+    if isinstance(db, SqliteDatabase) and db.database != ":memory:":
+        Path(db.database).parent.mkdir(parents=True, exist_ok=True)
+    return db
+
+
+def row_of(call: Call) -> dict:
+    """Return the insert values for one Call: its fields, with indexed text clipped and NUL characters removed."""
+    row = call.as_dict()
+    for name, value in row.items():
+        if isinstance(value, str) and "\x00" in value:
+            row[name] = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL; the whole batch would fail
+    for name in INDEXED_TEXT:
+        if isinstance(row[name], str):
+            row[name] = row[name][:INDEXED_TEXT_CHARS]
+    return row
+
+
+def insert_calls(db: Database, calls: list[Call]) -> None:
+    """Insert the calls in one write transaction (IMMEDIATE on SQLite); raises whatever the database raises."""
+    rows = [row_of(call) for call in calls]
+    with db.atomic():
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            CallRow.insert_many(rows[start : start + ROWS_PER_STATEMENT]).execute(db)
+
+
+def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:
+    """Delete at most ``limit`` rows that arrived before ``cutoff``, in one short transaction; return how many."""
+    oldest = CallRow.select(CallRow.id).where(CallRow.timestamp < cutoff).order_by(CallRow.id).limit(limit)
+    with db.atomic():
+        return CallRow.delete().where(CallRow.id.in_(oldest)).execute(db)
+
+
+# ---- schema versions and migrations ----------------------------------------------------------------------------
+
+# Version N's migration takes a database at N - 1 to N. A new column is added here *and* on CallRow (and COLUMNS),
+# e.g. ``3: lambda m: [m.add_column("calls", "gpu_name", TextField(null=True))]``. Version 1 is the first schema.
+MIGRATIONS: dict[int, Callable[[SchemaMigrator], list]] = {}
+SCHEMA_VERSION = 1
+
+
+def create_tables(db: Database) -> int:
+    """Create the tables, or migrate an older schema to the current version keeping the rows; return the version."""
+    with db.atomic():
+        _lock_schema(db)
+        found = _stored_version(db)
+        if found is None:
+            for model in MODELS:
+                SchemaManager(model, database=db).create_all(safe=True)
+            SchemaVersion.insert(version=SCHEMA_VERSION).execute(db)
+            return SCHEMA_VERSION
+        return _migrate(db, found)
+
+
+def _lock_schema(db: Database) -> None:
+    """Serialise schema work between processes starting at once (SQLite's IMMEDIATE already does)."""
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_xact_lock(7469001)")  # any fixed key: it names our schema lock
+
+
+def _stored_version(db: Database) -> int | None:
+    if not db.table_exists(SchemaVersion._meta.table_name):
+        return None
+    row = SchemaVersion.select(SchemaVersion.version).limit(1).execute(db)
+    versions = [found.version for found in row]
+    return versions[0] if versions else None
+
+
+def _migrate(db: Database, found: int) -> int:
+    if found > SCHEMA_VERSION:
+        log.warning("database schema version %s is newer than this proxy's %s; leaving it as is", found, SCHEMA_VERSION)
+        return found
+    migrator = SchemaMigrator.from_database(db)
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        log.info("migrating the analytics schema to version %s", version)
+        migrate(*MIGRATIONS[version](migrator))
+        SchemaVersion.update(version=version).execute(db)
+    return SCHEMA_VERSION

@@ -1,0 +1,304 @@
+"""The background writer: finished calls go into a bounded queue; one thread per process stores them in batches.
+
+Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended to the CSV mirror. Between batches
+the same thread deletes rows and CSV files older than the retention period, a small batch at a time. A full queue or
+a failing database costs a counted, logged drop and never an error or a wait for the client. This module does not
+build calls (relay.py) or publish metrics (metrics.py reads ``written``, ``dropped`` and ``depth``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from datetime import UTC, datetime, timedelta
+
+from flask import Flask
+from peewee import Database
+
+from . import models
+from .csvlog import CsvLog
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 500  # most calls per transaction: enough to amortise a commit, few enough to keep the lock short
+TICK_SECONDS = 1.0  # an idle writer wakes this often to see whether retention is due
+RETENTION_EVERY_SECONDS = 600.0  # how often old rows and files are looked for
+RETENTION_BATCH_ROWS = 1000  # rows deleted per transaction, so writes from other processes never wait long
+DROP_LOG_SECONDS = 60.0  # at most one drop warning a minute: a full queue must not flood the log
+SHUTDOWN_SECONDS = 10.0  # how long a shutdown waits for the queue to drain
+_STOP = object()  # the sentinel that ends the thread once everything before it is stored
+
+
+class Writer:
+    """Stores calls off the request path. ``submit`` never blocks; ``flush`` and ``stop`` wait with a timeout."""
+
+    def __init__(self, database: Database, csv_log: CsvLog | None, maxsize: int, retention_days: int = 0,
+                 clock=lambda: datetime.now(UTC)) -> None:  # fmt: skip
+        self.database = database
+        self.csv_log = csv_log
+        self.maxsize = maxsize  # 0: unbounded
+        self.retention_days = retention_days  # 0: keep everything
+        self.clock = clock
+        self.schema_ready = False  # create_tables succeeded in this database (else the thread retries it)
+        self.written = 0
+        self.dropped = 0
+        self.csv_failed = 0  # rows stored in the database whose CSV append failed
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._next_drop_log = 0.0
+        self._next_retention = 0.0
+        _watch_forks(self)
+
+    @property
+    def depth(self) -> int:
+        """Calls waiting in this process's queue."""
+        return self._queue.qsize()
+
+    def submit(self, call) -> None:
+        """Queue a finished call (a call sink). A full queue, a stopped writer or any error counts a drop."""
+        try:
+            if self._stopping:
+                raise queue.Full
+            self._ensure_running()
+            self._queue.put_nowait(call)
+        except queue.Full:
+            self._drop(1, "the writer queue is full" if not self._stopping else "the writer is stopped")
+        except Exception as exc:  # never let storage trouble reach the relay
+            self._drop(1, f"cannot queue the call: {exc!r}")
+
+    def flush(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
+        """Wait until every call submitted so far is stored (or dropped); False if that took longer than ``timeout``."""
+        if self._pid != os.getpid():
+            return True  # nothing was submitted in this process
+        deadline = time.monotonic() + timeout
+        pending = self._queue
+        while True:
+            with pending.all_tasks_done:
+                if not pending.unfinished_tasks:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                pending.all_tasks_done.wait(min(remaining, TICK_SECONDS))
+            self._ensure_running(even_if_stopping=True)  # a crashed thread is replaced rather than waited for
+
+    def stop(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
+        """Store what is queued, then end the thread; calls submitted afterwards are dropped. False on timeout."""
+        self._stopping = True
+        thread = self._thread
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
+            return True
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def close(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Flush, then stop: the shutdown hook. Safe to call twice."""
+        self.flush(timeout)
+        self.stop(timeout)
+
+    def health(self) -> dict:
+        """The /health entry: ok unless the thread died or the last batch failed."""
+        started_here = self._thread is not None and self._pid == os.getpid()
+        alive = started_here and self._thread.is_alive()
+        crashed = started_here and not alive and not self._stopping
+        return {"ok": not crashed and self.last_error is None, "alive": alive, "depth": self.depth,
+                "written": self.written, "dropped": self.dropped, "error": self.last_error}  # fmt: skip
+
+    def retain(self) -> int:
+        """Delete every row and rotated CSV file older than the retention period now; return the rows deleted."""
+        if not self.retention_days:
+            return 0
+        cutoff = self.clock() - timedelta(days=self.retention_days)
+        total = 0
+        while deleted := models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS):
+            total += deleted
+        if self.csv_log is not None:
+            self.csv_log.prune(cutoff)
+        return total
+
+    # ---- the thread -------------------------------------------------------------------------------------------
+
+    def _forget_parent(self) -> None:
+        """In a new child process: fresh locks and queue, no thread. The parent stores what it had queued."""
+        self._lock = threading.Lock()  # a lock held by a parent thread at fork time would never be released here
+        self.database._lock = threading.RLock()  # peewee's connect/close lock, same reason
+        self._queue = queue.Queue(self.maxsize)
+        self._pid, self._thread = os.getpid(), None
+
+    def _ensure_running(self, even_if_stopping: bool = False) -> None:
+        """Start the thread in this process if it is not running: after a fork, on first use, after a crash."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        if self._pid is not None and self._pid != os.getpid():
+            self._forget_parent()  # forked without the at-fork hook (it is installed per interpreter, not per fork())
+        with self._lock:
+            self._pid = os.getpid()
+            if (self._stopping and not even_if_stopping) or (self._thread is not None and self._thread.is_alive()):
+                return
+            if self._thread is not None:
+                self.restarts += 1
+                log.error("the writer thread had died; starting a new one")
+            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="call-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self, pending: queue.Queue) -> None:
+        try:
+            while self._serve_once(pending):
+                pass
+        except Exception:
+            log.exception("the writer thread crashed; the next call starts a new one")
+        finally:
+            try:
+                self.database.close()  # this thread's connection
+            except Exception:
+                pass
+
+    def _serve_once(self, pending: queue.Queue) -> bool:
+        """Store one batch and do a little retention; False once the stop sentinel has been reached."""
+        batch = self._take_batch(pending)
+        calls = [item for item in batch if item is not _STOP]
+        try:
+            if calls:
+                self._store(calls)
+            self._retain_a_little()
+        except Exception:
+            self._drop(len(calls), "the writer thread failed on this batch")
+            raise
+        finally:
+            for _ in batch:
+                pending.task_done()
+        return not any(item is _STOP for item in batch)
+
+    def _take_batch(self, pending: queue.Queue) -> list:
+        try:
+            batch = [pending.get(timeout=TICK_SECONDS)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_ROWS and batch[-1] is not _STOP:
+            try:
+                batch.append(pending.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _store(self, calls: list) -> None:
+        """Insert the batch in one transaction, then mirror it to the CSV; a database failure drops the batch."""
+        try:
+            if not self.schema_ready:
+                self.schema_ready = bool(models.create_tables(self.database))
+            models.insert_calls(self.database, calls)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._reconnect()
+            self._drop(len(calls), f"the database refused a batch: {self.last_error}")
+            return
+        with self._lock:
+            self.written += len(calls)
+        self.last_error = None
+        self._append_csv(calls)
+
+    def _append_csv(self, calls: list) -> None:
+        if self.csv_log is None:
+            return
+        try:
+            self.csv_log.append(calls)
+        except OSError as exc:
+            self.csv_failed += len(calls)
+            log.warning("could not append %d row(s) to the CSV mirror %s: %s", len(calls), self.csv_log.path, exc)
+
+    def _reconnect(self) -> None:
+        """Forget this thread's connection so the next batch opens a fresh one (a restarted PostgreSQL, say)."""
+        try:
+            self.database.close()
+        except Exception:
+            pass
+
+    def _retain_a_little(self) -> None:
+        """Delete one small batch of old rows when retention is due; the pass continues next time round."""
+        if not self.retention_days or time.monotonic() < self._next_retention:
+            return
+        cutoff = self.clock() - timedelta(days=self.retention_days)
+        try:
+            if models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS) == RETENTION_BATCH_ROWS:
+                return  # more to delete: another batch after the next batch of calls
+            if self.csv_log is not None:
+                self.csv_log.prune(cutoff)
+        except Exception as exc:
+            log.warning("retention failed, will retry: %s", exc)
+            self._reconnect()
+        self._next_retention = time.monotonic() + RETENTION_EVERY_SECONDS
+
+    def _drop(self, count: int, reason: str) -> None:
+        if not count:
+            return
+        with self._lock:
+            self.dropped += count
+            now = time.monotonic()
+            if now < self._next_drop_log:
+                return
+            self._next_drop_log = now + DROP_LOG_SECONDS
+        log.warning("dropped %d call record(s): %s (%d dropped so far in this process)", count, reason, self.dropped)
+
+
+_WRITERS: weakref.WeakSet = weakref.WeakSet()  # every Writer in this process, for the at-fork hook
+_fork_hook: list = []  # non-empty once the hook is installed (once per interpreter)
+
+
+def _watch_forks(writer: Writer) -> None:
+    """Make a forked child (a gunicorn worker) reset each writer before any of its threads can touch one."""
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook.append(_after_fork_in_child)
+    _WRITERS.add(writer)
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_WRITERS):
+        writer._forget_parent()
+
+
+def init_app(app: Flask) -> None:
+    """Open the database, create or migrate the tables, and plug the writer in as a call sink with its hooks."""
+    config = app.config
+    db = models.open_database(config["DATABASE"])
+    models.database.initialize(db)
+    csv_log = CsvLog(config["CSV_FILE"], config["CSV_MAX_BYTES"])
+    writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"])
+    writer.schema_ready = _create_tables(db)
+    app.extensions["writer"] = writer
+    app.extensions.setdefault("call_sinks", []).append(writer.submit)
+    app.extensions.setdefault("shutdown_hooks", []).append(writer.close)
+    app.extensions.setdefault("health_checks", {})["writer"] = writer.health
+    atexit.register(_close_at_exit, weakref.ref(writer))  # e.g. waitress-serve stopped with Ctrl-C
+
+
+def _create_tables(db: Database) -> bool:
+    """Create or migrate the schema at start-up; a database that is down only delays it (the writer retries)."""
+    try:
+        models.create_tables(db)
+        return True
+    except Exception:
+        log.exception("cannot prepare the analytics database; calls are relayed, rows dropped until it answers")
+        return False
+    finally:
+        db.close()  # never carry a connection across gunicorn's fork (wsgi-stack.md rule 14)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    writer = ref()
+    if writer is not None:
+        writer.close()

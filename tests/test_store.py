@@ -1,0 +1,431 @@
+"""The analytics store end to end: what each column means, through the fake Ollama and a live proxy, then the same
+under gunicorn with SQLite (WAL) and PostgreSQL, SIGTERM under load, and a database that is locked or gone."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from proxy_app import create_app, shutdown
+from proxy_app.calls import COLUMNS
+from proxy_app.models import CallRow, open_database
+from tests.conftest import CallRecorder, free_port, need
+from tests.fake_ollama import MODEL_ERROR, serve
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+MESSAGES = [{"role": "user", "content": "why is the sky blue"}]
+
+
+def stored(app, recorder: CallRecorder, count: int) -> list[dict]:
+    """The stored rows, oldest first, once ``count`` calls have finished and the writer has caught up."""
+    recorder.wait_for(count)
+    writer = app.extensions["writer"]
+    assert writer.flush(10)
+    return list(CallRow.select().order_by(CallRow.id).dicts().execute(writer.database))
+
+
+def csv_rows(app) -> list[dict]:
+    with open(app.config["CSV_FILE"], newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def proxy_with(upstream, tmp_path):
+    """Factory: our app with extra settings, served on a real port; returns (app, handle, recorder)."""
+    started = []
+
+    def start(**overrides):
+        settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path / f"data{len(started)}"), "LOG_LEVEL": "WARNING"}
+        app = create_app({**settings, **overrides}, environ={})
+        recorder = CallRecorder()
+        app.extensions["call_sinks"].append(recorder)
+        handle = serve(app)
+        started.append((app, handle))
+        return app, handle, recorder
+
+    yield start
+    for app, handle in started:
+        handle.close()
+        shutdown(app)
+
+
+def post(url: str, path: str, document: dict, **headers) -> requests.Response:
+    return requests.post(url + path, data=json.dumps(document), headers={"Content-Type": "application/json", **headers})
+
+
+def test_store_native_stream_row(live_proxy, app, fake, recorder):
+    fake.token_delay = 0.05
+    document = {"model": "llama3.2", "prompt": "why is the sky blue", "options": {"temperature": 0.2},
+                "keep_alive": "5m"}  # fmt: skip
+    before = datetime.now(UTC)
+    response = post(live_proxy.url, "/api/generate?verbose=1", document, **{"X-Session-ID": "alice-1",
+                                                                           "User-Agent": "store-test/1"})  # fmt: skip
+    after = datetime.now(UTC)
+    [row] = stored(app, recorder, 1)
+    assert before <= row["timestamp"] <= after and row["timestamp"].tzinfo == UTC
+    assert row["request_id"] == response.headers["X-Request-ID"] and len(row["request_id"]) == 32
+    assert (row["ip_source"], row["user_agent"], row["http_method"]) == ("127.0.0.1", "store-test/1", "POST")
+    assert (row["endpoint"], row["session_id"], row["model"]) == ("/api/generate", "alice-1", "llama3.2")
+    prompt_tokens = fake.expected_prompt_tokens("why is the sky blue")
+    assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (prompt_tokens, 5, prompt_tokens + 5)
+    assert json.loads(row["model_parameters"]) == {"keep_alive": "5m", "temperature": 0.2}
+    assert row["stream_mode"] is True
+    assert row["request_size_bytes"] == len(json.dumps(document))
+    assert row["response_size_bytes"] == len(response.content)
+    assert 0 <= row["queue_time_ms"] < 50
+    assert 250 <= row["processing_time_ms"] <= row["total_time_ms"] < 2000  # 5 pauses of 50 ms between 6 lines
+    assert 0 < row["ttft_ms"] < row["processing_time_ms"] - 150  # the first token came at once
+    assert (row["http_status"], row["error_message"], row["outcome"]) == (200, None, "completed")
+    assert 0 < row["system_load_memory"] < 100 and row["concurrent_requests"] == 1
+    assert row["system_load_cpu"] is None or 0 <= row["system_load_cpu"] <= 100
+    assert (row["eval_duration_ms"], row["tokens_per_second"], row["load_duration_ms"]) == (250.0, 20.0, 1.0)
+    assert row["prompt_eval_duration_ms"] == prompt_tokens * 1.0 and row["done_reason"] == "stop"
+    assert (row["api"], row["prompt"], row["response_preview"]) == ("native", "why is the sky blue", "The sky is blue.")
+
+
+def test_store_native_and_openai_streamed_and_not(live_proxy, app, fake, recorder):
+    post(live_proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES, "stream": False})
+    client = openai.OpenAI(base_url=live_proxy.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(model="llama3.2", messages=MESSAGES, stream=True))
+    reply = client.chat.completions.create(model="llama3.2", messages=MESSAGES)
+    client.embeddings.create(model="all-minilm", input=["one two", "three"])
+    client.close()
+    rows = {(row["endpoint"], row["stream_mode"]): row for row in stored(app, recorder, 4)}  # finish order varies
+    chat, embeddings = rows["/api/chat", False], rows["/v1/embeddings", False]
+    oai_stream, oai_plain = rows["/v1/chat/completions", True], rows["/v1/chat/completions", False]
+    prompt_tokens = fake.expected_chat_prompt_tokens(MESSAGES)
+    expected = {"input_tokens": prompt_tokens, "output_tokens": 5, "total_tokens": prompt_tokens + 5}
+    for row in (chat, oai_stream, oai_plain):
+        assert {name: row[name] for name in expected} == expected
+        assert row["prompt"] == "why is the sky blue" and row["response_preview"] == "The sky is blue."
+    assert (chat["endpoint"], chat["api"], chat["stream_mode"]) == ("/api/chat", "native", False)
+    assert (oai_stream["endpoint"], oai_stream["api"], oai_stream["stream_mode"]) == ("/v1/chat/completions",
+                                                                                     "openai", True)  # fmt: skip
+    assert oai_stream["ttft_ms"] is not None and all(chunk.usage is None for chunk in chunks)  # none injected
+    assert (oai_plain["stream_mode"], reply.usage.total_tokens) == (False, oai_plain["total_tokens"])
+    assert embeddings["input_tokens"] == fake.expected_embed_tokens(["one two", "three"])
+    assert (embeddings["output_tokens"], embeddings["endpoint"]) == (None, "/v1/embeddings")
+
+
+def test_store_unknown_counts_are_null_and_empty_cells(live_proxy, app, recorder):
+    post(live_proxy.url, "/api/embeddings", {"model": "all-minilm", "prompt": "hello"})
+    requests.get(live_proxy.url + "/api/tags")
+    rows = {row["endpoint"]: row for row in stored(app, recorder, 2)}
+    for row in rows.values():
+        assert (row["input_tokens"], row["output_tokens"], row["total_tokens"]) == (None, None, None)
+        assert row["outcome"] == "completed" and row["http_status"] == 200
+    tags = rows["/api/tags"]
+    assert tags["model"] is None and tags["http_method"] == "GET" and tags["stream_mode"] is False
+    for line in csv_rows(app):
+        assert (line["input_tokens"], line["output_tokens"], line["total_tokens"]) == ("", "", "")
+
+
+def test_store_errors_and_broken_streams(live_proxy, app, fake, recorder):
+    generate = {"model": "llama3.2", "prompt": "x"}
+    missing = post(live_proxy.url, "/api/generate", {"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404
+    knobs = (("Error-After", "2"), ("Cut-After", "2"), ("Omit-Done", "1"))
+    answers = [missing] + [post(live_proxy.url, "/api/generate", generate, **{f"X-Fake-{k}": v}) for k, v in knobs]
+    rows = {row["request_id"]: row for row in stored(app, recorder, 4)}
+    missing, error_line, cut, no_done = (rows[answer.headers["X-Request-ID"]] for answer in answers)
+    assert (missing["http_status"], missing["outcome"], missing["model"]) == (404, "upstream_error", "nope")
+    assert "not found" in missing["error_message"] and missing["input_tokens"] is None
+    assert (error_line["http_status"], error_line["outcome"], error_line["error_message"]) == (
+        200, "upstream_error", MODEL_ERROR)  # fmt: skip
+    assert (cut["outcome"], cut["output_tokens"]) == ("upstream_error", None)
+    assert cut["error_message"].startswith("upstream connection lost")
+    assert (no_done["outcome"], no_done["output_tokens"], no_done["error_message"]) == ("incomplete", None, None)
+
+
+def test_store_unreachable_upstream(proxy_with):
+    app, proxy, recorder = proxy_with(UPSTREAM=f"http://127.0.0.1:{free_port()}")
+    response = post(proxy.url, "/v1/chat/completions", {"model": "llama3.2", "messages": MESSAGES})
+    [row] = stored(app, recorder, 1)
+    assert (response.status_code, row["http_status"], row["outcome"], row["api"]) == (502, 502, "unreachable", "openai")
+    assert row["error_message"].startswith("cannot reach the Ollama upstream")
+    assert row["response_size_bytes"] == len(response.content) and row["input_tokens"] is None
+
+
+def test_store_client_disconnect(live_proxy, app, fake, recorder):
+    fake.tokens = ["tok"] * 200
+    fake.token_delay = 0.02
+    body = json.dumps({"model": "llama3.2", "prompt": "x"}).encode()
+    with socket.create_connection(("127.0.0.1", live_proxy.port)) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        received = b""
+        while received.count(b"\n") < 10:
+            received += sock.recv(4096)
+    [row] = stored(app, recorder, 1)
+    assert (row["outcome"], row["http_status"], row["output_tokens"]) == ("client_gone", 200, None)
+    assert 0 < row["response_size_bytes"] < 200 * 80 and row["total_time_ms"] < 200 * 20
+    assert app.extensions["in_flight"].count == 0
+
+
+def test_store_queue_time_and_rejection(proxy_with, fake):
+    fake.token_delay = 0.05
+    generate = {"model": "llama3.2", "prompt": "x"}
+    for timeout, second_status in ((5, 200), (0.1, 503)):
+        app, proxy, recorder = proxy_with(MAX_CONCURRENT=1, QUEUE_TIMEOUT=timeout)
+        first = threading.Thread(target=post, args=(proxy.url, "/api/generate", generate))
+        seen = len(fake.seen)
+        first.start()
+        fake.wait_for(lambda seen=seen: len(fake.seen) > seen)  # the first call holds the only slot
+        assert post(proxy.url, "/api/generate", generate).status_code == second_status
+        first.join(5)
+        rows = {row["queue_time_ms"] < 20: row for row in stored(app, recorder, 2)}
+        holder, waiter = rows[True], rows[False]
+        assert waiter["concurrent_requests"] == 2 and holder["concurrent_requests"] == 1
+        assert waiter["total_time_ms"] >= waiter["queue_time_ms"]
+        if second_status == 200:
+            assert 100 <= waiter["queue_time_ms"] <= holder["total_time_ms"] + 50 and waiter["outcome"] == "completed"
+        else:
+            assert 100 <= waiter["queue_time_ms"] < 250
+            assert (waiter["outcome"], waiter["http_status"]) == ("rejected", 503)
+            assert "queue" in waiter["error_message"] and waiter["processing_time_ms"] < 5
+
+
+def test_store_client_address_and_session(proxy_with):
+    # Through the test client: waitress 3 itself strips X-Forwarded-For from peers it was not told to trust.
+    for trusted, address in (("127.0.0.1/32", "203.0.113.9"), ("", "127.0.0.1")):
+        app, _, recorder = proxy_with(TRUSTED_PROXIES=trusted)
+        client = app.test_client()
+        for session in ({}, {"X-Session-ID": "tab-7"}):
+            headers = {"X-Forwarded-For": "203.0.113.9", **session}
+            client.get("/api/version", headers=headers, environ_base={"REMOTE_ADDR": "127.0.0.1"}).close()
+        rows = stored(app, recorder, 2)
+        assert sorted((row["ip_source"], row["session_id"]) for row in rows) == [(address, address), (address, "tab-7")]
+
+
+def test_store_capture_content_off_keeps_the_rest(proxy_with, fake):
+    app, proxy, recorder = proxy_with(CAPTURE_CONTENT="false")
+    post(proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES})
+    [row] = stored(app, recorder, 1)
+    assert (row["prompt"], row["response_preview"]) == (None, None)
+    assert (row["model"], row["output_tokens"], row["outcome"]) == ("llama3.2", 5, "completed")
+    [line] = csv_rows(app)
+    assert (line["prompt"], line["response_preview"], line["output_tokens"]) == ("", "", "5")
+
+
+def test_store_prompt_and_preview_cut_by_characters(live_proxy, app, fake, recorder):
+    fake.tokens = ["é"] * 300
+    post(live_proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "ü" * 1500})
+    [row] = stored(app, recorder, 1)
+    assert row["prompt"] == "ü" * 1000 and row["response_preview"] == "é" * 200
+
+
+CSV_LITERAL = (
+    ",".join(COLUMNS) + "\r\n"
+    "<timestamp>,<request_id>,127.0.0.1,store-test/1,POST,/api/generate,s-9,llama3.2,15,5,20,"
+    '"{""num_ctx"":4096}",false,107,<response_size_bytes>,<queue_time_ms>,<processing_time_ms>,<total_time_ms>,200,,'
+    "<system_load_cpu>,<system_load_memory>,1,completed,<ttft_ms>,100.0,1.0,15.0,50.0,stop,native,"
+    '"\'=why, is the ""sky"" blue",The sky is blue.\r\n'
+)
+VOLATILE = ("timestamp", "request_id", "response_size_bytes", "queue_time_ms", "processing_time_ms", "total_time_ms",
+            "system_load_cpu", "system_load_memory", "ttft_ms")  # fmt: skip
+
+
+def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
+    document = {"model": "llama3.2", "prompt": '=why, is the "sky" blue', "stream": False, "options": {"num_ctx": 4096}}
+    response = post(live_proxy.url, "/api/generate", document, **{"X-Session-ID": "s-9", "User-Agent": "store-test/1"})
+    [row] = stored(app, recorder, 1)
+    with open(app.config["CSV_FILE"], newline="", encoding="utf-8") as handle:
+        text = handle.read()
+    header, line = list(csv.reader(io.StringIO(text, newline="")))
+    assert line[COLUMNS.index("request_id")] == response.headers["X-Request-ID"]
+    assert line[0].endswith("Z") and datetime.fromisoformat(line[0]) == row["timestamp"].replace(
+        microsecond=row["timestamp"].microsecond // 1000 * 1000)  # fmt: skip
+    for name in VOLATILE:
+        line[COLUMNS.index(name)] = f"<{name}>"
+    normalised = io.StringIO(newline="")
+    csv.writer(normalised).writerows([header, line])
+    assert normalised.getvalue() == CSV_LITERAL
+    assert text.count("\r\n") == 2
+
+
+# ---- a database that is locked or gone ---------------------------------------------------------------------
+
+
+def test_store_locked_database_never_fails_a_call(proxy_with, tmp_path):
+    path = tmp_path / "locked.db"
+    app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1")
+    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    for _ in range(5):
+        response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
+        assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
+    recorder.wait_for(5)
+    writer = app.extensions["writer"]
+    assert writer.flush(10)
+    assert (writer.written, writer.dropped) == (0, 5)
+    health = requests.get(proxy.url + "/health")
+    assert health.status_code == 503 and health.json()["writer"]["ok"] is False
+    holder.execute("ROLLBACK")
+    holder.close()
+    post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
+    assert len(stored(app, recorder, 6)) == 1 and requests.get(proxy.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("gone", ["postgresql", "sqlite"])
+def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
+    if gone == "postgresql":
+        app, proxy, recorder = proxy_with(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    else:
+        app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{tmp_path / 'gone' / 'x.db'}")
+        shutil.rmtree(tmp_path / "gone")
+    for _ in range(3):
+        assert post(proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES}).status_code == 200
+    recorder.wait_for(3)
+    writer = app.extensions["writer"]
+    assert writer.flush(10) and (writer.written, writer.dropped) == (0, 3)
+    assert requests.get(proxy.url + "/health").json()["writer"]["error"]
+
+
+# ---- many processes: gunicorn with SQLite and PostgreSQL, and SIGTERM under load ---------------------------
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        connection = psycopg2.connect(POSTGRES, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
+    connection.autocommit = True
+    schema = f"test_store_{uuid.uuid4().hex[:12]}"
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP SCHEMA {schema} CASCADE")
+    connection.close()
+
+
+def run_calls(url: str, total: int, clients: int) -> dict:
+    """Make ``total`` calls from ``clients`` threads, mixing APIs and sizes; return request_id -> expected counts."""
+    expected, failures, lock = {}, [], threading.Lock()
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            for number in range(index, total, clients):
+                try:
+                    request_id, counts = one_call(session, url, number)
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    failures.append(repr(exc))
+                    continue
+                with lock:
+                    expected[request_id] = counts
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]
+    return expected
+
+
+def one_call(session: requests.Session, url: str, number: int, **headers) -> tuple[str, tuple[int, int]]:
+    """One call (OpenAI stream or native generate); return its id and the counts the fake sends."""
+    tokens = 1 + number % 7
+    headers["X-Fake-Tokens"] = str(tokens)
+    words = " ".join(["word"] * (1 + number % 5))
+    if number % 2:
+        document = {"model": "llama3.2", "messages": [{"role": "user", "content": words}], "stream": True}
+        response = session.post(url + "/v1/chat/completions", json=document, headers=headers)
+        assert response.text.endswith("data: [DONE]\n\n")
+    else:
+        response = session.post(url + "/api/generate", json={"model": "llama3.2", "prompt": words},
+                                headers=headers)  # fmt: skip
+        assert json.loads(response.text.splitlines()[-1])["done"] is True
+    assert response.status_code == 200
+    return response.headers["X-Request-ID"], (len(words.split()) + 10, tokens)  # the fake's prompt overhead is 10
+
+
+def read_store(database_url: str, csv_path) -> tuple[dict, dict]:
+    """Return request_id -> (input_tokens, output_tokens) from the database and from the CSV mirror."""
+    db = open_database(database_url)
+    rows = {row.request_id: (row.input_tokens, row.output_tokens) for row in CallRow.select().execute(db)}
+    db.close()
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0] == list(COLUMNS) and all(len(line) == len(COLUMNS) for line in lines)
+    index = COLUMNS.index
+    mirrored = {line[1]: (int(line[index("input_tokens")]), int(line[index("output_tokens")])) for line in lines[1:]}
+    assert len(mirrored) == len(lines) - 1 == len(rows)  # no row twice, none missing from either
+    return rows, mirrored
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_2000_calls_through_gunicorn(gunicorn_proxy, tmp_path, request, backend):
+    env = {"OLLAMA_PROXY_WRITER_QUEUE_SIZE": "100000"}
+    if backend == "postgresql":
+        env["OLLAMA_PROXY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    proxy = gunicorn_proxy(workers=4, threads=16, **env)
+    expected = run_calls(proxy.url, total=2000, clients=64)
+    assert len(expected) == 2000
+    assert proxy.stop() == 0  # SIGTERM: each worker flushes its writer on the way out
+    data = tmp_path / "data"
+    url = env.get("OLLAMA_PROXY_DATABASE_URL", f"sqlite:///{data / 'ollama-proxy.db'}")
+    rows, mirrored = read_store(url, data / "ollama-proxy.csv")
+    assert rows == expected and mirrored == expected
+    if backend == "sqlite":
+        with sqlite3.connect(data / "ollama-proxy.db") as connection:
+            assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_sigterm_under_load_loses_nothing_answered(gunicorn_proxy, tmp_path):
+    proxy = gunicorn_proxy(workers=2, threads=8)
+    answered, lock, busy, finished_at = {}, threading.Lock(), threading.Event(), []
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            for number in range(index, 10**6, 12):
+                try:
+                    request_id, counts = one_call(session, proxy.url, number, **{"X-Fake-Token-Delay": "0.03"})
+                except (requests.RequestException, AssertionError, ValueError, KeyError):
+                    return  # the server has gone: this call was not answered
+                with lock:
+                    answered[request_id] = counts
+                    finished_at.append(time.monotonic())
+                    if len(answered) >= 36:
+                        busy.set()
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(12)]
+    for thread in threads:
+        thread.start()
+    assert busy.wait(30)  # every client has had calls answered and has one in flight
+    signalled = time.monotonic()
+    assert proxy.stop() == 0
+    for thread in threads:
+        thread.join(30)
+    data = tmp_path / "data"
+    rows, mirrored = read_store(f"sqlite:///{data / 'ollama-proxy.db'}", data / "ollama-proxy.csv")
+    assert {request_id: rows.get(request_id) for request_id in answered} == answered
+    assert any(moment > signalled for moment in finished_at)  # calls in flight at SIGTERM were answered, and kept
+    assert mirrored == rows
+
+
+def test_store_readme_lists_every_column_in_order():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Analytics store", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names += re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    assert tuple(names) == COLUMNS
