@@ -13,7 +13,7 @@ $(BIN)/activate: requirements.txt requirements-dev.txt
 	touch $(BIN)/activate
 
 run: $(BIN)/activate
-	$(BIN)/gunicorn -c deploy/gunicorn.conf.py wsgi:app
+	$(BIN)/python -m proxy_app serve
 
 test: $(BIN)/activate
 	$(BIN)/ruff check proxy_app tests wsgi.py deploy bench

@@ -14,12 +14,16 @@ from proxy_app import config as _config  # noqa: E402
 
 _settings = _config.load()
 
+from proxy_app import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
+
 bind = f"{_settings['HOST']}:{_settings['PORT']}"
 worker_class = "gthread"
 workers = _settings["WORKERS"]
 threads = _settings["THREADS"]
 timeout = 120  # heartbeat only under gthread: a busy stream never trips it
-graceful_timeout = max(int(_settings["GRACE_SECONDS"]), 1)  # on SIGTERM, streams may finish for this long
+# On SIGTERM streams may finish for GRACE_SECONDS; then each worker cuts the rest itself (post_worker_init) and
+# stores their rows (worker_exit) before the arbiter's hard kill at graceful_timeout.
+graceful_timeout = max(int(_settings["GRACE_SECONDS"] + _drain.SETTLE_SECONDS), 1)
 keepalive = 75  # clients such as ollama-python reuse connections; keep idle ones open a while
 accesslog = None
 
@@ -32,3 +36,8 @@ def worker_exit(server, worker):
         from proxy_app import shutdown
 
         shutdown(app)
+
+
+def post_worker_init(worker):
+    """Arm the drain: on SIGTERM this worker lets streams run GRACE_SECONDS, then cuts them (proxy_app/drain.py)."""
+    _drain.arm(worker.wsgi)

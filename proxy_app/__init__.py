@@ -32,6 +32,10 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
     relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
+    from . import drain, supervisor
+
+    supervisor.init_app(app)  # with WITH_OLLAMA, the supervised Ollama's state shows in /health
+    drain.init_app(app)  # after the relay: at shutdown it waits on the in-flight count, then cuts streams
     return app
 
 

@@ -134,6 +134,11 @@ def read_environ(environ: Mapping[str, str] | None = None, env_file: str | os.Pa
     return merged
 
 
+def child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return this process's environment plus ``extra``: what a child process (gunicorn, ollama) starts with."""
+    return {**os.environ, **(extra or {})}
+
+
 def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
     """Return every setting, typed, from defaults overlaid by ``.env`` and the environment; raise SettingError."""
     source = read_environ(environ, env_file)
