@@ -5,6 +5,8 @@ gthread workers hold one thread per concurrent stream, and no setting here can c
 Bind address, workers and threads come from the same OLLAMA_PROXY_* settings as everything else.
 """
 
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy_app import config as _config  # noqa: E402
 
 _settings = _config.load()
+
+# Prometheus multiprocess mode (wsgi-stack.md rule 11). prometheus_client chooses file-backed values when it is first
+# imported, so the variable is set here, in the arbiter, before any worker loads the app. A directory exported by the
+# launcher wins; otherwise it lives under DATA_DIR. on_starting empties it, child_exit marks dead workers.
+_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(_settings["DATA_DIR"]) / "prometheus")))
+_metrics_dir.mkdir(parents=True, exist_ok=True)
+_METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")  # prometheus_client's names only
 
 from proxy_app import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
 
@@ -26,6 +35,20 @@ timeout = 120  # heartbeat only under gthread: a busy stream never trips it
 graceful_timeout = max(int(_settings["GRACE_SECONDS"] + _drain.SETTLE_SECONDS), 1)
 keepalive = 75  # clients such as ollama-python reuse connections; keep idle ones open a while
 accesslog = None
+
+
+def on_starting(server):
+    """Delete the last run's metric files, so its counts are not summed into this run's."""
+    for path in _metrics_dir.iterdir():
+        if _METRICS_FILE.fullmatch(path.name):
+            path.unlink()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (in flight, memory); its counters stay, so totals never go down."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

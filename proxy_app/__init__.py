@@ -32,6 +32,9 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
     relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
+    from . import metrics
+
+    metrics.init_app(app)  # after the relay, whose in-flight count and queue it watches; it adds no route
     from . import drain, supervisor
 
     supervisor.init_app(app)  # with WITH_OLLAMA, the supervised Ollama's state shows in /health

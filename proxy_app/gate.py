@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
+
+Watcher = Callable[[int], None]  # told +1 or -1 on every change, e.g. a Prometheus gauge's inc (multiprocess-safe)
 
 
 class InFlight:
@@ -15,17 +18,22 @@ class InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.count = 0
+        self.watcher: Watcher | None = None
 
     def enter(self) -> int:
         """Count one more call and return the new total."""
         with self._lock:
             self.count += 1
+            if self.watcher is not None:
+                self.watcher(1)
             return self.count
 
     def leave(self) -> None:
         """Count one call fewer."""
         with self._lock:
             self.count -= 1
+            if self.watcher is not None:
+                self.watcher(-1)
 
 
 class Gate:
@@ -36,6 +44,7 @@ class Gate:
         self._lock = threading.Lock()
         self._active = 0
         self._waiting: deque[threading.Event] = deque()
+        self.depth_watcher: Watcher | None = None
 
     @property
     def depth(self) -> int:
@@ -52,12 +61,14 @@ class Gate:
                 return True
             turn = threading.Event()
             self._waiting.append(turn)
+            self._depth_changed(1)
         if turn.wait(timeout):
             return True
         with self._lock:
             if turn.is_set():  # the slot was handed over just as we gave up: keep it
                 return True
             self._waiting.remove(turn)
+            self._depth_changed(-1)
             return False
 
     def leave(self) -> None:
@@ -67,5 +78,10 @@ class Gate:
         with self._lock:
             if self._waiting:
                 self._waiting.popleft().set()  # the slot passes on without being freed, so order holds
+                self._depth_changed(-1)
             else:
                 self._active -= 1
+
+    def _depth_changed(self, delta: int) -> None:
+        if self.depth_watcher is not None:
+            self.depth_watcher(delta)

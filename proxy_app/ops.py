@@ -1,4 +1,5 @@
-"""Operational endpoints: ``/health`` (is the upstream reachable, are our parts alive) and ``/test`` (connectivity).
+"""Operational endpoints: ``/health`` (is the upstream reachable, are our parts alive), ``/test`` (connectivity)
+and ``/metrics`` (Prometheus).
 
 Other modules add their own checks to ``app.extensions["health_checks"]`` (name -> callable returning a dict with
 an ``ok`` key). This module does not relay anything.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import time
 
 import requests
-from flask import Blueprint, Flask, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from . import metrics as metrics_module
 
 bp = Blueprint("ops", __name__)
 
@@ -65,3 +68,12 @@ def connectivity_test():
             document["error"] = f"listing models failed: {exc}"
     document["ok"] = upstream["reachable"] and "error" not in document
     return jsonify(document), 200 if document["ok"] else 502
+
+
+@bp.route("/metrics", methods=["GET"])
+def metrics():
+    """Prometheus exposition (every worker's sum under gunicorn); needs the bearer token when METRICS_TOKEN is set."""
+    if not metrics_module.is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
+        return Response("unauthorized\n", status=401, mimetype="text/plain", headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = metrics_module.scrape(current_app, request.headers.get("Accept"))
+    return Response(body, content_type=content_type)

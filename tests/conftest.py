@@ -130,7 +130,7 @@ class GunicornProxy:
             try:
                 requests.get(self.url + "/health", timeout=2)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a worker still booting on a busy machine
                 time.sleep(0.05)
         raise RuntimeError("gunicorn did not answer in time")
 

@@ -1,0 +1,323 @@
+"""Prometheus metrics: the objects (on an injected registry), ``observe(call)``, and per-process samplers.
+
+A ``Call`` is counted once, by the relay's end-of-call sink, so a stream is timed to its last byte. Labels are bounded
+(``endpoint_label``, ``ModelLabels``). Under gunicorn, multiprocess mode sums every worker's files at scrape time.
+This module imports no Flask and registers no route (ops.py serves ``/metrics`` through ``scrape``); the exporter
+times our own endpoints only, never the relay.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import psutil
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import disable_created_metrics
+
+from . import RESERVED_PATHS, __version__
+from .calls import Call
+
+log = logging.getLogger(__name__)
+
+# Why: a cold model load plus a long generation takes minutes; the issue asks for buckets up to at least 300 s.
+CALL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Why: time to first token, model load, prompt eval and queue wait run from milliseconds (warm) to minutes (cold).
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+TOKEN_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000)
+SPEED_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 500)  # output tokens per second of decode
+# Why: the label set stays fixed whatever paths clients invent; the prefixes fold one id-bearing path each.
+ENDPOINTS = frozenset(
+    {"/", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
+     "/api/version", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs",
+     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+)  # fmt: skip
+FOLDED_PREFIXES = ("/api/blobs/", "/v1/models/")
+OTHER = "other"
+NO_MODEL = "none"  # calls that name no model (/api/tags, /api/version, ...)
+MAX_MODEL_CHARS = 200  # longer "model names" are junk; they must not bloat every series
+FIRST_PROBE_WAIT = 2.5  # seconds the first scrape in a process waits for the first upstream probe (connect timeout 2 s)
+
+
+def endpoint_label(path: str) -> str:
+    """Return the ``endpoint`` label for a request path: a known Ollama endpoint, or "other"."""
+    if path in ENDPOINTS:
+        return path
+    for prefix in FOLDED_PREFIXES:
+        if path.startswith(prefix):
+            return prefix.rstrip("/")
+    return OTHER
+
+
+class ModelLabels:
+    """Per-process model label cap: the first ``limit`` names seen in a successful call keep their name."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, model: str | None, is_success: bool) -> str:
+        """Return the label for ``model``; only a successful call may admit a new name (random names fail upstream)."""
+        if not model:
+            return NO_MODEL
+        if model in self._known:
+            return model
+        if not is_success or len(model) > MAX_MODEL_CHARS:
+            return OTHER
+        with self._lock:
+            if len(self._known) < self.limit:
+                self._known.add(model)
+                return model
+        return OTHER
+
+
+class Metrics:
+    """Every metric of one app on one registry; ``observe`` is the relay's call sink, the rest feed gauges."""
+
+    def __init__(self, registry: CollectorRegistry, max_models: int, has_queue: bool) -> None:
+        self.registry = registry
+        self.models = ModelLabels(max_models)
+        self._lock = threading.Lock()
+        self._counted: dict[str, tuple[int | None, float]] = {}  # source -> (pid, value already counted)
+        self._add_call_metrics(registry)
+        self._add_proxy_metrics(registry, has_queue)
+
+    def _add_call_metrics(self, registry: CollectorRegistry) -> None:
+        counter, histogram = partial(Counter, registry=registry), partial(Histogram, registry=registry)
+        by_call, by_model = ("model", "endpoint"), ("model",)  # label names: the Call's own field names
+        self.requests = counter("ollama_requests_total", "Finished calls", (*by_call, "status", "outcome"))
+        self.request_duration = histogram(
+            "ollama_request_duration_seconds", "Arrival to last byte", by_call, buckets=CALL_BUCKETS
+        )
+        self.ttft = histogram(
+            "ollama_time_to_first_token_seconds", "Arrival to first content", by_call, buckets=STEP_BUCKETS
+        )
+        self.tokens_generated = histogram(
+            "ollama_tokens_generated", "Output tokens per call", by_model, buckets=TOKEN_BUCKETS
+        )
+        self.tokens_per_second = histogram("ollama_tokens_per_second", "Decode speed", by_model, buckets=SPEED_BUCKETS)
+        self.prompt_tokens = counter("ollama_prompt_tokens_total", "Input tokens", by_call)
+        self.completion_tokens = counter("ollama_completion_tokens_total", "Output tokens", by_call)
+        self.load_duration = histogram(
+            "ollama_load_duration_seconds", "Model load time, as Ollama reports it", by_model, buckets=STEP_BUCKETS
+        )
+        self.prompt_eval_duration = histogram(
+            "ollama_prompt_eval_duration_seconds", "Prompt evaluation time, as Ollama reports it", by_model,
+            buckets=STEP_BUCKETS,
+        )  # fmt: skip
+
+    def _add_proxy_metrics(self, registry: CollectorRegistry, has_queue: bool) -> None:
+        counter, gauge, histogram = (partial(kind, registry=registry) for kind in (Counter, Gauge, Histogram))
+        # Why live*: a dead worker's calls are no longer in flight or queued, and its memory is freed.
+        live_sum = partial(gauge, multiprocess_mode="livesum")
+        latest = partial(gauge, multiprocess_mode="livemostrecent")
+        self.active_requests = live_sum("ollama_active_requests", "Calls in flight, queued ones included")
+        self.queue_wait = self.queue_depth = None
+        if has_queue:
+            self.queue_wait = histogram(
+                "ollama_queue_wait_seconds", "Time a call waited for a slot", buckets=STEP_BUCKETS
+            )
+            self.queue_depth = live_sum("ollama_queue_depth", "Calls waiting for a slot")
+        self.upstream_up = latest("ollama_upstream_up", "1 if the last upstream probe succeeded, else 0")
+        self.probe_duration = latest("ollama_upstream_probe_duration_seconds", "How long the last upstream probe took")
+        self.analytics_depth = live_sum("ollama_analytics_queue_depth", "Calls waiting to be stored")
+        self.rows_written = counter("ollama_analytics_rows_written_total", "Rows stored")
+        self.rows_dropped = counter("ollama_analytics_rows_dropped_total", "Rows dropped (queue full or database down)")
+        self.cpu_seconds = counter("ollama_proxy_process_cpu_seconds_total", "User and system CPU time")
+        self.resident_memory = live_sum("ollama_proxy_process_resident_memory_bytes", "Resident memory")
+        build = gauge("ollama_proxy_build_info", "Proxy version", ("version", "python"), multiprocess_mode="livemax")
+        build.labels(__version__, platform.python_version()).set(1)
+
+    def observe(self, call: Call) -> None:
+        """Count one finished call: totals, durations, tokens and Ollama's own timings (unknown values are skipped)."""
+        is_success = call.http_status < 400 and call.outcome != "upstream_error"
+        model, endpoint = self.models.label(call.model, is_success), endpoint_label(call.endpoint)
+        self.requests.labels(model, endpoint, str(call.http_status), call.outcome).inc()
+        self.request_duration.labels(model, endpoint).observe(call.total_time_ms / 1000)
+        _observe_ms(self.ttft, (model, endpoint), call.ttft_ms)
+        _observe_ms(self.load_duration, (model,), call.load_duration_ms)
+        _observe_ms(self.prompt_eval_duration, (model,), call.prompt_eval_duration_ms)
+        if call.input_tokens is not None:
+            self.prompt_tokens.labels(model, endpoint).inc(call.input_tokens)
+        if call.output_tokens is not None:
+            self.completion_tokens.labels(model, endpoint).inc(call.output_tokens)
+            self.tokens_generated.labels(model).observe(call.output_tokens)
+        if call.tokens_per_second is not None:
+            self.tokens_per_second.labels(model).observe(call.tokens_per_second)
+        if self.queue_wait is not None:
+            self.queue_wait.observe(call.queue_time_ms / 1000)
+
+    def record_probe(self, is_up: bool, seconds: float) -> None:
+        """Set the upstream gauges from one probe."""
+        self.upstream_up.set(1 if is_up else 0)
+        self.probe_duration.set(round(seconds, 6))
+
+    def sample_process(self) -> None:
+        """Set this process's memory and add its CPU time since the last sample (counters only go up, per process)."""
+        process = psutil.Process()
+        times = process.cpu_times()
+        self._count_since("cpu", self.cpu_seconds, times.user + times.system)
+        self.resident_memory.set(process.memory_info().rss)
+
+    def copy_writer(self, writer) -> None:
+        """Copy the analytics writer's ``written``/``dropped`` totals and ``depth`` into metrics (None: no writer)."""
+        if writer is None:
+            return
+        for name, counter in (("written", self.rows_written), ("dropped", self.rows_dropped)):
+            total = _read(writer, name)
+            if total is not None:
+                self._count_since(name, counter, total)
+        depth = _read(writer, "depth")
+        if depth is not None:
+            self.analytics_depth.set(depth)
+
+    def _count_since(self, source: str, counter: Counter, total: float) -> None:
+        """Add to ``counter`` what ``total`` grew by since last time in this process (a fresh process starts at 0)."""
+        with self._lock:
+            pid, counted = self._counted.get(source, (None, 0.0))
+            if pid != os.getpid() or total < counted:  # forked, or the source was replaced: count from zero
+                counted = 0.0
+            if total > counted:
+                counter.inc(total - counted)
+            self._counted[source] = (os.getpid(), total)
+
+
+def _observe_ms(histogram: Histogram, labels: tuple, milliseconds: float | None) -> None:
+    """Observe a duration given in ms; an unknown one (None) creates no series."""
+    if milliseconds is not None:
+        histogram.labels(*labels).observe(milliseconds / 1000)
+
+
+def _read(source, name: str) -> float | None:
+    """Return a numeric attribute (or the result of a method) of ``source``; None if it has none."""
+    value = getattr(source, name, None)
+    value = value() if callable(value) else value
+    return value if isinstance(value, int | float) else None
+
+
+def make_metrics(registry: CollectorRegistry = REGISTRY, max_models: int = 100, has_queue: bool = False) -> Metrics:
+    """Build every metric on ``registry`` (tests pass a fresh ``CollectorRegistry()``)."""
+    disable_created_metrics()  # why: multiprocess mode cannot export *_created, so neither mode does
+    return Metrics(registry, max_models, has_queue)
+
+
+def is_multiprocess() -> bool:
+    """True when prometheus_client writes values to PROMETHEUS_MULTIPROC_DIR (decided when it was imported)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """Render ``registry`` in the format ``accept`` asks for; in multiprocess mode, every worker's files instead."""
+    if is_multiprocess():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+def is_authorized(header: str | None, token: str) -> bool:
+    """True when no token is set, or when ``header`` is "Bearer <token>" (compared in constant time)."""
+    if not token:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class Ticker:
+    """Runs ``task`` at once and then every ``interval`` seconds in one daemon thread per process (0 = never)."""
+
+    def __init__(self, interval: float, task: Callable[[], None], name: str) -> None:
+        self.interval, self.task, self.name = interval, task, name
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._first_run = threading.Event()
+
+    def ensure(self, wait: float = 0.0) -> None:
+        """Start the thread if this process has none yet (fork-safe); optionally wait for its first run."""
+        if not self.interval:
+            return
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._pid, self._first_run = os.getpid(), threading.Event()
+                    threading.Thread(target=self._run, name=self.name, daemon=True).start()
+        if wait:
+            self._first_run.wait(wait)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.task()
+            except Exception:  # a failed sample must not end the thread
+                log.exception("%s failed", self.name)
+            self._first_run.set()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        """End the thread after its current run (shutdown, tests)."""
+        self._stop.set()
+
+
+def refresh(app) -> None:
+    """Sample this process and copy the writer's counts now (each scrape, and every SAMPLE_INTERVAL)."""
+    collected = app.extensions["metrics"]
+    collected.sample_process()
+    collected.copy_writer(app.extensions.get("writer"))
+
+
+def probe(app) -> None:
+    """Probe the upstream once and record whether it answered and how long the probe took."""
+    from .ops import probe_upstream  # here, not at the top: ops imports this module to serve /metrics
+
+    started = time.perf_counter()
+    result = probe_upstream(app)
+    app.extensions["metrics"].record_probe(result["reachable"], time.perf_counter() - started)
+
+
+def scrape(app, accept: str | None = None) -> tuple[bytes, str]:
+    """Answer a scrape: make sure this process samples and probes, refresh it now, then render."""
+    sampler, prober = app.extensions["metrics_tickers"]
+    sampler.ensure()
+    prober.ensure(wait=FIRST_PROBE_WAIT)
+    refresh(app)
+    return expose(app.extensions["metrics"].registry, accept)
+
+
+def init_app(app) -> None:
+    """Build this app's metrics, hook them to the relay's counts and sinks, and time our own endpoints."""
+    config, gate = app.config, app.extensions["gate"]
+    # Why a registry per app: tests build many apps in one process; in multiprocess mode the files count instead.
+    registry = CollectorRegistry(auto_describe=True)
+    collected = make_metrics(registry, config["MAX_MODELS"], has_queue=bool(gate.limit))
+    app.extensions["metrics"] = collected
+    app.extensions["call_sinks"].insert(0, collected.observe)
+    app.extensions["in_flight"].watcher = collected.active_requests.inc
+    if collected.queue_depth is not None:
+        gate.depth_watcher = collected.queue_depth.inc
+    sampler = Ticker(config["SAMPLE_INTERVAL"], lambda: refresh(app), "metrics-sampler")
+    prober = Ticker(config["PROBE_INTERVAL"], lambda: probe(app), "upstream-prober")
+    app.extensions["metrics_tickers"] = (sampler, prober)
+    app.extensions["shutdown_hooks"].extend([sampler.stop, prober.stop])
+    app.before_request(sampler.ensure)  # returns None, so the request goes on
+    _time_own_endpoints(app, registry)
+
+
+def _time_own_endpoints(app, registry: CollectorRegistry) -> None:
+    """prometheus-flask-exporter's per-endpoint HTTP metrics for our routes; relayed paths are excluded."""
+    from prometheus_flask_exporter import PrometheusMetrics
+
+    ours = "|".join(re.escape(path) for path in RESERVED_PATHS)
+    not_ours = rf"^(?!(?:{ours})(?:/|$))"  # matches every path outside our routes, so the exporter skips it
+    app.extensions["http_metrics"] = PrometheusMetrics(
+        app, path=None, registry=registry, group_by="endpoint", defaults_prefix="ollama_proxy", excluded_paths=not_ours
+    )
