@@ -19,17 +19,8 @@ from tests.processes import ROOT, wait_until
 
 NGINX_SITE = ROOT / "deploy" / "nginx" / "ollama-proxy.conf"
 SYSTEMD = ROOT / "deploy" / "systemd"
-
-
-def make_certificate(directory) -> tuple:
-    """A throw-away self-signed certificate for 127.0.0.1."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days",
-         "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+# A self-signed certificate for 127.0.0.1, valid for a century: test data, so that no test needs openssl.
+CERT, KEY = ROOT / "tests" / "tls" / "cert.pem", ROOT / "tests" / "tls" / "key.pem"
 
 
 def nginx_config(tmp_path, proxy_port: int, tls_port: int, cert, key) -> str:
@@ -47,11 +38,10 @@ def nginx_config(tmp_path, proxy_port: int, tls_port: int, cert, key) -> str:
 
 
 def test_deploy_nginx_streams_over_tls_without_buffering(live_proxy, tmp_path):
-    need(shutil.which("nginx") is not None and shutil.which("openssl") is not None, "nginx and openssl")
-    cert, key = make_certificate(tmp_path)
+    need(shutil.which("nginx") is not None, "nginx (Debian's nginx-light)")
     tls_port = free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_config(tmp_path, int(live_proxy.port), tls_port, cert, key))
+    conf.write_text(nginx_config(tmp_path, int(live_proxy.port), tls_port, CERT, KEY))
     nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")])
     try:
         wait_until(lambda: is_listening(tls_port) or nginx.poll() is not None, message="nginx")
@@ -59,7 +49,7 @@ def test_deploy_nginx_streams_over_tls_without_buffering(live_proxy, tmp_path):
         started = time.monotonic()
         headers = {"X-Fake-Tokens": "5", "X-Fake-Token-Delay": "0.2"}
         with requests.post(f"https://127.0.0.1:{tls_port}/api/generate", json={"model": "llama3.2", "prompt": "hi"},
-                           headers=headers, stream=True, verify=cert, timeout=10) as answer:  # fmt: skip
+                           headers=headers, stream=True, verify=CERT, timeout=10) as answer:  # fmt: skip
             arrivals = [(time.monotonic() - started, json.loads(line)) for line in answer.iter_lines() if line]
         assert answer.status_code == 200 and arrivals[-1][1]["done"] is True
         assert arrivals[0][0] < arrivals[-1][0] - 0.5, "the first token must arrive before the stream ends"
