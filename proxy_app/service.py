@@ -8,9 +8,7 @@ Used by ``python -m proxy_app serve`` and deploy/windows; it parses no command l
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -28,6 +26,7 @@ from .supervisor import (
     SupervisorError,
     detach_options,
     find_ollama,
+    get_json,
     is_listening,
     ollama_version,
     port_holder,
@@ -219,15 +218,7 @@ def client_address(host: str, port: int) -> str:
 def is_proxy(address: str, timeout: float = 2.0) -> bool:
     """True when our proxy answers /health at ``address`` (a plain Ollama there answers 404)."""
     host, _, port = address.rpartition(":")
-    connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
-    try:
-        connection.request("GET", "/health")
-        document = json.loads(connection.getresponse().read())
-    except (OSError, http.client.HTTPException, ValueError):
-        return False
-    finally:
-        connection.close()
-    return isinstance(document, dict) and document.get("proxy") == "up"
+    return get_json(int(port), "/health", host.strip("[]"), timeout).get("proxy") == "up"
 
 
 def ensure_running(settings: Mapping, timeout: float = START_TIMEOUT_SECONDS) -> str:

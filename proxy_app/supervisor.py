@@ -66,18 +66,22 @@ def is_listening(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def ollama_version(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> str | None:
-    """Return the version an Ollama on host:port reports, or None when nothing Ollama-like answers there."""
+def get_json(port: int, path: str, host: str = "127.0.0.1", timeout: float = 2.0) -> dict:
+    """GET a JSON object from host:port (no proxies from the environment); {} on any failure or other answer."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        connection.request("GET", "/api/version")
-        answer = connection.getresponse()
-        document = json.loads(answer.read()) if answer.status == 200 else {}
+        connection.request("GET", path)
+        document = json.loads(connection.getresponse().read())
     except (OSError, http.client.HTTPException, ValueError):
-        return None
+        return {}
     finally:
         connection.close()
-    version = document.get("version") if isinstance(document, dict) else None
+    return document if isinstance(document, dict) else {}
+
+
+def ollama_version(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> str | None:
+    """Return the version an Ollama on host:port reports, or None when nothing Ollama-like answers there."""
+    version = get_json(port, "/api/version", host, timeout).get("version")
     return version if isinstance(version, str) else None
 
 
