@@ -1,0 +1,140 @@
+"""``python -m bench``: every figure of issue 7 in one run, written to bench/results/<time>-<mode>.json.
+
+Starts the fast fake upstream (direct), nginx (the zero-cost reference) and the proxy under gunicorn and under
+waitress, all with full analytics (SQLite, CSV mirror, Prometheus), then measures them interleaved. ``--quick`` is
+a run of about three minutes; the default full run takes about ten, plus ``--soak-seconds`` of soak (bench/soak.py).
+``python -m bench.report FILE`` prints the README table of a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from . import load, measure, soak, targets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Per mode: rounds and sizes of each measurement (quick about 3 min, full about 10 min before the soak).
+PLANS = {
+    "quick": {"latency": (3, 300), "throughput": (2, 3), "tokens": (2, 400), "streams": 1, "ttfb": (3, 100),
+              "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0},
+    "full": {"latency": (6, 1000), "throughput": (3, 6), "tokens": (3, 800), "streams": 2, "ttfb": (6, 200),
+             "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 300},
+}  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
+    parser.add_argument("--soak-seconds", type=float, help="soak duration (full: 300, quick: 0 = no soak)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
+    parser.add_argument("--threads", type=int, default=320, help="threads per proxy process (256 streams must fit)")
+    parser.add_argument("--only", help="comma-separated figures: latency,throughput,tokens,streams,ttfb,memory,writer")
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/<time>-<mode>.json)")
+    return parser.parse_args(argv)
+
+
+def start_all(work: Path, workers: int, threads: int) -> list[targets.Target]:
+    """direct, nginx, gunicorn, waitress: in that order (direct first, the figures' reference)."""
+    upstream = targets.start_upstream()
+    started = [upstream]
+    try:
+        started.append(targets.start_nginx(upstream, work))
+        started.append(targets.start_proxy("gunicorn", upstream, work, threads, workers))
+        started.append(targets.start_proxy("waitress", upstream, work, threads))
+    except BaseException:
+        stop_all(started)
+        raise
+    return started
+
+
+def stop_all(started: list[targets.Target]) -> None:
+    for target in reversed(started):
+        target.stop()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the chosen measurements and return the results document."""
+    mode = "quick" if args.quick else "full"
+    plan = PLANS[mode]
+    wanted = set((args.only or "latency,throughput,tokens,streams,ttfb,memory,writer").split(","))
+    soak_seconds = plan["soak_seconds"] if args.soak_seconds is None else args.soak_seconds
+    document = {"mode": mode, "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+                "settings": {"gunicorn_workers": args.workers, "threads": args.threads, "generator": load.WRK or
+                             "python (wrk not found)"}, "figures": {}}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="ollama-proxy-bench-"))
+    started = start_all(work, args.workers, args.threads)
+    everyone, proxies = started, [t for t in started if t.name in ("gunicorn", "waitress")]
+    figures = document["figures"]
+    try:
+        step("idle memory", lambda: figures.__setitem__("idle_memory", measure.idle_memory(everyone)))
+        if "latency" in wanted:
+            step("latency c1", lambda: figures.__setitem__(
+                "latency_c1", measure.latency_c1(everyone, *plan["latency"])))  # fmt: skip
+        if "ttfb" in wanted:
+            step("ttfb", lambda: figures.__setitem__("ttfb", measure.ttfb(everyone, *plan["ttfb"])))
+        if "throughput" in wanted:
+            rounds, seconds = plan["throughput"]
+            for connections in (8, 64):
+                step(f"throughput c{connections}", lambda c=connections: figures.__setitem__(
+                    f"throughput_c{c}", measure.throughput(everyone, rounds, seconds, c)))  # fmt: skip
+        if "tokens" in wanted:
+            rounds, streams = plan["tokens"]
+            step("cpu per token", lambda: figures.__setitem__(
+                "cpu_per_token", measure.cpu_per_token(everyone[1:], rounds, streams)))  # fmt: skip
+        if "streams" in wanted:
+            step("256 streams", lambda: figures.__setitem__(
+                "streams_256", measure.many_streams(everyone, plan["streams"])))  # fmt: skip
+        if "memory" in wanted:
+            step("memory after calls", lambda: figures.__setitem__(
+                "memory_growth", measure.memory_growth(proxies, plan["memory_calls"], 4)))  # fmt: skip
+        if "writer" in wanted:
+            step("writer rows/s", lambda: figures.__setitem__("writer", measure.writer_rows(plan["writer_rows"])))
+    finally:
+        stop_all(started)
+    document["rows_stored"] = {t.name: soak.count_rows(t.data_dir) for t in proxies}  # after SIGTERM's flush
+    if soak_seconds:
+        step(f"soak {soak_seconds:g} s", lambda: document.__setitem__(
+            "soak", soak.run_soak(work, soak_seconds, args.workers, args.threads)))  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    document["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return document
+
+
+def step(label: str, action) -> None:
+    started = time.perf_counter()
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    action()
+    print(f"[bench] {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    return {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1)}  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    document = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    output = args.output or RESULTS / f"{stamp}-{document['mode']}.json"
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"written to {output}", file=sys.stderr)
+    from .report import table
+
+    print(table(document))
+
+
+if __name__ == "__main__":
+    main()

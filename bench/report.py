@@ -1,0 +1,131 @@
+"""Markdown tables from a results file: ``python -m bench.report bench/results/<file>.json``.
+
+Each proxy figure is shown with what it adds to direct access (or its ratio to direct), next to nginx's, and
+checked against the issue's target. Only figures present in the file are shown; nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PROXIES = ("gunicorn", "waitress")
+ALL = ("direct", "nginx", *PROXIES)
+
+
+def _get(document: dict, figure: str, target: str, key: str):
+    return document.get("figures", {}).get(figure, {}).get(target, {}).get(key)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _added_row(document, label, figure, key, limit=None, digits=2) -> list[str] | None:
+    """A latency-like row: each target's value and what it adds to direct; the target checks the added part."""
+    direct = _get(document, figure, "direct", key)
+    if direct is None:
+        return None
+    cells, verdicts = [], []
+    for target in ALL:
+        value = _get(document, figure, target, key)
+        if value is None:
+            cells.append("–")
+            continue
+        added = value - direct
+        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} (+{_fmt(added, digits)})")
+        if limit is not None and target in PROXIES:
+            verdicts.append(f"{target} {'met' if added <= limit else 'missed'}")
+    return [label, *cells, f"≤ {limit} added: " + ", ".join(verdicts) if limit is not None else ""]
+
+
+def _ratio_row(document, label, figure, key, at_least=None, digits=0) -> list[str] | None:
+    """A rate row: each value with its ratio to direct; the target checks the proxy's own value."""
+    direct = _get(document, figure, "direct", key)
+    if direct is None:
+        return None
+    cells, verdicts = [], []
+    for target in ALL:
+        value = _get(document, figure, target, key)
+        if value is None:
+            cells.append("–")
+            continue
+        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} ({value / direct:.2f}×)")
+        if at_least is not None and target in PROXIES:
+            verdicts.append(f"{target} {'met' if value >= at_least else 'missed'}")
+    return [label, *cells, f"≥ {at_least:,}: " + ", ".join(verdicts) if at_least is not None else ""]
+
+
+def _plain_row(document, label, figure, key, at_most=None, digits=1, targets=ALL) -> list[str] | None:
+    """An absolute row (CPU, memory): the value as measured; the target checks the proxies."""
+    values = {target: _get(document, figure, target, key) for target in ALL}
+    if all(value is None for value in values.values()):
+        return None
+    cells = [_fmt(values[t], digits) if t in targets else "–" for t in ALL]
+    if at_most is None:
+        return [label, *cells, ""]
+    verdicts = [f"{t} {'met' if values[t] <= at_most else 'missed'}" for t in PROXIES if values[t] is not None]
+    return [label, *cells, f"≤ {at_most}: " + ", ".join(verdicts)]
+
+
+def rows(document: dict) -> list[list[str]]:
+    """Every row the document has data for."""
+    candidates = [
+        _added_row(document, "(1) non-stream latency c1, p50 ms", "latency_c1", "p50_ms", 0.8),
+        _added_row(document, "(1) non-stream latency c1, p99 ms", "latency_c1", "p99_ms"),
+        _ratio_row(document, "(2) calls/s at c8", "throughput_c8", "calls_per_second"),
+        _ratio_row(document, "(2) calls/s at c64", "throughput_c64", "calls_per_second", 1500),
+        _plain_row(document, "(3) server CPU µs per call (c8)", "throughput_c8", "cpu_us_per_call", 800, 0),
+        _plain_row(document, "(3) server CPU µs per call (c64)", "throughput_c64", "cpu_us_per_call", 800, 0),
+        _plain_row(
+            document, "(3) server CPU µs per relayed token (64-token streams)", "cpu_per_token", "cpu_us_per_token", 20
+        ),
+        _plain_row(document, "(3) server CPU µs per chunk written to the client", "cpu_per_token", "cpu_us_per_chunk"),
+        _plain_row(document, "(3) chunks per 64-token stream, as received", "cpu_per_token", "chunks_per_stream"),
+        _plain_row(document, "(4) 256 streams × 20 tokens @ 50 ms: complete", "streams_256", "complete", digits=0),
+        _plain_row(document, "(4) 256 streams: wall s (upstream needs 1.05)", "streams_256", "wall_s", 1.5, 2),
+        _added_row(document, "(4) per-line transit p50 ms", "streams_256", "transit_p50_ms", 0.5),
+        _added_row(document, "(4) per-line transit p99 ms", "streams_256", "transit_p99_ms"),
+        _added_row(document, "(5) stream TTFB at idle, p50 ms", "ttfb", "p50_ms", 1.0),
+        _added_row(document, "(5) stream TTFB at idle, p99 ms", "ttfb", "p99_ms"),
+        _plain_row(document, "(6) RSS per serving process, idle, MB", "idle_memory", "rss_process_mb", 60),
+        _plain_row(document, "(6) RSS per serving process, 256 streams, MB", "streams_256", "rss_peak_process_mb"),
+    ]
+    return [row for row in candidates if row is not None]
+
+
+def table(document: dict) -> str:
+    """The main table plus the memory-growth, writer and soak lines."""
+    lines = ["| figure | direct | nginx | proxy (gunicorn) | proxy (waitress) | target |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(document)]
+    growth = document.get("figures", {}).get("memory_growth", {})
+    for name, data in growth.items():
+        points = ", ".join(f"{p['calls']:,}: {p['rss_process_mb']:.1f}" for p in data["points"])
+        lines.append(f"\n(6) {name}: RSS MB per serving process after N calls — {points}")
+    writer = document.get("figures", {}).get("writer")
+    if writer:
+        burst, single = writer["burst_rows_per_second"], writer["one_by_one_rows_per_second"]
+        lines.append(f"\n(7) writer (SQLite + CSV): {burst:,.0f} rows/s in a burst, {single:,.0f} rows/s one by one")
+    if soak := document.get("soak"):
+        first, last = soak["memory"][min(1, len(soak["memory"]) - 1)], soak["memory"][-1]
+        lines.append(
+            f"\nsoak: {soak['seconds']:g} s, {soak['clients']} clients, {soak['sent']:,} calls "
+            f"({soak['streams']:,} streams), {soak['errors']} errors, rows {soak['rows']:,} "
+            f"({'equal to' if soak['rows_equal_calls'] else 'NOT equal to'} calls), RSS MB per worker "
+            f"{first['rss_process_mb']} at {first['seconds']} s -> {last['rss_process_mb']} at {last['seconds']} s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    print(table(json.loads(Path(args[0]).read_text())))
+
+
+if __name__ == "__main__":
+    main()
