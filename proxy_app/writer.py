@@ -9,6 +9,7 @@ build calls (relay.py) or publish metrics (metrics.py reads ``written``, ``dropp
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -162,10 +163,7 @@ class Writer:
         except Exception:
             log.exception("the writer thread crashed; the next call starts a new one")
         finally:
-            try:
-                self.database.close()  # this thread's connection
-            except Exception:
-                pass
+            self._reconnect()  # closes this thread's connection
 
     def _serve_once(self, pending: queue.Queue) -> bool:
         """Store one batch and do a little retention; False once the stop sentinel has been reached."""
@@ -222,10 +220,8 @@ class Writer:
 
     def _reconnect(self) -> None:
         """Forget this thread's connection so the next batch opens a fresh one (a restarted PostgreSQL, say)."""
-        try:
+        with contextlib.suppress(Exception):
             self.database.close()
-        except Exception:
-            pass
 
     def _retain_a_little(self) -> None:
         """Delete one small batch of old rows when retention is due; the pass continues next time round."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import openai
+import psycopg2
 import pytest
 import requests
 
@@ -26,7 +28,8 @@ from proxy_app.models import CallRow, open_database
 from tests.conftest import CallRecorder, free_port, need
 from tests.fake_ollama import MODEL_ERROR, serve
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+# The README's test server; another can be named for a run (the tests add a throwaway schema to it).
+POSTGRES = os.environ.get("OLLAMA_PROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MESSAGES = [{"role": "user", "content": "why is the sky blue"}]
 
 
@@ -301,7 +304,6 @@ def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
 @pytest.fixture
 def postgres_url():
     """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
-    psycopg2 = pytest.importorskip("psycopg2")
     try:
         connection = psycopg2.connect(POSTGRES, connect_timeout=3)
     except psycopg2.OperationalError as exc:
@@ -310,7 +312,7 @@ def postgres_url():
     schema = f"test_store_{uuid.uuid4().hex[:12]}"
     with connection.cursor() as cursor:
         cursor.execute(f"CREATE SCHEMA {schema}")
-    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
     with connection.cursor() as cursor:
         cursor.execute(f"DROP SCHEMA {schema} CASCADE")
     connection.close()
@@ -373,7 +375,7 @@ def read_store(database_url: str, csv_path) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_store_2000_calls_through_gunicorn(gunicorn_proxy, tmp_path, request, backend):
-    env = {"OLLAMA_PROXY_WRITER_QUEUE_SIZE": "100000"}
+    env = {}
     if backend == "postgresql":
         env["OLLAMA_PROXY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
     proxy = gunicorn_proxy(workers=4, threads=16, **env)
