@@ -96,11 +96,13 @@ SETTINGS: tuple[Setting, ...] = (
         "READ_TIMEOUT",
         "3600",
         _seconds,
-        "Longest silence (seconds) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
+        "Longest silence (s) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
     ),
     Setting("THREADS", "64", _positive_int, "Server threads per process: the number of calls served at once"),
     Setting("WORKERS", "1", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
-    Setting("MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"),
+    Setting(
+        "MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
+    ),
     Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
     Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
     Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
@@ -109,13 +111,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
     Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
     Setting("RETENTION_DAYS", "7", _positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
-    Setting("WRITER_QUEUE_SIZE", "10000", _positive_int, "Finished calls waiting to be stored before new ones are dropped"),
+    Setting(
+        "WRITER_QUEUE_SIZE", "10000", _positive_int, "Finished calls waiting to be stored before new ones are dropped"
+    ),
     Setting("MAX_MODELS", "100", _positive_int, "Distinct model names used as metric labels; more become 'other'"),
     Setting("METRICS_TOKEN", "", _text, "When set, /metrics needs it as a bearer token", secret=True),
     Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
     Setting("PROBE_INTERVAL", "15", _seconds, "Seconds between background upstream health probes"),
     Setting("SAMPLE_INTERVAL", "5", _seconds, "Seconds between CPU/memory samples"),
-    Setting("SERVER", "auto", _server, "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress"),
+    Setting(
+        "SERVER", "auto", _server, "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress"
+    ),
     Setting("WITH_OLLAMA", "false", _bool, "serve command: start and supervise `ollama serve` on the upstream port"),
     Setting("OLLAMA_BIN", "", _text, "Path to the ollama executable; empty searches PATH and the usual install places"),
     Setting("GRACE_SECONDS", "30", _seconds, "On shutdown, how long in-flight streams may run before they are cut"),
@@ -142,7 +148,9 @@ def child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
     """Return every setting, typed, from defaults overlaid by ``.env`` and the environment; raise SettingError."""
     source = read_environ(environ, env_file)
-    return {setting.name: parse_setting(setting, source.get(PREFIX + setting.name, setting.default)) for setting in SETTINGS}
+    return {
+        setting.name: parse_setting(setting, source.get(PREFIX + setting.name, setting.default)) for setting in SETTINGS
+    }
 
 
 def parse_setting(setting: Setting, raw: Any) -> Any:

@@ -69,7 +69,8 @@ def test_intake_garbage_never_raises(body):
 
 def test_intake_with_usage_requested_appends_last_key():
     spliced = with_usage_requested(b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}\n')
-    assert spliced == b'{"model":"m","stream":true,"stream_options":{"include_usage":false},"stream_options":{"include_usage":true}}'
+    original, added = b'{"model":"m","stream":true,"stream_options":{"include_usage":false}', b'"include_usage":true}}'
+    assert spliced == original + b',"stream_options":{' + added
     assert json.loads(spliced)["stream_options"] == {"include_usage": True}  # the last duplicate wins, as in Go
     assert with_usage_requested(b"{ }") == b'{"stream_options":{"include_usage":true}}'
 

@@ -153,13 +153,15 @@ def test_relay_sse_events_arrive_as_sent(live_proxy, fake):
     response = open_stream(live_proxy.url, "/v1/chat/completions", body)
     data_lines = [(t, line) for t, line in timed_lines(response) if line.startswith(b"data: {")]
     assert len(data_lines) >= len(fake.tokens)
-    gaps = [b[0] - a[0] for a, b in zip(data_lines, data_lines[1:len(fake.tokens)], strict=False)]
+    gaps = [b[0] - a[0] for a, b in zip(data_lines, data_lines[1 : len(fake.tokens)], strict=False)]
     assert min(gaps) >= 0.15
 
 
 def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake, closing):
     client = closing(ollama.Client(host=live_proxy.url))
-    streamed = "".join(part.response for part in client.generate(model="llama3.2", prompt="why is the sky blue", stream=True))
+    streamed = "".join(
+        part.response for part in client.generate(model="llama3.2", prompt="why is the sky blue", stream=True)
+    )
     whole = client.generate(model="llama3.2", prompt="why is the sky blue")
     assert streamed == whole.response == "".join(fake.tokens)
     chat = client.chat(model="llama3.2", messages=[{"role": "user", "content": "hello there"}], options={"seed": 1})
@@ -168,13 +170,18 @@ def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake, closi
     prompt_tokens = fake.expected_prompt_tokens("why is the sky blue")
     assert (first.endpoint, first.stream_mode, first.outcome) == ("/api/generate", True, "completed")
     assert (first.input_tokens, first.output_tokens, first.total_tokens) == (
-        prompt_tokens, len(fake.tokens), prompt_tokens + len(fake.tokens)
+        prompt_tokens,
+        len(fake.tokens),
+        prompt_tokens + len(fake.tokens),
     )
     assert (second.stream_mode, second.input_tokens, second.output_tokens) == (False, prompt_tokens, len(fake.tokens))
     assert first.prompt == "why is the sky blue" and first.response_preview == "".join(fake.tokens)
     assert first.ttft_ms is not None and first.tokens_per_second > 0 and first.done_reason == "stop"
     assert (third.endpoint, third.model, third.model_parameters, third.prompt) == (
-        "/api/chat", "llama3.2", '{"seed":1}', "hello there"
+        "/api/chat",
+        "llama3.2",
+        '{"seed":1}',
+        "hello there",
     )
     assert third.api == "native" and third.http_status == 200
 
@@ -195,7 +202,9 @@ def test_relay_ollama_client_other_endpoints(live_proxy, recorder, fake, closing
     assert digest.startswith("sha256:")
     calls = recorder.wait_for(9)
     by_endpoint = {call.endpoint: call for call in calls}
-    assert by_endpoint["/api/embed"].input_tokens == fake.expected_prompt_tokens("one two") + fake.expected_prompt_tokens("three")
+    assert by_endpoint["/api/embed"].input_tokens == fake.expected_prompt_tokens(
+        "one two"
+    ) + fake.expected_prompt_tokens("three")
     assert by_endpoint["/api/embeddings"].input_tokens is None  # unknown, not 0
     assert by_endpoint["/api/pull"].stream_mode is True and by_endpoint["/api/pull"].outcome == "completed"
     upload = next(call for call in calls if call.endpoint.startswith("/api/blobs/"))
@@ -219,7 +228,9 @@ def test_relay_openai_client(live_proxy, recorder, fake, closing):
     assert all(chunk.usage is None for chunk in chunks)  # the usage event the proxy asked for never reaches the client
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "".join(fake.tokens)
     with_usage = list(
-        client.chat.completions.create(model="llama3.2", messages=messages, stream=True, stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model="llama3.2", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
     )
     assert with_usage[-1].usage.completion_tokens == len(fake.tokens)
     completion = client.completions.create(model="llama3.2", prompt="once upon")
@@ -230,7 +241,10 @@ def test_relay_openai_client(live_proxy, recorder, fake, closing):
     expected_input = fake.expected_prompt_tokens("say hi")
     for call in calls[:3]:
         assert (call.api, call.input_tokens, call.output_tokens, call.outcome) == (
-            "openai", expected_input, len(fake.tokens), "completed"
+            "openai",
+            expected_input,
+            len(fake.tokens),
+            "completed",
         )
     assert calls[1].stream_mode is True and calls[1].ttft_ms is not None
     assert calls[3].output_tokens == len(fake.tokens) and calls[3].prompt == "once upon"
@@ -282,7 +296,11 @@ def test_relay_upstream_dies_mid_stream(live_proxy, fake, recorder, closing):
 def test_relay_mid_stream_error_line(live_proxy, fake, recorder, closing):
     fake.error_after = 2
     with pytest.raises(ollama.ResponseError, match="error was encountered"):
-        list(closing(ollama.Client(host=live_proxy.url)).chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
+        list(
+            closing(ollama.Client(host=live_proxy.url)).chat(
+                model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
     call = recorder.wait_for(1)[0]
     assert call.outcome == "upstream_error" and "error was encountered" in call.error_message
 
@@ -372,7 +390,10 @@ def test_relay_queue_limit_rejects_in_ollama_shape(tmp_path, upstream, fake):
 def test_relay_under_gunicorn_with_clients(gunicorn_proxy, fake, closing):
     proxy = gunicorn_proxy(workers=2, threads=8)
     client = closing(ollama.Client(host=proxy.url))
-    text = "".join(part.message.content for part in client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
+    text = "".join(
+        part.message.content
+        for part in client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True)
+    )
     assert text == "".join(fake.tokens)
     reply = closing(openai.OpenAI(base_url=proxy.url + "/v1", api_key="x")).chat.completions.create(
         model="llama3.2", messages=[{"role": "user", "content": "x"}]
