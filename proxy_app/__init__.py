@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     app = Flask(__name__, template_folder=str(Path(__file__).parent.parent / "templates"), static_folder=None)
     app.config.update(settings)
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_if_exposed(settings)
 
     from . import ops, relay
     from .sampler import LoadSampler
@@ -40,6 +42,24 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     supervisor.init_app(app)  # with WITH_OLLAMA, the supervised Ollama's state shows in /health
     drain.init_app(app)  # after the relay: at shutdown it waits on the in-flight count, then cuts streams
     return app
+
+
+def warn_if_exposed(settings) -> str | None:
+    """Log and return a warning when HOST is not loopback and no ADMIN_TOKEN is set; None when there is none."""
+    host = str(settings.get("HOST", "")).strip("[]")
+    try:
+        is_loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        is_loopback = host == "localhost"
+    if is_loopback or settings.get("ADMIN_TOKEN"):
+        return None
+    message = (
+        f"SECURITY: listening on {host or 'every address'}, not loopback, and OLLAMA_PROXY_ADMIN_TOKEN is not set: "
+        "anyone who can reach this port can read every stored prompt and answer under /analytics. Set "
+        "OLLAMA_PROXY_ADMIN_TOKEN (and OLLAMA_PROXY_METRICS_TOKEN), or listen on 127.0.0.1."
+    )
+    logging.getLogger(__name__).warning("%s", message)
+    return message
 
 
 def shutdown(app: Flask) -> None:

@@ -59,12 +59,17 @@ def with_usage_requested(body: bytes) -> bytes:
 
 
 def _decode(body: bytes | None):
+    """Decode like Go's encoding/json: bad UTF-8 becomes U+FFFD; a BOM, UTF-16, NaN and Infinity are errors."""
     if not body:
         return None
     try:
-        return json.loads(body)
+        return json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _is_streaming(path: str, value) -> bool:
@@ -96,7 +101,10 @@ def _parameters(document: dict) -> str | None:
         chosen.update(options)
     if not chosen:
         return None
-    return json.dumps(chosen, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:  # strict JSON: a number too big for a float (1e999) would otherwise be stored as Infinity
+        return json.dumps(chosen, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _prompt(path: str, document: dict) -> str | None:

@@ -11,14 +11,18 @@ import inspect
 import ipaddress
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import urllib3
 from flask import Flask, Response, current_app, request
 from urllib3.util import SKIP_HEADER
+from urllib3.util.wait import wait_for_read
+from werkzeug.exceptions import ClientDisconnected
 
 from . import intake as intake_module
 from .calls import Call
@@ -38,10 +42,70 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 READ_SIZE = 64 * 1024  # largest piece read from the upstream at once; streams arrive in far smaller chunks
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
+# Why: Ollama sends nothing until the model is loaded and the prompt read (minutes, or a whole stream:false
+# generation), and a thread blocked on that read cannot see its client leave; so it polls this often (issue 7).
+FIRST_BYTE_POLL_SECONDS = 0.1
+CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
+
+_waiting = threading.local()  # .is_gone: the current request's client check while its thread waits for upstream
 
 
 class UpstreamBroke(Exception):
     """The upstream died in the middle of a body whose length was announced; the client connection must be cut."""
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while the upstream had not answered yet."""
+
+
+class _FirstByteWatch:
+    """Upstream connection mixin: until the answer's first byte, poll for a departed client instead of blocking."""
+
+    def getresponse(self):
+        is_gone = getattr(_waiting, "is_gone", None)
+        if is_gone is not None and self.sock is not None:
+            timeout = self.timeout if isinstance(self.timeout, int | float) else None
+            _wait_first_byte(self.sock, timeout, is_gone)
+        return super().getresponse()
+
+
+class _WatchedHTTPConnection(_FirstByteWatch, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_FirstByteWatch, urllib3.connection.HTTPSConnection):
+    pass
+
+
+def _wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) -> None:
+    """Return once ``sock`` is readable; raise ClientLeft when the client goes, TimeoutError after ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not wait_for_read(sock, FIRST_BYTE_POLL_SECONDS):
+        if is_gone():
+            raise ClientLeft
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("read timed out")  # urllib3 turns it into its ReadTimeoutError
+
+
+def client_gone_check(environ: dict) -> Callable[[], bool] | None:
+    """Return a callable telling whether the client has left, or None when the server offers no way to tell."""
+    check = environ.get("waitress.client_disconnected")  # sees EOF only with channel_request_lookahead >= 1
+    if check is not None:
+        return check
+    sock = environ.get("gunicorn.socket")
+    if sock is not None and hasattr(socket, "MSG_DONTWAIT"):
+        return lambda: _is_closed(sock)
+    return None
+
+
+def _is_closed(sock) -> bool:
+    """True once the peer has closed ``sock`` (EOF or reset); pipelined bytes or silence mean it is still there."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError, ValueError):  # ValueError: a TLS socket, which cannot peek
+        return False
+    except OSError:
+        return True
 
 
 def init_app(app: Flask) -> None:
@@ -61,9 +125,11 @@ def make_pool(config) -> urllib3.HTTPConnectionPool:
     """Return the one upstream connection pool: no retries, no redirects, no proxy environment, long reads."""
     read = config["READ_TIMEOUT"] or None
     timeout = urllib3.Timeout(connect=config["CONNECT_TIMEOUT"], read=read)
-    return urllib3.connection_from_url(
+    pool = urllib3.connection_from_url(
         config["UPSTREAM"], maxsize=max(config["THREADS"], 10), block=False, retries=False, timeout=timeout
     )
+    pool.ConnectionCls = _WatchedHTTPSConnection if pool.scheme == "https" else _WatchedHTTPConnection
+    return pool
 
 
 def forward(path: str = "") -> Response:
@@ -133,7 +199,8 @@ def _check_body_size(call: dict, limit: int) -> Response | None:
         return None
     declared = request.content_length
     if declared is not None and declared > limit:
-        return _refuse(current_app, call, 413, f"request body of {declared} bytes exceeds the limit of {limit}", "rejected")
+        message = f"request body of {declared} bytes exceeds the limit of {limit}"
+        return _refuse(current_app, call, 413, message, "rejected")
     return None
 
 
@@ -142,7 +209,12 @@ def _is_blob_upload(method: str, path: str) -> bool:
 
 
 def _open_upstream(app: Flask, call: dict) -> Response:
-    body, body_size = _request_body(app.config["MAX_BODY_BYTES"])
+    try:
+        body, body_size = _request_body(app.config["MAX_BODY_BYTES"])
+    except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
+        app.extensions["gate"].leave()
+        call["request_size_bytes"] = 0
+        return _refuse(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
         app.extensions["gate"].leave()
         return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
@@ -154,31 +226,51 @@ def _open_upstream(app: Flask, call: dict) -> Response:
     target = request.full_path if request.query_string else request.path
     headers = _upstream_headers(request.headers, body)
     call["sent"] = time.perf_counter()
+    _waiting.is_gone = client_gone_check(request.environ)
     try:
         upstream = app.extensions["upstream_pool"].urlopen(
             request.method, target, body=body, headers=headers, redirect=False, retries=False,
             preload_content=False, decode_content=False, assert_same_host=False,
         )  # fmt: skip
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
+    except (urllib3.exceptions.HTTPError, OSError, ClientLeft, ClientDisconnected) as exc:
         app.extensions["gate"].leave()
-        return _unreachable(app, call, exc)
+        return _no_answer(app, call, exc)
+    finally:
+        _waiting.is_gone = None
     return _relay_response(app, call, upstream)
 
 
 def _request_body(limit: int):
     """Return (body, size): bytes for API calls, a streaming iterator for blob uploads; size -1 means too big."""
     if _is_blob_upload(request.method, request.path):
-        return _iter_upload(request.stream), request.content_length or 0
-    data = request.stream.read(limit + 1) if limit else request.get_data(cache=False)
+        return _iter_upload(request.stream, request.content_length), request.content_length or 0
+    declared = request.content_length
+    piece_size = declared + 1 if declared is not None else 1 << 20  # no read asks for the whole limit at once
+    data = _read_at_most(request.stream, limit + 1, piece_size) if limit else request.get_data(cache=False)
     if limit and len(data) > limit:
         return None, -1
+    if declared is not None and len(data) < declared:  # gunicorn hands over a short body when the client left
+        raise ClientDisconnected(f"the client sent {len(data)} of {declared} body bytes")
     return data, len(data)
 
 
-def _iter_upload(stream) -> Iterator[bytes]:
+def _read_at_most(stream, size: int, piece_size: int) -> bytes:
+    """Read until EOF or ``size`` bytes (a single read() may return less, e.g. from a LimitedStream)."""
+    pieces = []
+    while size > 0 and (piece := stream.read(min(size, piece_size))):
+        pieces.append(piece)
+        size -= len(piece)
+    return b"".join(pieces)
+
+
+def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
     """Yield a blob upload in 64 KiB pieces so a 5 GB model file never sits in memory."""
+    sent = 0
     while piece := stream.read(READ_SIZE):
+        sent += len(piece)
         yield piece
+    if declared is not None and sent < declared:  # the upstream would wait for the rest for ever
+        raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
 
 
 def _upstream_headers(incoming, body) -> dict:
@@ -209,14 +301,17 @@ def _relay_response(app: Flask, call: dict, upstream) -> Response:
     if is_stream:
         headers.append(("X-Accel-Buffering", "no"))
     meter = UsageMeter(content_type, status)
-    stripper = UsageStripper() if call["intake"].wants_usage_injected and content_type.startswith(STREAM_TYPES[1]) else None
+    is_sse = content_type.startswith(STREAM_TYPES[1])
+    stripper = UsageStripper() if call["intake"].wants_usage_injected and is_sse else None
     if stripper is not None:
         headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
     if request.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
-    return Response(_Body(body), status=status, headers=headers, direct_passthrough=True)
+    reason = upstream.reason if upstream.reason and upstream.reason.isascii() else ""
+    status_line = f"{status} {reason}" if reason.isprintable() and reason else status  # Go's "Not Found", kept
+    return Response(_Body(body), status=status_line, headers=headers, direct_passthrough=True)
 
 
 class _Body:
@@ -266,9 +361,12 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
         raise
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
-        if has_length or stripper is not None:
+        if has_length:
             raise UpstreamBroke(error) from exc
-        tail = _error_tail(upstream.headers.get("Content-Type", ""), error, at_line_start)
+        held = stripper.flush() if stripper is not None else b""  # a partial event it was holding back
+        if held:
+            at_line_start = held.endswith(b"\n")
+        tail = held + _error_tail(upstream.headers.get("Content-Type", ""), error, at_line_start)
         sent_bytes += len(tail)
         yield tail
     finally:
@@ -279,7 +377,9 @@ def _error_tail(content_type: str, message: str, at_line_start: bool) -> bytes:
     """Return the last words of a broken stream, in the stream's own error shape, so clients fail cleanly."""
     if content_type.startswith("text/event-stream"):
         event = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-        return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+        # A blank line first ends any half-sent event (after a whole event it is an empty one, which SSE ignores).
+        start = b"\n" if at_line_start else b"\n\n"
+        return start + b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
     if content_type.startswith("application/x-ndjson"):
         line = json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
         return line if at_line_start else b"\n" + line  # end a half-sent line first
@@ -333,11 +433,21 @@ def _refuse(app: Flask, call: dict, status: int, message: str, outcome: str) -> 
     return Response(body, status=status, content_type=content_type, headers={"X-Request-ID": call["request_id"]})
 
 
-def _unreachable(app: Flask, call: dict, exc: BaseException) -> Response:
+def _no_answer(app: Flask, call: dict, exc: BaseException) -> Response:
+    """Answer and record a call that got no response: unreachable (502), silent (504), broken (502), client gone."""
     upstream = app.config["UPSTREAM"]
-    message = f"cannot reach the Ollama upstream at {upstream}: {_reason(exc)}"
+    if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
+        return _refuse(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
+    if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+        status, outcome, message = 502, "unreachable", f"cannot reach the Ollama upstream at {upstream}"
+    elif isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+        seconds = app.config["READ_TIMEOUT"]
+        status, outcome, message = 504, "upstream_error", f"the Ollama upstream sent nothing for {seconds:g} s"
+    else:
+        status, outcome, message = 502, "upstream_error", f"the Ollama upstream at {upstream} gave no answer"
+    message = f"{message}: {_reason(exc)}"
     log.warning("%s", message)
-    return _refuse(app, call, 502, message, "unreachable")
+    return _refuse(app, call, status, message, outcome)
 
 
 def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:

@@ -1,0 +1,317 @@
+"""Faults (issue 7): a misbehaving upstream, clients that leave or read slowly, many idle connections.
+
+Every case checks the same three things: the client gets a prompt, well-formed answer (or a stream that ends
+cleanly), the call is recorded with the right outcome, and the proxy goes on serving the next call.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import resource
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import waitress
+
+from proxy_app import create_app, shutdown
+from tests.conftest import CallRecorder, free_port
+from tests.fake_ollama import WAITRESS_OPTIONS, FakeOllama, ServerHandle, serve
+from tests.processes import wait_until
+from tests.raw_upstream import RawUpstream, chunked, reply, response
+
+GENERATE = json.dumps({"model": "llama3.2", "prompt": "hi", "stream": False}).encode()
+STREAM = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode()
+GOOD_REPLY = response(b'{"model":"llama3.2","response":"ok","done":true,"eval_count":1}')
+
+
+def raw_post(path: str, body: bytes) -> bytes:
+    """The bytes of a POST, for clients that write to a socket themselves."""
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+
+
+@pytest.fixture
+def proxy_for(tmp_path):
+    """Factory: our app (with a CallRecorder) under waitress, in front of ``url``; all stopped after the test."""
+    started: list = []
+
+    def start(url: str, **settings):
+        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", **settings}, environ={})
+        recorder = CallRecorder()
+        app.extensions["call_sinks"].append(recorder)
+        handle = serve(app, threads=16)
+        started.append((handle, app))
+        return handle, app, recorder
+
+    yield start
+    for handle, app in started:
+        handle.close()
+        shutdown(app)
+
+
+@pytest.fixture
+def raw():
+    """A scripted raw-socket upstream (by default it accepts and never answers)."""
+    upstream = RawUpstream()
+    yield upstream
+    upstream.close()
+
+
+def post(port: int, path: str = "/api/generate", body: bytes = GENERATE, timeout: float = 10.0):
+    """POST with http.client; return (status, body bytes, seconds taken); body None if it could not be read whole."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    started = time.monotonic()
+    try:
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        try:
+            data = answer.read()
+        except http.client.IncompleteRead:
+            data = None
+        return answer.status, data, time.monotonic() - started
+    finally:
+        connection.close()
+
+
+def assert_still_serving(handle, raw_upstream: RawUpstream | None = None) -> None:
+    """The next call through the same proxy works (switching a raw upstream to a good answer first)."""
+    if raw_upstream is not None:
+        raw_upstream.script = reply(GOOD_REPLY)
+    status, body, _ = post(handle.port)
+    assert status == 200 and json.loads(body)["done"] is True
+
+
+# ---- the upstream misbehaves ------------------------------------------------------------------------------------
+
+
+def test_faults_upstream_refuses_then_comes_back(proxy_for):
+    port = free_port()
+    handle, app, recorder = proxy_for(f"http://127.0.0.1:{port}")
+    status, body, seconds = post(handle.port)
+    assert (status, seconds < 3) == (502, True)
+    assert f"127.0.0.1:{port}" in json.loads(body)["error"]
+    call = recorder.wait_for(1)[0]
+    assert (call.outcome, call.http_status, call.model) == ("unreachable", 502, "llama3.2")
+    upstream = serve(FakeOllama(), port=port)  # Ollama starts: the proxy needs no restart
+    try:
+        assert_still_serving(handle)
+    finally:
+        upstream.close()
+    assert recorder.wait_for(2)[1].outcome == "completed"
+
+
+@pytest.mark.parametrize(("path", "shape"), [("/api/generate", "native"), ("/v1/chat/completions", "openai")])
+def test_faults_upstream_silent_gets_504_after_read_timeout(proxy_for, raw, path, shape):
+    handle, app, recorder = proxy_for(raw.url, READ_TIMEOUT=0.5)
+    status, body, seconds = post(handle.port, path)
+    assert status == 504 and 0.4 < seconds < 3
+    error = json.loads(body)["error"]
+    message = error if shape == "native" else error["message"]
+    assert "sent nothing for 0.5 s" in message
+    call = recorder.wait_for(1)[0]
+    assert (call.outcome, call.http_status) == ("upstream_error", 504)
+    assert raw.closed_at, "the silent upstream connection was closed, so Ollama would stop working on it"
+    assert_still_serving(handle, raw)
+
+
+def test_faults_upstream_slow_within_read_timeout_then_silent_mid_stream(proxy_for, upstream, fake):
+    handle, app, recorder = proxy_for(upstream.url, READ_TIMEOUT=0.6)
+    fake.tokens, fake.load_delay, fake.token_delay = ["a", " b"], 0.3, 0.3  # slow, but never 0.6 s silent
+    status, body, _ = post(handle.port, body=STREAM)
+    assert status == 200 and json.loads(body.splitlines()[-1])["done"] is True
+    assert recorder.wait_for(1)[0].outcome == "completed"
+    fake.load_delay, fake.token_delay = 0.0, 1.0  # silent for longer than READ_TIMEOUT after the first token
+    status, body, _ = post(handle.port, body=STREAM)
+    lines = body.splitlines()
+    assert status == 200 and len(lines) == 2  # the first token, then the stream's own error line
+    assert json.loads(lines[0])["response"] == "a" and "timed out" in json.loads(lines[-1])["error"]
+    call = recorder.wait_for(2)[1]
+    assert call.outcome == "upstream_error" and "timed out" in call.error_message
+    fake.token_delay = 0.0
+    assert_still_serving(handle)
+
+
+def test_faults_upstream_dies_mid_sse_stream(proxy_for, upstream, fake, closing):
+    handle, app, recorder = proxy_for(upstream.url)
+    fake.cut_after = 2
+    client = closing(openai.OpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0))
+    with pytest.raises(openai.APIError, match="upstream connection lost"):
+        list(client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True))
+    call = recorder.wait_for(1)[0]
+    assert (call.outcome, call.http_status) == ("upstream_error", 200)
+    fake.cut_after = None
+    assert_still_serving(handle)
+
+
+@pytest.mark.parametrize("then_close", [True, False], ids=["closes", "stays-open"])
+def test_faults_upstream_content_length_too_long(proxy_for, raw, then_close):
+    raw.script = reply(response(b'{"model":"llama3.2","resp', length=1000), then_close=then_close)
+    handle, app, recorder = proxy_for(raw.url, READ_TIMEOUT=0.5)
+    status, body, seconds = post(handle.port)
+    assert (status, body, seconds < 3) == (200, None, True)  # the client sees a cut body, never a "complete" one
+    call = recorder.wait_for(1)[0]
+    assert call.outcome == "upstream_error" and "upstream connection lost" in call.error_message
+    assert_still_serving(handle, raw)
+
+
+def test_faults_upstream_content_length_too_short_never_leaks_into_next_call(proxy_for, raw):
+    evil = response(b'{"evil":true}')
+    raw.script = reply(response(b'{"done":true}', length=5) + evil)  # surplus bytes, then the upstream closes
+    handle, app, recorder = proxy_for(raw.url)
+    status, body, _ = post(handle.port)
+    assert (status, body) == (200, b'{"don')  # exactly what was declared
+    assert recorder.wait_for(1)[0].http_status == 200
+    for _ in range(3):  # the surplus never reaches a later call
+        assert_still_serving(handle, raw)
+
+
+NDJSON = "application/x-ndjson"
+FINAL = b'{"model":"llama3.2","response":"","done":true,"done_reason":"stop","prompt_eval_count":7,"eval_count":2}\n'
+TOKEN = b'{"model":"llama3.2","response":"x","done":false}\n'
+
+
+@pytest.mark.parametrize(
+    ("pieces", "outcome", "output_tokens"),
+    [
+        ([TOKEN, b"{not json\n", b"\xff\xfe\x00garbage\n", TOKEN, FINAL], "completed", 2),
+        ([TOKEN, b'{"model":"llama3.2","response":"' + b"y" * (10 << 20) + b'"}\n', FINAL], "completed", 2),
+        ([TOKEN, FINAL[:-1]], "completed", 2),  # the last line without its newline
+        ([TOKEN, TOKEN], "incomplete", None),  # the stream ended without its final line
+        ([TOKEN, FINAL[:40]], "incomplete", None),  # ... or in the middle of it
+    ],
+    ids=["invalid-json-and-non-utf8", "10MB-line", "no-final-newline", "no-final-line", "half-final-line"],
+)
+def test_faults_upstream_odd_stream_relayed_byte_identical(proxy_for, raw, pieces, outcome, output_tokens):
+    raw.script = reply(response(chunked(*pieces), NDJSON, framing="chunked"))
+    handle, app, recorder = proxy_for(raw.url)
+    status, body, _ = post(handle.port)
+    assert status == 200 and body == b"".join(pieces)
+    call = recorder.wait_for(1)[0]
+    assert (call.outcome, call.output_tokens, call.response_size_bytes) == (outcome, output_tokens, len(body))
+    assert_still_serving(handle, raw)
+
+
+# ---- the client misbehaves ------------------------------------------------------------------------------------
+
+
+def test_faults_client_leaves_before_sending_the_body(proxy_for, upstream, fake, app):
+    handle, proxy_app_, recorder = proxy_for(upstream.url)
+    with socket.create_connection(("127.0.0.1", handle.port)) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + GENERATE[:10])
+    assert_still_serving(handle)
+    assert [seen["path"] for seen in fake.seen] == ["/api/generate"]  # only the second call reached Ollama
+    # waitress reads the whole body before it calls the app, so the first call never started: nothing to record.
+    assert [call.outcome for call in recorder.wait_for(1)] == ["completed"]
+    # Servers that hand the app a short body (gunicorn) get a recorded 499 and no upstream request:
+    for terminated in (False, True):  # werkzeug's LimitedStream raises; gunicorn's reader just returns less
+        short = {"wsgi.input": io.BytesIO(GENERATE[:10]), "CONTENT_LENGTH": "1000"}
+        short.update({"wsgi.input_terminated": True} if terminated else {})
+        answer = app.test_client().post("/api/generate", environ_overrides=short)
+        assert answer.status_code == 499 and len(fake.seen) == 1
+
+
+def test_faults_client_leaves_while_upstream_loads(proxy_for, upstream, fake, raw):
+    """No thread waits out a model load for a client that has gone: measured, it is noticed within ~0.1 s."""
+    fake.load_delay = 1.2
+    handle, app, recorder = proxy_for(upstream.url)
+    with socket.create_connection(("127.0.0.1", handle.port)) as sock:
+        sock.sendall(raw_post("/api/generate", STREAM))
+        time.sleep(0.3)  # the relay is now waiting for Ollama's first byte
+    left = time.monotonic()
+    call = recorder.wait_for(1, timeout=0.8)[0]  # before the load ends
+    noticed = time.monotonic() - left
+    assert (call.outcome, call.http_status) == ("client_gone", 499) and noticed < 1.0
+    assert app.extensions["in_flight"].count == 0
+    # The upstream connection is closed too, which is what makes Ollama stop (seen here on a raw upstream).
+    handle2, app2, recorder2 = proxy_for(raw.url)
+    with socket.create_connection(("127.0.0.1", handle2.port)) as sock:
+        sock.sendall(raw_post("/api/chat", STREAM))
+        raw.wait_for_requests(1)
+    left = time.monotonic()
+    recorder2.wait_for(1, timeout=1.5)
+    deadline = time.monotonic() + 2
+    while not raw.closed_at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert raw.closed_at and raw.closed_at[0] - left < 1.0
+
+
+def test_faults_client_leaves_mid_stream_noticed_at_next_token(proxy_for, upstream, fake):
+    fake.tokens, fake.token_delay = ["t"] * 100, 0.05
+    handle, app, recorder = proxy_for(upstream.url)
+    with socket.create_connection(("127.0.0.1", handle.port)) as sock:
+        sock.sendall(raw_post("/api/generate", STREAM))
+        received = b""
+        while received.count(b"\n") < 8:
+            received += sock.recv(4096)
+    left = time.monotonic()
+    call = recorder.wait_for(1, timeout=3)[0]
+    assert call.outcome == "client_gone" and time.monotonic() - left < 1.0  # a token or two later
+    assert app.extensions["in_flight"].count == 0
+
+
+def test_faults_slow_reader_gets_everything_and_blocks_no_one(proxy_for, upstream, fake):
+    fake.tokens = ["tok"] * 3000  # about 300 kB of NDJSON
+    handle, app, recorder = proxy_for(upstream.url)
+    connection = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+    connection.connect()
+    connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # (4 kB trips TCP's delayed ACKs)
+    connection.request("POST", "/api/generate", STREAM)
+    answer = connection.getresponse()
+    received, others = b"", []
+    while piece := answer.read(2048):
+        received += piece
+        time.sleep(0.002)
+        if len(others) < 5 and len(received) > 20_000 * (len(others) + 1):
+            others.append(post(handle.port, "/api/show", b'{"model":"llama3.2"}')[2])  # while the slow one reads
+    connection.close()
+    assert len(others) == 5 and max(others) < 1.0
+    lines = received.splitlines()
+    assert len(lines) == 3001 and json.loads(lines[-1])["eval_count"] == 3000
+    slow = next(call for call in recorder.wait_for(6) if call.endpoint == "/api/generate")
+    assert (slow.outcome, slow.output_tokens, slow.response_size_bytes) == ("completed", 3000, len(received))
+
+
+def test_faults_500_idle_keepalive_connections(upstream, tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    options = {**WAITRESS_OPTIONS, "connection_limit": 600}  # a server for this many must allow them (see README)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    handle = ServerHandle(server, thread)
+    idle: list[socket.socket] = []
+    try:
+        handle.wait_ready()
+        for _ in range(500):
+            idle.append(socket.create_connection(("127.0.0.1", handle.port), timeout=10))
+            idle[-1].sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in idle:  # each answered with a length, so each connection stays open, idle
+            assert b'"version"' in _read_response(sock)
+        started = time.monotonic()
+        assert post(handle.port)[0] == 200 and time.monotonic() - started < 2.0
+        idle[0].sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")  # an idle one is still usable
+        assert b'"version"' in _read_response(idle[0])
+        wait_until(lambda: app.extensions["in_flight"].count == 0, timeout=5, message="no call in flight")
+    finally:
+        for sock in idle:
+            sock.close()
+        handle.close()
+        shutdown(app)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Read one response with a Content-Length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        body += sock.recv(4096)
+    return body
