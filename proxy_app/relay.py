@@ -89,19 +89,22 @@ def _wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) -
 
 def client_gone_check(environ: dict) -> Callable[[], bool] | None:
     """Return a callable telling whether the client has left, or None when the server offers no way to tell."""
-    check = environ.get("waitress.client_disconnected")  # sees EOF only with channel_request_lookahead >= 1
+    check = environ.get("waitress.client_disconnected")
     if check is not None:
-        return check
+        # waitress itself sees the EOF only with channel_request_lookahead >= 1, so also peek at its socket
+        sock = getattr(getattr(check, "__self__", None), "socket", None)
+        return check if sock is None else lambda: check() or _is_closed(sock)
     sock = environ.get("gunicorn.socket")
-    if sock is not None and hasattr(socket, "MSG_DONTWAIT"):
-        return lambda: _is_closed(sock)
-    return None
+    return None if sock is None else lambda: _is_closed(sock)
+
+
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)  # no MSG_DONTWAIT on Windows: waitress never blocks
 
 
 def _is_closed(sock) -> bool:
     """True once the peer has closed ``sock`` (EOF or reset); pipelined bytes or silence mean it is still there."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, _PEEK) == b""
     except (BlockingIOError, InterruptedError, ValueError):  # ValueError: a TLS socket, which cannot peek
         return False
     except OSError:
@@ -343,7 +346,11 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
         while chunk := upstream.read1(READ_SIZE):
-            meter.feed(chunk)
+            try:
+                meter.feed(chunk)
+            except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
+                log.exception("usage parsing failed; the call is recorded without counts")
+                meter = UsageMeter("", call["http_status"])  # a meter without a mode ignores the rest
             if stripper is not None:
                 chunk = stripper.feed(chunk)
             if ttft is None and meter.has_content:
@@ -404,7 +411,11 @@ def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error,
         log.exception("closing the upstream response failed")
     finally:
         app.extensions["gate"].leave()
-    usage = meter.result()
+    try:
+        usage = meter.result()
+    except Exception:  # as in _stream: the call is still recorded and counted out of flight
+        log.exception("usage parsing failed; the call is recorded without counts")
+        usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
         ttft = call.get("first_byte_ms")
     content_type = upstream.headers.get("Content-Type", "")
@@ -462,7 +473,11 @@ def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:
 def settle(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> None:
     """Build the Call, lower the in-flight count and hand the Call to every sink (a failing sink is only logged)."""
     app.extensions["in_flight"].leave()
-    finished = _build_call(app, call, usage, outcome, error)
+    try:
+        finished = _build_call(app, call, usage, outcome, error)
+    except Exception:  # raised from a generator's finally, it would cut the client's finished stream
+        log.exception("building the record of call %s failed; it is not recorded", call.get("request_id"))
+        return
     for sink in app.extensions["call_sinks"]:
         try:
             sink(finished)
