@@ -12,7 +12,7 @@ from dataclasses import fields
 from datetime import timedelta
 
 import pytest
-from peewee import TextField
+from peewee import OperationalError, TextField
 
 from proxy_app import models
 from proxy_app import writer as writer_module
@@ -158,6 +158,22 @@ def test_writer_locked_database_drops_and_recovers(tmp_path):
     assert stored_ids(writer.database) == ["after"] and writer.health()["ok"] is True
     assert parse(writer.csv_log.path.read_text())[1][1] == "after"  # only committed rows reach the CSV
     writer.close()
+
+
+def test_writer_reports_the_real_error_behind_a_failed_rollback(writer, monkeypatch):
+    def disk_full(db, calls):  # the chain peewee leaves: its error, from sqlite3's, while handling the real one
+        try:
+            raise OperationalError("database or disk is full")  # SQLite has already ended the transaction
+        except OperationalError:
+            try:
+                raise sqlite3.OperationalError("cannot rollback - no transaction is active")  # noqa: B904
+            except sqlite3.OperationalError as exc:
+                raise OperationalError(str(exc))  # noqa: B904
+
+    monkeypatch.setattr(models, "insert_calls", disk_full)
+    writer.submit(sample_call())
+    assert writer.flush(5) and writer.dropped == 1
+    assert writer.health()["error"] == "OperationalError: database or disk is full"
 
 
 def test_writer_unreachable_database_drops_and_never_raises(tmp_path):
