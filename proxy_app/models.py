@@ -7,6 +7,7 @@ thread (writer.py) does the inserts, and queries.py does the reading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,7 +24,9 @@ from peewee import (
     DateTimeField,
     FloatField,
     IntegerField,
+    InterfaceError,
     Model,
+    OperationalError,
     PostgresqlDatabase,
     SchemaManager,
     SqliteDatabase,
@@ -52,6 +55,8 @@ POSTGRES_DEFAULTS = {"connect_timeout": 5}  # an unroutable host must not hang t
 # Why: client-chosen text goes into indexed columns; PostgreSQL rejects btree entries over ~2.7 kB, so one silly
 # X-Session-ID header would fail a whole batch. 255 characters keeps every index entry small.
 INDEXED_TEXT_CHARS = 255
+# How psycopg2 words a connection the server has closed (restart, idle timeout, pg_terminate_backend).
+DROPPED_CONNECTION = ("server closed the connection", "terminating connection", "connection already closed")
 # Why: 34 columns x 29 rows stays under SQLite's oldest limit of 999 bound parameters per statement.
 ROWS_PER_STATEMENT = 29
 
@@ -157,11 +162,41 @@ def row_of(call: Call) -> dict:
 
 
 def insert_calls(db: Database, calls: list[Call]) -> None:
-    """Insert the calls in one write transaction (IMMEDIATE on SQLite); raises whatever the database raises."""
+    """Insert the calls in one write transaction (IMMEDIATE on SQLite); raises whatever the database raises.
+
+    A connection the server dropped since its last use (a PostgreSQL restart) is reopened and the insert tried once
+    more, so a restart between two batches costs no rows.
+    """
     rows = [row_of(call) for call in calls]
+    was_open = not db.is_closed()
+    try:
+        _insert_rows(db, rows)
+    except (InterfaceError, OperationalError) as exc:
+        if not (was_open and _is_dropped_connection(exc)):
+            raise
+        with contextlib.suppress(Exception):
+            db.close()
+        _insert_rows(db, rows)
+
+
+def _insert_rows(db: Database, rows: list[dict]) -> None:
     with db.atomic():
         for start in range(0, len(rows), ROWS_PER_STATEMENT):
             CallRow.insert_many(rows[start : start + ROWS_PER_STATEMENT]).execute(db)
+
+
+def _is_dropped_connection(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, InterfaceError) or any(sign in text for sign in DROPPED_CONNECTION)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Name the error behind a failed ROLLBACK too: SQLite ends the transaction itself on some errors (disk full)."""
+    cause = exc
+    while cause is not None and "no transaction is active" in str(cause):
+        cause = cause.__context__
+    cause = cause or exc
+    return f"{type(cause).__name__}: {cause}"
 
 
 def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:

@@ -200,8 +200,7 @@ class Writer:
                 self.schema_ready = models.create_tables(self.database) > 0
             models.insert_calls(self.database, calls)
         except Exception as exc:
-            cause = _root_error(exc)
-            self.last_error = f"{type(cause).__name__}: {cause}"
+            self.last_error = models.describe_error(exc)
             self._reconnect()
             self._drop(len(calls), f"the database refused a batch: {self.last_error}")
             return
@@ -249,14 +248,6 @@ class Writer:
                 return
             self._next_drop_log = now + DROP_LOG_SECONDS
         log.warning("dropped %d call record(s): %s (%d dropped so far in this process)", count, reason, self.dropped)
-
-
-def _root_error(exc: BaseException) -> BaseException:
-    """The error behind a failed ROLLBACK: SQLite ends the transaction itself on some errors (disk full)."""
-    cause = exc
-    while cause is not None and "no transaction is active" in str(cause):
-        cause = cause.__context__
-    return cause or exc
 
 
 _WRITERS: weakref.WeakSet = weakref.WeakSet()  # every Writer in this process, for the at-fork hook

@@ -3,6 +3,7 @@ under gunicorn with SQLite (WAL) and PostgreSQL, SIGTERM under load, and a datab
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,9 +25,12 @@ import requests
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
-from proxy_app.models import CallRow, open_database
+from proxy_app.csvlog import CsvLog
+from proxy_app.models import CallRow, create_tables, open_database
+from proxy_app.writer import Writer
 from tests.conftest import CallRecorder, free_port, need
 from tests.fake_ollama import MODEL_ERROR, serve
+from tests.test_csvlog import sample_call
 
 # The README's test server; another can be named for a run (the tests add a throwaway schema to it).
 POSTGRES = os.environ.get("OLLAMA_PROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -431,3 +435,21 @@ def test_store_readme_lists_every_column_in_order():
         if line.startswith("| `"):
             names += re.findall(r"`([a-z_]+)`", line.split("|")[1])
     assert tuple(names) == COLUMNS
+
+
+def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_path):
+    name = f"store-test-{uuid.uuid4().hex[:8]}"
+    db = open_database(f"{postgres_url}&application_name={name}")
+    create_tables(db)
+    db.close()  # as init_app does: from here on only the writer thread holds a connection
+    writer = Writer(db, CsvLog(tmp_path / "calls.csv"), 100)
+    writer.submit(sample_call(request_id="before"))
+    assert writer.flush(5)
+    with contextlib.closing(psycopg2.connect(POSTGRES)) as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,))
+        assert cursor.fetchone()[0] is True  # the writer's connection is gone, as after a server restart
+    writer.submit(sample_call(request_id="after"))
+    assert writer.flush(5) and (writer.written, writer.dropped) == (2, 0)
+    writer.close()
+    assert sorted(row.request_id for row in CallRow.select().execute(db)) == ["after", "before"]
+    db.close()
