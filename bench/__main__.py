@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,26 +22,29 @@ from pathlib import Path
 
 import psutil
 
-from . import load, measure, soak, targets
+from . import breakdown, load, measure, soak, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Per mode: rounds and sizes of each measurement (quick about 3 min, full about 10 min before the soak).
 PLANS = {
     "quick": {"latency": (3, 300), "throughput": (2, 3), "tokens": (2, 400), "streams": 1, "ttfb": (3, 100),
-              "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0},
+              "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0, "breakdown_calls": 1000},
     "full": {"latency": (6, 1000), "throughput": (3, 6), "tokens": (3, 800), "streams": 2, "ttfb": (6, 200),
-             "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 300},
+             "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 300, "breakdown_calls": 3000},
 }  # fmt: skip
+FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
     parser.add_argument("--soak-seconds", type=float, help="soak duration (full: 300, quick: 0 = no soak)")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2, one per core)")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers (default 3: best calls/s here)")
     parser.add_argument("--threads", type=int, default=320, help="threads per proxy process (256 streams must fit)")
-    parser.add_argument("--only", help="comma-separated figures: latency,throughput,tokens,streams,ttfb,memory,writer")
+    parser.add_argument(
+        "--only", help="comma-separated: latency,throughput,tokens,streams,ttfb,memory,writer,breakdown"
+    )
     parser.add_argument("--output", type=Path, help="results file (default bench/results/<time>-<mode>.json)")
     return parser.parse_args(argv)
 
@@ -67,9 +72,10 @@ def run(args: argparse.Namespace) -> dict:
     """Run the chosen measurements and return the results document."""
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
-    wanted = set((args.only or "latency,throughput,tokens,streams,ttfb,memory,writer").split(","))
+    wanted = set(args.only.split(",") if args.only else FIGURES)
     soak_seconds = plan["soak_seconds"] if args.soak_seconds is None else args.soak_seconds
     document = {"mode": mode, "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+                "code": code_version(),
                 "settings": {"gunicorn_workers": args.workers, "threads": args.threads, "generator": load.WRK or
                              "python (wrk not found)"}, "figures": {}}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="ollama-proxy-bench-"))
@@ -103,11 +109,14 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         stop_all(started)
     document["rows_stored"] = {t.name: soak.count_rows(t.data_dir) for t in proxies}  # after SIGTERM's flush
+    if "breakdown" in wanted:
+        step("in-process breakdown", lambda: figures.__setitem__("breakdown", breakdown.run(plan["breakdown_calls"])))
     if soak_seconds:
         step(f"soak {soak_seconds:g} s", lambda: document.__setitem__(
             "soak", soak.run_soak(work, soak_seconds, args.workers, args.threads)))  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     document["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    document["machine"]["load_average_at_end"] = [round(value, 1) for value in os.getloadavg()]
     return document
 
 
@@ -118,9 +127,21 @@ def step(label: str, action) -> None:
     print(f"[bench] {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
+def code_version() -> str:
+    """The commit measured, with "+changes" when the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=targets.ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=targets.ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
     return {"cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1)}  # fmt: skip
+            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+            "load_average_at_start": [round(value, 1) for value in os.getloadavg()]}  # fmt: skip
 
 
 def main(argv=None) -> None:

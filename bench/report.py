@@ -101,7 +101,16 @@ def rows(document: dict) -> list[list[str]]:
 
 def table(document: dict) -> str:
     """The main table plus the memory-growth, writer and soak lines."""
-    lines = ["| figure | direct | nginx | proxy (gunicorn) | proxy (waitress) | target |", "|---|---|---|---|---|---|"]
+    machine, settings = document.get("machine", {}), document.get("settings", {})
+    load = f"load average {machine.get('load_average_at_start')} at start, {machine.get('load_average_at_end')} at end"
+    workers, threads = settings.get("gunicorn_workers"), settings.get("threads")
+    lines = [
+        f"{document.get('mode')} run of {document.get('code')} started {document.get('started')}: "
+        f"{machine.get('cpus')} CPUs, {load}; gunicorn {workers} workers × {threads} threads, waitress "
+        f"{threads} threads; load generator {settings.get('generator')}.\n",
+        "| figure | direct | nginx | proxy (gunicorn) | proxy (waitress) | target |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(document)]
     growth = document.get("figures", {}).get("memory_growth", {})
     for name, data in growth.items():
@@ -111,6 +120,12 @@ def table(document: dict) -> str:
     if writer:
         burst, single = writer["burst_rows_per_second"], writer["one_by_one_rows_per_second"]
         lines.append(f"\n(7) writer (SQLite + CSV): {burst:,.0f} rows/s in a burst, {single:,.0f} rows/s one by one")
+    if parts := document.get("figures", {}).get("breakdown"):
+        shown = ", ".join(f"{name.replace('_', ' ')} {value['thread_us']} µs" for name, value in parts.items())
+        process = parts["full_analytics"]["process_us"]
+        lines.append(
+            f"\nin-process CPU per call (calling thread): {shown}; full analytics incl. the writer thread {process} µs"
+        )
     if soak := document.get("soak"):
         first, last = soak["memory"][min(1, len(soak["memory"]) - 1)], soak["memory"][-1]
         lines.append(

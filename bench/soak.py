@@ -94,7 +94,7 @@ def run_soak(work: Path, seconds: float, workers: int, threads: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1800.0)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--threads", type=int, default=320)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ollama-proxy-soak-") as work:

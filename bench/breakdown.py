@@ -1,0 +1,95 @@
+"""Where a non-streaming call's CPU goes: the proxy app called in-process (no server), part by part.
+
+Calls the WSGI app directly, one call at a time, against the fast fake upstream, and reads CPU time: the calling
+thread's for the relay, the whole process's (writer thread included, after ``flush``) for full analytics. Each
+configuration removes one part, so the differences are the parts' costs. Server costs (gunicorn, waitress) are not
+here; the main run measures them. Run alone: ``python -m bench.breakdown``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+import time
+
+from . import client, targets
+
+CALLS = 2000
+
+
+def _environ(body: bytes) -> dict:
+    return {
+        "REQUEST_METHOD": "POST", "PATH_INFO": client.GENERATE, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json", "HTTP_HOST": "127.0.0.1",
+        "HTTP_USER_AGENT": "bench", "HTTP_X_FAKE_TOKENS": "5", "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        "wsgi.version": (1, 0),
+    }  # fmt: skip
+
+
+def _call(app, body: bytes) -> None:
+    body_iter = app(_environ(body), lambda status, headers, exc_info=None: None)
+    for _ in body_iter:
+        pass
+    if hasattr(body_iter, "close"):
+        body_iter.close()
+
+
+def _cpu_per_call(app, body: bytes, calls: int) -> tuple[float, float]:
+    """(calling thread µs, whole process µs incl. the writer's flush) per call."""
+    for _ in range(50):
+        _call(app, body)
+    writer = app.extensions.get("writer")
+    if writer is not None:
+        writer.flush(30)
+    thread, process = time.thread_time(), time.process_time()
+    for _ in range(calls):
+        _call(app, body)
+    thread = time.thread_time() - thread
+    if writer is not None:
+        writer.flush(60)
+    return thread / calls * 1e6, (time.process_time() - process) / calls * 1e6
+
+
+def run(calls: int = CALLS) -> dict:
+    """Measure each configuration on one app (sinks swapped in place); return µs per call."""
+    from flask import Response
+
+    from proxy_app import create_app, shutdown
+
+    upstream = targets.start_upstream()
+    body = client.generate_body(stream=False)
+    result = {}
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING"}, environ={})
+            sinks = list(app.extensions["call_sinks"])
+            no_writer = [sink for sink in sinks if getattr(sink, "__self__", None) is not app.extensions["writer"]]
+            for name, chosen in (("full_analytics", sinks), ("no_writer", no_writer), ("relay_only", [])):
+                app.extensions["call_sinks"][:] = chosen
+                thread, process = _cpu_per_call(app, body, calls)
+                result[name] = {"thread_us": round(thread), "process_us": round(process)}
+            app.extensions["call_sinks"][:] = sinks
+            relay = app.view_functions["relay"]
+            app.view_functions["relay"] = lambda path="": Response(b"x" * 500, content_type="application/json")
+            thread, _ = _cpu_per_call(app, body, calls)
+            result["flask_and_hooks_only"] = {"thread_us": round(thread)}
+            app.view_functions["relay"] = relay
+            pool, headers = app.extensions["upstream_pool"], client.knobs(5)
+            started = time.thread_time()
+            for _ in range(calls):
+                answer = pool.urlopen("POST", client.GENERATE, body=body, headers=headers, preload_content=False)
+                answer.read()
+                answer.release_conn()
+            result["urllib3_round_trip_only"] = {"thread_us": round((time.thread_time() - started) / calls * 1e6)}
+            shutdown(app)
+    finally:
+        upstream.stop()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
