@@ -11,23 +11,21 @@ import inspect
 import ipaddress
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import urllib3
 from flask import Flask, Response, current_app, request
 from urllib3.util import SKIP_HEADER
-from urllib3.util.wait import wait_for_read
 from werkzeug.exceptions import ClientDisconnected
 
 from . import intake as intake_module
 from .calls import Call
 from .gate import Gate, InFlight
 from .usage import Usage, UsageMeter, UsageStripper
+from .watch import ClientLeft, WatchedHTTPConnection, WatchedHTTPSConnection, watching
 
 log = logging.getLogger(__name__)
 
@@ -42,73 +40,11 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 READ_SIZE = 64 * 1024  # largest piece read from the upstream at once; streams arrive in far smaller chunks
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
-# Why: Ollama sends nothing until the model is loaded and the prompt read (minutes, or a whole stream:false
-# generation), and a thread blocked on that read cannot see its client leave; so it polls this often (issue 7).
-FIRST_BYTE_POLL_SECONDS = 0.1
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
-
-_waiting = threading.local()  # .is_gone: the current request's client check while its thread waits for upstream
 
 
 class UpstreamBroke(Exception):
     """The upstream died in the middle of a body whose length was announced; the client connection must be cut."""
-
-
-class ClientLeft(Exception):
-    """The client closed its connection while the upstream had not answered yet."""
-
-
-class _FirstByteWatch:
-    """Upstream connection mixin: until the answer's first byte, poll for a departed client instead of blocking."""
-
-    def getresponse(self):
-        is_gone = getattr(_waiting, "is_gone", None)
-        if is_gone is not None and self.sock is not None:
-            timeout = self.timeout if isinstance(self.timeout, int | float) else None
-            _wait_first_byte(self.sock, timeout, is_gone)
-        return super().getresponse()
-
-
-class _WatchedHTTPConnection(_FirstByteWatch, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _WatchedHTTPSConnection(_FirstByteWatch, urllib3.connection.HTTPSConnection):
-    pass
-
-
-def _wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) -> None:
-    """Return once ``sock`` is readable; raise ClientLeft when the client goes, TimeoutError after ``timeout``."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not wait_for_read(sock, FIRST_BYTE_POLL_SECONDS):
-        if is_gone():
-            raise ClientLeft
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError("read timed out")  # urllib3 turns it into its ReadTimeoutError
-
-
-def client_gone_check(environ: dict) -> Callable[[], bool] | None:
-    """Return a callable telling whether the client has left, or None when the server offers no way to tell."""
-    check = environ.get("waitress.client_disconnected")
-    if check is not None:
-        # waitress itself sees the EOF only with channel_request_lookahead >= 1, so also peek at its socket
-        sock = getattr(getattr(check, "__self__", None), "socket", None)
-        return check if sock is None else lambda: check() or _is_closed(sock)
-    sock = environ.get("gunicorn.socket")
-    return None if sock is None else lambda: _is_closed(sock)
-
-
-_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)  # no MSG_DONTWAIT on Windows: waitress never blocks
-
-
-def _is_closed(sock) -> bool:
-    """True once the peer has closed ``sock`` (EOF or reset); pipelined bytes or silence mean it is still there."""
-    try:
-        return sock.recv(1, _PEEK) == b""
-    except (BlockingIOError, InterruptedError, ValueError):  # ValueError: a TLS socket, which cannot peek
-        return False
-    except OSError:
-        return True
 
 
 def init_app(app: Flask) -> None:
@@ -131,7 +67,7 @@ def make_pool(config) -> urllib3.HTTPConnectionPool:
     pool = urllib3.connection_from_url(
         config["UPSTREAM"], maxsize=max(config["THREADS"], 10), block=False, retries=False, timeout=timeout
     )
-    pool.ConnectionCls = _WatchedHTTPSConnection if pool.scheme == "https" else _WatchedHTTPConnection
+    pool.ConnectionCls = WatchedHTTPSConnection if pool.scheme == "https" else WatchedHTTPConnection
     return pool
 
 
@@ -229,17 +165,15 @@ def _open_upstream(app: Flask, call: dict) -> Response:
     target = request.full_path if request.query_string else request.path
     headers = _upstream_headers(request.headers, body)
     call["sent"] = time.perf_counter()
-    _waiting.is_gone = client_gone_check(request.environ)
     try:
-        upstream = app.extensions["upstream_pool"].urlopen(
-            request.method, target, body=body, headers=headers, redirect=False, retries=False,
-            preload_content=False, decode_content=False, assert_same_host=False,
-        )  # fmt: skip
+        with watching(request.environ):  # a client leaving while Ollama is silent raises ClientLeft (watch.py)
+            upstream = app.extensions["upstream_pool"].urlopen(
+                request.method, target, body=body, headers=headers, redirect=False, retries=False,
+                preload_content=False, decode_content=False, assert_same_host=False,
+            )  # fmt: skip
     except (urllib3.exceptions.HTTPError, OSError, ClientLeft, ClientDisconnected) as exc:
         app.extensions["gate"].leave()
         return _no_answer(app, call, exc)
-    finally:
-        _waiting.is_gone = None
     return _relay_response(app, call, upstream)
 
 

@@ -60,7 +60,8 @@ def proxy_for(tmp_path):
     start.started = started  # a test that must stop its proxies early pops them from here
     yield start
     for handle, app in started:
-        handle.close()
+        with contextlib.suppress(OSError):  # ServerHandle.close can find waitress's trigger already closed
+            handle.close()
         shutdown(app)
 
 
@@ -159,12 +160,12 @@ def test_faults_upstream_restarts_between_calls(proxy_for, tmp_path):
 
 
 def test_faults_upstream_slow_within_read_timeout_then_silent_mid_stream(proxy_for, upstream, fake):
-    handle, app, recorder = proxy_for(upstream.url, READ_TIMEOUT=0.6)
-    fake.tokens, fake.load_delay, fake.token_delay = ["a", " b"], 0.3, 0.3  # slow, but never 0.6 s silent
+    handle, app, recorder = proxy_for(upstream.url, READ_TIMEOUT=0.8)
+    fake.tokens, fake.load_delay, fake.token_delay = ["a", " b"], 0.25, 0.25  # slow, but never 0.8 s silent
     status, body, _ = post(handle.port, body=STREAM)
     assert status == 200 and json.loads(body.splitlines()[-1])["done"] is True
     assert recorder.wait_for(1)[0].outcome == "completed"
-    fake.load_delay, fake.token_delay = 0.0, 1.0  # silent for longer than READ_TIMEOUT after the first token
+    fake.load_delay, fake.token_delay = 0.0, 1.6  # silent for longer than READ_TIMEOUT after the first token
     status, body, _ = post(handle.port, body=STREAM)
     lines = body.splitlines()
     assert status == 200 and len(lines) == 2  # the first token, then the stream's own error line
@@ -273,13 +274,13 @@ def test_faults_client_leaves_before_sending_the_body(proxy_for, upstream, fake,
 
 def test_faults_client_leaves_while_upstream_loads(proxy_for, upstream, fake, raw):
     """No thread waits out a model load for a client that has gone: measured, it is noticed within ~0.1 s."""
-    fake.load_delay = 1.2
+    fake.load_delay = 1.5
     handle, app, recorder = proxy_for(upstream.url)
     with socket.create_connection(("127.0.0.1", handle.port)) as sock:
         sock.sendall(raw_post("/api/generate", STREAM))
         time.sleep(0.3)  # the relay is now waiting for Ollama's first byte
     left = time.monotonic()
-    call = recorder.wait_for(1, timeout=0.8)[0]  # before the load ends
+    call = recorder.wait_for(1, timeout=1.0)[0]  # before the load ends
     noticed = time.monotonic() - left
     assert (call.outcome, call.http_status) == ("client_gone", 499) and noticed < 1.0
     assert app.extensions["in_flight"].count == 0
@@ -298,7 +299,7 @@ def test_faults_client_leaves_while_upstream_loads(proxy_for, upstream, fake, ra
 
 def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(upstream, fake, tmp_path):
     """The shipped waitress service (no request lookahead, so waitress itself cannot tell) notices too."""
-    fake.load_delay = 1.2
+    fake.load_delay = 1.5
     settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
@@ -309,7 +310,7 @@ def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(u
         with socket.create_connection(("127.0.0.1", service.server.effective_port)) as sock:
             sock.sendall(raw_post("/api/generate", STREAM))
             fake.wait_for(lambda: [seen["path"] for seen in fake.seen] == ["/api/generate"])
-        call = recorder.wait_for(1, timeout=0.8)[0]  # before the load ends
+        call = recorder.wait_for(1, timeout=1.0)[0]  # before the load ends
         assert (call.outcome, call.http_status) == ("client_gone", 499)
     finally:
         assert service.stop(wait=10)

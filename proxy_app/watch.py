@@ -1,0 +1,90 @@
+"""Noticing a client that has left while its thread still waits for the upstream's first byte.
+
+Ollama writes nothing until the model is loaded and the prompt evaluated (minutes on a cold start, or a whole
+``stream:false`` generation), and a thread blocked reading the upstream cannot see its client go. So the upstream
+connections made here wait for that first byte in short polls, asking between polls whether the client is still
+there; a departed client raises ``ClientLeft`` out of ``urlopen`` and the connection is closed, which makes Ollama
+stop. Once the answer has started, a departed client is noticed by the server at the next write instead. This module
+does not relay, record or time anything.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util.wait import wait_for_read
+
+# Why: how late a departure may be noticed, against one cheap poll() per interval while an upstream is silent.
+POLL_SECONDS = 0.1
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)  # no MSG_DONTWAIT on Windows: waitress never blocks
+
+_waiting = threading.local()  # .is_gone: the check for the client whose call this thread is waiting on
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while the upstream had not answered yet."""
+
+
+class _FirstByteWatch:
+    """Connection mixin: until the answer's first byte, poll for a departed client instead of blocking."""
+
+    def getresponse(self):
+        is_gone = getattr(_waiting, "is_gone", None)
+        if is_gone is not None and self.sock is not None:
+            timeout = self.timeout if isinstance(self.timeout, int | float) else None
+            wait_first_byte(self.sock, timeout, is_gone)
+        return super().getresponse()
+
+
+class WatchedHTTPConnection(_FirstByteWatch, HTTPConnection):
+    """An urllib3 HTTP connection that gives up waiting when the client has left (see ``watching``)."""
+
+
+class WatchedHTTPSConnection(_FirstByteWatch, HTTPSConnection):
+    """The same for an https:// upstream."""
+
+
+def wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) -> None:
+    """Return once ``sock`` is readable; raise ClientLeft when the client goes, TimeoutError after ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not wait_for_read(sock, POLL_SECONDS):
+        if is_gone():
+            raise ClientLeft
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("read timed out")  # urllib3 turns it into its ReadTimeoutError
+
+
+@contextmanager
+def watching(environ: dict) -> Iterator[None]:
+    """While in this block, this thread's watched upstream connections give up when the request's client leaves."""
+    _waiting.is_gone = client_gone_check(environ)
+    try:
+        yield
+    finally:
+        _waiting.is_gone = None
+
+
+def client_gone_check(environ: dict) -> Callable[[], bool] | None:
+    """Return a callable telling whether the client has left, or None when the server offers no way to tell."""
+    check = environ.get("waitress.client_disconnected")
+    if check is not None:
+        # waitress itself sees the EOF only with channel_request_lookahead >= 1, so also peek at its socket
+        sock = getattr(getattr(check, "__self__", None), "socket", None)
+        return check if sock is None else lambda: check() or is_closed(sock)
+    sock = environ.get("gunicorn.socket")
+    return None if sock is None else lambda: is_closed(sock)
+
+
+def is_closed(sock) -> bool:
+    """True once the peer has closed ``sock`` (EOF or reset); pipelined bytes or silence mean it is still there."""
+    try:
+        return sock.recv(1, _PEEK) == b""
+    except (BlockingIOError, InterruptedError, ValueError):  # ValueError: a TLS socket, which cannot peek
+        return False
+    except OSError:
+        return True
