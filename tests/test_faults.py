@@ -160,12 +160,12 @@ def test_faults_upstream_restarts_between_calls(proxy_for, tmp_path):
 
 
 def test_faults_upstream_slow_within_read_timeout_then_silent_mid_stream(proxy_for, upstream, fake):
-    handle, app, recorder = proxy_for(upstream.url, READ_TIMEOUT=0.8)
-    fake.tokens, fake.load_delay, fake.token_delay = ["a", " b"], 0.25, 0.25  # slow, but never 0.8 s silent
+    handle, app, recorder = proxy_for(upstream.url, READ_TIMEOUT=0.6)
+    fake.tokens, fake.load_delay, fake.token_delay = ["a", " b"], 0.2, 0.2  # slow, but never 0.6 s silent
     status, body, _ = post(handle.port, body=STREAM)
     assert status == 200 and json.loads(body.splitlines()[-1])["done"] is True
     assert recorder.wait_for(1)[0].outcome == "completed"
-    fake.load_delay, fake.token_delay = 0.0, 1.6  # silent for longer than READ_TIMEOUT after the first token
+    fake.load_delay, fake.token_delay = 0.0, 1.2  # silent for longer than READ_TIMEOUT after the first token
     status, body, _ = post(handle.port, body=STREAM)
     lines = body.splitlines()
     assert status == 200 and len(lines) == 2  # the first token, then the stream's own error line
@@ -297,10 +297,9 @@ def test_faults_client_leaves_while_upstream_loads(proxy_for, upstream, fake, ra
     assert raw.closed_at and raw.closed_at[0] - left < 1.0
 
 
-def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(upstream, fake, tmp_path):
+def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(raw, tmp_path):
     """The shipped waitress service (no request lookahead, so waitress itself cannot tell) notices too."""
-    fake.load_delay = 1.5
-    settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0}
+    settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
     app.extensions["call_sinks"].append(recorder)
@@ -309,9 +308,11 @@ def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(u
     try:
         with socket.create_connection(("127.0.0.1", service.server.effective_port)) as sock:
             sock.sendall(raw_post("/api/generate", STREAM))
-            fake.wait_for(lambda: [seen["path"] for seen in fake.seen] == ["/api/generate"])
-        call = recorder.wait_for(1, timeout=1.0)[0]  # before the load ends
-        assert (call.outcome, call.http_status) == ("client_gone", 499)
+            raw.wait_for_requests(1)  # the upstream has the request and stays silent, like Ollama loading a model
+        left = time.monotonic()
+        call = recorder.wait_for(1, timeout=2)[0]
+        assert (call.outcome, call.http_status) == ("client_gone", 499) and time.monotonic() - left < 1.0
+        wait_until(lambda: raw.closed_at, timeout=2, message="the upstream connection closed")
     finally:
         assert service.stop(wait=10)
 
@@ -331,7 +332,7 @@ def test_faults_client_leaves_mid_stream_noticed_at_next_token(proxy_for, upstre
 
 
 def test_faults_slow_reader_gets_everything_and_blocks_no_one(proxy_for, upstream, fake):
-    fake.tokens = ["tok"] * 3000  # about 300 kB of NDJSON
+    fake.tokens = ["tok"] * 1500  # about 150 kB of NDJSON
     handle, app, recorder = proxy_for(upstream.url)
     connection = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
     connection.connect()
@@ -341,15 +342,15 @@ def test_faults_slow_reader_gets_everything_and_blocks_no_one(proxy_for, upstrea
     received, others = b"", []
     while piece := answer.read(2048):
         received += piece
-        time.sleep(0.002)
-        if len(others) < 5 and len(received) > 20_000 * (len(others) + 1):
+        time.sleep(0.001)
+        if len(others) < 5 and len(received) > 10_000 * (len(others) + 1):
             others.append(post(handle.port, "/api/show", b'{"model":"llama3.2"}')[2])  # while the slow one reads
     connection.close()
     assert len(others) == 5 and max(others) < 1.0
     lines = received.splitlines()
-    assert len(lines) == 3001 and json.loads(lines[-1])["eval_count"] == 3000
+    assert len(lines) == 1501 and json.loads(lines[-1])["eval_count"] == 1500
     slow = next(call for call in recorder.wait_for(6) if call.endpoint == "/api/generate")
-    assert (slow.outcome, slow.output_tokens, slow.response_size_bytes) == ("completed", 3000, len(received))
+    assert (slow.outcome, slow.output_tokens, slow.response_size_bytes) == ("completed", 1500, len(received))
 
 
 def test_faults_500_idle_keepalive_connections(upstream, tmp_path):
@@ -442,7 +443,7 @@ def _stored(data_dir) -> list[tuple]:
 
 def test_faults_gunicorn_notices_departed_clients(gunicorn_proxy, fake, tmp_path):
     proxy = gunicorn_proxy(workers=1, threads=4)
-    waiting = b"X-Fake-Load-Delay: 2\r\nX-Session-ID: left-while-loading\r\n"  # the fake "loads" for 2 s
+    waiting = b"X-Fake-Load-Delay: 1.5\r\nX-Session-ID: left-while-loading\r\n"  # the fake "loads" for 1.5 s
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.sendall(raw_post("/api/generate", STREAM).replace(b"Host: x\r\n", b"Host: x\r\n" + waiting))
         fake.wait_for(lambda: _sessions(fake) == ["left-while-loading"])  # the relay now waits for a first byte
@@ -453,7 +454,7 @@ def test_faults_gunicorn_notices_departed_clients(gunicorn_proxy, fake, tmp_path
     assert proxy.stop() == 0
     rows = {row[1]: row[2:] for row in _stored(tmp_path / "data")}
     outcome, status, total_ms = rows["left-while-loading"]
-    assert (outcome, status) == ("client_gone", 499) and total_ms < 1000  # noticed long before the 2 s load ended
+    assert (outcome, status) == ("client_gone", 499) and total_ms < 1000  # noticed before the 1.5 s load ended
     assert rows["left-mid-body"][:2] == ("client_gone", 499)
     assert _sessions(fake) == ["left-while-loading"]  # the short body never went upstream
 
@@ -465,7 +466,7 @@ def _sessions(fake) -> list:
 def test_faults_gunicorn_worker_killed_is_replaced_rows_lost_measured(gunicorn_proxy, tmp_path):
     proxy = gunicorn_proxy(workers=2, threads=8)
     arbiter = psutil.Process(proxy.process.pid)
-    answered, errors, lock, stop = set(), [], threading.Lock(), threading.Event()
+    answered, errors, lock, stop = {}, [], threading.Lock(), threading.Event()  # answered: request id -> when
 
     def client(streaming: bool) -> None:
         body = {"model": "llama3.2", "prompt": "x", "stream": streaming}
@@ -481,7 +482,7 @@ def test_faults_gunicorn_worker_killed_is_replaced_rows_lost_measured(gunicorn_p
                     errors.append(exc)  # in flight in the killed worker: the client saw the connection cut
                     continue
                 with lock:
-                    answered.add(answer.headers["X-Request-ID"])
+                    answered[answer.headers["X-Request-ID"]] = time.monotonic()
 
     threads = [threading.Thread(target=client, args=(n % 3 == 0,)) for n in range(9)]
     for thread in threads:
@@ -489,8 +490,8 @@ def test_faults_gunicorn_worker_killed_is_replaced_rows_lost_measured(gunicorn_p
     try:
         wait_until(lambda: len(answered) >= 30, timeout=20, message="30 answered calls")
         workers = {child.pid for child in arbiter.children()}
+        killed, killed_at = time.monotonic(), len(answered)
         os.kill(min(workers), signal.SIGKILL)
-        killed_at = len(answered)
         replaced = wait_until(lambda: {c.pid for c in arbiter.children()} - workers, timeout=20, message="a new worker")
         wait_until(lambda: len(answered) >= killed_at + 30, timeout=20, message="calls after the kill")
     finally:
@@ -499,8 +500,10 @@ def test_faults_gunicorn_worker_killed_is_replaced_rows_lost_measured(gunicorn_p
             thread.join(15)
     assert len(replaced) == 1 and len(arbiter.children()) == 2
     assert proxy.stop() == 0  # SIGTERM: the surviving and the new worker store everything they answered
-    lost = answered - {row[0] for row in _stored(tmp_path / "data")}
-    # Measured here: 0-2 of ~200 answered calls lost, plus the calls in flight in the killed worker (their clients
-    # saw a cut connection). The README states the bound.
-    print(f"SIGKILL: {len(lost)} of {len(answered)} answered calls lost, {len(errors)} calls cut")
-    assert len(lost) <= 8
+    lost_ages = sorted(killed - answered[request_id] for request_id in answered.keys() - {row[0] for row in
+                       _stored(tmp_path / "data")})  # fmt: skip
+    print(f"SIGKILL: {len(lost_ages)} of {len(answered)} answered calls lost, answered {lost_ages} s before the kill; "
+          f"{len(errors)} calls in flight were cut")  # fmt: skip
+    # Only rows the killed worker had not yet committed are lost: calls it answered just before the kill. Nothing
+    # answered well before it, and nothing the other workers answered afterwards (the README gives the figures).
+    assert all(-0.5 < age < 2.0 for age in lost_ages)
