@@ -201,13 +201,13 @@ def _check_intake(intake) -> None:
         assert isinstance(json.loads(intake.model_parameters, parse_constant=_no_constants), dict)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(path=PATHS, body=st.binary(max_size=300))
 def test_bad_input_fuzz_intake_any_bytes(path, body):
     _check_intake(read_intake(path, body))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(path=PATHS, document=DOCUMENTS, before=WHITESPACE, after=WHITESPACE, compact=st.booleans(),
        stream=st.sampled_from([None, True, False, "yes", 1]))  # fmt: skip
 def test_bad_input_fuzz_intake_json_documents(path, document, before, after, compact, stream):
@@ -221,7 +221,7 @@ def test_bad_input_fuzz_intake_json_documents(path, document, before, after, com
         assert json.loads(with_usage_requested(body)) == {**document, "stream_options": {"include_usage": True}}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(forwarded=st.text(max_size=80), peer=st.sampled_from(["127.0.0.1", "10.0.0.7", "::1", ""]),
        trusted=st.sampled_from(["", "127.0.0.1", "10.0.0.0/8,::1", "0.0.0.0/0"]))  # fmt: skip
 def test_bad_input_fuzz_client_address(forwarded, peer, trusted):
