@@ -969,12 +969,36 @@ def _v1_model_entry(name, info) -> dict:
 
 # -- serving ----------------------------------------------------------------------------------------------
 class ServerHandle:
-    """A running waitress server: `.url`, `.port`, `.close()`."""
+    """A running waitress server: `.url`, `.port`, `.close()`.
 
-    def __init__(self, server, thread):
-        self._server, self._thread = server, thread
+    The loop thread is the only one that closes sockets (waitress's map is not thread-safe), so close() only sets
+    flags and waits: first the listener and connections go, then the worker threads finish, then the loop ends.
+    """
+
+    def __init__(self, server):
+        self._server = server
         self.port = server.effective_port
         self.url = f"http://{server.effective_host}:{self.port}"
+        self._closing, self._closed_sockets, self._stopping = threading.Event(), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"waitress:{self.port}", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        server = self._server
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+            if self._closing.is_set() and not self._closed_sockets.is_set():
+                self._close_sockets(keep_trigger=True)
+                self._closed_sockets.set()
+        self._close_sockets(keep_trigger=False)
+
+    def _close_sockets(self, keep_trigger):
+        server = self._server
+        for dispatcher in list(server._map.values()):
+            if dispatcher is server:
+                wasyncore.dispatcher.close(server)  # server.close() would also close the trigger
+            elif not (keep_trigger and dispatcher is server.trigger):
+                dispatcher.close()
 
     def wait_ready(self, timeout: float = 5.0):
         """Return once the port accepts a connection (a TCP probe, so the app never sees it)."""
@@ -990,28 +1014,18 @@ class ServerHandle:
 
     def close(self):
         """Close the listener and every connection, let the worker threads finish, then stop the loop."""
-        server = self._server
-
-        def close_sockets(keep_trigger=True):  # runs in the loop thread, so no socket closes under its feet
-            for dispatcher in list(server._map.values()):
-                if dispatcher is server:
-                    wasyncore.dispatcher.close(server)  # server.close() would also close the trigger
-                elif not (keep_trigger and dispatcher is server.trigger):
-                    dispatcher.close()
-
-        server.trigger.pull_trigger(close_sockets)
-        server.task_dispatcher.shutdown(timeout=5)  # running tasks end at their next write
-        server.trigger.pull_trigger(lambda: close_sockets(keep_trigger=False))
+        self._closing.set()
+        self._closed_sockets.wait(5)
+        self._server.task_dispatcher.shutdown(timeout=5)  # running tasks end at their next write
+        self._stopping.set()
         self._thread.join(timeout=5)
 
 
-def serve(app, port: int = 0, threads: int = 64, host: str = "127.0.0.1") -> ServerHandle:
-    """Run `app` with waitress in a daemon thread; return a handle once it answers."""
-    server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                    connection_limit=threads + 100, **WAITRESS_OPTIONS)
-    thread = threading.Thread(target=server.run, name=f"fake-ollama:{server.effective_port}", daemon=True)
-    thread.start()
-    handle = ServerHandle(server, thread)
+def serve(app, port: int = 0, threads: int = 64, host: str = "127.0.0.1", **options) -> ServerHandle:
+    """Run `app` with waitress in a daemon thread; return a handle once it answers (``options`` go to waitress)."""
+    options = {"connection_limit": threads + 100, **WAITRESS_OPTIONS, **options}
+    server = waitress.create_server(app, host=host, port=port, threads=threads, **options)
+    handle = ServerHandle(server)
     handle.wait_ready()
     return handle
 

@@ -24,13 +24,12 @@ import openai
 import psutil
 import pytest
 import requests
-import waitress
 
 from proxy_app import create_app, shutdown
 from proxy_app import usage as usage_module
 from proxy_app.service import WaitressService
 from tests.conftest import CallRecorder, free_port
-from tests.fake_ollama import WAITRESS_OPTIONS, FakeOllama, ServerHandle, serve
+from tests.fake_ollama import FakeOllama, serve
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, chunked, reply, response
 
@@ -60,8 +59,7 @@ def proxy_for(tmp_path):
     start.started = started  # a test that must stop its proxies early pops them from here
     yield start
     for handle, app in started:
-        with contextlib.suppress(OSError):  # ServerHandle.close can find waitress's trigger already closed
-            handle.close()
+        handle.close()
         shutdown(app)
 
 
@@ -358,14 +356,9 @@ def test_faults_500_idle_keepalive_connections(upstream, tmp_path):
     if soft < 2000:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
-    options = {**WAITRESS_OPTIONS, "connection_limit": 600}  # a server for this many must allow them (see README)
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16, **options)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    handle = ServerHandle(server, thread)
+    handle = serve(app, threads=16, connection_limit=600)  # a server for this many must allow them (see README)
     idle: list[socket.socket] = []
     try:
-        handle.wait_ready()
         for _ in range(500):
             idle.append(socket.create_connection(("127.0.0.1", handle.port), timeout=10))
             idle[-1].sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
