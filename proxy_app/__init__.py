@@ -33,6 +33,9 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     from . import writer
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
+    from . import dashboard
+
+    dashboard.init_app(app)  # /analytics: page, JSON APIs, CSV export; after the writer, whose database it reads
     relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
     from . import metrics
 

@@ -1,0 +1,255 @@
+"""Blueprint ``dashboard`` at /analytics: the page, the JSON stats and search APIs, one call, and the CSV export.
+
+Each view builds one dict and renders it as a template or as JSON. Bad parameters get 400 with the reason. With
+ADMIN_TOKEN set, everything but the login form and the static script needs the token (bearer header, or the cookie
+the login form sets). Every response carries a Content-Security-Policy without inline script. This module does not
+write rows or compute figures (queries.py, stats.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import UTC, datetime
+
+from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
+
+from . import charts, export, models, queries, readmodel, stats
+from .calls import COLUMNS, OUTCOMES
+from .queries import FilterError
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="static", static_url_path="/static")
+
+COOKIE = "ollama_proxy_admin"
+OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static")  # reachable without the token
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def init_app(app: Flask) -> None:
+    """Register the blueprint, create the read model's tables and plan the refresher's shutdown."""
+    db = models.database.obj or models.open_database(app.config["DATABASE"])
+    refresher = readmodel.Refresher(db)
+    app.extensions["dashboard"] = {"db": db, "refresher": refresher}
+    app.extensions.setdefault("shutdown_hooks", []).append(refresher.stop)
+    try:
+        refresher.ready = readmodel.ensure_read_model(db)
+    except Exception as exc:  # a locked or unreachable database: the refresher tries again on first use
+        log.warning("cannot prepare the dashboard's read model yet: %s", exc)
+    finally:
+        db.close()  # never carry a connection across gunicorn's fork
+    app.register_blueprint(bp)
+
+
+def _db():
+    return current_app.extensions["dashboard"]["db"]
+
+
+# ---- access and headers ------------------------------------------------------------------------------------------
+
+
+def _cookie_value(token: str) -> str:
+    """The login cookie: a keyed hash of the token, so the token itself never sits in the browser."""
+    return hmac.new(token.encode(), b"ollama-proxy dashboard session", hashlib.sha256).hexdigest()
+
+
+def is_authorized(token: str) -> bool:
+    """True when no token is set, or the request has it as a bearer token or carries the login cookie."""
+    if not token:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return True
+    return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), _cookie_value(token).encode())
+
+
+@bp.before_request
+def _guard():
+    g.csp_nonce = secrets.token_urlsafe(16)
+    if request.endpoint in OPEN_ENDPOINTS or is_authorized(current_app.config["ADMIN_TOKEN"]):
+        current_app.extensions["dashboard"]["refresher"].ensure_running()
+        return None
+    if _wants_json(default=request.endpoint != "dashboard.index"):
+        response = _json({"error": "unauthorized"}, 401)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return render_template("dashboard.html", page="login", next=request.full_path), 401
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CSP.format(nonce=g.get("csp_nonce", "none"))
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@bp.errorhandler(FilterError)
+def _bad_filter(error: FilterError):
+    return _render({"error": str(error)}, "error", default_json=request.endpoint != "dashboard.index", status=400)
+
+
+def _wants_json(default: bool) -> bool:
+    """Choose the rendering: ?format=json|html wins, then an Accept header naming one of them, then ``default``."""
+    chosen = request.args.get("format", "")
+    if chosen in ("json", "html"):
+        return chosen == "json"
+    accept = request.accept_mimetypes
+    named = {value for value, _ in accept} & {"application/json", "text/html"}
+    if not named:
+        return default  # curl and most clients send */*
+    return accept.best_match(sorted(named)) == "application/json"
+
+
+def _json(document: dict, status: int = 200) -> Response:
+    """JSON with keys in the order built (rows keep the COLUMNS order; Flask's jsonify would sort them)."""
+    body = current_app.json.dumps(document, sort_keys=False)
+    return Response(body + "\n", status=status, mimetype="application/json")
+
+
+def _render(document: dict, page: str, default_json: bool = False, status: int = 200):
+    """Render one view's dict as JSON or through dashboard.html."""
+    if _wants_json(default_json):
+        return _json(document, status)
+    return render_template("dashboard.html", page=page, **document), status
+
+
+# ---- template filters: "–" for an unknown value ------------------------------------------------------------------
+
+
+@bp.app_template_filter("num")
+def _number(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
+
+
+@bp.app_template_filter("rate")
+def _rate(value) -> str:
+    return "–" if value is None else f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
+
+
+@bp.app_template_filter("compact")
+def _compact(value) -> str:
+    return "–" if value is None else charts.short_number(value)
+
+
+@bp.app_template_filter("ms")
+def _milliseconds(value) -> str:
+    return "–" if value is None else charts.short_ms(value)
+
+
+@bp.app_template_filter("pct")
+def _percent(value) -> str:
+    return "–" if value is None else f"{value * 100:.2f} %"
+
+
+@bp.app_template_filter("when")
+def _when(value) -> str:
+    """ISO 8601 UTC text as 2025-05-01 12:30:45."""
+    return "" if not value else value[:19].replace("T", " ")
+
+
+# ---- views -------------------------------------------------------------------------------------------------------
+
+
+@bp.route("", strict_slashes=False)
+def index():
+    """The page: cards, charts, per-model table and one page of calls, for the filters in the URL."""
+    filters = queries.parse_filters(request.args)
+    db = _db()
+    with db.connection_context():
+        figures = stats.stats(db, filters)
+        found = queries.search(db, filters)
+        suggestions = stats.choices(db, filters)
+    document = {
+        "stats": figures,
+        "search": found,
+        "choices": suggestions,
+        "outcomes": OUTCOMES,
+        "filters": filters.describe(),
+        "admin": bool(current_app.config["ADMIN_TOKEN"]),
+    }
+    if _wants_json(False):
+        return _json(document)
+    return render_template(
+        "dashboard.html", page="index", charts=charts.make_charts(figures), query=filters, **document
+    )
+
+
+@bp.route("/stats")
+def stats_view():
+    """JSON: the numbers behind the cards, the per-model table and the time series."""
+    filters = queries.parse_filters(request.args)
+    with _db().connection_context():
+        return _json(stats.stats(_db(), filters))
+
+
+@bp.route("/search")
+def search():
+    """JSON: {"results": [rows], "count": N, "next": cursor}; ``q`` searches prompt and response preview."""
+    filters = queries.parse_filters(request.args)
+    with _db().connection_context():
+        found = queries.search(_db(), filters)
+    return _json({**found, "filters": filters.describe()})
+
+
+@bp.route("/calls/<path:request_id>")
+def call(request_id: str):
+    """One stored call, every field: HTML for a browser, JSON otherwise; 404 when unknown."""
+    with _db().connection_context():
+        row = queries.get_call(_db(), request_id)
+    if row is None:
+        return _render({"error": f"no stored call has request_id {request_id[:80]!r}"}, "error", True, 404)
+    return _render({"call": row, "columns": COLUMNS}, "call", default_json=True)
+
+
+@bp.route("/export.csv")
+def export_csv():
+    """Stream every row matching the filters as CSV (the mirror's columns, formula cells neutralised)."""
+    filters = queries.parse_filters(request.args)
+    db = _db()
+
+    def generate():
+        with db.connection_context():  # opened in the thread that streams; closed when the download ends
+            yield from export.iter_csv(queries.iter_chunks(db, filters))
+
+    name = f"ollama-proxy-calls-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.csv"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return Response(generate(), mimetype="text/csv", headers=headers)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """The login form; a right token sets the cookie and goes back to the page asked for."""
+    token = current_app.config["ADMIN_TOKEN"]
+    target = request.values.get("next", "")
+    target = target if target.startswith("/analytics") and "//" not in target and "\\" not in target else None
+    if (
+        request.method == "POST"
+        and token
+        and hmac.compare_digest(request.form.get("token", "").encode(), token.encode())
+    ):
+        response = redirect(target or url_for("dashboard.index"))
+        response.set_cookie(
+            COOKIE, _cookie_value(token), httponly=True, samesite="Strict", path="/analytics", secure=request.is_secure
+        )
+        return response
+    status = 401 if request.method == "POST" else 200
+    return render_template("dashboard.html", page="login", next=target or ""), status
+
+
+@bp.route("/logout", methods=["POST"])
+def logout():
+    """Forget the login cookie."""
+    response = redirect(url_for("dashboard.login"))
+    response.delete_cookie(COOKIE, path="/analytics")
+    return response

@@ -1,0 +1,325 @@
+"""Read side: the filters (parsed and validated from query parameters), search with keyset paging, one row by
+``request_id`` and the rows of an export, all as plain dicts and lists.
+
+Every filter reaches the SQL. The SQL is plain text with bound parameters, run on the store's database, so the same
+code serves SQLite and PostgreSQL. No Flask here, no writes (readmodel.py keeps the SQLite rollup and text index)
+and no aggregates (stats.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from peewee import Database
+
+from . import readmodel
+from .calls import COLUMNS, OUTCOMES, format_timestamp
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500  # a bigger ?limit is capped, not refused: one page never holds more than this many rows
+COUNT_CAP = 10_000  # search counts matches up to here ("10,000+"); the exact total is the stats' calls card
+DEFAULT_SINCE = "24h"  # the page's default range; APIs and the export use the same so a URL means one thing
+EXPORT_CHUNK_ROWS = 2_000  # rows per keyset query and per written chunk of an export: flat memory, short reads
+MAX_TEXT_CHARS = 255  # longest model/endpoint/client/q value; the store clips indexed text to this too
+MAX_RELATIVE_DAYS = 3660
+# Why: client_gone is the client's choice and completed is success; everything else is a failure of the path.
+ERROR_OUTCOMES = ("upstream_error", "incomplete", "unreachable", "rejected")
+SORTS = {"time": '"timestamp"', "latency": '"total_time_ms"', "tokens": 'coalesce("total_tokens", -1)'}
+RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+STATUS = re.compile(r"[1-5](\d\d|xx)")
+ID_AFTER = '"id" > ?'  # the keyset step of an export
+SELECT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
+
+
+class FilterError(ValueError):
+    """A query parameter has a value we cannot use; the message names the parameter and what would work."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the page, the APIs and the export are asked for. Empty text means "no filter"."""
+
+    q: str = ""
+    model: str = ""
+    endpoint: str = ""
+    outcome: str = ""  # one of OUTCOMES, or "error" for any of ERROR_OUTCOMES
+    status: str = ""  # an HTTP status ("404") or a class ("5xx")
+    client: str = ""  # an IP address or a session id
+    since: datetime | None = None  # inclusive, UTC
+    until: datetime | None = None  # exclusive, UTC
+    since_text: str = DEFAULT_SINCE  # as given ("24h", "all", an ISO time), to show and to link
+    until_text: str = ""
+    limit: int = DEFAULT_LIMIT
+    sort: str = "time"
+    order: str = "desc"
+    cursor: list | None = None  # [value, id] of the last row of the previous page
+
+    def params(self, **changes) -> dict:
+        """Return the query parameters that reproduce these filters (with ``changes``), empty ones left out."""
+        names = ("q", "model", "endpoint", "outcome", "status", "client", "sort", "order")
+        values = {name: getattr(self, name) for name in names}
+        values.update(since=self.since_text, until=self.until_text)
+        values["limit"] = self.limit if self.limit != DEFAULT_LIMIT else ""
+        values.update(changes)
+        defaults = {"sort": "time", "order": "desc", "since": DEFAULT_SINCE}
+        return {name: value for name, value in values.items() if value not in ("", None, defaults.get(name))}
+
+    def describe(self) -> dict:
+        """Return the filters as JSON-ready values (times in ISO 8601 UTC)."""
+        described = asdict(self)
+        for name in ("since", "until"):
+            described[name] = format_timestamp(described[name]) if described[name] else None
+        described.pop("cursor")
+        return described
+
+
+def parse_filters(args: Mapping[str, str], now: datetime | None = None) -> Filters:
+    """Validate query parameters into Filters; raise FilterError naming the first bad one."""
+    now = now or datetime.now(UTC)
+    texts = {name: _text(args, name) for name in ("q", "model", "endpoint", "client")}
+    since_text = args.get("since", DEFAULT_SINCE).strip() or DEFAULT_SINCE
+    until_text = args.get("until", "").strip()
+    since = None if since_text == "all" else parse_time("since", since_text, now)
+    until = parse_time("until", until_text, now) if until_text else None
+    if since and until and since >= until:
+        raise FilterError(f"since ({since_text}) must be before until ({until_text})")
+    sort, order = _choice(args, "sort", tuple(SORTS)), _choice(args, "order", ("desc", "asc"))
+    filters = Filters(
+        **texts,
+        outcome=_outcome(args),
+        status=_status(args),
+        since=since,
+        until=until,
+        since_text=since_text,
+        until_text=until_text,
+        limit=_limit(args),
+        sort=sort,
+        order=order,
+    )
+    return replace(filters, cursor=decode_cursor(args.get("cursor", ""), filters))
+
+
+def parse_time(name: str, text: str, now: datetime) -> datetime:
+    """Parse ISO 8601 (a time without an offset is UTC) or a relative age such as 15m, 24h, 7d, 2w."""
+    relative = RELATIVE.fullmatch(text)
+    if relative:
+        seconds = int(relative[1]) * UNIT_SECONDS[relative[2]]
+        if seconds > MAX_RELATIVE_DAYS * 86400:
+            raise FilterError(f"{name}={text!r} reaches back more than {MAX_RELATIVE_DAYS} days")
+        return now - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise FilterError(
+            f"{name}={text[:40]!r} is neither ISO 8601 (e.g. 2025-05-01T12:00:00Z) nor relative (15m, 24h, 7d)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _text(args: Mapping[str, str], name: str) -> str:
+    value = args.get(name, "").strip()
+    if len(value) > MAX_TEXT_CHARS:
+        raise FilterError(f"{name} is longer than {MAX_TEXT_CHARS} characters")
+    return value
+
+
+def _choice(args: Mapping[str, str], name: str, allowed: tuple) -> str:
+    value = args.get(name, "").strip() or allowed[0]
+    if value not in allowed:
+        raise FilterError(f"{name}={value[:40]!r} must be one of: {', '.join(allowed)}")
+    return value
+
+
+def _outcome(args: Mapping[str, str]) -> str:
+    value = args.get("outcome", "").strip()
+    if value and value not in OUTCOMES + ("error",):
+        raise FilterError(f"outcome={value[:40]!r} must be one of: error, {', '.join(OUTCOMES)}")
+    return value
+
+
+def _status(args: Mapping[str, str]) -> str:
+    value = args.get("status", "").strip().lower()
+    if value and not STATUS.fullmatch(value):
+        raise FilterError(f"status={value[:40]!r} must be an HTTP status such as 404 or a class such as 5xx")
+    return value
+
+
+def _limit(args: Mapping[str, str]) -> int:
+    text = args.get("limit", "").strip()
+    if not text:
+        return DEFAULT_LIMIT
+    if not text.isdigit() or int(text) < 1:
+        raise FilterError(f"limit={text[:40]!r} must be a whole number of at least 1 (at most {MAX_LIMIT} are used)")
+    return min(int(text), MAX_LIMIT)
+
+
+# ---- cursors -----------------------------------------------------------------------------------------------------
+
+
+def encode_cursor(filters: Filters, value, row_id: int) -> str:
+    """Return the opaque ``next`` token for the row (sort value, id) ending a page."""
+    value = {"t": value.isoformat()} if isinstance(value, datetime) else value
+    raw = json.dumps([filters.sort, filters.order, value, row_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, filters: Filters) -> list | None:
+    """Return [sort value, id] from a ``next`` token made for the same sort; raise FilterError otherwise."""
+    if not token:
+        return None
+    try:
+        sort, order, value, row_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if isinstance(value, dict):
+            value = datetime.fromisoformat(value["t"])
+        valid = isinstance(row_id, int) and isinstance(value, str | int | float | datetime)
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        valid = False
+    if not valid or [sort, order] != [filters.sort, filters.order]:
+        raise FilterError("cursor is not a `next` value from a search with the same sort and order")
+    return [value, row_id]
+
+
+# ---- SQL ---------------------------------------------------------------------------------------------------------
+
+
+def run(db: Database, sql: str, params: list) -> list[tuple]:
+    """Run one read statement (written with ? placeholders) and return every row."""
+    return db.execute_sql(sql.replace("?", db.param), params).fetchall()
+
+
+def time_param(db: Database, moment: datetime):
+    """Return a UTC moment as the store keeps it: naive UTC (as ISO text with a space, on SQLite)."""
+    naive = moment.astimezone(UTC).replace(tzinfo=None)
+    return naive.isoformat(" ") if readmodel.is_sqlite(db) else naive
+
+
+def conditions(db: Database, filters: Filters, times: bool = True) -> tuple[list[str], list]:
+    """Return the WHERE clauses and parameters for every filter (the time range only if ``times``)."""
+    clauses, params = [], []
+    if times and filters.since:
+        clauses.append('"timestamp" >= ?')
+        params.append(time_param(db, filters.since))
+    if times and filters.until:
+        clauses.append('"timestamp" < ?')
+        params.append(time_param(db, filters.until))
+    clauses_more, params_more = dimension_conditions(filters)
+    clauses += clauses_more
+    params += params_more
+    if filters.client:
+        clauses.append('("ip_source" = ? OR "session_id" = ?)')
+        params += [filters.client, filters.client]
+    if filters.q:
+        clause, more = readmodel.text_condition(db, filters.q)
+        clauses.append(clause)
+        params += more
+    return clauses, params
+
+
+def dimension_conditions(filters: Filters) -> tuple[list[str], list]:
+    """Return the clauses for model, endpoint, outcome and status: columns the rollup has too."""
+    clauses, params = [], []
+    for name in ("model", "endpoint"):
+        if getattr(filters, name):
+            clauses.append(f'"{name}" = ?')
+            params.append(getattr(filters, name))
+    if filters.outcome == "error":
+        clauses.append(f'"outcome" IN ({", ".join("?" * len(ERROR_OUTCOMES))})')
+        params += list(ERROR_OUTCOMES)
+    elif filters.outcome:
+        clauses.append('"outcome" = ?')
+        params.append(filters.outcome)
+    if filters.status.endswith("xx"):
+        clauses.append('"http_status" BETWEEN ? AND ?')
+        params += [int(filters.status[0]) * 100, int(filters.status[0]) * 100 + 99]
+    elif filters.status:
+        clauses.append('"http_status" = ?')
+        params.append(int(filters.status))
+    return clauses, params
+
+
+def where(clauses: list[str]) -> str:
+    """Join clauses into a WHERE clause (empty when there are none)."""
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+# ---- rows --------------------------------------------------------------------------------------------------------
+
+
+def to_datetime(value) -> datetime:
+    """Return a stored timestamp (ISO text on SQLite, naive datetime on PostgreSQL) as an aware UTC datetime."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def row_dict(values) -> dict:
+    """Return one stored row (values in COLUMNS order) as JSON-ready values: time in ISO 8601 UTC, booleans."""
+    row = dict(zip(COLUMNS, values, strict=False))
+    row["timestamp"] = format_timestamp(to_datetime(row["timestamp"]))
+    row["stream_mode"] = bool(row["stream_mode"])
+    return row
+
+
+def search(db: Database, filters: Filters) -> dict:
+    """Return one page of rows matching the filters, in the chosen order: results, count (capped) and next."""
+    clauses, params = conditions(db, filters)
+    key = SORTS[filters.sort]
+    if filters.cursor:
+        clauses.append(f'({key}, "id") {"<" if filters.order == "desc" else ">"} (?, ?)')
+        value = filters.cursor[0]
+        params += [time_param(db, value) if isinstance(value, datetime) else value, filters.cursor[1]]
+    direction = filters.order.upper()
+    sql = (
+        f'SELECT {SELECT_COLUMNS}, "id", {key} FROM calls{where(clauses)} '
+        f'ORDER BY {key} {direction}, "id" {direction} LIMIT {filters.limit + 1}'
+    )
+    found = run(db, sql, params)
+    page = found[: filters.limit]
+    following = None
+    if len(found) > filters.limit:
+        following = encode_cursor(filters, page[-1][-1], page[-1][-2])
+    count = count_matches(db, filters)
+    return {
+        "results": [row_dict(row[: len(COLUMNS)]) for row in page],
+        "count": count,
+        "count_capped": count > COUNT_CAP,
+        "next": following,
+    }
+
+
+def count_matches(db: Database, filters: Filters, cap: int = COUNT_CAP) -> int:
+    """Count the rows matching the filters, stopping at ``cap`` + 1 so that a count never scans a million rows."""
+    clauses, params = conditions(db, filters)
+    sql = f"SELECT count(*) FROM (SELECT 1 FROM calls{where(clauses)} LIMIT {cap + 1}) AS matched"
+    return min(run(db, sql, params)[0][0], cap + 1)
+
+
+def get_call(db: Database, request_id: str) -> dict | None:
+    """Return the row with this request_id (the latest, should a client have reused one), or None."""
+    found = run(
+        db,
+        f'SELECT {SELECT_COLUMNS} FROM calls WHERE "request_id" = ? ORDER BY "id" DESC LIMIT 1',
+        [request_id[:MAX_TEXT_CHARS]],
+    )
+    return row_dict(found[0]) if found else None
+
+
+def iter_chunks(db: Database, filters: Filters, chunk: int = EXPORT_CHUNK_ROWS) -> Iterator[list[tuple]]:
+    """Yield every row matching the filters in storage order as lists of raw rows ("id", then COLUMNS), ``chunk``
+    rows per short keyset query, so memory stays flat and no read transaction stays open for long."""
+    clauses, params = conditions(db, filters)
+    last_id = 0
+    while True:
+        sql = f'SELECT "id", {SELECT_COLUMNS} FROM calls{where(clauses + [ID_AFTER])} ORDER BY "id" LIMIT {chunk}'
+        found = run(db, sql, params + [last_id])
+        if found:
+            yield found
+        if len(found) < chunk:
+            return
+        last_id = found[-1][0]

@@ -1,0 +1,177 @@
+"""Pure: the stats document (cards, per-model rows, time series) from counted groups and sample rows.
+
+Time buckets are named by the leading characters of a stored timestamp ("2025-05-01 12:3" is 12:30 to 12:40 UTC).
+Percentiles are nearest rank: the smallest value with at least p % of the values at or below it. No SQL, no I/O
+(stats.py does the reading).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from operator import itemgetter
+
+from .calls import format_timestamp
+
+# (longest range, bucket seconds, leading characters of a stored timestamp that name the bucket): 15 to 250 buckets
+BUCKETS = ((3 * 3600, 60, 16), (36 * 3600, 600, 15), (10 * 86400, 3600, 13), (math.inf, 86400, 10))
+SERIES_PERCENTILES = ("total_time_ms_p50", "total_time_ms_p95", "ttft_ms_p50", "ttft_ms_p95")
+
+
+def bucket_width(since: datetime, end: datetime) -> tuple[int, int]:
+    """Return (seconds, key characters) of the time-series buckets for a range."""
+    span = (end - since).total_seconds()
+    return next((seconds, chars) for longest, seconds, chars in BUCKETS if span <= longest)
+
+
+def floor_time(moment: datetime, seconds: int) -> datetime:
+    """Return the start of the ``seconds``-long bucket (aligned to UTC midnight) holding ``moment``."""
+    midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    into = (moment - midnight).total_seconds()
+    return midnight + timedelta(seconds=int(into // seconds) * seconds)
+
+
+def ceil_time(moment: datetime, seconds: int) -> datetime:
+    """Return the start of the first bucket at or after ``moment``."""
+    start = floor_time(moment, seconds)
+    return start if start == moment else start + timedelta(seconds=seconds)
+
+
+def time_key(moment: datetime, chars: int) -> str:
+    """Return a moment's bucket key: the leading characters of its stored form (naive UTC ISO text)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")[:chars]
+
+
+def key_time(key: str) -> datetime:
+    """Return the start of the bucket a key names."""
+    return datetime.fromisoformat(key + "2000-01-01 00:00:00"[len(key) :]).replace(tzinfo=UTC)
+
+
+def bucket_keys(since: datetime, end: datetime, seconds: int, chars: int) -> list[str]:
+    """Return every bucket key from ``since`` to ``end``, empty buckets included."""
+    keys, moment = [], floor_time(since, seconds)
+    while moment < end:
+        keys.append(time_key(moment, chars))
+        moment += timedelta(seconds=seconds)
+    return keys or [time_key(floor_time(since, seconds), chars)]
+
+
+# ---- percentiles -------------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], rank: float) -> float | None:
+    """Nearest-rank percentile (``rank`` in 0..100) of values already sorted; None when there are none."""
+    if not values:
+        return None
+    return values[max(0, math.ceil(rank / 100 * len(values)) - 1)]
+
+
+def percentiles_of(latency: list, ttft: list, rate: list) -> dict:
+    """Return p50/p95 latency, p50/p95 TTFT and p50 tokens/s from sorted values (None where there are none)."""
+    found = {
+        "total_time_ms_p50": percentile(latency, 50),
+        "total_time_ms_p95": percentile(latency, 95),
+        "ttft_ms_p50": percentile(ttft, 50),
+        "ttft_ms_p95": percentile(ttft, 95),
+        "tokens_per_second_p50": percentile(rate, 50),
+    }
+    return {name: None if value is None else round(value, 3) for name, value in found.items()}
+
+
+NO_FIGURES = percentiles_of([], [], [])
+
+
+def summaries(rows: list[tuple], group) -> dict:
+    """Return {group(row): percentiles_of(...)} for sample rows (timestamp, model, latency, TTFT, tokens/s),
+    sorting each metric once for all groups."""
+    values = defaultdict(lambda: ([], [], []))
+    for slot, index in enumerate((2, 3, 4)):
+        for row in sorted((row for row in rows if row[index] is not None), key=itemgetter(index)):
+            values[group(row)][slot].append(row[index])
+    return {name: percentiles_of(*lists) for name, lists in values.items()}
+
+
+# ---- the document ------------------------------------------------------------------------------------------------
+
+
+def assemble(filters, since: datetime, now: datetime, groups: list, clients: int, sample: list, exact: bool) -> dict:
+    """Return the stats document for the groups (bucket key, model, calls, errors, input, output tokens) and
+    the sample rows of a range starting at ``since``."""
+    end = filters.until or now
+    seconds, chars = bucket_width(since, end)
+    per_model, per_bucket, tokens = _totals(groups, chars)
+    minutes = max(end - since, timedelta(minutes=1)).total_seconds() / 60
+    models = _models(per_model, summaries(sample, itemgetter(1)))
+    keys = bucket_keys(since, end, seconds, chars)
+    series = _series(keys, per_bucket, tokens, models, summaries(sample, lambda row: str(row[0])[:chars]))
+    calls = sum(row["calls"] for row in models)
+    return {
+        "empty": False,
+        "filters": filters.describe(),
+        "range": {"since": format_timestamp(since), "until": filters.until and format_timestamp(filters.until),
+                  "now": format_timestamp(now), "minutes": round(minutes, 3)},
+        "cards": _cards(models, minutes, clients, summaries(sample, lambda row: None).get(None, NO_FIGURES)),
+        "models": models,
+        "series": {"bucket_seconds": seconds, **series},
+        "percentiles": {"method": "nearest rank", "exact": exact, "sample_rows": len(sample), "of_rows": calls},
+    }  # fmt: skip
+
+
+def _totals(groups: list, chars: int) -> tuple[dict, dict, dict]:
+    """Sum the groups per model, per bucket and per (model, bucket) for tokens."""
+    per_model, per_bucket = defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0])
+    tokens = defaultdict(lambda: defaultdict(int))
+    for key, model, calls, errors, input_tokens, output_tokens in groups:
+        totals = per_model[model or None]
+        for index, value in enumerate((calls, errors, input_tokens, output_tokens)):
+            totals[index] += value
+        per_bucket[key[:chars]][0] += calls
+        per_bucket[key[:chars]][1] += errors
+        tokens[model or None][key[:chars]] += input_tokens + output_tokens
+    return per_model, per_bucket, tokens
+
+
+def _models(per_model: dict, figures: dict) -> list[dict]:
+    """The per-model table, busiest first (ties by name, the calls without a model before the others)."""
+    names = ("calls", "errors", "input_tokens", "output_tokens")
+    ordered = sorted(per_model.items(), key=lambda item: (-item[1][0], item[0] or ""))
+    return [
+        {"model": model, **dict(zip(names, totals, strict=True)), **figures.get(model or "", NO_FIGURES)}
+        for model, totals in ordered
+        if totals[0]
+    ]
+
+
+def _cards(models: list[dict], minutes: float, clients: int, figures: dict) -> dict:
+    calls, errors = sum(row["calls"] for row in models), sum(row["errors"] for row in models)
+    return {
+        "calls": calls,
+        "calls_per_minute": round(calls / minutes, 3),
+        "errors": errors,
+        "error_rate": round(errors / calls, 4) if calls else None,
+        "input_tokens": sum(row["input_tokens"] for row in models),
+        "output_tokens": sum(row["output_tokens"] for row in models),
+        **figures,
+        "clients": clients,
+        "models": sum(1 for row in models if row["model"]),
+    }
+
+
+def _series(keys: list[str], per_bucket: dict, tokens: dict, models: list[dict], figures: dict) -> dict:
+    series = {
+        "buckets": [format_timestamp(key_time(key)) for key in keys],
+        "calls": [per_bucket[key][0] for key in keys],
+        "errors": [per_bucket[key][1] for key in keys],
+        "tokens": [{"model": row["model"], "values": [tokens[row["model"]][key] for key in keys]} for row in models],
+    }
+    for name in SERIES_PERCENTILES:
+        series[name] = [figures.get(key, NO_FIGURES)[name] for key in keys]
+    return series
+
+
+def empty_document(filters, now: datetime) -> dict:
+    """The stats document of an empty store: zero counts, unknown percentiles, no buckets."""
+    document = assemble(filters, filters.since or now, now, [], 0, [], True)
+    series = {name: [] for name in ("buckets", "calls", "errors", "tokens", *SERIES_PERCENTILES)}
+    return {**document, "empty": True, "series": {"bucket_seconds": None, **series}}

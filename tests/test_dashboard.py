@@ -1,0 +1,330 @@
+"""The /analytics blueprint through the Flask test client: HTML with data and empty, JSON shapes, the CSV export as
+whole text, 400s with reasons, hostile text escaped, security headers, the admin token and path tricks."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+
+import pytest
+
+from proxy_app import create_app, csvlog, export, models, queries, shutdown
+from proxy_app.calls import COLUMNS
+from proxy_app.queries import parse_filters
+from tests.test_csvlog import NOW as CSV_NOW
+from tests.test_csvlog import sample_call
+from tests.test_queries import XSS, known_calls, open_sqlite
+
+ESCAPED_XSS = "explain &lt;img src=x onerror=alert(1)&gt;"
+
+
+def store_of(app):
+    return app.extensions["dashboard"]["db"]
+
+
+@pytest.fixture
+def filled(app):
+    """The app with known_calls() stored, relative to the real clock."""
+    models.insert_calls(store_of(app), known_calls(datetime.now(UTC)))
+    return app
+
+
+@pytest.fixture
+def filled_client(filled):
+    return filled.test_client()
+
+
+@pytest.fixture
+def locked_app(settings):
+    """An app with ADMIN_TOKEN set."""
+    application = create_app({**settings, "ADMIN_TOKEN": "s3cret-token"}, environ={})
+    models.insert_calls(store_of(application), known_calls(datetime.now(UTC)))
+    yield application
+    shutdown(application)
+
+
+# ---- HTML --------------------------------------------------------------------------------------------------------
+
+
+def test_dashboard_page_with_data(filled_client):
+    answer = filled_client.get("/analytics")
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200 and answer.mimetype == "text/html"
+    assert re.search(r'data-card="calls"><div class="label">Calls</div><div class="value ">6</div>', html)
+    assert re.search(r'data-card="error_rate">.*?33.33 %', html) and 'data-card="clients"' in html
+    for chart in ("chart-calls", "chart-tokens", "chart-latency", "chart-speed"):
+        assert f'id="{chart}"' in html
+    assert html.count("<svg") == 4 and "<rect" in html and "<path" in html
+    assert ">llama3.2</a>" in html and html.count('class="detail"') == 6
+    assert ESCAPED_XSS in html and "<img" not in html
+
+
+def test_dashboard_page_empty_store(client):
+    answer = client.get("/analytics")
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200 and "No calls recorded yet" in html and "No calls match." in html
+
+
+def test_dashboard_page_filters_and_paging_links(filled_client):
+    html = filled_client.get("/analytics?model=llama3.2&since=7d&limit=2").get_data(as_text=True)
+    assert 'value="llama3.2"' in html and '<a href="/analytics?model=llama3.2&amp;since=7d" class="on">' not in html
+    assert re.search(r'data-card="calls">.*?<div class="value ">3</div>', html)
+    next_link = re.search(r'id="next-page" href="([^"]+)"', html)[1].replace("&amp;", "&")
+    assert "cursor=" in next_link and "model=llama3.2" in next_link
+    second = filled_client.get(next_link).get_data(as_text=True)
+    assert second.count('class="detail"') == 1 and "First page" in second
+
+
+def test_dashboard_call_detail_html_shows_every_field_as_text(filled_client):
+    answer = filled_client.get("/analytics/calls/r3", headers={"Accept": "text/html"})
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200
+    assert all(f"<dt>{name}</dt>" in html for name in COLUMNS)
+    assert f"<pre>{ESCAPED_XSS}</pre>" in html and "<img" not in html and "<pre>boom</pre>" in html
+
+
+# ---- JSON --------------------------------------------------------------------------------------------------------
+
+
+def test_dashboard_json_shapes(filled_client):
+    figures = filled_client.get("/analytics/stats").get_json()
+    assert set(figures) == {"empty", "filters", "range", "cards", "models", "series", "percentiles"}
+    assert figures["cards"]["calls"] == 6 and figures["cards"]["input_tokens"] == 145
+    assert set(figures["series"]) == {
+        "bucket_seconds",
+        "buckets",
+        "calls",
+        "errors",
+        "tokens",
+        "total_time_ms_p50",
+        "total_time_ms_p95",
+        "ttft_ms_p50",
+        "ttft_ms_p95",
+    }
+    found = filled_client.get("/analytics/search?q=invoice").get_json()
+    assert set(found) == {"results", "count", "count_capped", "next", "filters"}
+    assert [row["request_id"] for row in found["results"]] == ["r2", "r4"] and found["count"] == 2
+    assert list(found["results"][0]) == list(COLUMNS)
+    row = filled_client.get("/analytics/calls/r3").get_json()
+    assert row["call"]["prompt"] == XSS and row["call"]["outcome"] == "upstream_error"
+    page = filled_client.get("/analytics?format=json").get_json()
+    assert set(page) >= {"stats", "search", "choices", "filters"} and page["stats"]["cards"]["calls"] == 6
+
+
+def test_dashboard_unknown_call_is_404(filled_client):
+    answer = filled_client.get("/analytics/calls/nope")
+    assert answer.status_code == 404 and answer.get_json() == {"error": "no stored call has request_id 'nope'"}
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("/analytics/stats?since=yesterday", "since='yesterday' is neither ISO 8601"),
+        ("/analytics/search?limit=-1", "limit='-1' must be a whole number"),
+        ("/analytics/search?cursor=abc", "cursor is not"),
+        ("/analytics/export.csv?status=7", "status='7'"),
+        ("/analytics/stats?outcome=nope", "outcome='nope' must be one of"),
+    ],
+)
+def test_dashboard_bad_parameters_get_400_with_reason(client, url, message):
+    answer = client.get(url)
+    assert answer.status_code == 400 and message in answer.get_json()["error"]
+
+
+def test_dashboard_bad_parameter_on_page_is_400_html(client):
+    answer = client.get("/analytics?until=2025-99-01")
+    assert answer.status_code == 400 and "until=&#39;2025-99-01&#39; is neither" in answer.get_data(as_text=True)
+
+
+# ---- CSV ---------------------------------------------------------------------------------------------------------
+
+EXPECTED_CSV = (
+    "timestamp,request_id,ip_source,user_agent,http_method,endpoint,session_id,model,input_tokens,output_tokens,"
+    "total_tokens,model_parameters,stream_mode,request_size_bytes,response_size_bytes,queue_time_ms,"
+    "processing_time_ms,total_time_ms,http_status,error_message,system_load_cpu,system_load_memory,"
+    "concurrent_requests,outcome,ttft_ms,tokens_per_second,load_duration_ms,prompt_eval_duration_ms,"
+    "eval_duration_ms,done_reason,api,prompt,response_preview\r\n"
+    "2025-05-01T12:30:45.123Z,e1,192.0.2.7,ollama-python/0.6.3,POST,/api/chat,s-1,llama3.2,12,5,17,"
+    '"{""temperature"":0.2,""num_ctx"":4096}",true,120,1043,0.0,250.5,251.25,200,,12.5,40.0,3,completed,12.75,'
+    '20.0,1.0,12.0,250.0,stop,native,"say ""hi"", then\nstop",The sky is blue.\r\n'
+    "2025-05-01T12:30:46.123Z,e2,192.0.2.7,'-x,POST,/api/chat,s-1,,,,,"
+    '"{""temperature"":0.2,""num_ctx"":4096}",false,120,1043,0.0,250.5,251.25,200,"bad, ""quoted""",12.5,40.0,3,'
+    'completed,12.75,20.0,1.0,12.0,250.0,stop,native,"\'=HYPERLINK(""http://evil"")",The sky is blue.\r\n'
+)
+
+
+def test_dashboard_export_csv_whole_text(app, client):
+    formula = sample_call(
+        request_id="e2",
+        timestamp=CSV_NOW + timedelta(seconds=1),
+        prompt='=HYPERLINK("http://evil")',
+        user_agent="-x",
+        model=None,
+        input_tokens=None,
+        output_tokens=None,
+        total_tokens=None,
+        stream_mode=False,
+        error_message='bad, "quoted"',
+    )
+    older = sample_call(request_id="e0", timestamp=CSV_NOW - timedelta(days=2))
+    models.insert_calls(store_of(app), [older, sample_call(request_id="e1"), formula])
+    answer = client.get("/analytics/export.csv?since=2025-05-01T00:00:00Z&until=2025-05-02T00:00:00Z")
+    assert answer.status_code == 200 and answer.mimetype == "text/csv"
+    assert re.fullmatch(
+        r'attachment; filename="ollama-proxy-calls-\d{8}T\d{6}Z\.csv"', answer.headers["Content-Disposition"]
+    )
+    assert answer.get_data(as_text=True) == EXPECTED_CSV
+    only_e2 = client.get("/analytics/export.csv?since=all&q=HYPERLINK").get_data(as_text=True)
+    assert (
+        only_e2
+        == EXPECTED_CSV[: EXPECTED_CSV.index("\r\n") + 2] + EXPECTED_CSV[EXPECTED_CSV.index("2025-05-01T12:30:46") :]
+    )
+
+
+def test_export_cells_match_the_csv_mirror_byte_for_byte(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=False)
+    tricky = sample_call(
+        request_id="t1",
+        timestamp=CSV_NOW.replace(microsecond=0),
+        user_agent="=1+2",
+        session_id="+s",
+        model="@m",
+        endpoint="-e",
+        prompt='\tx\r\ny, "q"',
+        response_preview="ünïcode ✓ -",
+        done_reason="",
+        error_message="-",
+        queue_time_ms=-5.0,
+        input_tokens=-5,
+        system_load_cpu=None,
+    )
+    calls = [tricky, *known_calls()]
+    models.insert_calls(db, calls)
+    ours = "".join(export.iter_csv(queries.iter_chunks(db, parse_filters({"since": "all"}), chunk=3)))
+    assert ours == "".join(csvlog.iter_csv(calls))
+
+
+def test_dashboard_export_streams_in_chunks(app, client):
+    calls = [replace(sample_call(), request_id=f"c{n}", timestamp=CSV_NOW + timedelta(seconds=n)) for n in range(1500)]
+    models.insert_calls(store_of(app), calls)
+    answer = client.get("/analytics/export.csv?since=all", buffered=False)
+    chunks = list(answer.response)
+    answer.close()
+    assert len(chunks) == 2  # the header, then one write for the chunk of 1,500 rows (not one per line)
+    text = b"".join(chunks).decode()
+    assert text.count("\r\n") == 1501 and text.count(",c1499,") == 1
+
+
+# ---- safety ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/analytics",
+        "/analytics/stats",
+        "/analytics/search",
+        "/analytics/calls/nope",
+        "/analytics/export.csv",
+        "/analytics/static/dashboard.js",
+        "/analytics/stats?limit=x",
+    ],
+)
+def test_dashboard_security_headers(filled_client, url):
+    answer = filled_client.get(url)
+    answer.close()
+    headers = answer.headers
+    policy = headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+
+
+def test_dashboard_page_has_no_inline_script_and_a_nonced_style(filled_client):
+    answer = filled_client.get("/analytics")
+    html = answer.get_data(as_text=True)
+    nonce = re.search(r"style-src 'nonce-([^']+)'", answer.headers["Content-Security-Policy"])[1]
+    assert f'<style nonce="{nonce}">' in html and " style=" not in html
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/analytics/static/dashboard.js" defer>']
+    assert attributes_named(html, "on") == [] and attributes_named(html, "style") == []
+
+
+def attributes_named(html: str, prefix: str) -> list[str]:
+    """Every attribute of every tag whose name starts with ``prefix``, as a real HTML parser sees them."""
+    found = []
+
+    class Collector(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend(f"{tag} {name}" for name, _ in attrs if name.startswith(prefix))
+
+    Collector().feed(html)
+    return found
+
+
+def test_dashboard_static_script_served_as_javascript(client):
+    answer = client.get("/analytics/static/dashboard.js")
+    assert answer.status_code == 200 and answer.mimetype in ("text/javascript", "application/javascript")
+    answer.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/analytics/../../etc/passwd",
+        "/analytics/static/../../config.py",
+        "/analytics/static/..%2f..%2fconfig.py",
+        "/analytics/static/%2e%2e/queries.py",
+        "/analytics/static/..\\queries.py",
+        "/analytics/static//etc/passwd",
+        "/analytics/static/../__init__.py",
+        "/analytics/calls/..%2f..%2f..%2fetc%2fpasswd",
+    ],
+)
+def test_dashboard_path_tricks_read_no_files(filled_client, path):
+    answer = filled_client.get(path)
+    body = answer.get_data(as_text=True)
+    answer.close()
+    assert answer.status_code in (400, 404) or answer.status_code >= 500
+    assert "root:" not in body and "SETTINGS" not in body and "def " not in body
+
+
+# ---- the admin token ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["/analytics/stats", "/analytics/search", "/analytics/calls/r1", "/analytics/export.csv"]
+)
+def test_dashboard_token_required_for_apis(locked_app, url):
+    client = locked_app.test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+        answer = client.get(url, headers=headers)
+        assert answer.status_code == 401 and answer.get_json() == {"error": "unauthorized"}
+    answer = client.get(url, headers={"Authorization": "Bearer s3cret-token"})
+    assert answer.status_code == 200
+    answer.close()
+
+
+def test_dashboard_login_form_sets_cookie(locked_app):
+    client = locked_app.test_client()
+    page = client.get("/analytics")
+    assert page.status_code == 401 and 'name="token"' in page.get_data(as_text=True)
+    script = client.get("/analytics/static/dashboard.js")
+    script.close()
+    assert "s3cret" not in page.get_data(as_text=True) and script.status_code == 200
+    wrong = client.post("/analytics/login", data={"token": "guess", "next": "/analytics?since=7d"})
+    assert wrong.status_code == 401 and client.get_cookie("ollama_proxy_admin", path="/analytics") is None
+    right = client.post("/analytics/login", data={"token": "s3cret-token", "next": "/analytics?since=7d"})
+    assert right.status_code == 302 and right.headers["Location"] == "/analytics?since=7d"
+    cookie = client.get_cookie("ollama_proxy_admin", path="/analytics")
+    assert cookie.http_only and cookie.same_site == "Strict" and "s3cret" not in cookie.value
+    assert client.get("/analytics").status_code == 200 and client.get("/analytics/stats").status_code == 200
+    client.post("/analytics/logout")
+    assert client.get("/analytics/stats").status_code == 401
+
+
+def test_dashboard_login_never_redirects_elsewhere(locked_app):
+    client = locked_app.test_client()
+    for target in ("https://evil.example/", "//evil.example/analytics", "/analytics/\\\\evil", "/metrics"):
+        answer = client.post("/analytics/login", data={"token": "s3cret-token", "next": target})
+        assert answer.headers["Location"] == "/analytics", target

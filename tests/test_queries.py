@@ -1,0 +1,331 @@
+"""The read side against a known data set: filters, stats, search paging and the read model, with hand-computed
+expectations. Each store runs as SQLite without a read model, SQLite with the rollup and text index caught up,
+and PostgreSQL (answers must not depend on which path computed them)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+
+from proxy_app import models, queries, readmodel, stats
+from proxy_app.queries import FilterError, parse_filters
+from tests.conftest import need
+from tests.test_csvlog import sample_call
+from tests.test_store import POSTGRES
+
+NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+XSS = "explain <img src=x onerror=alert(1)>"
+
+
+def known_calls(now: datetime = NOW) -> list:
+    """Seven calls: six in the last 24 hours (two errors), one 30 hours old. Ids r1..r7 in this order."""
+    ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
+    rows = [
+        dict(timestamp=ago(10), model="llama3.2", endpoint="/api/chat", ip_source="10.0.0.1", session_id="s-a",
+             input_tokens=10, output_tokens=20, total_tokens=30, total_time_ms=100.0, ttft_ms=10.0,
+             tokens_per_second=50.0, prompt="hello world", response_preview="Hi there"),
+        dict(timestamp=ago(20), model="llama3.2", endpoint="/api/generate", ip_source="10.0.0.2", session_id="s-b",
+             input_tokens=30, output_tokens=40, total_tokens=70, total_time_ms=300.0, ttft_ms=30.0,
+             tokens_per_second=30.0, prompt="invoice for march", response_preview="Dear customer"),
+        dict(timestamp=ago(120), model="qwen2.5", endpoint="/api/chat", ip_source="10.0.0.1", session_id="s-a",
+             input_tokens=5, output_tokens=None, total_tokens=None, total_time_ms=50.0, ttft_ms=None,
+             tokens_per_second=None, http_status=500, outcome="upstream_error", error_message="boom", prompt=XSS,
+             response_preview=None),
+        dict(timestamp=ago(180), model="qwen2.5", endpoint="/v1/chat/completions", ip_source="10.0.0.3",
+             session_id="s-c", input_tokens=100, output_tokens=200, total_tokens=300, total_time_ms=2000.0,
+             ttft_ms=200.0, tokens_per_second=100.0, api="openai", prompt="summarise this",
+             response_preview="The INVOICE total is 5"),
+        dict(timestamp=ago(30 * 60), model="llama3.2", endpoint="/api/chat", ip_source="10.0.0.4", session_id="s-d",
+             input_tokens=7, output_tokens=3, total_tokens=10, total_time_ms=700.0, ttft_ms=70.0,
+             tokens_per_second=10.0, outcome="client_gone", prompt="old", response_preview="o"),
+        dict(timestamp=ago(5), model=None, endpoint="/api/tags", ip_source="10.0.0.2", session_id="s-b",
+             input_tokens=None, output_tokens=None, total_tokens=None, total_time_ms=5.0, ttft_ms=None,
+             tokens_per_second=None, stream_mode=False, http_method="GET", prompt=None, response_preview=None),
+        dict(timestamp=ago(1), model="nomic-embed", endpoint="/api/embed", ip_source="10.0.0.5", session_id="s-e",
+             input_tokens=None, output_tokens=None, total_tokens=None, total_time_ms=2.0, ttft_ms=None,
+             tokens_per_second=None, http_status=502, outcome="unreachable", prompt="embed me",
+             response_preview=None),
+    ]  # fmt: skip
+    return [sample_call(request_id=f"r{number}", **row) for number, row in enumerate(rows, start=1)]
+
+
+def open_sqlite(path, read_model: bool):
+    db = models.open_database(f"sqlite:///{path}")
+    models.create_tables(db)
+    if read_model:
+        readmodel.ensure_read_model(db)
+    return db
+
+
+def fold(db) -> None:
+    """Catch the read model up completely (what the refresher thread does in the background)."""
+    if readmodel.watermarks(db):
+        while readmodel.catch_up(db):
+            pass
+
+
+@pytest.fixture(scope="module")
+def postgres_db():
+    """A PostgreSQL store in a fresh schema for this module, dropped afterwards."""
+    try:
+        admin = psycopg2.connect(POSTGRES, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
+    admin.autocommit = True
+    schema = f"test_queries_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE SCHEMA {schema}")
+    db = models.open_database(f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}")
+    yield db
+    db.close()
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "sqlite+rollup", "postgresql"])
+def store(request, tmp_path_factory):
+    """A store holding known_calls(), in each of the three ways the dashboard reads; tests only read it."""
+    if request.param == "postgresql":
+        db = request.getfixturevalue("postgres_db")
+        models.create_tables(db)
+    else:
+        db = open_sqlite(tmp_path_factory.mktemp("store") / "calls.db", read_model=request.param == "sqlite+rollup")
+    models.insert_calls(db, known_calls())
+    fold(db)
+    yield db
+    db.close()
+
+
+def ids(found: dict) -> list[str]:
+    return [row["request_id"] for row in found["results"]]
+
+
+def filtered(**args) -> queries.Filters:
+    return parse_filters(args, now=NOW)
+
+
+# ---- stats --------------------------------------------------------------------------------------------------------
+
+
+def test_stats_cards_last_24h(store):
+    cards = stats.stats(store, filtered(), now=NOW)["cards"]
+    assert cards == {
+        "calls": 6, "calls_per_minute": 0.004, "errors": 2, "error_rate": 0.3333, "input_tokens": 145,
+        "output_tokens": 260, "total_time_ms_p50": 50.0, "total_time_ms_p95": 2000.0, "ttft_ms_p50": 30.0,
+        "ttft_ms_p95": 200.0, "tokens_per_second_p50": 50.0, "clients": 4, "models": 3,
+    }  # fmt: skip
+
+
+def test_stats_per_model_table(store):
+    rows = stats.stats(store, filtered(), now=NOW)["models"]
+    table = [(row["model"], row["calls"], row["errors"], row["input_tokens"], row["output_tokens"]) for row in rows]
+    assert table == [
+        ("llama3.2", 2, 0, 40, 60),
+        ("qwen2.5", 2, 1, 105, 200),
+        (None, 1, 0, 0, 0),
+        ("nomic-embed", 1, 1, 0, 0),
+    ]
+    llama, qwen = rows[0], rows[1]
+    assert (llama["total_time_ms_p50"], llama["total_time_ms_p95"], llama["ttft_ms_p50"]) == (100.0, 300.0, 10.0)
+    assert (llama["tokens_per_second_p50"], qwen["tokens_per_second_p50"], qwen["ttft_ms_p50"]) == (30.0, 100.0, 200.0)
+
+
+def test_stats_series_one_hour_in_minutes(store):
+    found = stats.stats(store, filtered(since="1h"), now=NOW)
+    series = found["series"]
+    assert series["bucket_seconds"] == 60 and len(series["buckets"]) == 60
+    assert series["buckets"][0] == "2025-05-01T11:00:00.000Z" and series["buckets"][-1] == "2025-05-01T11:59:00.000Z"
+    assert {series["buckets"][i]: series["calls"][i] for i in range(60) if series["calls"][i]} == {
+        "2025-05-01T11:40:00.000Z": 1, "2025-05-01T11:50:00.000Z": 1, "2025-05-01T11:55:00.000Z": 1,
+        "2025-05-01T11:59:00.000Z": 1}  # fmt: skip
+    assert series["errors"][-1] == 1 and sum(series["errors"]) == 1
+    tokens = {layer["model"]: sum(layer["values"]) for layer in series["tokens"]}
+    assert tokens == {"llama3.2": 100, None: 0, "nomic-embed": 0}
+    assert series["total_time_ms_p50"][50] == 100.0 and series["ttft_ms_p50"][40] == 30.0
+    assert series["total_time_ms_p95"][0] is None
+    assert found["percentiles"] == {"method": "nearest rank", "exact": True, "sample_rows": 4, "of_rows": 4}
+
+
+def test_stats_series_seven_days_hourly(store):
+    series = stats.stats(store, filtered(since="7d"), now=NOW)["series"]
+    assert series["bucket_seconds"] == 3600 and len(series["buckets"]) == 168
+    assert sum(series["calls"]) == 7 and sum(series["errors"]) == 2
+    assert series["calls"][-1] == 4 and series["calls"][-2] == 1 and series["calls"][-3] == 1
+    assert series["calls"][-30] == 1  # the 30-hour-old call
+
+
+def test_stats_24h_uses_ten_minute_buckets(store):
+    series = stats.stats(store, filtered(), now=NOW)["series"]
+    assert series["bucket_seconds"] == 600 and len(series["buckets"]) == 144
+    assert sum(series["calls"]) == 6 and series["calls"][-1] == 3  # 11:50 to 12:00: calls r1, r6, r7
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [({}, 6), ({"q": "invoice"}, 2), ({"q": "INVOICE FOR"}, 1), ({"model": "llama3.2"}, 2),
+     ({"endpoint": "/api/chat"}, 2), ({"outcome": "error"}, 2), ({"outcome": "completed"}, 4), ({"status": "5xx"}, 2),
+     ({"status": "200"}, 4), ({"client": "10.0.0.1"}, 2), ({"client": "s-b"}, 2), ({"since": "15m"}, 3),
+     ({"since": "7d"}, 7), ({"since": "all"}, 7), ({"since": "7d", "until": "1h"}, 3),
+     ({"since": "2025-05-01T09:00:00Z"}, 6), ({"since": "2025-05-01T09:00:00.001+00:00"}, 5),
+     ({"since": "2025-05-01T11:00", "until": "2025-05-01T11:45"}, 1), ({"model": "no-such-model"}, 0),
+     ({"model": "qwen2.5", "outcome": "error", "client": "s-a", "q": "img"}, 1)],
+)  # fmt: skip
+def test_every_filter_narrows_stats_and_search(store, args, expected):
+    filters = filtered(**args)
+    assert stats.stats(store, filters, now=NOW)["cards"]["calls"] == expected
+    found = queries.search(store, filters)
+    assert found["count"] == len(found["results"]) == expected
+    assert sum(len(rows) for rows in queries.iter_chunks(store, filters, chunk=2)) == expected
+
+
+def test_stats_empty_store(tmp_path):
+    db = open_sqlite(tmp_path / "empty.db", read_model=True)
+    found = stats.stats(db, filtered(), now=NOW)
+    assert found["empty"] is True and found["cards"]["calls"] == 0 and found["cards"]["total_time_ms_p50"] is None
+    assert queries.search(db, filtered()) == {"results": [], "count": 0, "count_capped": False, "next": None}
+
+
+# ---- search -------------------------------------------------------------------------------------------------------
+
+
+def test_search_pages_by_time_with_keyset_cursor(store):
+    pages, cursor = [], ""
+    while True:
+        found = queries.search(store, filtered(limit="2", cursor=cursor) if cursor else filtered(limit="2"))
+        pages.append(ids(found))
+        cursor = found["next"]
+        if not cursor:
+            break
+    assert pages == [["r7", "r6"], ["r1", "r2"], ["r3", "r4"]]
+
+
+@pytest.mark.parametrize(
+    "sort, order, expected",
+    [("latency", "desc", ["r4", "r2", "r1", "r3", "r6", "r7"]),
+     ("latency", "asc", ["r7", "r6", "r3", "r1", "r2", "r4"]),
+     ("tokens", "desc", ["r4", "r2", "r1", "r7", "r6", "r3"]),
+     ("time", "asc", ["r4", "r3", "r2", "r1", "r6", "r7"])],
+)  # fmt: skip
+def test_search_sorts_and_pages_each_order(store, sort, order, expected):
+    first = queries.search(store, filtered(sort=sort, order=order, limit="4"))
+    second = queries.search(store, filtered(sort=sort, order=order, limit="4", cursor=first["next"]))
+    assert ids(first) + ids(second) == expected and second["next"] is None
+
+
+def test_search_row_has_every_column_as_stored(store):
+    row = queries.search(store, filtered(q="img"))["results"][0]
+    assert list(row) == list(queries.COLUMNS)
+    assert row["prompt"] == XSS and row["timestamp"] == "2025-05-01T10:00:00.000Z" and row["stream_mode"] is True
+    assert (row["output_tokens"], row["http_status"], row["error_message"]) == (None, 500, "boom")
+
+
+def test_search_text_is_just_text(store):
+    for text in ("%", "_", "' OR 1=1 --", '"', "\\"):
+        assert queries.search(store, filtered(q=text))["count"] == 0, text
+
+
+def test_get_call_by_request_id(store):
+    assert queries.get_call(store, "r4")["response_preview"] == "The INVOICE total is 5"
+    assert queries.get_call(store, "nope") is None
+
+
+# ---- parameters ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [({"since": "yesterday"}, "since='yesterday' is neither ISO 8601"), ({"until": "2025-13-01"}, "until="),
+     ({"since": "1h", "until": "2h"}, "must be before until"), ({"limit": "0"}, "limit='0' must be a whole number"),
+     ({"limit": "-5"}, "limit='-5'"), ({"limit": "ten"}, "limit='ten'"), ({"outcome": "oops"}, "outcome='oops'"),
+     ({"status": "99"}, "status='99'"), ({"status": "6xx"}, "status='6xx'"), ({"sort": "prompt"}, "sort='prompt'"),
+     ({"order": "sideways"}, "order="), ({"cursor": "garbage!"}, "cursor is not"), ({"since": "99999d"}, "more than"),
+     ({"model": "m" * 300}, "model is longer than 255")],
+)  # fmt: skip
+def test_parse_filters_rejects_bad_values_clearly(args, message):
+    with pytest.raises(FilterError, match=None) as caught:
+        parse_filters(args, now=NOW)
+    assert message in str(caught.value)
+
+
+def test_parse_filters_relative_iso_and_defaults():
+    assert filtered().since == NOW - timedelta(hours=24) and filtered().until is None
+    assert filtered(since="15m").since == NOW - timedelta(minutes=15)
+    assert filtered(since="2w").since == NOW - timedelta(days=14)
+    assert filtered(since="90s").since == NOW - timedelta(seconds=90)
+    assert filtered(since="all").since is None
+    assert filtered(since="2025-04-30T10:00:00+02:00").since == datetime(2025, 4, 30, 8, tzinfo=UTC)
+    assert filtered(since="2025-04-30 10:00").since == datetime(2025, 4, 30, 10, tzinfo=UTC)
+    assert filtered(limit="100000").limit == queries.MAX_LIMIT and filtered(status="5XX").status == "5xx"
+
+
+def test_cursor_must_match_its_sort(store):
+    cursor = queries.search(store, filtered(limit="1"))["next"]
+    with pytest.raises(FilterError, match="same sort"):
+        filtered(cursor=cursor, sort="latency")
+
+
+def test_filters_params_round_trip():
+    filters = filtered(q="x", model="m", since="7d", sort="latency", limit="20")
+    assert filters.params() == {"q": "x", "model": "m", "since": "7d", "sort": "latency", "limit": 20}
+    assert filtered(**{name: str(value) for name, value in filters.params().items()}) == filters
+    assert filters.params(model="", since="24h") == {"q": "x", "sort": "latency", "limit": 20}
+
+
+# ---- the read model ----------------------------------------------------------------------------------------------
+
+
+def test_read_model_counts_rows_above_its_watermark_and_after_retention(tmp_path):
+    raw = open_sqlite(tmp_path / "raw.db", read_model=False)
+    folded = open_sqlite(tmp_path / "folded.db", read_model=True)
+    calls = known_calls()
+    for db in (raw, folded):
+        models.insert_calls(db, calls[:4])
+    fold(folded)
+    for db in (raw, folded):  # after the fold: new rows, then the retention deletes the oldest
+        models.insert_calls(db, calls[4:])
+        models.delete_older_than(db, NOW - timedelta(minutes=150), 100)
+    for args in ({"since": "all"}, {}, {"since": "7d", "model": "qwen2.5"}):
+        expected = stats.stats(raw, filtered(**args), now=NOW)
+        assert stats.stats(folded, filtered(**args), now=NOW) == expected
+        fold(folded)
+        assert stats.stats(folded, filtered(**args), now=NOW) == expected
+    assert stats.stats(folded, filtered(since="all"), now=NOW)["cards"]["calls"] == 5
+
+
+def test_read_model_rebuilds_when_ids_are_reused(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+    models.insert_calls(db, known_calls())
+    fold(db)
+    db.execute_sql("DELETE FROM calls")  # SQLite restarts ids at 1 once the table is empty
+    models.insert_calls(db, [replace(call, request_id=f"new{n}") for n, call in enumerate(known_calls()[:3])])
+    fold(db)
+    assert stats.stats(db, filtered(), now=NOW)["cards"]["calls"] == 3
+    assert db.execute_sql("SELECT sum(calls) FROM calls_rollup").fetchone()[0] == 3
+    assert queries.search(db, filtered(q="invoice"))["count"] == 1
+
+
+def test_text_search_uses_index_and_scans_only_new_rows(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+    models.insert_calls(db, known_calls()[:2])
+    fold(db)
+    models.insert_calls(db, known_calls()[2:])  # above the watermark: found by the scan of new rows
+    clause, params = readmodel.text_condition(db, "invoice")
+    assert "calls_fts MATCH" in clause and params[1] == 2
+    assert ids(queries.search(db, filtered(q="invoice"))) == ["r2", "r4"]
+    assert "MATCH" not in readmodel.text_condition(db, "in")[0]  # shorter than a trigram: a scan
+
+
+def test_read_model_drops_what_retention_deleted(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+    models.insert_calls(db, sorted(known_calls(), key=lambda call: call.timestamp))  # ids follow time, as stored
+    fold(db)
+    assert models.delete_older_than(db, NOW - timedelta(minutes=150), 100) == 2  # the 30 h and 3 h old calls
+    fold(db)
+    assert db.execute_sql("SELECT min(rowid), count(*) FROM calls_fts").fetchone() == (3, 4)  # r6 has no text
+    assert db.execute_sql("SELECT min(slot) FROM calls_rollup").fetchone()[0] == "2025-05-01 10:0"
+    assert stats.stats(db, filtered(since="all"), now=NOW)["cards"]["calls"] == 5
