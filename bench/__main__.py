@@ -33,7 +33,7 @@ PLANS = {
     "full": {"latency": (6, 1000), "throughput": (3, 6), "tokens": (3, 800), "streams": 2, "ttfb": (6, 200),
              "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 300, "breakdown_calls": 3000},
 }  # fmt: skip
-FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown")
+FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown", "server")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         stop_all(started)
     document["rows_stored"] = {t.name: soak.count_rows(t.data_dir) for t in proxies}  # after SIGTERM's flush
+    if "server" in wanted:
+        step("servers alone", lambda: figures.__setitem__("server_only", servers_alone(plan)))
     if "breakdown" in wanted:
         step("in-process breakdown", lambda: figures.__setitem__("breakdown", breakdown.run(plan["breakdown_calls"])))
     if soak_seconds:
@@ -118,6 +120,17 @@ def run(args: argparse.Namespace) -> dict:
     document["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     document["machine"]["load_average_at_end"] = [round(value, 1) for value in os.getloadavg()]
     return document
+
+
+def servers_alone(plan: dict) -> dict:
+    """gunicorn and waitress serving bench/hello.py, with a fresh direct upstream as the latency reference."""
+    upstream = targets.start_upstream()
+    servers = [upstream, targets.start_hello("gunicorn"), targets.start_hello("waitress")]
+    try:
+        rounds, calls = plan["latency"]
+        return measure.server_only(servers, rounds, calls, plan["throughput"][1])
+    finally:
+        stop_all(servers)
 
 
 def step(label: str, action) -> None:

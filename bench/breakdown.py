@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -54,41 +55,45 @@ def _cpu_per_call(app, body: bytes, calls: int) -> tuple[float, float]:
     return thread / calls * 1e6, (time.process_time() - process) / calls * 1e6
 
 
-def run(calls: int = CALLS) -> dict:
-    """Measure each configuration on one app (sinks swapped in place); return µs per call."""
+def run(calls: int = CALLS, rounds: int = 3) -> dict:
+    """Measure each configuration on one app (sinks swapped in place), interleaved ``rounds`` times; medians, µs."""
     from flask import Response
 
     from proxy_app import create_app, shutdown
 
     upstream = targets.start_upstream()
     body = client.generate_body(stream=False)
-    result = {}
+    samples: dict[str, list[tuple[float, float]]] = {}
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING"}, environ={})
-            sinks = list(app.extensions["call_sinks"])
+            sinks, relay = list(app.extensions["call_sinks"]), app.view_functions["relay"]
             no_writer = [sink for sink in sinks if getattr(sink, "__self__", None) is not app.extensions["writer"]]
-            for name, chosen in (("full_analytics", sinks), ("no_writer", no_writer), ("relay_only", [])):
-                app.extensions["call_sinks"][:] = chosen
-                thread, process = _cpu_per_call(app, body, calls)
-                result[name] = {"thread_us": round(thread), "process_us": round(process)}
+            for _ in range(rounds):
+                for name, chosen in (("full_analytics", sinks), ("no_writer", no_writer), ("relay_only", [])):
+                    app.extensions["call_sinks"][:] = chosen
+                    samples.setdefault(name, []).append(_cpu_per_call(app, body, calls))
+                app.view_functions["relay"] = lambda path="": Response(b"x" * 500, content_type="application/json")
+                samples.setdefault("flask_and_hooks_only", []).append(_cpu_per_call(app, body, calls))
+                app.view_functions["relay"] = relay
+                samples.setdefault("urllib3_round_trip_only", []).append(_urllib3_only(app, body, calls))
             app.extensions["call_sinks"][:] = sinks
-            relay = app.view_functions["relay"]
-            app.view_functions["relay"] = lambda path="": Response(b"x" * 500, content_type="application/json")
-            thread, _ = _cpu_per_call(app, body, calls)
-            result["flask_and_hooks_only"] = {"thread_us": round(thread)}
-            app.view_functions["relay"] = relay
-            pool, headers = app.extensions["upstream_pool"], client.knobs(5)
-            started = time.thread_time()
-            for _ in range(calls):
-                answer = pool.urlopen("POST", client.GENERATE, body=body, headers=headers, preload_content=False)
-                answer.read()
-                answer.release_conn()
-            result["urllib3_round_trip_only"] = {"thread_us": round((time.thread_time() - started) / calls * 1e6)}
             shutdown(app)
     finally:
         upstream.stop()
-    return result
+    return {name: {"thread_us": round(statistics.median(s[0] for s in values)),
+                   "process_us": round(statistics.median(s[1] for s in values))}
+            for name, values in samples.items()}  # fmt: skip
+
+
+def _urllib3_only(app, body: bytes, calls: int) -> tuple[float, float]:
+    pool, headers = app.extensions["upstream_pool"], client.knobs(5)
+    thread, process = time.thread_time(), time.process_time()
+    for _ in range(calls):
+        answer = pool.urlopen("POST", client.GENERATE, body=body, headers=headers, preload_content=False)
+        answer.read()
+        answer.release_conn()
+    return (time.thread_time() - thread) / calls * 1e6, (time.process_time() - process) / calls * 1e6
 
 
 if __name__ == "__main__":

@@ -192,6 +192,15 @@ def idle_memory(targets: list) -> dict:
     return summary
 
 
+def server_only(servers: list, rounds: int, calls: int, seconds: float) -> dict:
+    """The servers alone (bench/hello.py): latency at c1 and CPU per call at c8, to set the proxy's figures against."""
+    latency = latency_c1(servers, rounds, calls)
+    load_c8 = throughput(servers, rounds, seconds, 8)
+    return {server.name: {"p50_ms": latency[server.name]["p50_ms"], "calls_per_second_c8":
+                          load_c8[server.name]["calls_per_second"], "cpu_us_per_call_c8":
+                          load_c8[server.name]["cpu_us_per_call"]} for server in servers}  # fmt: skip
+
+
 def writer_rows(rows: int) -> dict:
     """(7) Rows per second the analytics writer stores (SQLite + CSV mirror): a burst, and one row at a time."""
     from proxy_app import models

@@ -26,6 +26,16 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _ratios(document, figure, key, target, value, digits: int) -> str:
+    """For a proxy's cell: its value as a multiple of direct's and of nginx's, e.g. "18.4× direct, 10.8× nginx"."""
+    parts = []
+    for name in ("direct", "nginx"):
+        reference = _get(document, figure, name, key)
+        if target in PROXIES and reference:
+            parts.append(f"{value / reference:.{digits}f}× {name}")
+    return ", ".join(parts)
+
+
 def _added_row(document, label, figure, key, limit=None, digits=2) -> list[str] | None:
     """A latency-like row: each target's value and what it adds to direct; the target checks the added part."""
     direct = _get(document, figure, "direct", key)
@@ -38,7 +48,10 @@ def _added_row(document, label, figure, key, limit=None, digits=2) -> list[str] 
             cells.append("–")
             continue
         added = value - direct
-        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} (+{_fmt(added, digits)})")
+        ratios = _ratios(document, figure, key, target, value, 1)
+        shown = f"{_fmt(value, digits)} ({'+' if added >= 0 else '−'}{_fmt(abs(added), digits)}"
+        shown += f"; {ratios})" if ratios else ")"
+        cells.append(_fmt(value, digits) if target == "direct" else shown)
         if limit is not None and target in PROXIES:
             verdicts.append(f"{target} {'met' if added <= limit else 'missed'}")
     return [label, *cells, f"≤ {limit} added: " + ", ".join(verdicts) if limit is not None else ""]
@@ -55,18 +68,22 @@ def _ratio_row(document, label, figure, key, at_least=None, digits=0) -> list[st
         if value is None:
             cells.append("–")
             continue
-        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} ({value / direct:.2f}×)")
+        ratios = _ratios(document, figure, key, target, value, 2) or f"{value / direct:.2f}× direct"
+        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} ({ratios})")
         if at_least is not None and target in PROXIES:
             verdicts.append(f"{target} {'met' if value >= at_least else 'missed'}")
     return [label, *cells, f"≥ {at_least:,}: " + ", ".join(verdicts) if at_least is not None else ""]
 
 
-def _plain_row(document, label, figure, key, at_most=None, digits=1, targets=ALL) -> list[str] | None:
+def _plain_row(document, label, figure, key, at_most=None, digits=1, vs_nginx=True) -> list[str] | None:
     """An absolute row (CPU, memory): the value as measured; the target checks the proxies."""
     values = {target: _get(document, figure, target, key) for target in ALL}
     if all(value is None for value in values.values()):
         return None
-    cells = [_fmt(values[t], digits) if t in targets else "–" for t in ALL]
+    cells = [_fmt(values[t], digits) for t in ALL]
+    if vs_nginx and values["nginx"]:  # the zero-cost proxy's figure is the yardstick for the proxies' CPU and memory
+        cells = [cell + (f" ({values[t] / values['nginx']:.0f}× nginx)" if t in PROXIES and values[t] else "")
+                 for t, cell in zip(ALL, cells, strict=True)]  # fmt: skip
     if at_most is None:
         return [label, *cells, ""]
     verdicts = [f"{t} {'met' if values[t] <= at_most else 'missed'}" for t in PROXIES if values[t] is not None]
@@ -86,9 +103,22 @@ def rows(document: dict) -> list[list[str]]:
             document, "(3) server CPU µs per relayed token (64-token streams)", "cpu_per_token", "cpu_us_per_token", 20
         ),
         _plain_row(document, "(3) server CPU µs per chunk written to the client", "cpu_per_token", "cpu_us_per_chunk"),
-        _plain_row(document, "(3) chunks per 64-token stream, as received", "cpu_per_token", "chunks_per_stream"),
-        _plain_row(document, "(4) 256 streams × 20 tokens @ 50 ms: complete", "streams_256", "complete", digits=0),
-        _plain_row(document, "(4) 256 streams: wall s (upstream needs 1.05)", "streams_256", "wall_s", 1.5, 2),
+        _plain_row(
+            document,
+            "(3) chunks per 64-token stream, as received",
+            "cpu_per_token",
+            "chunks_per_stream",
+            vs_nginx=False,
+        ),
+        _plain_row(
+            document,
+            "(4) 256 streams × 20 tokens @ 50 ms: complete",
+            "streams_256",
+            "complete",
+            digits=0,
+            vs_nginx=False,
+        ),
+        _plain_row(document, "(4) 256 streams: wall s (upstream needs 1.05)", "streams_256", "wall_s", 1.5, 2, False),
         _added_row(document, "(4) per-line transit p50 ms", "streams_256", "transit_p50_ms", 0.5),
         _added_row(document, "(4) per-line transit p99 ms", "streams_256", "transit_p99_ms"),
         _added_row(document, "(5) stream TTFB at idle, p50 ms", "ttfb", "p50_ms", 1.0),
@@ -120,6 +150,10 @@ def table(document: dict) -> str:
     if writer:
         burst, single = writer["burst_rows_per_second"], writer["one_by_one_rows_per_second"]
         lines.append(f"\n(7) writer (SQLite + CSV): {burst:,.0f} rows/s in a burst, {single:,.0f} rows/s one by one")
+    if servers := document.get("figures", {}).get("server_only"):
+        shown = "; ".join(f"{name}: c1 p50 {v['p50_ms']:.2f} ms, {v['calls_per_second_c8']:,.0f} calls/s at c8, "
+                          f"{v['cpu_us_per_call_c8']:,.0f} µs CPU per call" for name, v in servers.items())  # fmt: skip
+        lines.append(f"\nservers alone (bench/hello.py): {shown}")
     if parts := document.get("figures", {}).get("breakdown"):
         shown = ", ".join(f"{name.replace('_', ' ')} {value['thread_us']} µs" for name, value in parts.items())
         process = parts["full_analytics"]["process_us"]

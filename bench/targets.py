@@ -153,6 +153,20 @@ def start_nginx(upstream: Target, work_dir: Path) -> Target:
     return Target("nginx", f"http://127.0.0.1:{port}", process)
 
 
+def start_hello(server: str, threads: int = 64) -> Target:
+    """bench/hello.py (a fixed answer) under gunicorn gthread (1 worker) or waitress: the servers' own cost."""
+    port, bin_dir = free_port(), Path(sys.executable).parent
+    if server == "gunicorn":
+        command = [str(bin_dir / "gunicorn"), "-k", "gthread", "-w", "1", "--threads", str(threads), "--keep-alive",
+                   "75", "--log-level", "warning", "-b", f"127.0.0.1:{port}", "bench.hello:app"]  # fmt: skip
+    else:
+        command = [str(bin_dir / "waitress-serve"), f"--threads={threads}", f"--listen=127.0.0.1:{port}",
+                   "bench.hello:app"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    wait_listening(port, process)
+    return Target(f"{server}-hello", f"http://127.0.0.1:{port}", process)
+
+
 def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int, workers: int = 1,
                 extra_env: dict | None = None) -> Target:  # fmt: skip
     """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir."""
