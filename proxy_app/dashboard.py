@@ -45,6 +45,8 @@ def init_app(app: Flask) -> None:
     finally:
         db.close()  # never carry a connection across gunicorn's fork
     app.register_blueprint(bp)
+    for name in ("base.html", "_macros.html", "dashboard.html"):
+        app.jinja_env.get_template(name)  # compiled now, so that the first page view does not wait for it
 
 
 def _db():

@@ -34,7 +34,7 @@ SORTS = {"time": '"timestamp"', "latency": '"total_time_ms"', "tokens": 'coalesc
 RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 STATUS = re.compile(r"[1-5](\d\d|xx)")
-ID_AFTER = '"id" > ?'  # the keyset step of an export
+AFTER = '("timestamp", "id") > (?, ?)'  # the keyset step of an export
 SELECT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
 
 
@@ -311,15 +311,16 @@ def get_call(db: Database, request_id: str) -> dict | None:
 
 
 def iter_chunks(db: Database, filters: Filters, chunk: int = EXPORT_CHUNK_ROWS) -> Iterator[list[tuple]]:
-    """Yield every row matching the filters in storage order as lists of raw rows ("id", then COLUMNS), ``chunk``
-    rows per short keyset query, so memory stays flat and no read transaction stays open for long."""
+    """Yield every row matching the filters, oldest first, as lists of raw rows ("id", then COLUMNS as stored):
+    ``chunk`` rows per keyset query on (timestamp, id), so memory stays flat and no read lasts long."""
     clauses, params = conditions(db, filters)
-    last_id = 0
+    after: list = []
     while True:
-        sql = f'SELECT "id", {SELECT_COLUMNS} FROM calls{where(clauses + [ID_AFTER])} ORDER BY "id" LIMIT {chunk}'
-        found = run(db, sql, params + [last_id])
+        sql = (f'SELECT "id", {SELECT_COLUMNS} FROM calls{where(clauses + ([AFTER] if after else []))} '
+               f'ORDER BY "timestamp", "id" LIMIT {chunk}')  # fmt: skip
+        found = run(db, sql, params + after)
         if found:
             yield found
         if len(found) < chunk:
             return
-        last_id = found[-1][0]
+        after = [found[-1][1], found[-1][0]]

@@ -28,6 +28,7 @@ FOLD_ROWS = {"rollup": 50_000, "fts": 5_000}  # rows per write transaction: each
 DENSE_MATCHES = 50_000  # a text query matching more rows than this is answered by a scan in time order instead
 REFRESH_SECONDS = 5.0  # how often a process looks for new rows to fold
 PAUSE_SECONDS = 0.05  # between two chunks of a long catch-up, so the writer gets the lock in between
+FIRST_DELAY_SECONDS = 1.0  # the first fold waits, so that it does not slow down the page view that started it
 LIKE = """("prompt" LIKE ? ESCAPE '\\' OR "response_preview" LIKE ? ESCAPE '\\')"""
 
 SCHEMA = (
@@ -213,7 +214,7 @@ class Refresher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        delay = 0.0
+        delay = FIRST_DELAY_SECONDS
         try:
             while not self._stop.wait(delay):
                 delay = self._step()

@@ -20,7 +20,10 @@ from .queries import ERROR_OUTCOMES, Filters, conditions, dimension_conditions, 
 from .summary import assemble, bucket_width, ceil_time, empty_document, floor_time, time_key
 
 SAMPLE_ROWS = 20_000  # percentiles are exact up to this many matching rows, else estimated from about this many
-MAX_VISITS = 60_000  # most rows looked up by id for one sample (~0.2 s at a million rows)
+MAX_VISITS = 60_000  # most rows read for one sample
+# Why: rows stored one after the other share disk pages, so a sample of runs of 16 consecutive rows reads about a
+# fifth of the pages that single rows would; 1,250 runs still spread over every bucket of a chart.
+BLOCK_ROWS = 16
 SLOT_SECONDS = 600  # the rollup's slot
 ERRORS_SQL = 'sum(CASE WHEN "outcome" IN ({outcomes}) THEN {{n}} ELSE 0 END)'.format(
     outcomes=", ".join(f"'{outcome}'" for outcome in ERROR_OUTCOMES)
@@ -135,12 +138,10 @@ def _sample(db: Database, filters: Filters, total: int) -> tuple[list[tuple], bo
         return run(db, f"{columns} FROM calls{where(clauses)}", params), True
     low, high = _id_range(db, filters)
     visits = min(high - low + 1, MAX_VISITS, math.ceil(SAMPLE_ROWS * (high - low + 1) / total))
-    step = max(1, (high - low + 1) // max(visits, 1))
-    stride = (
-        "WITH RECURSIVE stride(i) AS (SELECT CAST(? AS BIGINT) UNION ALL SELECT i + ? FROM stride WHERE i + ? <= ?) "
-    )
-    sql = f'{stride}{columns} FROM stride JOIN calls ON calls."id" = stride.i{where(clauses)}'
-    return run(db, sql, [low, step, step, high] + params), False
+    step = max(BLOCK_ROWS, (high - low + 1) * BLOCK_ROWS // max(visits, 1))
+    blocks = "WITH RECURSIVE block(i) AS (SELECT CAST(? AS BIGINT) UNION ALL SELECT i + ? FROM block WHERE i + ? <= ?) "
+    join = f' FROM block JOIN calls ON calls."id" >= block.i AND calls."id" < block.i + {BLOCK_ROWS}'
+    return run(db, f"{blocks}{columns}{join}{where(clauses)}", [low, step, step, high] + params), False
 
 
 def _id_range(db: Database, filters: Filters) -> tuple[int, int]:

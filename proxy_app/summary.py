@@ -83,13 +83,19 @@ NO_FIGURES = percentiles_of([], [], [])
 
 
 def summaries(rows: list[tuple], group) -> dict:
-    """Return {group(row): percentiles_of(...)} for sample rows (timestamp, model, latency, TTFT, tokens/s),
-    sorting each metric once for all groups."""
-    values = defaultdict(lambda: ([], [], []))
-    for slot, index in enumerate((2, 3, 4)):
-        for row in sorted((row for row in rows if row[index] is not None), key=itemgetter(index)):
-            values[group(row)][slot].append(row[index])
-    return {name: percentiles_of(*lists) for name, lists in values.items()}
+    """Return {group(row): percentiles_of(...)} for sample rows (timestamp, model, latency, TTFT, tokens/s)."""
+    lists = defaultdict(lambda: ([], [], []))
+    for row in rows:
+        latency, ttft, rate = lists[group(row)]
+        latency.append(row[2])  # total_time_ms is never unknown
+        if row[3] is not None:
+            ttft.append(row[3])
+        if row[4] is not None:
+            rate.append(row[4])
+    for values in lists.values():
+        for metric in values:
+            metric.sort()
+    return {key: percentiles_of(*values) for key, values in lists.items()}
 
 
 # ---- the document ------------------------------------------------------------------------------------------------

@@ -329,3 +329,18 @@ def test_read_model_drops_what_retention_deleted(tmp_path):
     assert db.execute_sql("SELECT min(rowid), count(*) FROM calls_fts").fetchone() == (3, 4)  # r6 has no text
     assert db.execute_sql("SELECT min(slot) FROM calls_rollup").fetchone()[0] == "2025-05-01 10:0"
     assert stats.stats(db, filtered(since="all"), now=NOW)["cards"]["calls"] == 5
+
+
+def test_percentiles_from_a_spread_sample_when_many_rows_match(tmp_path, monkeypatch):
+    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+    calls = [replace(sample_call(), request_id=f"s{n}", timestamp=NOW - timedelta(seconds=400 - n),
+                     total_time_ms=float(n + 1), ttft_ms=None) for n in range(400)]  # fmt: skip
+    models.insert_calls(db, calls)
+    fold(db)
+    monkeypatch.setattr(stats, "SAMPLE_ROWS", 100)
+    monkeypatch.setattr(stats, "BLOCK_ROWS", 4)
+    found = stats.stats(db, filtered(since="1h"), now=NOW)
+    method, cards = found["percentiles"], found["cards"]
+    assert method["exact"] is False and method["of_rows"] == 400 and 90 <= method["sample_rows"] <= 110
+    assert 180 <= cards["total_time_ms_p50"] <= 220 and 360 <= cards["total_time_ms_p95"] <= 400
+    assert cards["calls"] == 400 and cards["ttft_ms_p50"] is None
