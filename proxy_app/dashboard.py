@@ -255,3 +255,9 @@ def logout():
     response = redirect(url_for("dashboard.login"))
     response.delete_cookie(COOKIE, path="/analytics")
     return response
+
+
+@bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def not_found(rest: str):
+    """Any other path under /analytics: 404 from us, never relayed to Ollama."""
+    return _render({"error": "there is no such page under /analytics"}, "error", default_json=True, status=404)

@@ -116,15 +116,15 @@ def parse_time(name: str, text: str, now: datetime) -> datetime:
         return now - timedelta(seconds=seconds)
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise FilterError(
             f"{name}={text[:40]!r} is neither ISO 8601 (e.g. 2025-05-01T12:00:00Z) nor relative (15m, 24h, 7d)"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _text(args: Mapping[str, str], name: str) -> str:
-    value = args.get(name, "").strip()
+    value = args.get(name, "").replace("\x00", "").strip()  # the store holds no NUL (PostgreSQL text cannot)
     if len(value) > MAX_TEXT_CHARS:
         raise FilterError(f"{name} is longer than {MAX_TEXT_CHARS} characters")
     return value

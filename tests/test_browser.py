@@ -62,6 +62,7 @@ def test_browser_dashboard_end_to_end(browser, served, tmp_path):
     assert page.locator('[data-card="calls"] .value').inner_text() == "7"
     assert page.locator("#charts svg").count() == 4 and page.locator("#chart-calls rect").count() >= 5
     assert page.locator("#chart-latency path").count() >= 1
+    assert page.locator("#refresh-toggle").is_visible()  # the static script ran under the CSP
     xss_cell = page.locator("td.text", has_text="onerror")
     assert xss_cell.inner_text() == XSS and page.locator("img").count() == 0
     artifacts = ROOT / "test-artifacts"

@@ -262,6 +262,13 @@ def attributes_named(html: str, prefix: str) -> list[str]:
     return found
 
 
+def test_dashboard_unknown_paths_are_ours_not_ollamas(client):
+    for method in ("GET", "POST", "DELETE"):
+        answer = client.open("/analytics/api/tags", method=method)
+        assert answer.status_code == 404 and "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+        assert answer.get_json() == {"error": "there is no such page under /analytics"}
+
+
 def test_dashboard_static_script_served_as_javascript(client):
     answer = client.get("/analytics/static/dashboard.js")
     assert answer.status_code == 200 and answer.mimetype in ("text/javascript", "application/javascript")
@@ -279,6 +286,8 @@ def test_dashboard_static_script_served_as_javascript(client):
         "/analytics/static//etc/passwd",
         "/analytics/static/../__init__.py",
         "/analytics/calls/..%2f..%2f..%2fetc%2fpasswd",
+        "/analytics/whatever/../../../etc/passwd",
+        "/analytics/%2e%2e/%2e%2e/etc/passwd",
     ],
 )
 def test_dashboard_path_tricks_read_no_files(filled_client, path):

@@ -225,7 +225,7 @@ def test_search_row_has_every_column_as_stored(store):
 
 
 def test_search_text_is_just_text(store):
-    for text in ("%", "_", "' OR 1=1 --", '"', "\\"):
+    for text in ("%", "_", "' OR 1=1 --", '"', "\\", "x\x00y", "ünï ✓"):
         assert queries.search(store, filtered(q=text))["count"] == 0, text
 
 
@@ -244,7 +244,7 @@ def test_get_call_by_request_id(store):
      ({"limit": "-5"}, "limit='-5'"), ({"limit": "ten"}, "limit='ten'"), ({"outcome": "oops"}, "outcome='oops'"),
      ({"status": "99"}, "status='99'"), ({"status": "6xx"}, "status='6xx'"), ({"sort": "prompt"}, "sort='prompt'"),
      ({"order": "sideways"}, "order="), ({"cursor": "garbage!"}, "cursor is not"), ({"since": "99999d"}, "more than"),
-     ({"model": "m" * 300}, "model is longer than 255")],
+     ({"model": "m" * 300}, "model is longer than 255"), ({"since": "9999-12-31T23:59:59-05:00"}, "neither ISO")],
 )  # fmt: skip
 def test_parse_filters_rejects_bad_values_clearly(args, message):
     with pytest.raises(FilterError, match=None) as caught:
@@ -344,3 +344,10 @@ def test_percentiles_from_a_spread_sample_when_many_rows_match(tmp_path, monkeyp
     assert method["exact"] is False and method["of_rows"] == 400 and 90 <= method["sample_rows"] <= 110
     assert 180 <= cards["total_time_ms_p50"] <= 220 and 360 <= cards["total_time_ms_p95"] <= 400
     assert cards["calls"] == 400 and cards["ttft_ms_p50"] is None
+
+
+def test_choices_list_models_and_endpoints_in_range(store):
+    assert stats.choices(store, filtered()) == {
+        "models": ["llama3.2", "nomic-embed", "qwen2.5"],
+        "endpoints": ["/api/chat", "/api/embed", "/api/generate", "/api/tags", "/v1/chat/completions"],
+    }
