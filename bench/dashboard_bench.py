@@ -1,10 +1,10 @@
 """Time the dashboard on a big SQLite store: ``python -m bench.dashboard_bench [--rows 1000000] [--store PATH]``.
 
-Fills the store with ``bench.make_store`` (unless it already holds the rows), builds the read model, starts the
-proxy under waitress in a separate process, then times over HTTP: the page's first render and its later renders
-for 7 days, /analytics/stats for 7 days, /analytics/search with text queries (common, rare, very common) and the
-CSV export of every row (rows/s, and the server's peak memory while it streams). Writes
-bench/results/dashboard.json and prints a summary. It does not change the proxy or its settings files.
+Fills the store with ``bench.make_store`` and builds the read model. Then, for each server (gunicorn with one
+gthread worker as deploy/ runs it, and waitress), starts the proxy in a separate process and times over HTTP: the
+page's first render and later renders for 7 days, /analytics/stats for 7 days, /analytics/search with text queries
+(common, rare, very common), and the CSV export of every row (rows/s, and the server's peak memory meanwhile).
+Writes bench/results/dashboard.json and prints a summary. It does not touch the proxy's own data or settings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import requests
 from bench.make_store import fill
 from proxy_app import models, readmodel
 
-RESULTS = Path(__file__).resolve().parent / "results" / "dashboard.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "dashboard.json"
 TARGETS = {"page_ms": 500, "stats_ms": 500, "search_ms": 300, "export_rows_per_second": 50_000}
 SEARCHES = {"common (1 in 100 rows)": "invoice", "rare (1 in 10,000)": "zanzibar", "very common (1 in 7)": "summarise"}
 
@@ -62,8 +63,9 @@ def build_read_model(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def start_server(path: Path, data_dir: str) -> tuple[subprocess.Popen, str]:
-    """The proxy under waitress in its own process, reading the store at ``path``; return it and its URL."""
+def start_server(server: str, path: Path, data_dir: str) -> tuple[subprocess.Popen, str]:
+    """The proxy under gunicorn (one gthread worker, deploy/gunicorn.conf.py) or waitress, in its own process,
+    reading the store at ``path``; return the process and its URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -71,18 +73,24 @@ def start_server(path: Path, data_dir: str) -> tuple[subprocess.Popen, str]:
         "OLLAMA_PROXY_DATA_DIR": data_dir,
         "OLLAMA_PROXY_RETENTION_DAYS": "0",
         "OLLAMA_PROXY_LOG_LEVEL": "WARNING",
+        "OLLAMA_PROXY_PORT": str(port),
+        "OLLAMA_PROXY_WORKERS": "1",
+        "OLLAMA_PROXY_THREADS": "8",
         "OLLAMA_PROXY_UPSTREAM": "http://127.0.0.1:9",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "waitress",
-        f"--listen=127.0.0.1:{port}",
-        "--threads=8",
-        "--call",
-        "proxy_app:create_app",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if server == "gunicorn":
+        command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "waitress",
+            f"--listen=127.0.0.1:{port}",
+            "--threads=8",
+            "--call",
+            "proxy_app:create_app",
+        ]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -92,7 +100,13 @@ def start_server(path: Path, data_dir: str) -> tuple[subprocess.Popen, str]:
         except requests.RequestException:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError("the proxy did not start")
+    raise RuntimeError(f"the proxy did not start under {server}")
+
+
+def serving_process(process: subprocess.Popen) -> psutil.Process:
+    """The process that answers: gunicorn's worker, or waitress itself."""
+    parent = psutil.Process(process.pid)
+    return (parent.children() or [parent])[0]
 
 
 def timed(session: requests.Session, url: str) -> float:
@@ -181,11 +195,13 @@ def verdict(figures: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    """Command line: --rows, --store, --repeat."""
+    """Command line: --rows, --store, --reuse, --repeat, --server."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--store", type=Path, default=Path(tempfile.gettempdir()) / "ollama-proxy-dashboard-bench.db")
+    parser.add_argument("--reuse", action="store_true", help="keep an existing store that holds --rows rows")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--server", action="append", choices=("gunicorn", "waitress"), help="default: both")
     args = parser.parse_args(argv)
     document = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -193,23 +209,34 @@ def main(argv=None) -> None:
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(),
     }
-    if count_rows(args.store) != args.rows:
+    if not (args.reuse and count_rows(args.store) == args.rows):
         for suffix in ("", "-wal", "-shm"):
             Path(f"{args.store}{suffix}").unlink(missing_ok=True)
         document["fill_seconds"] = round(fill(args.store, args.rows), 1)
     document["read_model_build_seconds"] = round(build_read_model(args.store), 1)
     document["store_mb"] = round(args.store.stat().st_size / 2**20)
-    with tempfile.TemporaryDirectory() as data_dir:
-        process, url = start_server(args.store, data_dir)
-        try:
-            document["figures"] = measure(url, psutil.Process(process.pid), args.repeat)
-        finally:
-            process.terminate()
-            process.wait(30)
-    document.update(verdict(document["figures"]), load_average_after=os.getloadavg())
+    document["servers"] = {}
+    for server in args.server or ["gunicorn", "waitress"]:
+        with tempfile.TemporaryDirectory() as data_dir:
+            process, url = start_server(server, args.store, data_dir)
+            try:
+                figures = measure(url, serving_process(process), args.repeat)
+            finally:
+                process.terminate()
+                process.wait(30)
+        document["servers"][server] = {"figures": figures, **verdict(figures)}
+    document["load_average_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps({key: document[key] for key in ("measured", "passed", "load_average_before")}, indent=2))
+    summary = {
+        server: {"measured": found["measured"], "passed": found["passed"]}
+        for server, found in document["servers"].items()
+    }
+    print(
+        json.dumps(
+            {**summary, "load_average": [document["load_average_before"], document["load_average_after"]]}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":
