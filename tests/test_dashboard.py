@@ -13,6 +13,7 @@ import pytest
 from proxy_app import create_app, csvlog, export, models, queries, shutdown
 from proxy_app.calls import COLUMNS
 from proxy_app.queries import parse_filters
+from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
 from tests.test_csvlog import sample_call
 from tests.test_queries import XSS, known_calls, open_sqlite
@@ -24,11 +25,22 @@ def store_of(app):
     return app.extensions["dashboard"]["db"]
 
 
-@pytest.fixture
-def filled(app):
-    """The app with known_calls() stored, relative to the real clock."""
-    models.insert_calls(store_of(app), known_calls(datetime.now(UTC)))
-    return app
+def started_app(data_dir, **settings):
+    """An app (against a fake Ollama of its own) holding known_calls(), relative to the real clock."""
+    upstream = serve(FakeOllama())
+    application = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING",
+                              **settings}, environ={})  # fmt: skip
+    models.insert_calls(store_of(application), known_calls(datetime.now(UTC)))
+    return application, upstream
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """One app with data for the tests that only read (each test gets its own client)."""
+    application, upstream = started_app(tmp_path_factory.mktemp("filled"))
+    yield application
+    shutdown(application)
+    upstream.close()
 
 
 @pytest.fixture
@@ -36,13 +48,13 @@ def filled_client(filled):
     return filled.test_client()
 
 
-@pytest.fixture
-def locked_app(settings):
+@pytest.fixture(scope="module")
+def locked_app(tmp_path_factory):
     """An app with ADMIN_TOKEN set."""
-    application = create_app({**settings, "ADMIN_TOKEN": "s3cret-token"}, environ={})
-    models.insert_calls(store_of(application), known_calls(datetime.now(UTC)))
+    application, upstream = started_app(tmp_path_factory.mktemp("locked"), ADMIN_TOKEN="s3cret-token")
     yield application
     shutdown(application)
+    upstream.close()
 
 
 # ---- HTML --------------------------------------------------------------------------------------------------------
@@ -128,13 +140,13 @@ def test_dashboard_unknown_call_is_404(filled_client):
         ("/analytics/stats?outcome=nope", "outcome='nope' must be one of"),
     ],
 )
-def test_dashboard_bad_parameters_get_400_with_reason(client, url, message):
-    answer = client.get(url)
+def test_dashboard_bad_parameters_get_400_with_reason(filled_client, url, message):
+    answer = filled_client.get(url)
     assert answer.status_code == 400 and message in answer.get_json()["error"]
 
 
-def test_dashboard_bad_parameter_on_page_is_400_html(client):
-    answer = client.get("/analytics?until=2025-99-01")
+def test_dashboard_bad_parameter_on_page_is_400_html(filled_client):
+    answer = filled_client.get("/analytics?until=2025-99-01")
     assert answer.status_code == 400 and "until=&#39;2025-99-01&#39; is neither" in answer.get_data(as_text=True)
 
 
@@ -262,15 +274,15 @@ def attributes_named(html: str, prefix: str) -> list[str]:
     return found
 
 
-def test_dashboard_unknown_paths_are_ours_not_ollamas(client):
+def test_dashboard_unknown_paths_are_ours_not_ollamas(filled_client):
     for method in ("GET", "POST", "DELETE"):
-        answer = client.open("/analytics/api/tags", method=method)
+        answer = filled_client.open("/analytics/api/tags", method=method)
         assert answer.status_code == 404 and "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
         assert answer.get_json() == {"error": "there is no such page under /analytics"}
 
 
-def test_dashboard_static_script_served_as_javascript(client):
-    answer = client.get("/analytics/static/dashboard.js")
+def test_dashboard_static_script_served_as_javascript(filled_client):
+    answer = filled_client.get("/analytics/static/dashboard.js")
     assert answer.status_code == 200 and answer.mimetype in ("text/javascript", "application/javascript")
     answer.close()
 
