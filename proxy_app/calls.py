@@ -6,7 +6,7 @@ names are those of the CSV-logging proxies people already use, in their order. T
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 # Why: outcome is a closed set so the dashboard, the metrics and the alerts can rely on it.
@@ -52,8 +52,8 @@ class Call:
     response_preview: str | None
 
     def as_dict(self) -> dict:
-        """Return the fields in COLUMNS order, values unchanged."""
-        return asdict(self)
+        """Return the fields in COLUMNS order, values unchanged (a shallow copy: every value is a scalar)."""
+        return {name: getattr(self, name) for name in COLUMNS}
 
 
 COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(Call))

@@ -35,7 +35,7 @@ from peewee import (
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
 
-from .calls import Call
+from .calls import COLUMNS, Call
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ POSTGRES_DEFAULTS = {"connect_timeout": 5}  # an unroutable host must not hang t
 INDEXED_TEXT_CHARS = 255
 # How psycopg2 words a connection the server has closed (restart, idle timeout, pg_terminate_backend).
 DROPPED_CONNECTION = ("server closed the connection", "terminating connection", "connection already closed")
-# Why: 34 columns x 29 rows stays under SQLite's oldest limit of 999 bound parameters per statement.
-ROWS_PER_STATEMENT = 29
 
 
 class UTCDateTimeField(DateTimeField):
@@ -180,9 +178,19 @@ def insert_calls(db: Database, calls: list[Call]) -> None:
 
 
 def _insert_rows(db: Database, rows: list[dict]) -> None:
+    # Why: one prepared INSERT run by executemany costs about a tenth of peewee's insert_many, which builds the SQL
+    # anew for every batch (bench: 217 -> 26 µs a row); the values still go through each field's db_value.
+    fields = [CallRow._meta.fields[name] for name in COLUMNS]
+    values = [tuple(field.db_value(row[field.name]) for field in fields) for row in rows]
     with db.atomic():
-        for start in range(0, len(rows), ROWS_PER_STATEMENT):
-            CallRow.insert_many(rows[start : start + ROWS_PER_STATEMENT]).execute(db)
+        db.cursor().executemany(_insert_sql(db), values)
+
+
+def _insert_sql(db: Database) -> str:
+    opening, closing = db.quote  # peewee's pair of identifier quotes for this database, e.g. '""'
+    columns = ", ".join(f"{opening}{name}{closing}" for name in COLUMNS)
+    params = ", ".join([db.param] * len(COLUMNS))
+    return f"INSERT INTO {opening}{CallRow._meta.table_name}{closing} ({columns}) VALUES ({params})"
 
 
 def _is_dropped_connection(exc: Exception) -> bool:
