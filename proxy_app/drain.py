@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
+from .accounting import error_tail  # the same last line the relay sends when the upstream breaks
 from .relay import STREAM_TYPES
-from .relay import _error_tail as error_tail  # the same last line the relay sends when the upstream breaks
 
 log = logging.getLogger(__name__)
 
