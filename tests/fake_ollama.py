@@ -46,23 +46,37 @@ JSON_UTF8 = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
 MAX_EXPIRY_NS = 4102444800 * 10**9  # 2100-01-01: keep_alive < 0 means "for ever"
 WAITRESS_OPTIONS = {  # Ollama sets no timeouts or body limit; lookahead=1 lets waitress notice a departed client
-    "ident": "", "channel_timeout": 3600, "channel_request_lookahead": 1, "max_request_body_size": 1 << 40,
+    "ident": "",
+    "channel_timeout": 3600,
+    "channel_request_lookahead": 1,
+    "max_request_body_size": 1 << 40,
     "asyncore_use_poll": True,
 }
 
 
 def _model(family, params, quant, size, ctx, dims, caps, modified_ns):
     digest = hashlib.sha256(f"{family}{params}".encode()).hexdigest()
-    return {"family": family, "parameter_size": params, "quantization_level": quant, "size": size, "digest": digest,
-            "context_length": ctx, "embedding_length": dims, "capabilities": caps, "modified_ns": modified_ns}
+    return {
+        "family": family,
+        "parameter_size": params,
+        "quantization_level": quant,
+        "size": size,
+        "digest": digest,
+        "context_length": ctx,
+        "embedding_length": dims,
+        "capabilities": caps,
+        "modified_ns": modified_ns,
+    }
 
 
 CATALOG = {  # what "the registry" can pull; a fresh fake has all of them installed
-    "llama3.2:latest": _model("llama", "3.2B", "Q4_K_M", 2019393189, 131072, 3072, ["completion", "tools"],
-                              1746405464706015396),
+    "llama3.2:latest": _model(
+        "llama", "3.2B", "Q4_K_M", 2019393189, 131072, 3072, ["completion", "tools"], 1746405464706015396
+    ),
     "all-minilm:latest": _model("bert", "23M", "F16", 45960996, 512, 384, ["embedding"], 1746405001250402937),
-    "qwen3:latest": _model("qwen3", "8.2B", "Q4_K_M", 5225388164, 40960, 4096,
-                           ["completion", "tools", "thinking"], 1746404002000000000),
+    "qwen3:latest": _model(
+        "qwen3", "8.2B", "Q4_K_M", 5225388164, 40960, 4096, ["completion", "tools", "thinking"], 1746404002000000000
+    ),
 }
 TEMPLATE = "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
 
@@ -132,8 +146,11 @@ def _optional_int(value: str):
 
 KNOBS = {  # name -> parser for its X-Fake-<Name> header
     "tokens": lambda v: json.loads(v) if v.lstrip().startswith("[") else make_tokens(int(v)),
-    "token_delay": float, "load_delay": float,
-    "error_after": _optional_int, "cut_after": _optional_int, "fail_status": _optional_int,
+    "token_delay": float,
+    "load_delay": float,
+    "error_after": _optional_int,
+    "cut_after": _optional_int,
+    "fail_status": _optional_int,
     "omit_done": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
     "v1_legacy_layout": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
 }
@@ -188,9 +205,14 @@ class _Plan:
         load = int(knobs.load_delay * 1e9) or 1_000_000
         prompt = self.prompt_tokens * 1_000_000
         gen = self.eval_count * (int(knobs.token_delay * 1e9) or 10_000_000)
-        values = {"total_duration": load + prompt + gen + 500_000, "load_duration": load,
-                  "prompt_eval_count": self.prompt_tokens, "prompt_eval_duration": prompt,
-                  "eval_count": self.eval_count, "eval_duration": gen}
+        values = {
+            "total_duration": load + prompt + gen + 500_000,
+            "load_duration": load,
+            "prompt_eval_count": self.prompt_tokens,
+            "prompt_eval_duration": prompt,
+            "eval_count": self.eval_count,
+            "eval_duration": gen,
+        }
         return {k: v for k, v in values.items() if v}  # omitempty
 
 
@@ -257,8 +279,14 @@ class FakeOllama:
 
     # -- WSGI ---------------------------------------------------------------------------------------
     def __call__(self, environ, start_response):
-        req = SimpleNamespace(environ=environ, method=environ["REQUEST_METHOD"], path=environ.get("PATH_INFO", "/"),
-                              knobs=self._knobs(environ), body=b"", param="")
+        req = SimpleNamespace(
+            environ=environ,
+            method=environ["REQUEST_METHOD"],
+            path=environ.get("PATH_INFO", "/"),
+            knobs=self._knobs(environ),
+            body=b"",
+            param="",
+        )
         req.v1 = req.path.startswith("/v1/")
         req.entry = self._record(environ, req)
         try:
@@ -281,9 +309,14 @@ class FakeOllama:
                 headers[key.replace("_", "-").title()] = environ[key]
         if not (req.method == "POST" and req.path.startswith("/api/blobs/")):  # blobs are hashed in pieces
             req.body = b"".join(_iter_body(environ))
-        entry = {"method": req.method, "path": req.path, "query": environ.get("QUERY_STRING", ""),
-                 "headers": headers, "body_len": len(req.body),
-                 "body": req.body if len(req.body) < SEEN_BODY_LIMIT else None}
+        entry = {
+            "method": req.method,
+            "path": req.path,
+            "query": environ.get("QUERY_STRING", ""),
+            "headers": headers,
+            "body_len": len(req.body),
+            "body": req.body if len(req.body) < SEEN_BODY_LIMIT else None,
+        }
         with self._changed:
             self.seen.append(entry)
             self._changed.notify_all()
@@ -409,8 +442,11 @@ class FakeOllama:
             time.sleep(req.knobs.load_delay)
         status = req.knobs.fail_status
         if status:
-            messages = {404: self._not_found_message(req), 500: "llama runner process has terminated: exit status 2",
-                        503: "server busy, please try again.  maximum pending requests exceeded"}
+            messages = {
+                404: self._not_found_message(req),
+                500: "llama runner process has terminated: exit status 2",
+                503: "server busy, please try again.  maximum pending requests exceeded",
+            }
             raise _Fail(status, messages.get(status, _phrase(status).lower() or "error"))
 
     def _not_found_message(self, req) -> str:
@@ -500,33 +536,60 @@ class FakeOllama:
 
     def _tag_entry(self, name) -> dict:
         info = self.models[name]
-        return {"name": name, "model": name, "modified_at": rfc3339(info["modified_ns"], local=True),
-                "size": info["size"], "digest": info["digest"], "details": _details(info)}
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": rfc3339(info["modified_ns"], local=True),
+            "size": info["size"],
+            "digest": info["digest"],
+            "details": _details(info),
+        }
 
     def _ps(self, req):
         now, models = time.time_ns(), []
         for name, expires in list(self.loaded.items()):
             if expires > now and name in self.models:
                 info = self.models[name]
-                models.append({"name": name, "model": name, "size": info["size"], "digest": info["digest"],
-                               "details": _details(info), "expires_at": rfc3339(expires, local=True),
-                               "size_vram": info["size"], "context_length": 4096})
+                models.append(
+                    {
+                        "name": name,
+                        "model": name,
+                        "size": info["size"],
+                        "digest": info["digest"],
+                        "details": _details(info),
+                        "expires_at": rfc3339(expires, local=True),
+                        "size_vram": info["size"],
+                        "context_length": 4096,
+                    }
+                )
         return _Reply(200, JSON_UTF8, go_json({"models": models}))
 
     def _show(self, req):
         body = self._json(req)
         key, info = self._find(body.get("model") or body.get("name"))
         family = info["family"]
-        model_info = {"general.architecture": family, "general.parameter_count": info["size"] // 2,
-                      f"{family}.context_length": info["context_length"],
-                      f"{family}.embedding_length": info["embedding_length"],
-                      "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": None}
-        modelfile = (f'# Modelfile generated by "ollama show"\n# FROM {key}\n\n'
-                     f'FROM /root/.ollama/models/blobs/sha256-{info["digest"]}\nTEMPLATE """{TEMPLATE}"""\n')
-        obj = {"license": "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT\n" + "Terms & conditions. " * 60,
-               "modelfile": modelfile, "parameters": 'stop                           "<|eot_id|>"',
-               "template": TEMPLATE, "details": _details(info), "model_info": dict(sorted(model_info.items())),
-               "capabilities": info["capabilities"], "modified_at": rfc3339(info["modified_ns"], local=True)}
+        model_info = {
+            "general.architecture": family,
+            "general.parameter_count": info["size"] // 2,
+            f"{family}.context_length": info["context_length"],
+            f"{family}.embedding_length": info["embedding_length"],
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": None,
+        }
+        modelfile = (
+            f'# Modelfile generated by "ollama show"\n# FROM {key}\n\n'
+            f'FROM /root/.ollama/models/blobs/sha256-{info["digest"]}\nTEMPLATE """{TEMPLATE}"""\n'
+        )
+        obj = {
+            "license": "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT\n" + "Terms & conditions. " * 60,
+            "modelfile": modelfile,
+            "parameters": 'stop                           "<|eot_id|>"',
+            "template": TEMPLATE,
+            "details": _details(info),
+            "model_info": dict(sorted(model_info.items())),
+            "capabilities": info["capabilities"],
+            "modified_at": rfc3339(info["modified_ns"], local=True),
+        }
         return _Reply(200, JSON_UTF8, go_json(obj))
 
     def _load_reply(self, key, name, keep_alive, chat) -> _Reply:
@@ -544,8 +607,15 @@ class FakeOllama:
         if not body.get("prompt") and not body.get("images"):
             return self._load_reply(key, name, body.get("keep_alive"), chat=False)
         text = " ".join(filter(None, [body.get("system"), body.get("prompt")]))
-        plan = self._plan(req, "generate", name, text, info, _wants_think(body.get("think")),
-                          num_predict=(body.get("options") or {}).get("num_predict"))
+        plan = self._plan(
+            req,
+            "generate",
+            name,
+            text,
+            info,
+            _wants_think(body.get("think")),
+            num_predict=(body.get("options") or {}).get("num_predict"),
+        )
         self._touch(key, body.get("keep_alive"))
         raw, knobs = bool(body.get("raw")), req.knobs
         if body.get("stream") is False:
@@ -572,8 +642,9 @@ class FakeOllama:
         answering_tool = messages[-1].get("role") == "tool"  # after a tool result the model answers in text
         if num_predict is None:
             num_predict = (body.get("options") or {}).get("num_predict")
-        return self._plan(req, "chat", name, chat_text(messages), info, think,
-                          [] if answering_tool else tools, num_predict)
+        return self._plan(
+            req, "chat", name, chat_text(messages), info, think, [] if answering_tool else tools, num_predict
+        )
 
     def _embed(self, req):
         body = self._json(req)
@@ -587,8 +658,13 @@ class FakeOllama:
         dims = body.get("dimensions") or info["embedding_length"]
         vectors = [_float32(_renormalize(_vector(t, info["embedding_length"])[:dims])) for t in texts]
         tokens = self.expected_embed_tokens(texts)
-        obj = {"model": name, "embeddings": vectors, "total_duration": 14_143_917 + tokens * 100_000,
-               "load_duration": int(req.knobs.load_delay * 1e9) or 1_019_500, "prompt_eval_count": tokens}
+        obj = {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": 14_143_917 + tokens * 100_000,
+            "load_duration": int(req.knobs.load_delay * 1e9) or 1_019_500,
+            "prompt_eval_count": tokens,
+        }
         return _Reply(200, JSON_UTF8, go_json(obj))
 
     def _embeddings(self, req):
@@ -620,8 +696,12 @@ class FakeOllama:
             return {"status": "success"}
 
         layers = _layer_progress("pulling", CATALOG[key])
-        events = [{"status": "pulling manifest"}, *layers, {"status": "verifying sha256 digest"},
-                  {"status": "writing manifest"}]
+        events = [
+            {"status": "pulling manifest"},
+            *layers,
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+        ]
         return self._progress_reply(req, body, events, install)
 
     def _push(self, req):
@@ -707,17 +787,23 @@ class FakeOllama:
         body = self._json(req)
         name = body.get("model") or ""
         key, info = self._find(name)
-        plan = self._plan(req, "generate", name, body.get("prompt") or "", info, False,
-                          num_predict=body.get("max_tokens"))
+        plan = self._plan(
+            req, "generate", name, body.get("prompt") or "", info, False, num_predict=body.get("max_tokens")
+        )
         self._touch(key, None)
         cid, knobs = f"cmpl-{random.randrange(999)}", req.knobs
         if not body.get("stream"):
             self._finish(plan, knobs)
             final = _generate_final(plan, knobs, raw=True, full=True)
-            obj = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
-                   "system_fingerprint": "fp_ollama",
-                   "choices": [{"text": final["response"], "index": 0, "finish_reason": plan.done_reason}],
-                   "usage": _usage(final)}
+            obj = {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": name,
+                "system_fingerprint": "fp_ollama",
+                "choices": [{"text": final["response"], "index": 0, "finish_reason": plan.done_reason}],
+                "usage": _usage(final),
+            }
             return _Reply(200, "application/json", go_json(obj) + "\n")
         render = _v1_completion_renderer(cid, _include_usage(body))
         stream = _Stream(_generate_events(plan), lambda: _generate_final(plan, knobs, raw=True), render)
@@ -727,8 +813,9 @@ class FakeOllama:
         body = self._json(req)
         raw, fmt = body.get("input"), (body.get("encoding_format") or "float").lower()
         if fmt not in ("float", "base64"):
-            raise _Fail(400, f"Invalid value for 'encoding_format' = {fmt}. Supported values: ['float', 'base64'].",
-                        early=True)
+            raise _Fail(
+                400, f"Invalid value for 'encoding_format' = {fmt}. Supported values: ['float', 'base64'].", early=True
+            )
         texts = [""] if raw == "" else [raw] if isinstance(raw, str) else raw
         if not texts or not isinstance(texts, list):
             raise _Fail(400, "invalid input", early=True)
@@ -772,7 +859,7 @@ def _is_allowed_host(host: str, hostname: str) -> bool:
     """Ollama's Host check for a loopback listener: localhost, local/private IPs, *.localhost|local|internal."""
     host = host.lower()
     if host.startswith("["):
-        host = host[1:host.find("]")]
+        host = host[1 : host.find("]")]
     elif host.count(":") == 1:
         host = host.split(":")[0]
     if host in ("", "localhost", hostname) or host.endswith((".localhost", ".local", ".internal")):
@@ -826,8 +913,14 @@ def _check_digest(digest):
 
 
 def _details(info) -> dict:
-    return {"parent_model": "", "format": "gguf", "family": info["family"], "families": [info["family"]],
-            "parameter_size": info["parameter_size"], "quantization_level": info["quantization_level"]}
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": info["family"],
+        "families": [info["family"]],
+        "parameter_size": info["parameter_size"],
+        "quantization_level": info["quantization_level"],
+    }
 
 
 def _renormalize(values) -> list[float]:
@@ -848,8 +941,10 @@ def _layer_progress(verb, info):
 def _tool_call(tool) -> dict:
     function = tool.get("function") or {}
     properties = (function.get("parameters") or {}).get("properties") or {}
-    return {"id": f"call_{os.urandom(4).hex()}",
-            "function": {"index": 0, "name": function.get("name", ""), "arguments": dict.fromkeys(properties, "Paris")}}
+    return {
+        "id": f"call_{os.urandom(4).hex()}",
+        "function": {"index": 0, "name": function.get("name", ""), "arguments": dict.fromkeys(properties, "Paris")},
+    }
 
 
 def _message(content="", thinking="", tool_calls=None) -> dict:
@@ -890,8 +985,14 @@ def _chat_events(plan):
 
 def _chat_final(plan, knobs, full=False) -> dict:
     message = _message("".join(plan.tokens), "".join(plan.thinking), plan.tool_calls) if full else _message()
-    return {"model": plan.model, "created_at": _now(), "message": message, "done": True,
-            "done_reason": plan.done_reason, **plan.metrics(knobs)}
+    return {
+        "model": plan.model,
+        "created_at": _now(),
+        "message": message,
+        "done": True,
+        "done_reason": plan.done_reason,
+        **plan.metrics(knobs),
+    }
 
 
 def _usage(final) -> dict:
@@ -900,9 +1001,15 @@ def _usage(final) -> dict:
 
 
 def _v1_tool_calls(calls) -> list:
-    return [{"id": c["id"], "index": c["function"]["index"], "type": "function",
-             "function": {"name": c["function"]["name"], "arguments": go_json(c["function"]["arguments"])}}
-            for c in calls]
+    return [
+        {
+            "id": c["id"],
+            "index": c["function"]["index"],
+            "type": "function",
+            "function": {"name": c["function"]["name"], "arguments": go_json(c["function"]["arguments"])},
+        }
+        for c in calls
+    ]
 
 
 def _v1_chat_completion(cid, plan, knobs) -> dict:
@@ -913,9 +1020,15 @@ def _v1_chat_completion(cid, plan, knobs) -> dict:
     if plan.tool_calls:
         message["tool_calls"] = _v1_tool_calls(plan.tool_calls)
     reason = "tool_calls" if plan.tool_calls else plan.done_reason
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": plan.model,
-            "system_fingerprint": "fp_ollama", "choices": [{"index": 0, "message": message, "finish_reason": reason}],
-            "usage": _usage(final)}
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": "fp_ollama",
+        "choices": [{"index": 0, "message": message, "finish_reason": reason}],
+        "usage": _usage(final),
+    }
 
 
 def _sse(objects, done) -> bytes:
@@ -937,9 +1050,14 @@ def _v1_chat_renderer(cid, legacy, include_usage):
             delta["tool_calls"], state["tool"] = _v1_tool_calls(message["tool_calls"]), True
         state["first"] = False
         reason = obj.get("done_reason") and ("tool_calls" if state["tool"] else obj["done_reason"])
-        chunk = {"id": cid, "object": "chat.completion.chunk", "created": state["created"],
-                 "model": obj.get("model", ""), "system_fingerprint": "fp_ollama",
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason or None}]}
+        chunk = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": state["created"],
+            "model": obj.get("model", ""),
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason or None}],
+        }
         extra = [{**chunk, "choices": [], "usage": _usage(obj)}] if obj.get("done") and include_usage else []
         return _sse([chunk, *extra], obj.get("done"))
 
@@ -951,9 +1069,14 @@ def _v1_completion_renderer(cid, include_usage):
     created = int(time.time())
 
     def render(obj):
-        chunk = {"id": cid, "object": "text_completion", "created": created,
-                 "choices": [{"text": obj.get("response", ""), "index": 0, "finish_reason": obj.get("done_reason")}],
-                 "model": obj.get("model", ""), "system_fingerprint": "fp_ollama"}
+        chunk = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "choices": [{"text": obj.get("response", ""), "index": 0, "finish_reason": obj.get("done_reason")}],
+            "model": obj.get("model", ""),
+            "system_fingerprint": "fp_ollama",
+        }
         if include_usage:
             chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         extra = [{**chunk, "choices": [], "usage": _usage(obj)}] if obj.get("done") and include_usage else []
@@ -1047,8 +1170,14 @@ def main(argv=None):
         app.check_host = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         app.check_host = args.host == "localhost"
-    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
-                   connection_limit=args.threads + 100, **WAITRESS_OPTIONS)
+    waitress.serve(
+        app,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        connection_limit=args.threads + 100,
+        **WAITRESS_OPTIONS,
+    )
 
 
 if __name__ == "__main__":

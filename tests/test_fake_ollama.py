@@ -337,7 +337,7 @@ def test_fake_ollama_error_shapes(url, fake):
     head, body = exchange(url, "POST", "/api/chat", b"{nope")
     assert head.split()[1] == "400" and b"invalid character" in body
     head, body = exchange(url, "POST", "/api/generate", {"model": "nope", "prompt": "x"})
-    assert (head.split()[1], body) == ("404", b"{\"error\":\"model 'nope' not found\"}")
+    assert (head.split()[1], body) == ("404", b'{"error":"model \'nope\' not found"}')
 
 
 # -- knobs and observability ---------------------------------------------------------------------------------
