@@ -67,16 +67,16 @@ def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: d
     """Return (bucket key, model, calls, errors, input tokens, output tokens) groups covering the filters."""
     select = (
         f"SELECT {key_sql(db, chars)}, coalesce(\"model\", ''), count(*), {ERRORS_SQL.format(n=1)}, "
-        'coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0) FROM calls'
+        'coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0) FROM '
     )
     usable = upto is not None and chars <= readmodel.SLOT_CHARS and not (filters.client or filters.q)
     slots, parts = split_range(db, filters, SLOT_SECONDS, upto, now) if usable else (None, [])
     if slots is None:
         clauses, params = conditions(db, filters)
-        return run(db, f"{select}{where(clauses)} GROUP BY 1, 2", params)
+        return run(db, f"{select}calls{where(clauses)} GROUP BY 1, 2", params)
     cells = [(slot[:chars], *rest) for slot, *rest in _rollup_groups(db, filters, slots)]
-    for clauses, params in parts:
-        cells += run(db, f"{select}{where(clauses)} GROUP BY 1, 2", params)
+    for table, clauses, params in parts:
+        cells += run(db, f"{select}{table}{where(clauses)} GROUP BY 1, 2", params)
     return cells
 
 
@@ -93,7 +93,8 @@ def _rollup_groups(db: Database, filters: Filters, slots: tuple) -> list[tuple]:
 def split_range(db: Database, filters: Filters, seconds: int, upto: int, now: datetime) -> tuple:
     """Split the time range into whole rollup slots and raw parts: the two edges, and the rows above ``upto``.
 
-    Return ((first slot key, end slot key), [(clauses, params), ...]), or (None, []) when no whole slot fits.
+    Return ((first slot key, end slot key), [(table, clauses, params), ...]), or (None, []) when no whole slot
+    fits. SQLite only (the rollup exists nowhere else).
     """
     chars = readmodel.SLOT_CHARS if seconds == SLOT_SECONDS else readmodel.HOUR_CHARS
     since, until = filters.since, filters.until
@@ -102,12 +103,12 @@ def split_range(db: Database, filters: Filters, seconds: int, upto: int, now: da
         return None, []
     dims, params = dimension_conditions(filters)
     stamp = lambda moment: time_param(db, moment)  # noqa: E731
-    parts = [(dims + ['"timestamp" >= ?', '"timestamp" < ?'], params + [stamp(since), stamp(first)])]
+    parts = [("calls", dims + ['"timestamp" >= ?', '"timestamp" < ?'], params + [stamp(since), stamp(first)])]
     right = (['"timestamp" < ?'], [stamp(until)]) if until else ([], [])
-    parts.append((dims + ['"timestamp" >= ?'] + right[0], params + [stamp(last)] + right[1]))
-    # The unary + keeps SQLite on the id range (a few new rows) rather than the timestamp index (all of them).
-    tail = ['"id" > ?', '+"timestamp" >= ?', '+"timestamp" < ?']
-    parts.append((dims + tail, params + [upto, stamp(first), stamp(last)]))
+    parts.append(("calls", dims + ['"timestamp" >= ?'] + right[0], params + [stamp(last)] + right[1]))
+    # NOT INDEXED keeps SQLite on the id range (a few new rows), not on a model or time index (all of them).
+    tail = ['"id" > ?', '"timestamp" >= ?', '"timestamp" < ?']
+    parts.append(("calls NOT INDEXED", dims + tail, params + [upto, stamp(first), stamp(last)]))
     return (time_key(first, chars), time_key(last, chars)), parts
 
 
@@ -121,8 +122,8 @@ def _clients(db: Database, filters: Filters, upto: int | None, now: datetime) ->
     clauses, params = dimension_conditions(filters)
     selects = [f"SELECT ip_source FROM calls_rollup_clients{where(clauses + ['slot >= ?', 'slot < ?'])}"]
     params = params + list(slots)
-    for part_clauses, part_params in parts:
-        selects.append(f'SELECT "ip_source" FROM calls{where(part_clauses)}')
+    for table, part_clauses, part_params in parts:
+        selects.append(f'SELECT "ip_source" FROM {table}{where(part_clauses)}')
         params += part_params
     return run(db, f"SELECT count(*) FROM ({' UNION '.join(selects)}) AS seen", params)[0][0]
 
@@ -140,8 +141,12 @@ def _sample(db: Database, filters: Filters, total: int) -> tuple[list[tuple], bo
     visits = min(high - low + 1, MAX_VISITS, math.ceil(SAMPLE_ROWS * (high - low + 1) / total))
     step = max(BLOCK_ROWS, (high - low + 1) * BLOCK_ROWS // max(visits, 1))
     blocks = "WITH RECURSIVE block(i) AS (SELECT CAST(? AS BIGINT) UNION ALL SELECT i + ? FROM block WHERE i + ? <= ?) "
-    join = f' FROM block JOIN calls ON calls."id" >= block.i AND calls."id" < block.i + {BLOCK_ROWS}'
-    return run(db, f"{blocks}{columns}{join}{where(clauses)}", [low, step, step, high] + params), False
+    # Each block is a range of ids; SQLite must look those up by id, never scan an index of a filter's column
+    # once per block (NOT INDEXED still allows the id), and CROSS JOIN keeps the blocks as the outer loop.
+    table = "calls NOT INDEXED" if readmodel.is_sqlite(db) else "calls"
+    inside = ['calls."id" >= block.i', f'calls."id" < block.i + {BLOCK_ROWS}']
+    sql = f"{blocks}{columns} FROM block CROSS JOIN {table}{where(inside + clauses)}"
+    return run(db, sql, [low, step, step, high] + params), False
 
 
 def _id_range(db: Database, filters: Filters) -> tuple[int, int]:
