@@ -24,6 +24,7 @@ def init_app(app: Flask) -> None:
     session = requests.Session()
     session.trust_env = False  # never send upstream traffic through an HTTP_PROXY from the environment
     app.extensions["probe_session"] = session
+    app.extensions.setdefault("shutdown_hooks", []).append(session.close)
     app.extensions.setdefault("health_checks", {})
     app.register_blueprint(bp)
 
