@@ -209,8 +209,13 @@ def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
         raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
 
 
+def _named_in_connection(headers) -> set[str]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1), lower-cased."""
+    return {name.strip().lower() for name in headers.get("Connection", "").split(",")}
+
+
 def _upstream_headers(incoming, body) -> dict:
-    named_in_connection = {name.strip().lower() for name in incoming.get("Connection", "").split(",")}
+    named_in_connection = _named_in_connection(incoming)
     headers = {}
     for name, value in incoming.items():
         lowered = name.lower()
@@ -266,7 +271,7 @@ class _Body:
 
 
 def _client_headers(upstream_headers) -> list[tuple[str, str]]:
-    named_in_connection = {name.strip().lower() for name in upstream_headers.get("Connection", "").split(",")}
+    named_in_connection = _named_in_connection(upstream_headers)
     return [
         (name, value)
         for name, value in upstream_headers.iteritems()
@@ -286,9 +291,10 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
                 meter = UsageMeter("", call["http_status"])  # a meter without a mode ignores the rest
             if stripper is not None:
                 chunk = stripper.feed(chunk)
+            if "first_byte_ms" not in call:  # once, not a clock read on every chunk
+                call["first_byte_ms"] = (time.perf_counter() - call["arrived"]) * 1000
             if ttft is None and meter.has_content:
                 ttft = (time.perf_counter() - call["arrived"]) * 1000
-            call.setdefault("first_byte_ms", (time.perf_counter() - call["arrived"]) * 1000)
             if chunk:
                 sent_bytes += len(chunk)
                 at_line_start = chunk.endswith(b"\n")
