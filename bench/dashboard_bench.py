@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,19 +25,13 @@ import psutil
 import requests
 
 from bench.make_store import fill
+from bench.targets import free_port
 from proxy_app import models, readmodel
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "dashboard.json"
 TARGETS = {"page_ms": 500, "stats_ms": 500, "search_ms": 300, "export_rows_per_second": 50_000}
 SEARCHES = {"common (1 in 100 rows)": "invoice", "rare (1 in 10,000)": "zanzibar", "very common (1 in 7)": "summarise"}
-
-
-def free_port() -> int:
-    """A port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def count_rows(path: Path) -> int:
