@@ -1,8 +1,10 @@
 """The background writer: finished calls go into a bounded queue; one thread per process stores them in batches.
 
-Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended to the CSV mirror. Between batches
-the same thread deletes rows and CSV files older than the retention period, a small batch at a time. A full queue or
-a failing database costs a counted, logged drop and never an error or a wait for the client. This module does not
+Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended to the CSV mirror. A batch the
+database refuses is tried again, with growing pauses, for up to ``retry_seconds`` (the queue holds the calls that
+arrive meanwhile); only then is it dropped. Between batches the same thread deletes rows and CSV files older than the
+retention period, a small batch at a time. A full queue or a database that stays down costs a counted, logged drop
+and never an error or a wait for the client. This module does not
 build calls (relay.py) or publish metrics (metrics.py reads ``written``, ``dropped`` and ``depth``).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -30,6 +33,8 @@ BATCH_ROWS = 500  # most calls per transaction: enough to amortise a commit, few
 TICK_SECONDS = 1.0  # an idle writer wakes this often to see whether retention is due
 RETENTION_EVERY_SECONDS = 600.0  # how often old rows and files are looked for
 RETENTION_BATCH_ROWS = 1000  # rows deleted per transaction, so writes from other processes never wait long
+RETRY_SECONDS = 60.0  # how long a refused batch is tried again before it is dropped (a locked or restarting database)
+RETRY_PAUSES = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between tries; the last one repeats
 DROP_LOG_SECONDS = 60.0  # at most one drop warning a minute: a full queue must not flood the log
 SHUTDOWN_SECONDS = 10.0  # how long a shutdown waits for the queue to drain
 _STOP = object()  # the sentinel that ends the thread once everything before it is stored
@@ -39,22 +44,25 @@ class Writer:
     """Stores calls off the request path. ``submit`` never blocks; ``flush`` and ``stop`` wait with a timeout."""
 
     def __init__(self, database: Database, csv_log: CsvLog | None, maxsize: int, retention_days: int = 0,
-                 clock=lambda: datetime.now(UTC)) -> None:  # fmt: skip
+                 retry_seconds: float = RETRY_SECONDS, clock=lambda: datetime.now(UTC)) -> None:  # fmt: skip
         self.database = database
         self.csv_log = csv_log
         self.maxsize = maxsize  # 0: unbounded
         self.retention_days = retention_days  # 0: keep everything
+        self.retry_seconds = retry_seconds  # 0: a refused batch is dropped at once
         self.clock = clock
         self.schema_ready = False  # create_tables succeeded in this database (else the thread retries it)
         self.written = 0
         self.dropped = 0
         self.csv_failed = 0  # rows stored in the database whose CSV append failed
         self.restarts = 0
+        self.retries = 0  # batches tried again after the database refused them
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self._stopping = False
+        self._stopped = threading.Event()  # wakes a retry pause at once when the writer is stopped
         self._lock = threading.Lock()
         self._next_drop_log = 0.0
         self._next_retention = 0.0
@@ -96,6 +104,7 @@ class Writer:
     def stop(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
         """Store what is queued, then end the thread; calls submitted afterwards are dropped. False on timeout."""
         self._stopping = True
+        self._stopped.set()
         thread = self._thread
         if thread is None or self._pid != os.getpid() or not thread.is_alive():
             return True
@@ -194,16 +203,27 @@ class Writer:
         return batch
 
     def _store(self, calls: list) -> None:
-        """Insert the batch in one transaction, then mirror it to the CSV; a database failure drops the batch."""
-        try:
-            if not self.schema_ready:
-                self.schema_ready = models.create_tables(self.database) > 0
-            models.insert_calls(self.database, calls)
-        except Exception as exc:
-            self.last_error = models.describe_error(exc)
-            self._reconnect()
-            self._drop(len(calls), f"the database refused a batch: {self.last_error}")
-            return
+        """Insert the batch in one transaction, then mirror it to the CSV; a database that keeps refusing it for
+        ``retry_seconds`` (or until the writer is stopped) drops the batch."""
+        give_up = time.monotonic() + self.retry_seconds
+        for attempt in itertools.count():
+            try:
+                if not self.schema_ready:
+                    self.schema_ready = models.create_tables(self.database) > 0
+                models.insert_calls(self.database, calls)
+                break
+            except Exception as exc:
+                self.last_error = models.describe_error(exc)
+                self._reconnect()
+                pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
+                if self._stopping or time.monotonic() + pause > give_up:
+                    self._drop(len(calls), f"the database refused a batch: {self.last_error}")
+                    return
+                if not attempt:
+                    log.warning("the database refused a batch of %d row(s): %s; trying again for up to %.0f s",
+                                len(calls), self.last_error, self.retry_seconds)  # fmt: skip
+                self.retries += 1
+                self._stopped.wait(pause)
         with self._lock:
             self.written += len(calls)
         self.last_error = None
@@ -273,7 +293,8 @@ def init_app(app: Flask) -> None:
     db = models.open_database(config["DATABASE"])
     models.database.initialize(db)
     csv_log = CsvLog(config["CSV_FILE"], config["CSV_MAX_BYTES"])
-    writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"])
+    writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"],
+                    retry_seconds=config["WRITER_RETRY_SECONDS"])  # fmt: skip
     writer.schema_ready = _create_tables(db)
     app.extensions["writer"] = writer
     app.extensions.setdefault("call_sinks", []).append(writer.submit)

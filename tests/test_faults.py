@@ -398,7 +398,7 @@ def test_faults_disk_full_calls_succeed_and_drops_are_counted(proxy_for, upstrea
     if mounted.returncode != 0:
         pytest.skip(f"a full disk is simulated with a 1 MB tmpfs, which needs mount rights: {mounted.stderr!r}")
     try:
-        handle, app, recorder = proxy_for(upstream.url, DATA_DIR=str(small))
+        handle, app, recorder = proxy_for(upstream.url, DATA_DIR=str(small), WRITER_RETRY_SECONDS="1")
         writer = app.extensions["writer"]
         assert post(handle.port)[0] == 200 and recorder.wait_for(1) and writer.flush(10) and writer.written == 1
         with open(small / "filler", "wb") as filler:  # take every byte that is left

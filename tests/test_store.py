@@ -267,9 +267,31 @@ def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
 # ---- a database that is locked or gone ---------------------------------------------------------------------
 
 
-def test_store_locked_database_never_fails_a_call(proxy_with, tmp_path):
+def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_with, tmp_path):
     path = tmp_path / "locked.db"
-    app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1")
+    app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1")  # default WRITER_RETRY_SECONDS
+    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    locked_until = time.monotonic() + 10
+    sent = 0
+    while time.monotonic() < locked_until:
+        response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": f"locked {sent}"})
+        assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
+        sent += 1
+        time.sleep(0.25)
+    writer = app.extensions["writer"]
+    assert writer.written == 0 and writer.dropped == 0 and writer.retries > 0  # held and tried again, not dropped
+    assert requests.get(proxy.url + "/health").json()["writer"]["error"].endswith("database is locked")
+    holder.execute("ROLLBACK")
+    holder.close()
+    recorder.wait_for(sent)
+    assert writer.flush(10) and (writer.written, writer.dropped) == (sent, 0)
+    assert len(stored(app, recorder, sent)) == sent and requests.get(proxy.url + "/health").status_code == 200
+
+
+def test_store_locked_database_past_the_retry_window_drops_and_counts(proxy_with, tmp_path):
+    path = tmp_path / "locked.db"
+    app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1", WRITER_RETRY_SECONDS="0")
     holder = sqlite3.connect(path, timeout=0, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     for _ in range(5):
@@ -290,9 +312,11 @@ def test_store_locked_database_never_fails_a_call(proxy_with, tmp_path):
 @pytest.mark.parametrize("gone", ["postgresql", "sqlite"])
 def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
     if gone == "postgresql":
-        app, proxy, recorder = proxy_with(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+        url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     else:
-        app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{tmp_path / 'gone' / 'x.db'}")
+        url = f"sqlite:///{tmp_path / 'gone' / 'x.db'}"
+    app, proxy, recorder = proxy_with(DATABASE_URL=url, WRITER_RETRY_SECONDS="0.5")
+    if gone == "sqlite":
         shutil.rmtree(tmp_path / "gone")
     for _ in range(3):
         assert post(proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES}).status_code == 200

@@ -141,8 +141,40 @@ def test_writer_full_queue_drops_without_blocking(tmp_path, monkeypatch):
     writer.close()
 
 
+def test_writer_locked_database_retries_until_released(tmp_path):
+    writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=30)
+    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    for n in range(3):
+        writer.submit(sample_call(request_id=f"held{n}"))
+    assert not writer.flush(1.5)  # still refused: the batch is held, not dropped
+    assert (writer.written, writer.dropped) == (0, 0) and writer.retries >= 3
+    assert writer.health()["ok"] is False and "locked" in writer.health()["error"]
+    writer.submit(sample_call(request_id="queued"))  # arrives while the batch waits
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert writer.flush(10)
+    assert stored_ids(writer.database) == ["held0", "held1", "held2", "queued"]
+    assert (writer.written, writer.dropped) == (4, 0) and writer.health()["ok"] is True
+    assert [row[1] for row in parse(writer.csv_log.path.read_text())[1:]] == ["held0", "held1", "held2", "queued"]
+    writer.close()
+
+
+def test_writer_stop_ends_a_retry_and_counts_the_batch(tmp_path):
+    writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=600)
+    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    writer.submit(sample_call(request_id="held"))
+    assert not writer.flush(0.5)
+    started = time.monotonic()
+    assert writer.stop(5) and time.monotonic() - started < 2  # a pause in the retry is cut short
+    assert (writer.written, writer.dropped) == (0, 1)
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
 def test_writer_locked_database_drops_and_recovers(tmp_path):
-    writer = make_writer(tmp_path, query="?timeout=0.1")
+    writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=0)
     holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     for n in range(3):
@@ -171,6 +203,7 @@ def test_writer_reports_the_real_error_behind_a_failed_rollback(writer, monkeypa
                 raise OperationalError(str(exc))  # noqa: B904
 
     monkeypatch.setattr(models, "insert_calls", disk_full)
+    writer.retry_seconds = 0
     writer.submit(sample_call())
     assert writer.flush(5) and writer.dropped == 1
     assert writer.health()["error"] == "OperationalError: database or disk is full"
@@ -178,7 +211,7 @@ def test_writer_reports_the_real_error_behind_a_failed_rollback(writer, monkeypa
 
 def test_writer_unreachable_database_drops_and_never_raises(tmp_path):
     db = models.open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
-    writer = Writer(db, CsvLog(tmp_path / "calls.csv"), 10)
+    writer = Writer(db, CsvLog(tmp_path / "calls.csv"), 10, retry_seconds=0)
     for _ in range(4):
         writer.submit(sample_call())
     assert writer.flush(10)
