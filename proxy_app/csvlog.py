@@ -78,12 +78,19 @@ class CsvLog:
         # Rotated files are named <stem>.<UTC time of their last row><suffix>, e.g. ollama-proxy.2025-05-01T134510Z.csv
         stamp = r"\.\d{4}-\d\d-\d\dT\d{6}Z(\.\d+)?"
         self._rotated = re.compile(re.escape(self.path.stem) + stamp + re.escape(self.path.suffix))
+        self._header_checked: tuple[int, int] | None = None  # (device, inode) of the file whose header was checked
 
     def append(self, rows: Iterable) -> None:
         """Append rows in one write under the file lock; a new (or just rotated) file gets the header first."""
         lines = "".join(list(iter_csv(rows))[1:])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.lock_path):
+        try:
+            self._append(lines)
+        except FileNotFoundError:  # the directory is gone (or was never made): make it, once per such failure
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append(lines)
+
+    def _append(self, lines: str) -> None:
+        with locked(self.lock_path, make_parent=False):
             self._rotate_if_due()
             with open(self.path, "a", newline="", encoding="utf-8") as handle:
                 handle.write(lines if handle.tell() else HEADER + lines)
@@ -97,16 +104,24 @@ class CsvLog:
             return None
         last_write = datetime.fromtimestamp(stat.st_mtime, UTC)
         too_big = self.max_bytes and stat.st_size >= self.max_bytes
-        if too_big or last_write.date() < self.clock().date() or not self._has_current_header():
+        if too_big or last_write.date() < self.clock().date() or not self._has_current_header(stat):
             target = self._free_name(last_write)
             os.replace(self.path, target)
             return target
         return None
 
-    def _has_current_header(self) -> bool:
-        """False when the file was started by an older version with other columns: it then gets a file of its own."""
+    def _has_current_header(self, stat: os.stat_result) -> bool:
+        """False when the file was started by an older version with other columns: it then gets a file of its own.
+
+        Each file is read once: a file this process has checked keeps its device and inode until it is rotated.
+        """
+        identity = (stat.st_dev, stat.st_ino)
+        if identity == self._header_checked:
+            return True
         with open(self.path, newline="", encoding="utf-8", errors="replace") as handle:
-            return handle.readline() == HEADER
+            current = handle.readline() == HEADER
+        self._header_checked = identity if current else None
+        return current
 
     def _free_name(self, moment: datetime) -> Path:
         base = f"{self.path.stem}.{moment:%Y-%m-%dT%H%M%S}Z"
@@ -134,9 +149,10 @@ class CsvLog:
 
 
 @contextmanager
-def locked(path: Path):
+def locked(path: Path, make_parent: bool = True):
     """Hold an exclusive lock on ``path`` (created if needed) across processes: flock on POSIX, msvcrt on Windows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         if os.name == "nt":  # pragma: no cover - exercised on Windows only
             yield from _locked_windows(handle)

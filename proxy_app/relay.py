@@ -1,8 +1,9 @@
 """The relay: every path that is not one of ours goes to the upstream, and its answer comes back unchanged.
 
-Bodies are relayed byte for byte and chunk by chunk as they arrive; a copy of each chunk feeds a ``UsageMeter``.
-When the call ends (normally, on a client disconnect, or on an upstream failure) one ``Call`` is built and handed to
-the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or render anything itself.
+Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (chunks.py); a copy of each
+piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) one
+``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or
+render anything itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flask import Flask, Response, current_app, request
 from urllib3.util import SKIP_HEADER
 from werkzeug.exceptions import ClientDisconnected
 
+from . import chunks
 from . import intake as intake_module
 from .accounting import error_body, error_tail, outcome_of, settle
 from .gate import Gate, InFlight
@@ -283,7 +285,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
     """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
-        while chunk := upstream.read1(READ_SIZE):
+        for chunk in chunks.pieces(upstream, READ_SIZE):
             try:
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)

@@ -143,8 +143,8 @@ def test_relay_lines_arrive_as_sent(live_proxy, fake):
     assert len(lines) == len(fake.tokens) + 1
     start = lines[0][0]
     for index, (arrived, _) in enumerate(lines[1:], start=1):
-        # line i cannot have been buffered: it arrives about i * delay after the first, not all at the end
-        assert arrived - start >= (index - 0.6) * fake.token_delay
+        # line i arrives about i * delay after the first: not held until the end, nor until the next line comes
+        assert (index - 0.6) * fake.token_delay <= arrived - start <= (index + 0.5) * fake.token_delay
 
 
 def test_relay_sse_events_arrive_as_sent(live_proxy, fake):
@@ -155,6 +155,9 @@ def test_relay_sse_events_arrive_as_sent(live_proxy, fake):
     assert len(data_lines) >= len(fake.tokens)
     gaps = [b[0] - a[0] for a, b in zip(data_lines, data_lines[1 : len(fake.tokens)], strict=False)]
     assert min(gaps) >= 0.15
+    start = data_lines[0][0]
+    for index, (arrived, _) in enumerate(data_lines[1 : len(fake.tokens)], start=1):
+        assert arrived - start <= (index + 0.5) * fake.token_delay  # never held back until the next event comes
 
 
 def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake, closing):
