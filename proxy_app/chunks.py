@@ -20,7 +20,7 @@ def pieces(upstream, size: int) -> Iterator[bytes]:
         while len(piece) < size and ready(upstream):
             try:
                 more = upstream.read1(size - len(piece))
-            except Exception as exc:  # the next read raises it again; first relay what had arrived
+            except Exception as exc:  # urllib3 has mapped it already; first relay what had arrived
                 failure = exc
                 break
             if not more:
