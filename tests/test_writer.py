@@ -42,6 +42,18 @@ def stored_ids(db) -> list[str]:
     return [row.request_id for row in CallRow.select(CallRow.request_id).order_by(CallRow.id).execute(db)]
 
 
+def hold_write_lock(tmp_path) -> sqlite3.Connection:
+    """Another connection holding the store's write lock, as a long transaction in another process would."""
+    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def release(holder: sqlite3.Connection) -> None:
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
 @pytest.fixture
 def writer(tmp_path):
     made = make_writer(tmp_path, maxsize=5000)
@@ -143,16 +155,14 @@ def test_writer_full_queue_drops_without_blocking(tmp_path, monkeypatch):
 
 def test_writer_locked_database_retries_until_released(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=30)
-    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = hold_write_lock(tmp_path)
     for n in range(3):
         writer.submit(sample_call(request_id=f"held{n}"))
     assert not writer.flush(1.5)  # still refused: the batch is held, not dropped
     assert (writer.written, writer.dropped) == (0, 0) and writer.retries >= 3
     assert writer.health()["ok"] is False and "locked" in writer.health()["error"]
     writer.submit(sample_call(request_id="queued"))  # arrives while the batch waits
-    holder.execute("ROLLBACK")
-    holder.close()
+    release(holder)
     assert writer.flush(10)
     assert stored_ids(writer.database) == ["held0", "held1", "held2", "queued"]
     assert (writer.written, writer.dropped) == (4, 0) and writer.health()["ok"] is True
@@ -162,29 +172,25 @@ def test_writer_locked_database_retries_until_released(tmp_path):
 
 def test_writer_stop_ends_a_retry_and_counts_the_batch(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=600)
-    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = hold_write_lock(tmp_path)
     writer.submit(sample_call(request_id="held"))
     assert not writer.flush(0.5)
     started = time.monotonic()
     assert writer.stop(5) and time.monotonic() - started < 2  # a pause in the retry is cut short
     assert (writer.written, writer.dropped) == (0, 1)
-    holder.execute("ROLLBACK")
-    holder.close()
+    release(holder)
 
 
 def test_writer_locked_database_drops_and_recovers(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=0)
-    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = hold_write_lock(tmp_path)
     for n in range(3):
         writer.submit(sample_call(request_id=f"locked{n}"))
     assert writer.flush(5)
     assert (writer.written, writer.dropped) == (0, 3)
     health = writer.health()
     assert health["ok"] is False and "locked" in health["error"]
-    holder.execute("ROLLBACK")
-    holder.close()
+    release(holder)
     writer.submit(sample_call(request_id="after"))
     assert writer.flush(5)
     assert stored_ids(writer.database) == ["after"] and writer.health()["ok"] is True
