@@ -4,8 +4,8 @@ Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended t
 database refuses is tried again, with growing pauses, for up to ``retry_seconds`` (the queue holds the calls that
 arrive meanwhile); only then is it dropped. Between batches the same thread deletes rows and CSV files older than the
 retention period, a small batch at a time. A full queue or a database that stays down costs a counted, logged drop
-and never an error or a wait for the client. This module does not
-build calls (relay.py) or publish metrics (metrics.py reads ``written``, ``dropped`` and ``depth``).
+and never an error or a wait for the client. This module does not build calls (relay.py) or publish metrics
+(metrics.py reads ``written``, ``dropped`` and ``depth``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import weakref
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask
-from peewee import Database
+from peewee import Database, InterfaceError, OperationalError
 
 from . import models
 from .csvlog import CsvLog
@@ -59,7 +59,7 @@ class Writer:
         self.dropped = 0
         self.csv_failed = 0  # rows stored in the database whose CSV append failed
         self.restarts = 0
-        self.retries = 0  # batches tried again after the database refused them
+        self.retries = 0  # tries after the first for batches the database refused
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
@@ -210,8 +210,12 @@ class Writer:
         return batch
 
     def _store(self, calls: list) -> None:
-        """Insert the batch in one transaction, then mirror it to the CSV; a database that keeps refusing it for
-        ``retry_seconds`` (or until the writer is stopped) drops the batch."""
+        """Insert the batch in one transaction, then mirror it to the CSV.
+
+        A database that is locked, gone or full (OperationalError, InterfaceError) gets the batch again until it takes
+        it, for up to ``retry_seconds`` or until the writer is stopped; then, or at once for any other error (a row
+        the database will never take), the batch is dropped.
+        """
         give_up = time.monotonic() + self.retry_seconds
         for attempt in itertools.count():
             try:
@@ -223,7 +227,8 @@ class Writer:
                 self.last_error = models.describe_error(exc)
                 self._reconnect()
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
-                if self._stopping or time.monotonic() + pause > give_up:
+                retryable = isinstance(exc, OperationalError | InterfaceError)
+                if not retryable or self._stopping or time.monotonic() + pause > give_up:
                     self._drop(len(calls), f"the database refused a batch: {self.last_error}")
                     return
                 if not attempt:

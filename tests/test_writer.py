@@ -12,7 +12,7 @@ from dataclasses import fields
 from datetime import timedelta
 
 import pytest
-from peewee import OperationalError, TextField
+from peewee import IntegrityError, OperationalError, TextField
 
 from proxy_app import models
 from proxy_app import writer as writer_module
@@ -179,6 +179,17 @@ def test_writer_stop_ends_a_retry_and_counts_the_batch(tmp_path):
     assert writer.stop(5) and time.monotonic() - started < 2  # a pause in the retry is cut short
     assert (writer.written, writer.dropped) == (0, 1)
     release(holder)
+
+
+def test_writer_drops_at_once_a_batch_the_database_will_never_take(writer, monkeypatch):
+    def refuse(db, calls):
+        raise IntegrityError("NOT NULL constraint failed: calls.endpoint")
+
+    monkeypatch.setattr(models, "insert_calls", refuse)
+    writer.retry_seconds = 60
+    writer.submit(sample_call())
+    assert writer.flush(5) and (writer.dropped, writer.retries) == (1, 0)  # not retried: it would fail for ever
+    assert writer.health()["error"] == "IntegrityError: NOT NULL constraint failed: calls.endpoint"
 
 
 def test_writer_locked_database_drops_and_recovers(tmp_path):
