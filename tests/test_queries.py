@@ -4,18 +4,15 @@ and PostgreSQL (answers must not depend on which path computed them)."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-import psycopg2
 import pytest
 
 from proxy_app import models, queries, readmodel, stats
 from proxy_app.queries import FilterError, parse_filters
-from tests.conftest import need
 from tests.test_csvlog import sample_call
-from tests.test_store import POSTGRES
+from tests.test_store import postgres_schema
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 XSS = "explain <img src=x onerror=alert(1)>"
@@ -71,20 +68,10 @@ def fold(db) -> None:
 @pytest.fixture(scope="module")
 def postgres_db():
     """A PostgreSQL store in a fresh schema for this module, dropped afterwards."""
-    try:
-        admin = psycopg2.connect(POSTGRES, connect_timeout=3)
-    except psycopg2.OperationalError as exc:
-        need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
-    admin.autocommit = True
-    schema = f"test_queries_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE SCHEMA {schema}")
-    db = models.open_database(f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}")
-    yield db
-    db.close()
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP SCHEMA {schema} CASCADE")
-    admin.close()
+    with postgres_schema("test_queries") as url:
+        db = models.open_database(url)
+        yield db
+        db.close()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "sqlite+rollup", "postgresql"])

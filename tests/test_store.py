@@ -329,21 +329,29 @@ def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
 # ---- many processes: gunicorn with SQLite and PostgreSQL, and SIGTERM under load ---------------------------
 
 
-@pytest.fixture
-def postgres_url():
-    """A PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
+@contextlib.contextmanager
+def postgres_schema(prefix: str):
+    """Yield a PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
     try:
         connection = psycopg2.connect(POSTGRES, connect_timeout=3)
     except psycopg2.OperationalError as exc:
         need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
     connection.autocommit = True
-    schema = f"test_store_{uuid.uuid4().hex[:12]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with connection.cursor() as cursor:
         cursor.execute(f"CREATE SCHEMA {schema}")
-    yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP SCHEMA {schema} CASCADE")
-    connection.close()
+    try:
+        yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP SCHEMA {schema} CASCADE")
+        connection.close()
+
+
+@pytest.fixture
+def postgres_url():
+    with postgres_schema("test_store") as url:
+        yield url
 
 
 def run_calls(url: str, total: int, clients: int) -> dict:
