@@ -38,27 +38,28 @@ def _ratios(document, figure, key, target, value, digits: int) -> str:
 
 def _added_row(document, label, figure, key, limit=None, digits=2) -> list[str] | None:
     """A latency-like row: each target's value and what it adds to direct; the target checks the added part."""
-    direct = _get(document, figure, "direct", key)
-    if direct is None:
-        return None
-    cells, verdicts = [], []
-    for target in ALL:
-        value = _get(document, figure, target, key)
-        if value is None:
-            cells.append("–")
-            continue
+
+    def shown(value, direct, ratios):
         added = value - direct
-        ratios = _ratios(document, figure, key, target, value, 1)
-        shown = f"{_fmt(value, digits)} ({'+' if added >= 0 else '−'}{_fmt(abs(added), digits)}"
-        shown += f"; {ratios})" if ratios else ")"
-        cells.append(_fmt(value, digits) if target == "direct" else shown)
-        if limit is not None and target in PROXIES:
-            verdicts.append(f"{target} {'met' if added <= limit else 'missed'}")
-    return [label, *cells, f"≤ {limit} added: " + ", ".join(verdicts) if limit is not None else ""]
+        return f"{'+' if added >= 0 else '−'}{_fmt(abs(added), digits)}" + (f"; {ratios}" if ratios else "")
+
+    verdict = None if limit is None else (f"≤ {limit} added", lambda value, direct: value - direct <= limit)
+    return _compared_row(document, label, figure, key, digits, 1, shown, verdict)
 
 
 def _ratio_row(document, label, figure, key, at_least=None, digits=0) -> list[str] | None:
     """A rate row: each value with its ratio to direct; the target checks the proxy's own value."""
+
+    def shown(value, direct, ratios):
+        return ratios or f"{value / direct:.2f}× direct"
+
+    verdict = None if at_least is None else (f"≥ {at_least:,}", lambda value, direct: value >= at_least)
+    return _compared_row(document, label, figure, key, digits, 2, shown, verdict)
+
+
+def _compared_row(document, label, figure, key, digits, ratio_digits, shown, verdict) -> list[str] | None:
+    """One table row: direct's value, then each other target's as "value (shown(...))"; ``verdict`` is
+    (target text, passes(value, direct)) for the proxies, or None for a row without a target."""
     direct = _get(document, figure, "direct", key)
     if direct is None:
         return None
@@ -68,11 +69,14 @@ def _ratio_row(document, label, figure, key, at_least=None, digits=0) -> list[st
         if value is None:
             cells.append("–")
             continue
-        ratios = _ratios(document, figure, key, target, value, 2) or f"{value / direct:.2f}× direct"
-        cells.append(_fmt(value, digits) if target == "direct" else f"{_fmt(value, digits)} ({ratios})")
-        if at_least is not None and target in PROXIES:
-            verdicts.append(f"{target} {'met' if value >= at_least else 'missed'}")
-    return [label, *cells, f"≥ {at_least:,}: " + ", ".join(verdicts) if at_least is not None else ""]
+        if target == "direct":
+            cells.append(_fmt(value, digits))
+            continue
+        ratios = _ratios(document, figure, key, target, value, ratio_digits)
+        cells.append(f"{_fmt(value, digits)} ({shown(value, direct, ratios)})")
+        if verdict is not None and target in PROXIES:
+            verdicts.append(f"{target} {'met' if verdict[1](value, direct) else 'missed'}")
+    return [label, *cells, f"{verdict[0]}: " + ", ".join(verdicts) if verdict is not None else ""]
 
 
 def _plain_row(document, label, figure, key, at_most=None, digits=1, vs_nginx=True) -> list[str] | None:
