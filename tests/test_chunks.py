@@ -10,28 +10,35 @@ import pytest
 import urllib3
 
 from proxy_app import chunks
-from tests.raw_upstream import RawUpstream, chunked, response
+from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
 
 NDJSON = "application/x-ndjson"
 LINES = [b'{"response":"w%d","done":false}\n' % n for n in range(10)]
 
 
+_answers: list = []  # every answer a test opened, closed when it ends (its connection with it)
+
+
 @pytest.fixture
 def raw():
-    made: list[RawUpstream] = []
+    made: list[tuple[RawUpstream, urllib3.HTTPConnectionPool]] = []
 
     def start(script) -> urllib3.HTTPConnectionPool:
         upstream = RawUpstream(script)
-        made.append(upstream)
-        return urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, retries=False, timeout=5)
+        made.append((upstream, urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, retries=False, timeout=5)))
+        return made[-1][1]
 
     yield start
-    for upstream in made:
+    while _answers:
+        _answers.pop().close()
+    for upstream, pool in made:
+        pool.close()
         upstream.close()
 
 
 def open_body(pool: urllib3.HTTPConnectionPool):
-    return pool.urlopen("POST", "/api/generate", body=b"{}", preload_content=False, decode_content=False)
+    _answers.append(pool.urlopen("POST", "/api/generate", body=b"{}", preload_content=False, decode_content=False))
+    return _answers[-1]
 
 
 def test_chunks_lines_already_here_make_one_piece_and_a_late_line_is_not_waited_for(raw):
@@ -71,25 +78,73 @@ def test_chunks_upstream_dying_mid_piece_relays_what_came_then_raises(raw):
     assert b"".join(got).startswith(b"".join(LINES[:3]))  # every whole line that arrived reached the client
 
 
-def test_chunks_sized_body_is_one_piece_and_ready_is_false_at_its_end(raw):
+def test_chunks_sized_body_is_one_piece_and_ends_without_waiting(raw):
     body = b'{"response":"hello","done":true}'
 
     def script(upstream, conn: socket.socket) -> None:
         conn.sendall(response(body))
-        time.sleep(2)  # keep the connection open: ready() must not wait for bytes that will never come
+        time.sleep(2)  # keep the connection open: the end of the body is its length, not a close
 
-    answer = open_body(raw(script))
     started = time.monotonic()
-    assert list(chunks.pieces(answer, 65536)) == [body]
-    assert not chunks.ready(answer) and time.monotonic() - started < 1
+    assert list(chunks.pieces(open_body(raw(script)), 65536)) == [body]
+    assert time.monotonic() - started < 1
 
 
-def test_chunks_ready_keeps_the_socket_timeout(raw):
+def test_chunks_sized_body_cut_short_raises_after_relaying_what_came(raw):
+    body = chunks.pieces(open_body(raw(reply(response(b'{"response":"hel', length=40)))), 65536)
+    assert next(body) == b'{"response":"hel'
+    with pytest.raises(urllib3.exceptions.ProtocolError, match="24 body bytes still to come"):
+        next(body)
+
+
+def test_chunks_body_without_length_ends_when_the_upstream_closes(raw):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    assert b"".join(chunks.pieces(open_body(raw(reply(head + b"until the end"))), 65536)) == b"until the end"
+
+
+def test_chunks_connection_is_reused_after_a_whole_chunked_body(raw):
     def script(upstream, conn: socket.socket) -> None:
-        conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(LINES[0])[:-5])
-        time.sleep(1)
+        conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES))
+        while read_request(conn):  # every later request on this connection gets the same answer
+            conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES))
 
-    answer = open_body(raw(script))
-    assert answer.read1(65536) == LINES[0]
-    assert not chunks.ready(answer)  # nothing more yet, and no wait for it
-    assert answer._fp.fp.raw._sock.gettimeout() == 5
+    pool = raw(script)
+    for _ in range(3):
+        answer = open_body(pool)
+        assert b"".join(chunks.pieces(answer, 65536)) == b"".join(LINES)
+        answer.release_conn()
+    assert pool.num_connections == 1 and pool.num_requests == 3
+
+
+def test_chunks_bytes_after_the_body_close_the_connection(raw):
+    pool = raw(reply(response(framing="chunked", content_type=NDJSON) + chunked(LINES[0]) + b"junk", False))
+    answer = open_body(pool)
+    assert list(chunks.pieces(answer, 65536)) == [LINES[0]]
+    answer.release_conn()
+    assert pool.pool.get_nowait().sock is None  # not handed to the next request
+
+
+FRAMED = b"5;name=value\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer: yes\r\n\r\nnext"
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, len(FRAMED)])
+def test_chunks_framing_split_anywhere_gives_the_same_data(step):
+    framing = chunks.Framing()
+    data = b"".join(framing.feed(FRAMED[at : at + step]) for at in range(0, len(FRAMED), step))
+    assert data == b"hello" + b"x" * 26
+    assert framing.ended and framing.rest.endswith(b"next")  # extensions and trailers skipped, the rest kept
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"zz\r\n", "invalid chunk size"),
+        (b"-5\r\nhello\r\n", "invalid chunk size"),
+        (b"0x5\r\nhello\r\n", "invalid chunk size"),
+        (b"3\r\nhello\r\n", "more chunk data than the chunk size"),
+        (b"1" * 5000, "does not end"),
+    ],
+)
+def test_chunks_framing_refuses_what_is_not_chunked(data, message):
+    with pytest.raises(urllib3.exceptions.ProtocolError, match=message):
+        chunks.Framing().feed(data)
