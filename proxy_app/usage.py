@@ -25,6 +25,12 @@ _INT_KEYS = "|".join([key for key, _ in _NATIVE_FIELDS] + ["prompt_tokens", "com
 _SALVAGE_INT = re.compile(rb'"(' + _INT_KEYS.encode() + rb')":(\d{1,19})(?!\d)')
 _SALVAGE_STR = re.compile(rb'"(model|done_reason)":"([^"\\]{1,200})"')
 _MODES = {"application/x-ndjson": "ndjson", "text/event-stream": "sse", "application/json": "json"}
+_TEXT = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"'  # a JSON string's body, still escaped
+# Ollama's intermediate generate and chat lines exactly (wire format): their text is read without decoding the line
+_PLAIN_LINE = re.compile(
+    rb'\{"model":"[^"\\]*","created_at":"[^"\\]*",(?:"response":' + _TEXT
+    + rb'|"message":\{"role":"assistant","content":' + _TEXT + rb'\}),"done":false\}[ \t\r]*'
+)  # fmt: skip
 
 
 @dataclass
@@ -84,6 +90,16 @@ def _decode(data: bytes) -> dict | None:
     except (ValueError, RecursionError):  # invalid JSON, ints over the digit limit, deep nesting
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _unescape(text: bytes) -> str | None:
+    """The value of an escaped JSON string body; None if it is no valid JSON string."""
+    if b"\\" not in text:
+        return text.decode("utf-8", "replace")
+    try:
+        return json.loads(b'"' + text + b'"')
+    except ValueError:
+        return None
 
 
 def _is_plain_chunk(data: bytes) -> bool:
@@ -181,9 +197,16 @@ class UsageMeter:
             self._complete = closed if isinstance(data, dict) else True
 
     def _ndjson_line(self, line: bytes) -> None:
-        """Handle one native line; intermediate lines are skipped unread once nothing more is needed from them."""
-        if self._settled and b'"done":false' in line and b'"done":true' not in line:
-            return
+        """Handle one native line; intermediate lines are skipped unread once nothing more is needed from them,
+        and until then an intermediate line of the usual shape has only its text read."""
+        if b'"done":false' in line and b'"done":true' not in line:
+            if self._settled:
+                return
+            if self._usage.model is not None and (plain := _PLAIN_LINE.fullmatch(line)):
+                text = _unescape(plain[1] if plain[1] is not None else plain[2])
+                if text is not None:
+                    self._add_text(text, None)
+                    return
         obj = _decode(line)
         if obj is not None:
             self._take(obj)

@@ -4,11 +4,13 @@ import json
 import pathlib
 import tracemalloc
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy_app import usage
 from proxy_app.usage import EDGE_BYTES, MAX_EVENT_BYTES, MAX_PARSE_BYTES, Usage, UsageMeter, UsageStripper
 
 RECORDINGS = pathlib.Path(__file__).parent / "recordings"
@@ -417,3 +419,18 @@ def test_usage_random_input_never_raises(content_type, status, objects, noise, c
     counts = [usage.input_tokens, usage.output_tokens, usage.eval_duration_ns, usage.total_duration_ns]
     assert all(value is None or (type(value) is int and value >= 0) for value in counts)
     assert len(usage.response_preview) <= 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(), min_size=1, max_size=30), chat=st.booleans(), ascii_only=st.booleans())
+def test_usage_intermediate_lines_read_on_bytes_give_the_decoded_text(texts, chat, ascii_only):
+    lines = []
+    for text in texts:
+        part = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+        line = {"model": "llama3.2", "created_at": "2025-10-26T17:15:24.097767Z", **part, "done": False}
+        lines.append(json.dumps(line, separators=(",", ":"), ensure_ascii=ascii_only).encode() + b"\n")
+    meter = UsageMeter(NDJSON)
+    with mock.patch("proxy_app.usage._decode", wraps=usage._decode) as decode:
+        meter.feed(b"".join(lines) + b'{"model":"llama3.2","done":true,"eval_count":3}\n')
+    assert meter.result().response_preview == "".join(texts)[:200]
+    assert decode.call_count <= 2  # the first line (for the model) and the last; the rest were read on bytes
