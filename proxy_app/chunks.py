@@ -2,27 +2,32 @@
 
 Ollama writes one chunk per token. Each read here takes whatever the socket holds, one line or fifty, in one call,
 and strips the chunked framing itself; relaying what arrived together as one piece costs one write to the client
-instead of one per line, as nginx does, and a line that is alone goes out at once. urllib3 still connects, sends and
-parses the status and headers; only the body bypasses its per-read machinery (about 25 µs per line). This module
-does not parse what it reads (usage.py) or decide what happens to it (relay.py).
+instead of one per line, as nginx does, and a line that is alone goes out at once (http.client's own chunked reader
+costs three reads per line). This module does not parse what it reads (usage.py) or decide what happens to it
+(relay.py).
 """
 
 from __future__ import annotations
 
+import http.client
 import re
 from collections.abc import Iterator
-
-from urllib3.exceptions import ProtocolError
 
 MAX_FRAMING_BYTES = 4096  # a chunk-size or trailer line longer than this is no HTTP/1.1 framing
 _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r]*)?\r?")  # size, then extensions (ignored)
 
 
-def pieces(upstream, size: int) -> Iterator[bytes]:
-    """Yield the body of a urllib3 response (read with preload_content=False) until its end, up to ``size`` bytes
-    a piece. A body cut short raises ``ProtocolError`` after everything that did arrive has been yielded."""
-    response = upstream._fp  # the http.client response under urllib3's; its buffered reader is response.fp
-    if response is None or response.fp is None:  # no body (HEAD, 204), or it was closed already
+class BrokenBody(http.client.HTTPException):
+    """The body ended early or was no valid chunked framing."""
+
+
+def pieces(response: http.client.HTTPResponse, size: int) -> Iterator[bytes]:
+    """Yield the body of an http.client response whose head was read, until its end, up to ``size`` bytes a piece.
+
+    A body cut short raises ``BrokenBody`` after everything that did arrive has been yielded. At the end the response
+    is closed; its connection can take the next request unless ``will_close`` was set.
+    """
+    if response.fp is None:  # no body, or it was closed already
         return
     if response.chunked:
         leftover = yield from _dechunked(response.fp, size)
@@ -30,7 +35,7 @@ def pieces(upstream, size: int) -> Iterator[bytes]:
         leftover = yield from _sized(response.fp, size, response.length)
     response.close()  # the body ended: http.client may send the next request on this connection
     if leftover:  # bytes after the end of the body: this connection is not fit for another request
-        upstream.close()
+        response.will_close = True
 
 
 def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
@@ -40,7 +45,7 @@ def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
         if not piece:
             if length is None:
                 return b""
-            raise ProtocolError(f"the upstream closed the connection with {length} body bytes still to come")
+            raise BrokenBody(f"the upstream closed the connection with {length} body bytes still to come")
         if length is not None:
             length -= len(piece)
         yield piece
@@ -56,7 +61,7 @@ def _dechunked(reader, size: int) -> Iterator[bytes]:
     while not framing.ended:
         data = reader.read1(size)
         if not data:
-            raise ProtocolError("the upstream closed the connection before the end of the chunked body")
+            raise BrokenBody("the upstream closed the connection before the end of the chunked body")
         piece = framing.feed(data)
         if piece:
             yield piece
@@ -76,7 +81,7 @@ class Framing:
         self._pending = b""  # the start of a framing line not yet complete
 
     def feed(self, data: bytes) -> bytes:
-        """Return the chunk data in ``data``; raise ProtocolError on bytes that are no chunked framing."""
+        """Return the chunk data in ``data``; raise BrokenBody on bytes that are no chunked framing."""
         if self._pending:
             data, self._pending = self._pending + data, b""
         out = []
@@ -93,7 +98,7 @@ class Framing:
             if line_end < 0:
                 self._pending = data[at:]
                 if len(self._pending) > MAX_FRAMING_BYTES:
-                    raise ProtocolError("the upstream sent a chunk-size line that does not end")
+                    raise BrokenBody("the upstream sent a chunk-size line that does not end")
                 break
             self._line(data[at:line_end])
             at = line_end + 1
@@ -104,13 +109,13 @@ class Framing:
     def _line(self, line: bytes) -> None:
         if self._after_data:  # the empty line closing a chunk's data
             if line.rstrip(b"\r"):
-                raise ProtocolError("the upstream sent more chunk data than the chunk size said")
+                raise BrokenBody("the upstream sent more chunk data than the chunk size said")
             self._after_data = False
         elif self._in_trailers:
             self.ended = not line.rstrip(b"\r")
         else:
             size = _CHUNK_SIZE.fullmatch(line)
             if size is None:
-                raise ProtocolError(f"the upstream sent an invalid chunk size: {line[:40]!r}")
+                raise BrokenBody(f"the upstream sent an invalid chunk size: {line[:40]!r}")
             self._left = int(size[1], 16)
             self._in_trailers = not self._left

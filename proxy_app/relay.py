@@ -8,6 +8,7 @@ render anything itself.
 
 from __future__ import annotations
 
+import http.client
 import inspect
 import ipaddress
 import logging
@@ -16,17 +17,16 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import urllib3
 from flask import Flask, Response, current_app, request
-from urllib3.util import SKIP_HEADER
 from werkzeug.exceptions import ClientDisconnected
 
 from . import chunks
 from . import intake as intake_module
 from .accounting import error_body, error_tail, outcome_of, settle
 from .gate import Gate, InFlight
+from .pool import Pool, Unreachable
 from .usage import Usage, UsageMeter, UsageStripper
-from .watch import ClientLeft, WatchedHTTPConnection, WatchedHTTPSConnection, watching
+from .watch import ClientLeft, watching
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class UpstreamBroke(Exception):
 def init_app(app: Flask) -> None:
     """Create the shared upstream pool and concurrency gate, and register the catch-all route (last)."""
     config = app.config
-    app.extensions["upstream_pool"] = pool = make_pool(config)
+    read_timeout = config["READ_TIMEOUT"] or None
+    pool = Pool(config["UPSTREAM"], config["CONNECT_TIMEOUT"], read_timeout, keep=max(config["THREADS"], 10))
+    app.extensions["upstream_pool"] = pool
     app.extensions.setdefault("shutdown_hooks", []).append(pool.close)
     app.extensions["gate"] = Gate(config["MAX_CONCURRENT"])
     app.extensions["in_flight"] = InFlight()
@@ -59,17 +61,6 @@ def init_app(app: Flask) -> None:
     app.extensions.setdefault("load_sampler", None)
     app.add_url_rule("/", "relay", forward, methods=METHODS, provide_automatic_options=False)
     app.add_url_rule("/<path:path>", "relay", forward, methods=METHODS, provide_automatic_options=False)
-
-
-def make_pool(config) -> urllib3.HTTPConnectionPool:
-    """Return the one upstream connection pool: no retries, no redirects, no proxy environment, long reads."""
-    read = config["READ_TIMEOUT"] or None
-    timeout = urllib3.Timeout(connect=config["CONNECT_TIMEOUT"], read=read)
-    pool = urllib3.connection_from_url(
-        config["UPSTREAM"], maxsize=max(config["THREADS"], 10), block=False, retries=False, timeout=timeout
-    )
-    pool.ConnectionCls = WatchedHTTPSConnection if pool.scheme == "https" else WatchedHTTPConnection
-    return pool
 
 
 def forward(path: str = "") -> Response:
@@ -168,11 +159,8 @@ def _open_upstream(app: Flask, call: dict) -> Response:
     call["sent"] = time.perf_counter()
     try:
         with watching(request.environ):  # a client leaving while Ollama is silent raises ClientLeft (watch.py)
-            upstream = app.extensions["upstream_pool"].urlopen(
-                request.method, target, body=body, headers=headers, redirect=False, retries=False,
-                preload_content=False, decode_content=False, assert_same_host=False,
-            )  # fmt: skip
-    except (urllib3.exceptions.HTTPError, OSError, ClientLeft, ClientDisconnected) as exc:
+            upstream = app.extensions["upstream_pool"].request(request.method, target, body or None, headers)
+    except (http.client.HTTPException, OSError, ClientLeft, ClientDisconnected) as exc:
         app.extensions["gate"].leave()
         return _no_answer(app, call, exc)
     return _relay_response(app, call, upstream)
@@ -224,8 +212,6 @@ def _upstream_headers(incoming, body) -> dict:
         if lowered not in NOT_FORWARDED_UP and lowered not in named_in_connection:
             headers[name] = value if lowered not in headers else headers[name] + ", " + value
     headers["Accept-Encoding"] = "identity"
-    if "User-Agent" not in incoming:
-        headers["User-Agent"] = SKIP_HEADER  # forward the client's (absent) agent, not urllib3's
     if isinstance(body, bytes):
         if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
             headers["Content-Length"] = str(len(body))
@@ -276,7 +262,7 @@ def _client_headers(upstream_headers) -> list[tuple[str, str]]:
     named_in_connection = _named_in_connection(upstream_headers)
     return [
         (name, value)
-        for name, value in upstream_headers.iteritems()
+        for name, value in upstream_headers.items()
         if name.lower() not in NOT_FORWARDED_DOWN and name.lower() not in named_in_connection
     ]
 
@@ -307,7 +293,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
     except GeneratorExit:
         outcome = "client_gone"
         raise
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
+    except (http.client.HTTPException, OSError) as exc:
         outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
         if has_length:
             raise UpstreamBroke(error) from exc
@@ -322,18 +308,18 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
 
 
 def _reason(exc: BaseException) -> str:
-    while getattr(exc, "reason", None) is not None and isinstance(exc.reason, BaseException):
-        exc = exc.reason
-    return str(exc) or type(exc).__name__
+    """What went wrong, for the error message: http.client's errors say little without their name."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, chunks.BrokenBody):
+        return f"{type(exc).__name__}: {text}"
+    return text
 
 
 def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
     """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
     call["ended"] = time.perf_counter()
-    try:
-        if outcome is not None:
-            upstream.close()  # an abandoned body must not go back to the pool, and Ollama must see the close
-        upstream.release_conn()
+    try:  # an abandoned body must not go back to the pool, and Ollama must see the close
+        app.extensions["upstream_pool"].release(upstream, reusable=outcome is None)
     except Exception:  # closing must never stop the accounting
         log.exception("closing the upstream response failed")
     finally:
@@ -368,9 +354,9 @@ def _no_answer(app: Flask, call: dict, exc: BaseException) -> Response:
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
         return _refuse(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
-    if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+    if isinstance(exc, Unreachable):
         status, outcome, message = 502, "unreachable", f"cannot reach the Ollama upstream at {upstream}"
-    elif isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+    elif isinstance(exc, TimeoutError):
         seconds = app.config["READ_TIMEOUT"]
         status, outcome, message = 504, "upstream_error", f"the Ollama upstream sent nothing for {seconds:g} s"
     else:

@@ -2,10 +2,10 @@
 
 Ollama writes nothing until the model is loaded and the prompt evaluated (minutes on a cold start, or a whole
 ``stream:false`` generation), and a thread blocked reading the upstream cannot see its client go. So the upstream
-connections made here wait for that first byte in short polls, asking between polls whether the client is still
-there; a departed client raises ``ClientLeft`` out of ``urlopen`` and the connection is closed, which makes Ollama
-stop. Once the answer has started, a departed client is noticed by the server at the next write instead. This module
-does not relay, record or time anything.
+connections (pool.py) wait for that first byte in short polls, asking between polls whether the client is still
+there; a departed client raises ``ClientLeft`` out of ``Pool.request`` and the connection is closed, which makes
+Ollama stop. Once the answer has started, a departed client is noticed by the server at the next write instead.
+This module does not relay, record or time anything.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.wait import wait_for_read
 
 # Why: how late a departure may be noticed, against one cheap poll() per interval while an upstream is silent.
@@ -30,23 +29,9 @@ class ClientLeft(Exception):
     """The client closed its connection while the upstream had not answered yet."""
 
 
-class _FirstByteWatch:
-    """Connection mixin: until the answer's first byte, poll for a departed client instead of blocking."""
-
-    def getresponse(self):
-        is_gone = getattr(_waiting, "is_gone", None)
-        if is_gone is not None and self.sock is not None:
-            timeout = self.timeout if isinstance(self.timeout, int | float) else None
-            wait_first_byte(self.sock, timeout, is_gone)
-        return super().getresponse()
-
-
-class WatchedHTTPConnection(_FirstByteWatch, HTTPConnection):
-    """An urllib3 HTTP connection that gives up waiting when the client has left (see ``watching``)."""
-
-
-class WatchedHTTPSConnection(_FirstByteWatch, HTTPSConnection):
-    """The same for an https:// upstream."""
+def current_gone_check() -> Callable[[], bool] | None:
+    """The departure check of the call this thread is waiting on (see ``watching``), or None."""
+    return getattr(_waiting, "is_gone", None)
 
 
 def wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) -> None:
@@ -56,7 +41,7 @@ def wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) ->
         if is_gone():
             raise ClientLeft
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError("read timed out")  # urllib3 turns it into its ReadTimeoutError
+            raise TimeoutError("read timed out")
 
 
 @contextmanager

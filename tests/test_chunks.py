@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-import urllib3
 
 from proxy_app import chunks
+from proxy_app.pool import Pool
 from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
 
 NDJSON = "application/x-ndjson"
@@ -21,23 +21,25 @@ _answers: list = []  # every answer a test opened, closed when it ends (its conn
 
 @pytest.fixture
 def raw():
-    made: list[tuple[RawUpstream, urllib3.HTTPConnectionPool]] = []
+    made: list[tuple[RawUpstream, Pool]] = []
 
-    def start(script) -> urllib3.HTTPConnectionPool:
+    def start(script) -> Pool:
         upstream = RawUpstream(script)
-        made.append((upstream, urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, retries=False, timeout=5)))
+        made.append((upstream, Pool(f"http://127.0.0.1:{upstream.port}", 5, 5, keep=10)))
         return made[-1][1]
 
     yield start
     while _answers:
-        _answers.pop().close()
+        answer = _answers.pop()
+        answer.close()
+        answer.connection.close()
     for upstream, pool in made:
         pool.close()
         upstream.close()
 
 
-def open_body(pool: urllib3.HTTPConnectionPool):
-    _answers.append(pool.urlopen("POST", "/api/generate", body=b"{}", preload_content=False, decode_content=False))
+def open_body(pool: Pool):
+    _answers.append(pool.request("POST", "/api/generate", b"{}", {"Content-Length": "2"}))
     return _answers[-1]
 
 
@@ -72,7 +74,7 @@ def test_chunks_upstream_dying_mid_piece_relays_what_came_then_raises(raw):
         conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES[:3])[:-5] + b"40\r\npart")
 
     got = []
-    with pytest.raises((urllib3.exceptions.HTTPError, OSError)):
+    with pytest.raises(chunks.BrokenBody):
         for piece in chunks.pieces(open_body(raw(script)), 65536):
             got.append(piece)
     assert b"".join(got).startswith(b"".join(LINES[:3]))  # every whole line that arrived reached the client
@@ -93,7 +95,7 @@ def test_chunks_sized_body_is_one_piece_and_ends_without_waiting(raw):
 def test_chunks_sized_body_cut_short_raises_after_relaying_what_came(raw):
     body = chunks.pieces(open_body(raw(reply(response(b'{"response":"hel', length=40)))), 65536)
     assert next(body) == b'{"response":"hel'
-    with pytest.raises(urllib3.exceptions.ProtocolError, match="24 body bytes still to come"):
+    with pytest.raises(chunks.BrokenBody, match="24 body bytes still to come"):
         next(body)
 
 
@@ -108,20 +110,21 @@ def test_chunks_connection_is_reused_after_a_whole_chunked_body(raw):
         while read_request(conn):  # every later request on this connection gets the same answer
             conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES))
 
-    pool = raw(script)
+    pool, sockets = raw(script), set()
     for _ in range(3):
         answer = open_body(pool)
         assert b"".join(chunks.pieces(answer, 65536)) == b"".join(LINES)
-        answer.release_conn()
-    assert pool.num_connections == 1 and pool.num_requests == 3
+        sockets.add(answer.connection.sock)
+        pool.release(answer)
+    assert len(sockets) == 1 and None not in sockets  # one connection, open, carried all three
 
 
 def test_chunks_bytes_after_the_body_close_the_connection(raw):
     pool = raw(reply(response(framing="chunked", content_type=NDJSON) + chunked(LINES[0]) + b"junk", False))
     answer = open_body(pool)
     assert list(chunks.pieces(answer, 65536)) == [LINES[0]]
-    answer.release_conn()
-    assert pool.pool.get_nowait().sock is None  # not handed to the next request
+    pool.release(answer)
+    assert not pool._idle and answer.connection.sock is None  # closed, not handed to the next request
 
 
 FRAMED = b"5;name=value\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer: yes\r\n\r\nnext"
@@ -146,5 +149,5 @@ def test_chunks_framing_split_anywhere_gives_the_same_data(step):
     ],
 )
 def test_chunks_framing_refuses_what_is_not_chunked(data, message):
-    with pytest.raises(urllib3.exceptions.ProtocolError, match=message):
+    with pytest.raises(chunks.BrokenBody, match=message):
         chunks.Framing().feed(data)

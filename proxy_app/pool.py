@@ -1,0 +1,112 @@
+"""The upstream client: keep-alive connections to the one configured Ollama, reused by every call.
+
+Built on http.client, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects, proxies,
+content decoding, per-host pools, header-dict copies): those cost about 80 µs per call here. The connections wait for
+the first byte of an answer in short polls, so a departed client is noticed (watch.py). This module does not read
+bodies (chunks.py) or decide anything about a call (relay.py).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections import deque
+from urllib.parse import urlsplit
+
+from urllib3.util.wait import wait_for_read
+
+from .watch import current_gone_check, wait_first_byte
+
+
+class Unreachable(OSError):
+    """The upstream could not be connected to: refused, no such host, or no answer within the connect timeout."""
+
+
+class _Timed:
+    """Connection mixin: the connect timeout while connecting, then the read timeout; a watched wait for answers."""
+
+    read_timeout: float | None
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except OSError as exc:
+            raise Unreachable(str(exc) or type(exc).__name__) from exc
+        self.sock.settimeout(self.read_timeout)
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        is_gone = current_gone_check()
+        if is_gone is not None and self.sock is not None:
+            wait_first_byte(self.sock, self.read_timeout, is_gone)
+        return super().getresponse()
+
+
+class HTTPConnection(_Timed, http.client.HTTPConnection):
+    pass
+
+
+class HTTPSConnection(_Timed, http.client.HTTPSConnection):
+    pass
+
+
+class Pool:
+    """Idle connections to the upstream, most recently used first; as many are kept as there are threads."""
+
+    def __init__(self, url: str, connect_timeout: float, read_timeout: float | None, keep: int) -> None:
+        parts = urlsplit(url)
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.connect_timeout, self.read_timeout, self.keep = connect_timeout, read_timeout, keep
+        self._idle: deque = deque()
+        self._closed = threading.Event()
+
+    def request(self, method: str, target: str, body, headers: dict) -> http.client.HTTPResponse:
+        """Send one request and return its response with the head read; its ``connection`` goes back by release().
+
+        Raises Unreachable when no connection can be made, TimeoutError when no answer starts within the read
+        timeout, ClientLeft (watch.py) when the client goes first, and http.client or OS errors on a broken answer.
+        """
+        connection = self._take()
+        try:
+            connection.request(method, target, body=body, headers=headers)
+            response = connection.getresponse()
+        except BaseException:
+            connection.close()
+            raise
+        response.connection = connection
+        return response
+
+    def release(self, response: http.client.HTTPResponse, reusable: bool = True) -> None:
+        """Take back a response's connection: kept for the next call if its body was read to the end, else closed."""
+        connection = response.connection
+        if reusable and not response.isclosed() and response.length == 0 and not response.chunked:
+            response.close()  # HEAD, 204, 304: there was no body to read
+        if reusable and response.isclosed() and not response.will_close and not self._closed.is_set():
+            if len(self._idle) < self.keep:
+                self._idle.append(connection)
+                return
+        response.close()
+        connection.close()  # the upstream sees the close: Ollama stops generating for a departed client
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use are closed when released."""
+        self._closed.set()
+        while self._idle:
+            self._idle.pop().close()
+
+    def _take(self):
+        while True:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                return self._new()
+            if connection.sock is not None and not wait_for_read(connection.sock, timeout=0):
+                return connection
+            connection.close()  # the upstream closed it while idle (or sent bytes nobody asked for)
+
+    def _new(self):
+        if self.scheme == "https":
+            connection = HTTPSConnection(self.host, self.port, timeout=self.connect_timeout)
+        else:
+            connection = HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        connection.read_timeout = self.read_timeout
+        return connection
