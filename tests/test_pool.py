@@ -1,0 +1,96 @@
+"""The upstream pool (pool.py): connections reused only when whole, closed when not, and clear errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from urllib3.util.wait import wait_for_read
+
+from proxy_app import chunks
+from proxy_app.pool import Pool, Unreachable
+from tests.conftest import free_port
+from tests.raw_upstream import RawUpstream, read_request, response
+
+
+def answer_every_request(head_only: bool = False):
+    """Script: answer each request on the connection with a small JSON body (or a bodiless 204)."""
+
+    def script(upstream, conn: socket.socket) -> None:
+        request = True
+        while request:
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n" if head_only else response(b'{"ok":true}'))
+            request = read_request(conn)
+
+    return script
+
+
+@pytest.fixture
+def upstream():
+    made: list[tuple[RawUpstream, Pool]] = []
+
+    def start(script) -> tuple[RawUpstream, Pool]:
+        raw = RawUpstream(script)
+        made.append((raw, Pool(raw.url, 5, 5, keep=2)))
+        return made[-1]
+
+    yield start
+    for raw, pool in made:
+        pool.close()
+        raw.close()
+
+
+def call(pool: Pool, method: str = "POST", body: bytes | None = b"{}"):
+    headers = {} if body is None else {"Content-Length": str(len(body))}
+    return pool.request(method, "/api/generate", body, headers)
+
+
+def test_pool_reuses_a_connection_whose_body_was_read_to_the_end(upstream):
+    raw, pool = upstream(answer_every_request())
+    for _ in range(3):
+        answer = call(pool)
+        assert b"".join(chunks.pieces(answer, 65536)) == b'{"ok":true}'
+        pool.release(answer)
+    assert raw.accepted == 1
+
+
+def test_pool_closes_a_connection_released_before_its_end_so_the_upstream_sees_it(upstream):
+    raw, pool = upstream(answer_every_request())
+    answer = call(pool)  # body never read: a client that left
+    pool.release(answer, reusable=False)
+    assert answer.connection.sock is None and not pool._idle
+    pool.release(call(pool))  # also not whole (unread), so not kept either
+    assert not pool._idle and raw.accepted == 2
+
+
+def test_pool_keeps_bodiless_answers_connections_and_at_most_keep(upstream):
+    raw, pool = upstream(answer_every_request(head_only=True))
+    answers = [call(pool, "GET", None) for _ in range(3)]  # three at once: three connections
+    for answer in answers:
+        assert answer.status == 204
+        pool.release(answer)
+    assert len(pool._idle) == 2 and raw.accepted == 3  # keep=2: the third is closed
+    pool.close()
+    assert not pool._idle
+
+
+def test_pool_sends_no_content_length_for_a_get_without_body(upstream):
+    raw, pool = upstream(answer_every_request())
+    pool.release(call(pool, "GET", None), reusable=False)
+    assert b"content-length" not in raw.wait_for_requests(1)[0].lower()
+
+
+def test_pool_refused_connection_is_unreachable():
+    pool = Pool(f"http://127.0.0.1:{free_port()}", 5, 5, keep=2)
+    with pytest.raises(Unreachable, match="refused"):
+        call(pool)
+
+
+def test_pool_replaces_a_connection_the_upstream_closed_while_idle(upstream):
+    raw, pool = upstream(lambda raw, conn: conn.sendall(response(b"{}")))  # answers once, then closes
+    for _ in range(2):
+        answer = call(pool)
+        assert b"".join(chunks.pieces(answer, 65536)) == b"{}"
+        pool.release(answer)
+        assert wait_for_read(pool._idle[-1].sock, 5)  # kept, and then closed by the upstream
+    assert raw.accepted == 2  # the dead one was noticed before use, not sent a request that would fail
