@@ -12,10 +12,12 @@ import http.client
 import inspect
 import ipaddress
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import ClientDisconnected
@@ -41,6 +43,9 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 READ_SIZE = 64 * 1024  # largest piece read from the upstream at once; streams arrive in far smaller chunks
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
+_NOT_IN_TARGET = re.compile("[\x00-\x20\x7f]")  # what http.client refuses in a request line
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are when a path must be quoted again
+_QUERY_SAFE = _PATH_SAFE + "?%"
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
 
 
@@ -125,6 +130,19 @@ def client_address(environ: dict, trusted: tuple) -> str:
     return chain[0]
 
 
+def request_target(environ: dict, path: str) -> str:
+    """The target to send upstream: the client's own, byte for byte (``%2F`` stays ``%2F``), in origin form.
+
+    An absolute-form target ("GET http://elsewhere/x") keeps only its path: the host is always the upstream's.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""  # gunicorn, waitress
+    if raw.startswith("/") and raw.isascii() and not _NOT_IN_TARGET.search(raw):
+        return raw
+    target = quote(path, safe=_PATH_SAFE)
+    query = quote(environ.get("QUERY_STRING", ""), safe=_QUERY_SAFE, encoding="latin-1")  # WSGI strings are latin-1
+    return f"{target}?{query}" if query else target
+
+
 def _check_body_size(call: dict, limit: int) -> Response | None:
     if _is_blob_upload(request.method, request.path) or not limit:
         return None
@@ -154,7 +172,7 @@ def _open_upstream(app: Flask, call: dict) -> Response:
     call["intake"] = intake
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
-    target = request.full_path if request.query_string else request.path
+    target = request_target(request.environ, request.path)
     headers = _upstream_headers(request.headers, body)
     call["sent"] = time.perf_counter()
     try:

@@ -143,6 +143,17 @@ def test_faults_upstream_gives_no_http_answer_gets_502(proxy_for, raw, script, m
     assert_still_serving(handle, raw)
 
 
+@pytest.mark.parametrize("target", ["/v1/models/hf.co%2Fuser%2Frepo:Q4_K_M?x=%20y&z=%C3%A9", "/api/a%20b%25c"])
+def test_faults_request_target_reaches_the_upstream_as_the_client_sent_it(proxy_for, raw, target):
+    raw.script = reply(GOOD_REPLY)
+    handle, app, recorder = proxy_for(raw.url)
+    connection = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+    connection.request("GET", target)
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert raw.wait_for_requests(1)[0].split(b"\r\n", 1)[0] == b"GET %s HTTP/1.1" % target.encode()
+
+
 def test_faults_upstream_restarts_between_calls(proxy_for, tmp_path):
     first = serve(FakeOllama())
     port = first.port

@@ -13,7 +13,7 @@ import ollama
 import openai
 import pytest
 
-from proxy_app import create_app
+from proxy_app import create_app, relay
 from tests.conftest import free_port
 from tests.fake_ollama import serve
 
@@ -423,3 +423,17 @@ def test_relay_health_503_when_upstream_down(tmp_path):
     response = app.test_client().get("/health")
     assert response.status_code == 503 and response.get_json()["upstream"]["reachable"] is False
     assert app.test_client().get("/test").status_code == 502
+
+
+@pytest.mark.parametrize(
+    ("environ", "path", "expected"),
+    [
+        ({"RAW_URI": "/api/a%2Fb?q=%20"}, "/api/a/b", "/api/a%2Fb?q=%20"),  # gunicorn: as sent
+        ({"REQUEST_URI": "/api/tags"}, "/api/tags", "/api/tags"),  # waitress
+        ({"RAW_URI": "http://evil.example/api/tags", "QUERY_STRING": "x=1&y=%20"}, "/api/tags", "/api/tags?x=1&y=%20"),
+        ({"QUERY_STRING": "n=\xe9"}, "/api/a b", "/api/a%20b?n=%E9"),  # no raw target: quoted again, bytes kept
+        ({"RAW_URI": "/api/\xe9"}, "/api/\xe9", "/api/%C3%A9"),  # not ASCII: never put in the request line as is
+    ],
+)
+def test_relay_request_target_is_the_clients_in_origin_form(environ, path, expected):
+    assert relay.request_target(environ, path) == expected
