@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
+import threading
+from pathlib import Path
 
 import pytest
 from urllib3.util.wait import wait_for_read
@@ -10,7 +14,9 @@ from urllib3.util.wait import wait_for_read
 from proxy_app import chunks
 from proxy_app.pool import Pool, Unreachable
 from tests.conftest import free_port
-from tests.raw_upstream import RawUpstream, read_request, response
+from tests.raw_upstream import RawUpstream, chunked, read_request, response
+
+TLS = Path(__file__).parent / "tls"
 
 
 def answer_every_request(head_only: bool = False):
@@ -94,3 +100,43 @@ def test_pool_replaces_a_connection_the_upstream_closed_while_idle(upstream):
         pool.release(answer)
         assert wait_for_read(pool._idle[-1].sock, 5)  # kept, and then closed by the upstream
     assert raw.accepted == 2  # the dead one was noticed before use, not sent a request that would fail
+
+
+@contextlib.contextmanager
+def tls_upstream(answer: bytes):
+    """An https:// upstream (tests/tls: a certificate for 127.0.0.1) answering one request with ``answer``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS / "cert.pem", TLS / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                read_request(tls)
+                tls.sendall(answer)
+        except OSError:  # the client refused the certificate
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_pool_https_upstream_relays_a_stream_and_checks_its_certificate(monkeypatch):
+    lines = [b'{"model":"m","created_at":"t","response":"hi","done":false}\n', b'{"model":"m","done":true}\n']
+    answer = response(framing="chunked", content_type="application/x-ndjson") + chunked(*lines)
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS / "cert.pem"))  # trust the test certificate, as a CA bundle would
+    with tls_upstream(answer) as url:
+        pool = Pool(url, 5, 5, keep=2)
+        streamed = pool.request("POST", "/api/generate", b"{}", {"Content-Length": "2"})
+        assert b"".join(chunks.pieces(streamed, 65536)) == b"".join(lines)
+        pool.release(streamed)
+        pool.close()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with tls_upstream(answer) as url, pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        call(Pool(url, 5, 5, keep=2))  # an unknown certificate is refused, not trusted
