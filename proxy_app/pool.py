@@ -1,7 +1,7 @@
 """The upstream client: keep-alive connections to the one configured Ollama, reused by every call.
 
 Built on http.client, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects, proxies,
-content decoding, per-host pools, header-dict copies): those cost about 80 µs per call here. The connections wait for
+content decoding, per-host pools, header-dict copies): those cost about 90 µs per call here. The connections wait for
 the first byte of an answer in short polls, so a departed client is noticed (watch.py). This module does not read
 bodies (chunks.py) or decide anything about a call (relay.py).
 """
