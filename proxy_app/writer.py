@@ -64,8 +64,7 @@ class Writer:
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        self._stopping = False
-        self._stopped = threading.Event()  # wakes a retry pause at once when the writer is stopped
+        self._stopping = threading.Event()  # set by stop(); also wakes a retry pause at once
         self._lock = threading.Lock()
         self._next_drop_log = 0.0
         self._next_retention = 0.0
@@ -79,12 +78,12 @@ class Writer:
     def submit(self, call) -> None:
         """Queue a finished call (a call sink). A full queue, a stopped writer or any error counts a drop."""
         try:
-            if self._stopping:
+            if self._stopping.is_set():
                 raise queue.Full
             self._ensure_running()
             self._queue.put_nowait(call)
         except queue.Full:
-            self._drop(1, "the writer queue is full" if not self._stopping else "the writer is stopped")
+            self._drop(1, "the writer queue is full" if not self._stopping.is_set() else "the writer is stopped")
         except Exception as exc:  # never let storage trouble reach the relay
             self._drop(1, f"cannot queue the call: {exc!r}")
 
@@ -106,8 +105,7 @@ class Writer:
 
     def stop(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
         """Store what is queued, then end the thread; calls submitted afterwards are dropped. False on timeout."""
-        self._stopping = True
-        self._stopped.set()
+        self._stopping.set()
         thread = self._thread
         if thread is None or self._pid != os.getpid() or not thread.is_alive():
             return True
@@ -127,7 +125,7 @@ class Writer:
         """The /health entry: ok unless the thread died or the last batch failed."""
         started_here = self._thread is not None and self._pid == os.getpid()
         alive = started_here and self._thread.is_alive()
-        crashed = started_here and not alive and not self._stopping
+        crashed = started_here and not alive and not self._stopping.is_set()
         return {"ok": not crashed and self.last_error is None, "alive": alive, "depth": self.depth,
                 "written": self.written, "dropped": self.dropped, "error": self.last_error}  # fmt: skip
 
@@ -160,7 +158,9 @@ class Writer:
             self._forget_parent()  # forked without the at-fork hook (it is installed per interpreter, not per fork())
         with self._lock:
             self._pid = os.getpid()
-            if (self._stopping and not even_if_stopping) or (self._thread is not None and self._thread.is_alive()):
+            if (self._stopping.is_set() and not even_if_stopping) or (
+                self._thread is not None and self._thread.is_alive()
+            ):
                 return
             if self._thread is not None:
                 self.restarts += 1
@@ -203,7 +203,7 @@ class Writer:
             try:
                 batch.append(pending.get_nowait())
             except queue.Empty:
-                if lingered or self._stopping:
+                if lingered or self._stopping.is_set():
                     break
                 lingered = True
                 time.sleep(LINGER_SECONDS)
@@ -228,14 +228,14 @@ class Writer:
                 self._reconnect()
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
                 retryable = isinstance(exc, OperationalError | InterfaceError)
-                if not retryable or self._stopping or time.monotonic() + pause > give_up:
+                if not retryable or self._stopping.is_set() or time.monotonic() + pause > give_up:
                     self._drop(len(calls), f"the database refused a batch: {self.last_error}")
                     return
                 if not attempt:
                     log.warning("the database refused a batch of %d row(s): %s; trying again for up to %.0f s",
                                 len(calls), self.last_error, self.retry_seconds)  # fmt: skip
                 self.retries += 1
-                self._stopped.wait(pause)
+                self._stopping.wait(pause)
         with self._lock:
             self.written += len(calls)
         self.last_error = None
