@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -98,6 +99,19 @@ def live_proxy(app):
     handle = serve(app, threads=96)
     yield handle
     handle.close()
+
+
+def hold_write_lock(path: Path) -> sqlite3.Connection:
+    """Another connection holding a SQLite store's write lock, as a long transaction in another process would."""
+    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def release(holder: sqlite3.Connection) -> None:
+    """End what ``hold_write_lock`` began."""
+    holder.execute("ROLLBACK")
+    holder.close()
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ from proxy_app.calls import COLUMNS
 from proxy_app.csvlog import CsvLog
 from proxy_app.models import CallRow, create_tables, open_database
 from proxy_app.writer import Writer
-from tests.conftest import CallRecorder, free_port, need
+from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
 from tests.fake_ollama import MODEL_ERROR, serve
 from tests.test_csvlog import sample_call
 
@@ -270,8 +270,7 @@ def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
 def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_with, tmp_path):
     path = tmp_path / "locked.db"
     app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1")  # default WRITER_RETRY_SECONDS
-    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = hold_write_lock(path)
     locked_until = time.monotonic() + 10
     sent = 0
     while time.monotonic() < locked_until:
@@ -282,8 +281,7 @@ def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_wit
     writer = app.extensions["writer"]
     assert writer.written == 0 and writer.dropped == 0 and writer.retries > 0  # held and tried again, not dropped
     assert requests.get(proxy.url + "/health").json()["writer"]["error"].endswith("database is locked")
-    holder.execute("ROLLBACK")
-    holder.close()
+    release(holder)
     recorder.wait_for(sent)
     assert writer.flush(10) and (writer.written, writer.dropped) == (sent, 0)
     assert len(stored(app, recorder, sent)) == sent and requests.get(proxy.url + "/health").status_code == 200
@@ -292,8 +290,7 @@ def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_wit
 def test_store_locked_database_past_the_retry_window_drops_and_counts(proxy_with, tmp_path):
     path = tmp_path / "locked.db"
     app, proxy, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.1", WRITER_RETRY_SECONDS="0")
-    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = hold_write_lock(path)
     for _ in range(5):
         response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
         assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
@@ -303,8 +300,7 @@ def test_store_locked_database_past_the_retry_window_drops_and_counts(proxy_with
     assert (writer.written, writer.dropped) == (0, 5)
     health = requests.get(proxy.url + "/health")
     assert health.status_code == 503 and health.json()["writer"]["ok"] is False
-    holder.execute("ROLLBACK")
-    holder.close()
+    release(holder)
     post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
     assert len(stored(app, recorder, 6)) == 1 and requests.get(proxy.url + "/health").status_code == 200
 

@@ -20,7 +20,7 @@ from proxy_app.calls import COLUMNS, Call
 from proxy_app.csvlog import CsvLog
 from proxy_app.models import CallRow, SchemaVersion
 from proxy_app.writer import Writer
-from tests.conftest import free_port
+from tests.conftest import free_port, hold_write_lock, release
 from tests.test_csvlog import NOW, parse, sample_call
 
 
@@ -40,18 +40,6 @@ def make_writer(tmp_path, maxsize: int = 100, query: str = "", **options) -> Wri
 
 def stored_ids(db) -> list[str]:
     return [row.request_id for row in CallRow.select(CallRow.request_id).order_by(CallRow.id).execute(db)]
-
-
-def hold_write_lock(tmp_path) -> sqlite3.Connection:
-    """Another connection holding the store's write lock, as a long transaction in another process would."""
-    holder = sqlite3.connect(tmp_path / "calls.db", timeout=0, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
-    return holder
-
-
-def release(holder: sqlite3.Connection) -> None:
-    holder.execute("ROLLBACK")
-    holder.close()
 
 
 @pytest.fixture
@@ -155,7 +143,7 @@ def test_writer_full_queue_drops_without_blocking(tmp_path, monkeypatch):
 
 def test_writer_locked_database_retries_until_released(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=30)
-    holder = hold_write_lock(tmp_path)
+    holder = hold_write_lock(tmp_path / "calls.db")
     for n in range(3):
         writer.submit(sample_call(request_id=f"held{n}"))
     assert not writer.flush(1.5)  # still refused: the batch is held, not dropped
@@ -172,7 +160,7 @@ def test_writer_locked_database_retries_until_released(tmp_path):
 
 def test_writer_stop_ends_a_retry_and_counts_the_batch(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=600)
-    holder = hold_write_lock(tmp_path)
+    holder = hold_write_lock(tmp_path / "calls.db")
     writer.submit(sample_call(request_id="held"))
     assert not writer.flush(0.5)
     started = time.monotonic()
@@ -194,7 +182,7 @@ def test_writer_drops_at_once_a_batch_the_database_will_never_take(writer, monke
 
 def test_writer_locked_database_drops_and_recovers(tmp_path):
     writer = make_writer(tmp_path, query="?timeout=0.1", retry_seconds=0)
-    holder = hold_write_lock(tmp_path)
+    holder = hold_write_lock(tmp_path / "calls.db")
     for n in range(3):
         writer.submit(sample_call(request_id=f"locked{n}"))
     assert writer.flush(5)
