@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import socket
 import ssl
 import threading
@@ -12,9 +14,9 @@ import pytest
 from urllib3.util.wait import wait_for_read
 
 from proxy_app import chunks
-from proxy_app.pool import Pool, Unreachable
+from proxy_app.pool import MAX_HEADERS, Pool, Unreachable, read_head
 from tests.conftest import free_port
-from tests.raw_upstream import RawUpstream, chunked, read_request, response
+from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
 
 TLS = Path(__file__).parent / "tls"
 
@@ -140,3 +142,69 @@ def test_pool_https_upstream_relays_a_stream_and_checks_its_certificate(monkeypa
     monkeypatch.delenv("SSL_CERT_FILE")
     with tls_upstream(answer) as url, pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
         call(Pool(url, 5, 5, keep=2))  # an unknown certificate is refused, not trusted
+
+
+def test_read_head_keeps_names_and_values_as_sent_and_joins_folded_lines():
+    head = b"Content-Type: application/json\r\nX-Folded: one\r\n\t two\r\nx-empty:\r\nSet-Cookie: a\r\n"
+    head += b"Set-Cookie: b\r\nX-Spaces:  padded value \t\r\n\r\nbody"
+    reader = io.BytesIO(head)
+    headers = read_head(reader)
+    assert list(headers.items()) == [
+        ("Content-Type", "application/json"), ("X-Folded", "one two"), ("x-empty", ""), ("Set-Cookie", "a"),
+        ("Set-Cookie", "b"), ("X-Spaces", "padded value"),
+    ]  # fmt: skip
+    assert headers.get("content-type") == "application/json" and "X-EMPTY" in headers
+    assert reader.read() == b"body"  # not a byte of the body was read
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"no colon here", b"Bad Name: x", b": no name", b"X-Bare-CR: a\rb", b"X-Long: " + b"a" * 70000],
+    ids=["no colon", "space in name", "empty name", "bare CR", "too long"],
+)
+def test_read_head_refuses_lines_that_are_no_header_field(line):
+    with pytest.raises(http.client.HTTPException):
+        read_head(io.BytesIO(b"X-Ok: 1\r\n" + line + b"\r\n\r\n"))
+
+
+def test_read_head_refuses_more_headers_than_http_client_allows():
+    head = b"".join(b"X-%d: %d\r\n" % (n, n) for n in range(MAX_HEADERS + 1)) + b"\r\n"
+    with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
+        read_head(io.BytesIO(head))
+    assert len(read_head(io.BytesIO(head[head.index(b"X-1:") :]))) == MAX_HEADERS
+
+
+@pytest.mark.parametrize("declared", ["+2", "2_0", "-2", "2, 2", "0x2", "²"])
+def test_pool_reads_to_the_close_a_body_whose_content_length_is_no_plain_number(upstream, declared):
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n".encode()
+    raw, pool = upstream(reply(head + b"{}"))
+    answer = call(pool)
+    assert answer.length is None and answer.will_close  # the body ends when the upstream closes, not by a guess
+    assert b"".join(chunks.pieces(answer, 65536)) == b"{}"
+    pool.release(answer)
+    assert not pool._idle
+
+
+@pytest.mark.parametrize(
+    ("head", "kept"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n", True),
+    ],
+    ids=["after 100 Continue", "Connection: close", "HTTP/1.0", "HTTP/1.0 keep-alive"],
+)
+def test_pool_keeps_a_connection_only_when_the_answer_allows_it(upstream, head, kept):
+    raw, pool = upstream(reply(head + b"{}", then_close=False))
+    answer = call(pool)
+    assert answer.status == 200 and b"".join(chunks.pieces(answer, 65536)) == b"{}"
+    pool.release(answer)
+    assert len(pool._idle) == int(kept)
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/2 200 OK", b"SPDY/3 200 OK", b"HTTP/1.1 abc OK"])
+def test_pool_refuses_an_answer_that_is_no_http_1(upstream, status_line):
+    raw, pool = upstream(reply(status_line + b"\r\nContent-Length: 2\r\n\r\n{}"))
+    with pytest.raises(http.client.HTTPException):
+        call(pool)
