@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 MAX_FRAMING_BYTES = 4096  # a chunk-size or trailer line longer than this is no HTTP/1.1 framing
 _CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r]*)?\r?")  # size, then extensions (ignored)
+_PLAIN_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # how Go (Ollama) frames every chunk
 
 
 class BrokenBody(http.client.HTTPException):
@@ -87,6 +88,13 @@ class Framing:
         out = []
         at, end = 0, len(data)
         while at < end and not self.ended:
+            if not (self._left or self._after_data or self._in_trailers) and (head := _PLAIN_SIZE.match(data, at)):
+                start = head.end()
+                stop = start + int(head[1], 16)
+                if stop > start and data[stop : stop + 2] == b"\r\n":  # a whole chunk, framed the usual way
+                    out.append(data[start:stop])
+                    at = stop + 2
+                    continue
             if self._left:
                 part = data[at : at + self._left]
                 out.append(part)
