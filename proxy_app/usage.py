@@ -7,7 +7,7 @@ tolerated); or set `has_content` for a plain JSON body before `result()`, since 
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 MAX_PARSE_BYTES = 16 * 1024 * 1024  # bigger bodies or lines are not json-decoded, so memory per call stays bounded
 EDGE_BYTES = 4096  # kept from each end of an oversized body: model and done flag at the head, metrics at the tail
@@ -31,6 +31,7 @@ _PLAIN_LINE = re.compile(
     rb'\{"model":"[^"\\]*","created_at":"[^"\\]*",(?:"response":' + _TEXT
     + rb'|"message":\{"role":"assistant","content":' + _TEXT + rb'\}),"done":false\}[ \t\r]*'
 )  # fmt: skip
+_PLAIN_LINES = re.compile(rb"^" + _PLAIN_LINE.pattern + rb"\n", re.MULTILINE)  # each matches one whole line or none
 
 
 @dataclass
@@ -158,6 +159,8 @@ class UsageMeter:
         if self._mode == "json":
             self._carry.add(chunk)
         elif self._mode is not None and chunk:
+            if self._mode == "ndjson" and not self._carry.size and self._read_plain_lines(chunk):
+                return
             lines = chunk.split(b"\n")  # scans only the new chunk, so a huge line costs linear time
             rest = lines.pop()
             if lines:
@@ -173,9 +176,10 @@ class UsageMeter:
             self._finish_body()
         elif self._carry.size:
             self._finish_line(b"")
-        preview = "".join(self._preview)[: self.preview_chars]
-        complete = self._complete and not self._failed and self.status < 400
-        return replace(self._usage, is_complete=complete, response_preview=preview)
+        usage = self._usage  # the meter's own, completed (dataclasses.replace would cost more than the rest here)
+        usage.response_preview = "".join(self._preview)[: self.preview_chars]
+        usage.is_complete = self._complete and not self._failed and self.status < 400
+        return usage
 
     def _finish_line(self, piece: bytes) -> None:
         """Complete the carried line (if any) with piece and handle it."""
@@ -210,6 +214,26 @@ class UsageMeter:
         obj = _decode(line)
         if obj is not None:
             self._take(obj)
+
+    def _read_plain_lines(self, chunk: bytes) -> bool:
+        """Read whole lines that are all intermediate lines of the usual shape in one regex pass (Ollama sends a
+        token a line, so a read holds many); False, with nothing read, when any line is not of that shape."""
+        if self._usage.model is None or not chunk.endswith(b"\n"):
+            return False
+        texts = _PLAIN_LINES.findall(chunk)
+        if len(texts) != chunk.count(b"\n"):
+            return False
+        if self._settled:
+            return True
+        escaped = [response or content for response, content in texts]
+        joined = b"".join(escaped)
+        if joined.isascii() and b"\\" not in joined:  # the usual case: the texts need no decoding, one at a time
+            self._add_text(joined.decode("ascii"), None)
+            return True
+        for text in map(_unescape, escaped):
+            if text is not None:  # None: an invalid escape, which json.loads would refuse too
+                self._add_text(text, None)
+        return True
 
     def _sse_line(self, line: bytes) -> None:
         """Handle one SSE line: `data:` payloads count; blank, `event:`, `id:` and comment lines do not."""
