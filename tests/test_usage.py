@@ -429,8 +429,21 @@ def test_usage_intermediate_lines_read_on_bytes_give_the_decoded_text(texts, cha
         part = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
         line = {"model": "llama3.2", "created_at": "2025-10-26T17:15:24.097767Z", **part, "done": False}
         lines.append(json.dumps(line, separators=(",", ":"), ensure_ascii=ascii_only).encode() + b"\n")
-    meter = UsageMeter(NDJSON)
+    final = b'{"model":"llama3.2","done":true,"eval_count":3}\n'
+    together, apart = UsageMeter(NDJSON), UsageMeter(NDJSON)
     with mock.patch("proxy_app.usage._decode", wraps=usage._decode) as decode:
-        meter.feed(b"".join(lines) + b'{"model":"llama3.2","done":true,"eval_count":3}\n')
-    assert meter.result().response_preview == "".join(texts)[:200]
-    assert decode.call_count <= 2  # the first line (for the model) and the last; the rest were read on bytes
+        together.feed(b"".join(lines) + final)  # line by line, once the first line has named the model
+        assert decode.call_count <= 2  # the first line (for the model) and the last; the rest were read on bytes
+        for piece in (lines[0], b"".join(lines[1:]), final):  # the middle in one regex pass over the whole read
+            apart.feed(piece)
+        assert decode.call_count <= 4
+    assert together.result().response_preview == apart.result().response_preview == "".join(texts)[:200]
+
+
+def test_usage_a_read_of_plain_lines_and_one_other_reads_each_line():
+    plain = b'{"model":"m","created_at":"t","response":"hi","done":false}\n'
+    meter = UsageMeter(NDJSON)
+    meter.feed(plain)
+    meter.feed(plain + b'{"error":"model runner crashed"}\n' + plain)
+    usage = meter.result()
+    assert (usage.response_preview, usage.error_message, usage.is_complete) == ("hihihi", "model runner crashed", False)
