@@ -57,9 +57,10 @@ def _cpu_per_call(app, body: bytes, calls: int) -> tuple[float, float]:
 
 def run(calls: int = CALLS, rounds: int = 3) -> dict:
     """Measure each configuration on one app (sinks swapped in place), interleaved ``rounds`` times; medians, µs."""
-    from flask import Response
+    from werkzeug.wrappers import Response
 
     from proxy_app import create_app, shutdown
+    from proxy_app.relay import forward
 
     upstream = targets.start_upstream()
     body = client.generate_body(stream=False)
@@ -67,15 +68,15 @@ def run(calls: int = CALLS, rounds: int = 3) -> dict:
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING"}, environ={})
-            sinks, relay = list(app.extensions["call_sinks"]), app.view_functions["relay"]
+            sinks, relay = list(app.extensions["call_sinks"]), app.extensions["relay"]
             no_writer = [sink for sink in sinks if getattr(sink, "__self__", None) is not app.extensions["writer"]]
             for _ in range(rounds):
                 for name, chosen in (("full_analytics", sinks), ("no_writer", no_writer), ("relay_only", [])):
                     app.extensions["call_sinks"][:] = chosen
                     samples.setdefault(name, []).append(_cpu_per_call(app, body, calls))
-                app.view_functions["relay"] = lambda path="": Response(b"x" * 500, content_type="application/json")
-                samples.setdefault("flask_and_hooks_only", []).append(_cpu_per_call(app, body, calls))
-                app.view_functions["relay"] = relay
+                relay.forward = lambda app, req: Response(b"x" * 500, content_type="application/json")
+                samples.setdefault("dispatch_only", []).append(_cpu_per_call(app, body, calls))
+                relay.forward = forward
                 samples.setdefault("upstream_round_trip_only", []).append(_round_trip_only(app, body, calls))
             app.extensions["call_sinks"][:] = sinks
             shutdown(app)

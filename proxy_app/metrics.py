@@ -12,7 +12,6 @@ import hmac
 import logging
 import os
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import disable_created_metrics
 
-from . import RESERVED_PATHS, __version__
+from . import __version__
 from .calls import Call
 
 log = logging.getLogger(__name__)
@@ -308,16 +307,15 @@ def init_app(app) -> None:
     prober = Ticker(config["PROBE_INTERVAL"], lambda: probe(app), "upstream-prober")
     app.extensions["metrics_tickers"] = (sampler, prober)
     app.extensions["shutdown_hooks"].extend([sampler.stop, prober.stop])
-    app.before_request(sampler.ensure)  # returns None, so the request goes on
+    app.before_request(sampler.ensure)  # our own routes; returns None, so the request goes on
+    app.extensions["before_relay"].append(sampler.ensure)  # relayed calls, which Flask does not see
     _time_own_endpoints(app, registry)
 
 
 def _time_own_endpoints(app, registry: CollectorRegistry) -> None:
-    """prometheus-flask-exporter's per-endpoint HTTP metrics for our routes; relayed paths are excluded."""
+    """prometheus-flask-exporter's per-endpoint HTTP metrics for our routes (relayed calls never reach Flask)."""
     from prometheus_flask_exporter import PrometheusMetrics
 
-    ours = "|".join(re.escape(path) for path in RESERVED_PATHS)
-    not_ours = rf"^(?!(?:{ours})(?:/|$))"  # matches every path outside our routes, so the exporter skips it
     app.extensions["http_metrics"] = PrometheusMetrics(
-        app, path=None, registry=registry, group_by="endpoint", defaults_prefix="ollama_proxy", excluded_paths=not_ours
+        app, path=None, registry=registry, group_by="endpoint", defaults_prefix="ollama_proxy"
     )

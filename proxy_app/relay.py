@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import quote
 
-from flask import Flask, Request, Response, current_app, request
+from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
+from werkzeug.wrappers import Request, Response
 
-from . import chunks
+from . import RESERVED_PATHS, chunks
 from . import intake as intake_module
 from .accounting import error_body, error_tail, outcome_of, settle
 from .gate import Gate, InFlight
@@ -58,7 +59,7 @@ class UpstreamBroke(Exception):
 
 
 def init_app(app: Flask) -> None:
-    """Create the shared upstream pool and concurrency gate, and register the catch-all route (last)."""
+    """Create the shared upstream pool and concurrency gate, and put the relay in front of Flask's own routes."""
     config = app.config
     read_timeout = config["READ_TIMEOUT"] or None
     pool = Pool(config["UPSTREAM"], config["CONNECT_TIMEOUT"], read_timeout, keep=max(config["THREADS"], 10))
@@ -68,13 +69,46 @@ def init_app(app: Flask) -> None:
     app.extensions["in_flight"] = InFlight()
     app.extensions.setdefault("call_sinks", [])
     app.extensions.setdefault("load_sampler", None)
-    app.add_url_rule("/", "relay", forward, methods=METHODS, provide_automatic_options=False)
-    app.add_url_rule("/<path:path>", "relay", forward, methods=METHODS, provide_automatic_options=False)
+    app.extensions.setdefault("before_relay", [])
+    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app)
 
 
-def forward(path: str = "") -> Response:
+def is_reserved(path: str) -> bool:
+    """True for the proxy's own paths (RESERVED_PATHS and below them), which Flask serves; the rest is Ollama's."""
+    return any(path == ours or path.startswith(ours + "/") for ours in RESERVED_PATHS)
+
+
+class Relay:
+    """WSGI middleware: every path that is not ours goes straight to ``forward``, the rest to Flask (``ours``).
+
+    Relayed calls skip Flask's request context, URL routing and hooks: about 60 µs a call. The relay takes its app
+    as an argument and never uses Flask's context-bound globals.
+    """
+
+    def __init__(self, app: Flask, ours) -> None:
+        self.app, self.ours = app, ours
+        self.forward = forward  # the benchmark's breakdown swaps it to measure what is around it
+
+    def __call__(self, environ: dict, start_response):
+        if is_reserved(environ.get("PATH_INFO", "")):
+            return self.ours(environ, start_response)
+        req = Request(environ)
+        if req.method not in METHODS:
+            response = _answer_ourselves(req.path, 405, f"method {req.method[:20]!r} is not allowed")
+            response.headers["Allow"] = ", ".join(METHODS)
+        else:
+            for hook in self.app.extensions["before_relay"]:
+                hook()
+            try:
+                response = self.forward(self.app, req)
+            except Exception:  # a bug of ours: the client still gets an answer in Ollama's shape
+                log.exception("relaying %s %s failed", req.method, req.path)
+                response = _answer_ourselves(req.path, 500, "internal error in the proxy")
+        return response(environ, start_response)
+
+
+def forward(app: Flask, req: Request) -> Response:
     """Relay this request to the upstream and stream its answer back."""
-    app, req = current_app._get_current_object(), request._get_current_object()  # each proxy lookup costs 1 µs
     call = _start_call(app, req)
     gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
     call["concurrent_requests"] = in_flight.enter()
@@ -367,10 +401,16 @@ def _refuse(app: Flask, call: dict, status: int, message: str, outcome: str) -> 
     call.setdefault("intake", intake_module.read_intake(call["endpoint"], None))
     call.setdefault("sent", time.perf_counter())
     call["http_status"] = status
-    body, content_type = error_body(call["endpoint"], message, status)
-    call.update(ended=time.perf_counter(), sent_bytes=len(body), ttft_ms=None)
+    response = _answer_ourselves(call["endpoint"], status, message)
+    response.headers["X-Request-ID"] = call["request_id"]
+    call.update(ended=time.perf_counter(), sent_bytes=len(response.get_data()), ttft_ms=None)
     settle(app, call, Usage(), outcome, message)
-    return Response(body, status=status, content_type=content_type, headers={"X-Request-ID": call["request_id"]})
+    return response
+
+
+def _answer_ourselves(path: str, status: int, message: str) -> Response:
+    body, content_type = error_body(path, message, status)
+    return Response(body, status=status, content_type=content_type)
 
 
 def _no_answer(app: Flask, call: dict, exc: BaseException) -> Response:

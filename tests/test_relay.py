@@ -437,3 +437,37 @@ def test_relay_health_503_when_upstream_down(tmp_path):
 )
 def test_relay_request_target_is_the_clients_in_origin_form(environ, path, expected):
     assert relay.request_target(environ, path) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "relayed"),
+    [("/health", False), ("/analytics/no-such-page", False), ("/metrics", False), ("/healthz", True),
+     ("/metricsx", True), ("/api/tags", True), ("/", True)],
+)  # fmt: skip
+def test_relay_serves_only_paths_that_are_not_ours(client, fake, path, relayed):
+    client.get(path)
+    assert (path in [seen["path"] for seen in fake.seen]) is relayed  # /health and /metrics probe /api/version
+
+
+def test_relay_refuses_methods_ollama_has_no_use_for_in_its_error_shape(client, fake, recorder):
+    for path in ("/api/tags", "/v1/models"):
+        answer = client.open(path, method="PROPFIND")
+        assert answer.status_code == 405
+        assert answer.headers["Allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert client.open("/api/tags", method="PROPFIND").get_json() == {"error": "method 'PROPFIND' is not allowed"}
+    assert client.open("/v1/models", method="TRACE").get_json()["error"]["message"] == "method 'TRACE' is not allowed"
+    assert fake.seen == [] and recorder.calls == []
+
+
+def test_relay_a_bug_of_ours_still_answers_in_ollamas_shape_and_the_proxy_goes_on(app, client, caplog):
+    relay_app = app.extensions["relay"]
+
+    def broken(app, req):
+        raise RuntimeError("a bug")
+
+    relay_app.forward = broken
+    answer = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
+    assert answer.status_code == 500 and answer.get_json() == {"error": "internal error in the proxy"}
+    assert "relaying POST /api/generate failed" in caplog.text and "RuntimeError: a bug" in caplog.text
+    relay_app.forward = relay.forward
+    assert client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}).status_code == 200
