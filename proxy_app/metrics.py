@@ -87,6 +87,7 @@ class Metrics:
         self.models = ModelLabels(max_models)
         self._lock = threading.Lock()
         self._counted: dict[str, tuple[int | None, float]] = {}  # source -> (pid, value already counted)
+        self._children: dict[tuple, object] = {}  # (metric, label values) -> its series
         self._add_call_metrics(registry)
         self._add_proxy_metrics(registry, has_queue)
 
@@ -140,20 +141,33 @@ class Metrics:
         """Count one finished call: totals, durations, tokens and Ollama's own timings (unknown values are skipped)."""
         is_success = call.http_status < 400 and call.outcome != "upstream_error"
         model, endpoint = self.models.label(call.model, is_success), endpoint_label(call.endpoint)
-        self.requests.labels(model, endpoint, str(call.http_status), call.outcome).inc()
-        self.request_duration.labels(model, endpoint).observe(call.total_time_ms / 1000)
-        _observe_ms(self.ttft, (model, endpoint), call.ttft_ms)
-        _observe_ms(self.load_duration, (model,), call.load_duration_ms)
-        _observe_ms(self.prompt_eval_duration, (model,), call.prompt_eval_duration_ms)
+        series = self._series
+        series(self.requests, model, endpoint, str(call.http_status), call.outcome).inc()
+        series(self.request_duration, model, endpoint).observe(call.total_time_ms / 1000)
+        if call.ttft_ms is not None:
+            series(self.ttft, model, endpoint).observe(call.ttft_ms / 1000)
+        if call.load_duration_ms is not None:
+            series(self.load_duration, model).observe(call.load_duration_ms / 1000)
+        if call.prompt_eval_duration_ms is not None:
+            series(self.prompt_eval_duration, model).observe(call.prompt_eval_duration_ms / 1000)
         if call.input_tokens is not None:
-            self.prompt_tokens.labels(model, endpoint).inc(call.input_tokens)
+            series(self.prompt_tokens, model, endpoint).inc(call.input_tokens)
         if call.output_tokens is not None:
-            self.completion_tokens.labels(model, endpoint).inc(call.output_tokens)
-            self.tokens_generated.labels(model).observe(call.output_tokens)
+            series(self.completion_tokens, model, endpoint).inc(call.output_tokens)
+            series(self.tokens_generated, model).observe(call.output_tokens)
         if call.tokens_per_second is not None:
-            self.tokens_per_second.labels(model).observe(call.tokens_per_second)
+            series(self.tokens_per_second, model).observe(call.tokens_per_second)
         if self.queue_wait is not None:
             self.queue_wait.observe(call.queue_time_ms / 1000)
+
+    def _series(self, metric, *labels: str):
+        """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on every labels() call.
+        As many are kept as the registry holds anyway (labels are bounded), and only a call creates one."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def record_probe(self, is_up: bool, seconds: float) -> None:
         """Set the upstream gauges from one probe."""
@@ -188,12 +202,6 @@ class Metrics:
             if total > counted:
                 counter.inc(total - counted)
             self._counted[source] = (os.getpid(), total)
-
-
-def _observe_ms(histogram: Histogram, labels: tuple, milliseconds: float | None) -> None:
-    """Observe a duration given in ms; an unknown one (None) creates no series."""
-    if milliseconds is not None:
-        histogram.labels(*labels).observe(milliseconds / 1000)
 
 
 def _read(source, name: str) -> float | None:

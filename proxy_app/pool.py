@@ -21,6 +21,7 @@ from .watch import current_gone_check, wait_first_byte
 
 MAX_HEAD_LINE = 65536  # http.client's limits: the longest header line, and the most header lines
 MAX_HEADERS = 100
+ONE_WRITE_BYTES = 1 << 20  # a request body up to this size goes out with its head in one write (one copy)
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _LINE_ENDS = (b"\r\n", b"\n", b"")  # an empty line ends the head (b"": the upstream closed, as http.client takes it)
 
@@ -98,6 +99,17 @@ class _Timed:
         except OSError as exc:
             raise Unreachable(str(exc) or type(exc).__name__) from exc
         self.sock.settimeout(self.read_timeout)
+
+    def _send_output(self, message_body=None, encode_chunked=False) -> None:
+        """Send the head and a bytes body in one write, as http.client did up to Python 3.5: one packet, and one
+        wake-up of the upstream instead of two (about 30 µs a call here). Blob uploads (iterators) go as before."""
+        if not isinstance(message_body, bytes) or len(message_body) > ONE_WRITE_BYTES:
+            super()._send_output(message_body, encode_chunked)
+            return
+        self._buffer.extend((b"", b""))
+        head = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+        self.send(head + message_body)
 
     def getresponse(self) -> http.client.HTTPResponse:
         is_gone = current_gone_check()
