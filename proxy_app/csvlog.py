@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import operator
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,12 +17,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .calls import COLUMNS, format_timestamp
+from .calls import COLUMNS, format_timestamp, values_of
 
 # Why: a spreadsheet runs a cell starting with one of these as a formula (CSV injection); a leading apostrophe
 # makes it plain text. Only text cells are touched: a number such as -5 stays a number.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-_ALL_COLUMNS = operator.attrgetter(*COLUMNS)  # a Call's or a stored row's values in COLUMNS order, in one call
 
 
 def iter_csv(rows: Iterable) -> Iterator[str]:
@@ -39,7 +37,7 @@ def iter_csv(rows: Iterable) -> Iterator[str]:
 
 def cells(row) -> list:
     """Return one row's CSV cells in COLUMNS order: None is empty, booleans true/false, times ISO 8601 UTC."""
-    values = [row.get(name) for name in COLUMNS] if isinstance(row, Mapping) else _ALL_COLUMNS(row)
+    values = [row.get(name) for name in COLUMNS] if isinstance(row, Mapping) else values_of(row)
     return [_cell(value) for value in values]
 
 

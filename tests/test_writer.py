@@ -72,7 +72,7 @@ def test_models_sqlite_pragmas_and_url_overrides(tmp_path):
 
 
 def test_models_row_clips_indexed_text_and_drops_nul():
-    row = models.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b"))
+    row = dict(zip(COLUMNS, models.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b")), strict=True))
     assert len(row["session_id"]) == models.INDEXED_TEXT_CHARS and row["prompt"] == "ab"
 
 
@@ -332,3 +332,16 @@ def test_writer_retention_zero_keeps_everything(tmp_path):
     assert writer.flush(5) and writer.retain() == 0
     assert len(stored_ids(writer.database)) == 1
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"input_tokens": True, "queue_time_ms": 3, "model": None, "stream_mode": 1}],
+    ids=["usual types", "other types"],
+)
+def test_models_row_of_gives_what_each_fields_db_value_gives(changes):
+    call = sample_call(**changes)
+    fields = CallRow._meta.fields
+    expected = tuple(fields[name].db_value(getattr(call, name)) for name in COLUMNS)
+    assert models.row_of(call) == expected
+    assert [type(value) for value in models.row_of(call)] == [type(value) for value in expected]
