@@ -154,6 +154,21 @@ def test_faults_request_target_reaches_the_upstream_as_the_client_sent_it(proxy_
     assert raw.wait_for_requests(1)[0].split(b"\r\n", 1)[0] == b"GET %s HTTP/1.1" % target.encode()
 
 
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [("404 Not Found", "404 Not Found"), ("200 Fine By Me", "200 Fine By Me"), ("418 caf\xe9", "418 I'm a teapot"),
+     ("299 ", "299 UNKNOWN"), ("503 a\x01b", "503 Service Unavailable")],
+)  # fmt: skip
+def test_faults_status_line_reaches_the_client_as_the_upstream_wrote_it_if_printable(proxy_for, raw, status, expected):
+    raw.script = reply(response(b"{}", status=status).replace(b"\xc3\xa9", b"\xe9"))  # latin-1, as a server may send
+    handle, app, recorder = proxy_for(raw.url)
+    with socket.create_connection(("127.0.0.1", handle.port), timeout=10) as conn:
+        conn.sendall(raw_post("/api/generate", GENERATE))
+        head = conn.recv(65536).split(b"\r\n", 1)[0]
+    assert head == b"HTTP/1.1 " + expected.encode()
+    assert recorder.wait_for(1)[0].http_status == int(status[:3])
+
+
 def test_faults_upstream_restarts_between_calls(proxy_for, tmp_path):
     first = serve(FakeOllama())
     port = first.port
