@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import socket
-import ssl
-import threading
-from pathlib import Path
 
 import pytest
 from urllib3.util.wait import wait_for_read
@@ -16,9 +12,7 @@ from urllib3.util.wait import wait_for_read
 from proxy_app import chunks
 from proxy_app.pool import MAX_HEADERS, Pool, Unreachable, read_head
 from tests.conftest import free_port
-from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
-
-TLS = Path(__file__).parent / "tls"
+from tests.raw_upstream import TLS, RawUpstream, chunked, read_request, reply, response, tls_upstream
 
 
 def answer_every_request(head_only: bool = False):
@@ -82,6 +76,14 @@ def test_pool_keeps_bodiless_answers_connections_and_at_most_keep(upstream):
     assert not pool._idle
 
 
+def test_pool_closes_a_connection_released_after_the_pool_was_closed(upstream):
+    raw, pool = upstream(answer_every_request(head_only=True))
+    answer = call(pool, "GET", None)  # in use while the pool closes: a call still streaming at shutdown
+    pool.close()
+    pool.release(answer)
+    assert answer.connection.sock is None and not pool._idle
+
+
 def test_pool_sends_no_content_length_for_a_get_without_body(upstream):
     raw, pool = upstream(answer_every_request())
     pool.release(call(pool, "GET", None), reusable=False)
@@ -102,31 +104,6 @@ def test_pool_replaces_a_connection_the_upstream_closed_while_idle(upstream):
         pool.release(answer)
         assert wait_for_read(pool._idle[-1].sock, 5)  # kept, and then closed by the upstream
     assert raw.accepted == 2  # the dead one was noticed before use, not sent a request that would fail
-
-
-@contextlib.contextmanager
-def tls_upstream(answer: bytes):
-    """An https:// upstream (tests/tls: a certificate for 127.0.0.1) answering one request with ``answer``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(TLS / "cert.pem", TLS / "key.pem")
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        try:
-            with context.wrap_socket(conn, server_side=True) as tls:
-                read_request(tls)
-                tls.sendall(answer)
-        except OSError:  # the client refused the certificate
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        thread.join(5)
-        listener.close()
 
 
 def test_pool_https_upstream_relays_a_stream_and_checks_its_certificate(monkeypatch):
@@ -159,8 +136,8 @@ def test_read_head_keeps_names_and_values_as_sent_and_joins_folded_lines():
 
 @pytest.mark.parametrize(
     "line",
-    [b"no colon here", b"Bad Name: x", b": no name", b"X-Bare-CR: a\rb", b"X-Long: " + b"a" * 70000],
-    ids=["no colon", "space in name", "empty name", "bare CR", "too long"],
+    [b"no colon here", b"Bad Name: x", b": no name", b"X-Bare-CR: a\rb", b"\r", b"X-Long: " + b"a" * 70000],
+    ids=["no colon", "space in name", "empty name", "bare CR", "only CR", "too long"],
 )
 def test_read_head_refuses_lines_that_are_no_header_field(line):
     with pytest.raises(http.client.HTTPException):
