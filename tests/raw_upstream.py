@@ -7,12 +7,16 @@ that must never be contacted: ``accepted`` counts every TCP connection, even one
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 Script = Callable[["RawUpstream", socket.socket], None]
+TLS = Path(__file__).parent / "tls"  # a certificate and key for 127.0.0.1
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -138,3 +142,28 @@ class RawUpstream:
                 pass
         for thread in self._threads:
             thread.join(5)
+
+
+@contextlib.contextmanager
+def tls_upstream(answer: bytes):
+    """An https:// upstream (tests/tls: a certificate for 127.0.0.1) answering one request with ``answer``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS / "cert.pem", TLS / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                read_request(tls)
+                tls.sendall(answer)
+        except OSError:  # the client refused the certificate
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(5)
+        listener.close()

@@ -13,9 +13,10 @@ import ollama
 import openai
 import pytest
 
-from proxy_app import create_app, relay
-from tests.conftest import free_port
+from proxy_app import create_app, relay, shutdown
+from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import serve
+from tests.raw_upstream import TLS, chunked, response, tls_upstream
 
 RECORDINGS = Path(__file__).parent / "recordings"
 
@@ -471,3 +472,21 @@ def test_relay_a_bug_of_ours_still_answers_in_ollamas_shape_and_the_proxy_goes_o
     assert "relaying POST /api/generate failed" in caplog.text and "RuntimeError: a bug" in caplog.text
     relay_app.forward = relay.forward
     assert client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}).status_code == 200
+
+
+def test_relay_https_upstream_end_to_end(tmp_path, monkeypatch):
+    lines = [
+        b'{"model":"llama3.2","created_at":"t","response":"hi","done":false}\n',
+        b'{"model":"llama3.2","created_at":"t","response":"","done":true,"prompt_eval_count":3,"eval_count":1}\n',
+    ]
+    answer = response(framing="chunked", content_type="application/x-ndjson") + chunked(*lines)
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS / "cert.pem"))  # trust the test certificate, as a CA bundle would
+    with tls_upstream(answer) as url:
+        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path)}, environ={})
+        recorder = CallRecorder()
+        app.extensions["call_sinks"].append(recorder)
+        reply = app.test_client().post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
+        assert reply.status_code == 200 and reply.data == b"".join(lines)
+    call = recorder.wait_for(1)[0]
+    assert (call.outcome, call.input_tokens, call.output_tokens) == ("completed", 3, 1)
+    shutdown(app)
