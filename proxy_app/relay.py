@@ -3,28 +3,24 @@
 Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (chunks.py); a copy of each
 piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) one
 ``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or
-render anything itself.
+render anything itself, nor decide which headers, target or status line cross the wire (wire.py).
 """
 
 from __future__ import annotations
 
 import http.client
 import inspect
-import ipaddress
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from urllib.parse import quote
 
 from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
-from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request, Response
 
-from . import RESERVED_PATHS, chunks
+from . import RESERVED_PATHS, chunks, wire
 from . import intake as intake_module
 from .accounting import error_body, error_tail, outcome_of, settle
 from .gate import Gate, InFlight
@@ -34,13 +30,6 @@ from .watch import ClientLeft, watching
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus those the WSGI servers set themselves (waitress 500s on the former).
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-     "proxy-authenticate", "proxy-authorization"}
-)  # fmt: skip
-NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
-NOT_FORWARDED_DOWN = HOP_BY_HOP | {"server", "date"}
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # Largest piece read from the upstream at once, the size of Python's socket read buffer. A read asks for this many
 # bytes and shrinks the answer to what arrived (one token line: about 100 bytes): at 64 KiB that churn grew waitress's
@@ -49,9 +38,6 @@ READ_SIZE = 8 * 1024
 UPLOAD_PIECE = 64 * 1024  # a blob upload (gigabytes) is read from the client in bigger pieces
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
-_NOT_IN_TARGET = re.compile("[\x00-\x20\x7f]")  # what http.client refuses in a request line
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are when a path must be quoted again
-_QUERY_SAFE = _PATH_SAFE + "?%"
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
 
 
@@ -143,7 +129,7 @@ def _start_call(app: Flask, req: Request) -> dict:
         "arrived": time.perf_counter(),
         "timestamp": datetime.now(UTC),
         "request_id": uuid.uuid4().hex,
-        "ip_source": client_address(environ, app.config["TRUSTED_PROXIES"]),
+        "ip_source": wire.client_address(environ, app.config["TRUSTED_PROXIES"]),
         "user_agent": environ.get("HTTP_USER_AGENT", ""),
         "http_method": req.method,
         "endpoint": req.path,
@@ -151,36 +137,6 @@ def _start_call(app: Flask, req: Request) -> dict:
         "queue_time_ms": 0.0,
         "request_size_bytes": req.content_length or 0,  # as declared, until the body is read
     }
-
-
-def client_address(environ: dict, trusted: tuple) -> str:
-    """Return the client's IP; X-Forwarded-For is believed only when the peer is a trusted proxy."""
-    peer = environ.get("REMOTE_ADDR") or ""
-    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    if not forwarded or not trusted:
-        return peer
-    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + [peer]
-    for hop in reversed(chain):  # walk back from the peer, skipping our own trusted proxies
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return hop[:64]
-        if not any(address in network for network in trusted):
-            return hop
-    return chain[0]
-
-
-def request_target(environ: dict, path: str) -> str:
-    """The target to send upstream: the client's own, byte for byte (``%2F`` stays ``%2F``), in origin form.
-
-    An absolute-form target ("GET http://elsewhere/x") keeps only its path: the host is always the upstream's.
-    """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""  # gunicorn, waitress
-    if raw.startswith("/") and raw.isascii() and not _NOT_IN_TARGET.search(raw):
-        return raw
-    target = quote(path, safe=_PATH_SAFE)
-    query = quote(environ.get("QUERY_STRING", ""), safe=_QUERY_SAFE, encoding="latin-1")  # WSGI strings are latin-1
-    return f"{target}?{query}" if query else target
 
 
 def _check_body_size(app: Flask, req: Request, call: dict) -> Response | None:
@@ -213,8 +169,8 @@ def _open_upstream(app: Flask, req: Request, call: dict) -> Response | _Answer:
     call["intake"] = intake
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
-    target = request_target(req.environ, req.path)
-    headers = _upstream_headers(req, body)
+    target = wire.request_target(req.environ, req.path)
+    headers = wire.upstream_headers(req, body)
     call["sent"] = time.perf_counter()
     try:
         with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (watch.py)
@@ -258,33 +214,11 @@ def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
         raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
 
 
-def _named_in_connection(headers) -> set[str]:
-    """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1), lower-cased."""
-    return {name.strip().lower() for name in headers.get("Connection", "").split(",")}
-
-
-def _upstream_headers(req: Request, body) -> dict:
-    incoming = req.headers
-    named_in_connection = _named_in_connection(incoming)
-    headers = {}
-    for name, value in incoming.items():
-        lowered = name.lower()
-        if lowered not in NOT_FORWARDED_UP and lowered not in named_in_connection:
-            headers[name] = value if lowered not in headers else headers[name] + ", " + value
-    headers["Accept-Encoding"] = "identity"
-    if isinstance(body, bytes):
-        if body or req.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            headers["Content-Length"] = str(len(body))
-    elif req.content_length is not None:
-        headers["Content-Length"] = str(req.content_length)
-    return headers
-
-
 def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response | _Answer:
     status = upstream.status
     content_type = upstream.headers.get("Content-Type", "")
     call["http_status"] = status
-    headers = _client_headers(upstream.headers)
+    headers = wire.client_headers(upstream.headers)
     headers.append(("X-Request-ID", call["request_id"]))
     is_stream = content_type.startswith(STREAM_TYPES)
     if is_stream:
@@ -298,10 +232,7 @@ def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response 
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
-    reason = upstream.reason
-    if not (reason and reason.isascii() and reason.isprintable()):
-        reason = HTTP_STATUS_CODES.get(status, "UNKNOWN")
-    return _Answer(f"{status} {reason}", headers, body)  # Go's "Not Found" is kept
+    return _Answer(wire.status_line(status, upstream.reason), headers, body)
 
 
 class _Answer:
@@ -325,15 +256,6 @@ class _Answer:
         if inspect.getgeneratorstate(self._generator) == inspect.GEN_CREATED:
             next(self._generator, None)  # run up to the first yield so `finally` has a frame to run in
         self._generator.close()
-
-
-def _client_headers(upstream_headers) -> list[tuple[str, str]]:
-    named_in_connection = _named_in_connection(upstream_headers)
-    return [
-        (name, value)
-        for name, value in upstream_headers.items()
-        if name.lower() not in NOT_FORWARDED_DOWN and name.lower() not in named_in_connection
-    ]
 
 
 def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:

@@ -13,7 +13,7 @@ import ollama
 import openai
 import pytest
 
-from proxy_app import create_app, relay, shutdown
+from proxy_app import create_app, relay, shutdown, wire
 from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import serve
 from tests.raw_upstream import TLS, chunked, response, tls_upstream
@@ -437,7 +437,7 @@ def test_relay_health_503_when_upstream_down(tmp_path):
     ],
 )
 def test_relay_request_target_is_the_clients_in_origin_form(environ, path, expected):
-    assert relay.request_target(environ, path) == expected
+    assert wire.request_target(environ, path) == expected
 
 
 @pytest.mark.parametrize(
