@@ -15,7 +15,6 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from urllib3.util.wait import wait_for_read
-from werkzeug.datastructures import Headers
 
 from .watch import current_gone_check, wait_first_byte
 
@@ -31,7 +30,7 @@ class Unreachable(OSError):
 
 class Response(http.client.HTTPResponse):
     """http.client's response, with the head read by ``read_head`` instead of the email package (a round trip went
-    from 117 to 96 µs); reading and closing the body are http.client's own. ``headers`` is a werkzeug ``Headers``."""
+    from 117 to 96 µs); reading and closing the body are http.client's own. ``headers`` is a ``Head``."""
 
     def begin(self) -> None:
         """Read the status line and header section, and decide how the body is framed (as http.client does)."""
@@ -60,7 +59,34 @@ class Response(http.client.HTTPResponse):
             self.will_close = True  # the body ends when the connection does
 
 
-def read_head(reader) -> Headers:
+class Head:
+    """An answer's header fields as sent (``items``, in order), looked up in any case (``get``: the first value).
+
+    werkzeug's Headers scans its list and raises and catches a KeyError for every name it lacks: three a call here.
+    """
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+        self._first: dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default=None):
+        """The first value of the field ``name`` (any case), else ``default``."""
+        return self._first.get(name.lower(), default)
+
+    def items(self) -> list[tuple[str, str]]:
+        """Every (name, value) as the upstream sent it."""
+        return self.fields
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._first
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+def read_head(reader) -> Head:
     """Read header lines up to the empty one; a folded line (RFC 9112 5.2) joins the one before with a space."""
     fields: list[tuple[str, str]] = []
     for _ in range(MAX_HEADERS + 1):
@@ -68,7 +94,7 @@ def read_head(reader) -> Headers:
         if len(line) > MAX_HEAD_LINE:
             raise http.client.LineTooLong("header line")
         if line in _LINE_ENDS:
-            return Headers(fields)
+            return Head(fields)
         text = line.decode("iso-8859-1").rstrip("\r\n")
         if text.startswith((" ", "\t")) and fields:
             name, value = fields[-1]

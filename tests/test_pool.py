@@ -131,6 +131,8 @@ def test_read_head_keeps_names_and_values_as_sent_and_joins_folded_lines():
         ("Set-Cookie", "b"), ("X-Spaces", "padded value"),
     ]  # fmt: skip
     assert headers.get("content-type") == "application/json" and "X-EMPTY" in headers
+    assert (headers.get("SET-COOKIE"), headers.get("X-Missing"), headers.get("X-Missing", "")) == ("a", None, "")
+    assert "Content-Length" not in headers and len(headers) == 6
     assert reader.read() == b"body"  # not a byte of the body was read
 
 
