@@ -36,7 +36,7 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     from . import dashboard
 
     dashboard.init_app(app)  # /analytics: page, JSON APIs, CSV export; after the writer, whose database it reads
-    relay.init_app(app)  # last: its catch-all must not shadow the reserved paths
+    relay.init_app(app)  # in front of Flask: every path but RESERVED_PATHS goes to the upstream
     from . import metrics
 
     metrics.init_app(app)  # after the relay, whose in-flight count and queue it watches; it adds no route
