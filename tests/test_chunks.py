@@ -82,11 +82,7 @@ def test_chunks_upstream_dying_mid_piece_relays_what_came_then_raises(raw):
 
 def test_chunks_sized_body_is_one_piece_and_ends_without_waiting(raw):
     body = b'{"response":"hello","done":true}'
-
-    def script(upstream, conn: socket.socket) -> None:
-        conn.sendall(response(body))
-        time.sleep(2)  # keep the connection open: the end of the body is its length, not a close
-
+    script = reply(response(body), then_close=False)  # the end of the body is its length, not a close
     started = time.monotonic()
     assert list(chunks.pieces(open_body(raw(script)), 65536)) == [body]
     assert time.monotonic() - started < 1
