@@ -2,7 +2,7 @@
 
 Starts the fast fake upstream (direct), nginx (the zero-cost reference) and the proxy under gunicorn and under
 waitress, all with full analytics (SQLite, CSV mirror, Prometheus), then measures them interleaved. ``--quick`` is
-a run of about three minutes; the default full run takes about 15, plus a 10-minute soak (``--soak-seconds``).
+a run of about three minutes; the default full run takes about 8, plus a 10-minute soak (``--soak-seconds``).
 ``python -m bench.report FILE`` prints the README table of a results file.
 """
 
@@ -26,7 +26,7 @@ from . import breakdown, load, measure, soak, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Per mode: rounds and sizes of each measurement (quick about 3 min, full about 15 min before the soak).
+# Per mode: rounds and sizes of each measurement (quick about 3 min, full about 8 min before the soak).
 PLANS = {
     "quick": {"latency": (3, 300), "throughput": (2, 3), "tokens": (2, 400), "streams": 1, "ttfb": (3, 100),
               "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0, "breakdown_calls": 1000},
