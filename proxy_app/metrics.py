@@ -144,12 +144,9 @@ class Metrics:
         series = self._series
         series(self.requests, model, endpoint, str(call.http_status), call.outcome).inc()
         series(self.request_duration, model, endpoint).observe(call.total_time_ms / 1000)
-        if call.ttft_ms is not None:
-            series(self.ttft, model, endpoint).observe(call.ttft_ms / 1000)
-        if call.load_duration_ms is not None:
-            series(self.load_duration, model).observe(call.load_duration_ms / 1000)
-        if call.prompt_eval_duration_ms is not None:
-            series(self.prompt_eval_duration, model).observe(call.prompt_eval_duration_ms / 1000)
+        self._observe_ms(self.ttft, (model, endpoint), call.ttft_ms)
+        self._observe_ms(self.load_duration, (model,), call.load_duration_ms)
+        self._observe_ms(self.prompt_eval_duration, (model,), call.prompt_eval_duration_ms)
         if call.input_tokens is not None:
             series(self.prompt_tokens, model, endpoint).inc(call.input_tokens)
         if call.output_tokens is not None:
@@ -159,6 +156,11 @@ class Metrics:
             series(self.tokens_per_second, model).observe(call.tokens_per_second)
         if self.queue_wait is not None:
             self.queue_wait.observe(call.queue_time_ms / 1000)
+
+    def _observe_ms(self, histogram: Histogram, labels: tuple, milliseconds: float | None) -> None:
+        """Observe a duration given in ms; an unknown one (None) creates no series."""
+        if milliseconds is not None:
+            self._series(histogram, *labels).observe(milliseconds / 1000)
 
     def _series(self, metric, *labels: str):
         """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on every labels() call.
