@@ -42,11 +42,13 @@ def cells(row) -> list:
 
 
 def _cell(value):
+    if value is None:
+        return ""
     kind = type(value)  # exact types first: most cells are text or numbers, and this runs 33 times a row
     if kind is str:
         return "'" + value if value.startswith(FORMULA_PREFIXES) else value
-    if kind is int or kind is float or value is None:
-        return "" if value is None else value
+    if kind is int or kind is float:
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
