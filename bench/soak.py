@@ -94,10 +94,12 @@ def run_soak(work: Path, seconds: float, workers: int, threads: int, settings: d
         async def main() -> None:
             async def sample() -> None:
                 while True:
-                    rss = proxy.worker_rss_bytes()
+                    workers = proxy.workers()
+                    rss = [round(proc.memory_info().rss / MB, 1) for proc in workers]
+                    threads = [proc.num_threads() for proc in workers]  # gthread starts threads as calls need them
                     writer = await asyncio.to_thread(writer_figures, proxy.url)
-                    samples.append({"seconds": round(time.monotonic() - started),
-                                    "rss_process_mb": [round(size / MB, 1) for size in rss], **writer})  # fmt: skip
+                    samples.append({"seconds": round(time.monotonic() - started), "rss_process_mb": rss,
+                                    "threads": threads, **writer})  # fmt: skip
                     await asyncio.sleep(SAMPLE_SECONDS)
 
             sampler = asyncio.create_task(sample())
