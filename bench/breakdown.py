@@ -20,19 +20,20 @@ from . import client, targets
 CALLS = 2000
 
 
-def _environ(body: bytes) -> dict:
+def _environ(body: bytes, tokens: int) -> dict:
     return {
         "REQUEST_METHOD": "POST", "PATH_INFO": client.GENERATE, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
         "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(body),
         "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json", "HTTP_HOST": "127.0.0.1",
-        "HTTP_USER_AGENT": "bench", "HTTP_X_FAKE_TOKENS": "5", "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
-        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-        "wsgi.version": (1, 0),
+        "HTTP_USER_AGENT": "bench", "HTTP_X_FAKE_TOKENS": str(tokens), "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+        "wsgi.run_once": False, "wsgi.version": (1, 0),
     }  # fmt: skip
 
 
-def _call(app, body: bytes) -> None:
-    body_iter = app(_environ(body), lambda status, headers, exc_info=None: None)
+def call_app(app, body: bytes, tokens: int = 5) -> None:
+    """One /api/generate call through the WSGI app, its answer read to the end (``tokens``: the fake's knob)."""
+    body_iter = app(_environ(body, tokens), lambda status, headers, exc_info=None: None)
     for _ in body_iter:
         pass
     if hasattr(body_iter, "close"):
@@ -42,13 +43,13 @@ def _call(app, body: bytes) -> None:
 def _cpu_per_call(app, body: bytes, calls: int) -> tuple[float, float]:
     """(calling thread µs, whole process µs incl. the writer's flush) per call."""
     for _ in range(50):
-        _call(app, body)
+        call_app(app, body)
     writer = app.extensions.get("writer")
     if writer is not None:
         writer.flush(30)
     thread, process = time.thread_time(), time.process_time()
     for _ in range(calls):
-        _call(app, body)
+        call_app(app, body)
     thread = time.thread_time() - thread
     if writer is not None:
         writer.flush(60)
