@@ -183,6 +183,7 @@ class WaitressService:
         self.url = f"http://{self.server.effective_host}:{self.server.effective_port}"
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._drainer = threading.Thread(target=self._drain, name="waitress-drain", daemon=True)
 
     def handle_signals(self) -> None:
         """Make SIGTERM and Ctrl-C stop gracefully; a second one cuts the streams at once."""
@@ -196,10 +197,15 @@ class WaitressService:
         try:
             self.server.run()  # returns once the drain has closed every socket
         finally:
+            if self._drainer.is_alive():
+                self._drainer.join()  # it is at most finishing the pull that queued the last close
             self.server.task_dispatcher.shutdown(timeout=THREAD_STOP_SECONDS)
             from . import shutdown
 
             shutdown(self.app)
+            # Closed last, when no thread of ours still pulls it or opens files: waitress closes the pipe's read end
+            # twice, and a closing thunk on the loop could otherwise run before the pull that queued it has written.
+            self.server.trigger.close()
             self._stopped.set()
 
     def stop(self, wait: float | None = None) -> bool:
@@ -208,7 +214,7 @@ class WaitressService:
             self.app.extensions["drain"].cut()
         else:
             self._stopping.set()
-            threading.Thread(target=self._drain, name="waitress-drain", daemon=True).start()
+            self._drainer.start()
         return self._stopped.wait(wait) if wait else False
 
     def _drain(self) -> None:
@@ -220,7 +226,15 @@ class WaitressService:
         left = self.app.extensions["drain"].run()
         if left:
             log.warning("%d call(s) still open after the cut; closing their connections", left)
-        self._in_loop(lambda: wasyncore.close_all(self.server._map))  # empties the map, so server.run() returns
+        self._in_loop(self._close_connections)  # empties the map, so server.run() returns
+
+    def _close_connections(self) -> None:
+        """On the loop thread: close every connection and take the trigger out of the map, still open."""
+        for dispatcher in list(self.server._map.values()):
+            if dispatcher is self.server.trigger:
+                dispatcher.del_channel()
+            else:
+                dispatcher.close()
 
     def _in_loop(self, action) -> None:
         """Run ``action`` on waitress's own loop thread, which owns the sockets."""
