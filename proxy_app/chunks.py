@@ -10,6 +10,7 @@ costs three reads per line). This module does not parse what it reads (usage.py)
 from __future__ import annotations
 
 import http.client
+import io
 import re
 from collections.abc import Iterator
 
@@ -41,8 +42,9 @@ def pieces(response: http.client.HTTPResponse, size: int) -> Iterator[bytes]:
 
 def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
     """A body with a Content-Length (``length`` bytes), or one that ends when the upstream closes (None)."""
+    read = _reads(reader, size)
     while length is None or length > 0:
-        piece = reader.read1(size if length is None else min(size, length))
+        piece = read(size if length is None else min(size, length))
         if not piece:
             if length is None:
                 return b""
@@ -58,15 +60,33 @@ def _dechunked(reader, size: int) -> Iterator[bytes]:
 
     Returns whatever was read past the end of the body (nothing, from a well-behaved upstream).
     """
-    framing = Framing()
+    framing, read = Framing(), _reads(reader, size)
     while not framing.ended:
-        data = reader.read1(size)
+        data = read(size)
         if not data:
             raise BrokenBody("the upstream closed the connection before the end of the chunked body")
         piece = framing.feed(data)
         if piece:
             yield piece
     return framing.rest
+
+
+def _reads(reader, size: int):
+    """Return ``read(n)``: like ``reader.read1(n)``, but into one buffer kept for the whole body.
+
+    ``read1`` allocates all ``n`` bytes for each read and then shrinks them to what arrived (a token line: about 100
+    bytes); that allocate-and-shrink, once per piece, leaves freed holes all over glibc's heap. Here each piece is
+    copied out at its own size instead, from Python's small-object allocator when it is small.
+    """
+    # Never more than http.client's read buffer: asked for more, readinto1 copies out what is buffered and then also
+    # waits in a raw read for the rest (read1 would return at once).
+    view = memoryview(bytearray(min(size, io.DEFAULT_BUFFER_SIZE)))
+
+    def read(n: int) -> bytes:
+        count = reader.readinto1(view[:n])
+        return bytes(view[:count])
+
+    return read
 
 
 class Framing:

@@ -31,9 +31,8 @@ from .watch import ClientLeft, watching
 log = logging.getLogger(__name__)
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
-# Largest piece read from the upstream at once, the size of Python's socket read buffer. A read asks for this many
-# bytes and shrinks the answer to what arrived (one token line: about 100 bytes): at 64 KiB that churn grew waitress's
-# 320-thread heap by 8 MB more per 11,000 calls than at 8 KiB (bench --quick --only streams,memory).
+# Largest piece read from the upstream at once, the size of http.client's read buffer (chunks.py reads into one
+# buffer of this size per body and copies out each piece at the size that arrived: about 100 bytes for a token line).
 READ_SIZE = 8 * 1024
 UPLOAD_PIECE = 64 * 1024  # a blob upload (gigabytes) is read from the client in bigger pieces
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
