@@ -3,8 +3,8 @@
 Runs the proxy app in this process (no server; 8 threads calling it, a quarter of the calls streaming 20 tokens, the
 fast fake upstream in its own process) and after each tenth of the calls reports, next to the resident size, what
 the allocators hold: Python's objects and blocks, Python's arenas (1 MiB each), glibc's bytes in use and free
-(``mallinfo2``, main arena), and SQLite's own heap. A leak grows what is in use; fragmentation grows only what is
-held. Linux with glibc only. Run alone: it measures, so it needs a quiet machine.
+(``mallinfo2``, summed over all of glibc's arenas), and SQLite's own heap. A leak grows what is in use;
+fragmentation grows only what is held. Linux with glibc only. Run alone: it measures, so it needs a quiet machine.
 """
 
 from __future__ import annotations
