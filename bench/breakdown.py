@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from . import client, targets
+from proxy_app import client, targets
 
 CALLS = 2000
 
@@ -61,7 +61,7 @@ def run(calls: int = CALLS, rounds: int = 3) -> dict:
     from werkzeug.wrappers import Response
 
     from proxy_app import create_app, shutdown
-    from proxy_app.relay import forward
+    from proxy_app.relay.forward import forward
 
     upstream = targets.start_upstream()
     body = client.generate_body(stream=False)

@@ -26,7 +26,8 @@ import requests
 
 from bench.make_store import fill
 from bench.targets import free_port
-from proxy_app import models, readmodel
+from proxy_app.dashboard import readmodel
+from proxy_app.store import models
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "dashboard.json"

@@ -22,7 +22,8 @@ import threading
 
 import psutil
 
-from . import client, targets
+from proxy_app import client, targets
+
 from .breakdown import call_app
 
 THREADS = 8

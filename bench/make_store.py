@@ -16,8 +16,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from proxy_app import models
 from proxy_app.calls import COLUMNS
+from proxy_app.store import models
 
 CHUNK_ROWS = 50_000  # rows per executemany and per transaction: big enough to amortise the commit
 # (name, share of calls, mean tokens/s, mean TTFT ms) - rough figures for a single consumer GPU

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import client, load
+from proxy_app import client, load
 
 MB = 1024 * 1024
 
@@ -203,10 +203,10 @@ def server_only(servers: list, rounds: int, calls: int, seconds: float) -> dict:
 
 def writer_rows(rows: int) -> dict:
     """(7) Rows per second the analytics writer stores (SQLite + CSV mirror) in a burst; the cost of a row alone."""
-    from proxy_app import models
     from proxy_app.calls import Call
-    from proxy_app.csvlog import CsvLog
-    from proxy_app.writer import Writer
+    from proxy_app.store import models
+    from proxy_app.store.csvlog import CsvLog
+    from proxy_app.store.writer import Writer
 
     def sample_call(number: int) -> Call:
         return Call(

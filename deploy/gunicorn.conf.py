@@ -1,66 +1,12 @@
-"""gunicorn settings for the proxy: ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``.
+"""gunicorn settings for a checkout: ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``.
 
-gthread workers hold one thread per concurrent stream, and no setting here can cut a long generation: the worker
-``timeout`` is a heartbeat between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1).
-Bind address, workers and threads come from the same OLLAMA_PROXY_* settings as everything else.
+The settings themselves ship in the package (``proxy_app/service/gunicorn_conf.py``); an installed proxy uses
+``gunicorn -c python:proxy_app.service.gunicorn_conf 'proxy_app:create_app()'``, which ``ollama-proxy serve`` runs.
 """
 
-import os
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy_app import config as _config  # noqa: E402
-
-_settings = _config.load()
-
-# Prometheus multiprocess mode (wsgi-stack.md rule 11). prometheus_client chooses file-backed values when it is first
-# imported, so the variable is set here, in the arbiter, before any worker loads the app. A directory exported by the
-# launcher wins; otherwise it lives under DATA_DIR. on_starting empties it, child_exit marks dead workers.
-_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(_settings["DATA_DIR"]) / "prometheus")))
-_metrics_dir.mkdir(parents=True, exist_ok=True)
-_METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")  # prometheus_client's names only
-
-from proxy_app import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
-
-bind = f"{_settings['HOST']}:{_settings['PORT']}"
-worker_class = "gthread"
-workers = _settings["WORKERS"]
-threads = _settings["THREADS"]
-timeout = 120  # heartbeat only under gthread: a busy stream never trips it
-# On SIGTERM streams may finish for GRACE_SECONDS; then each worker cuts the rest itself (post_worker_init) and
-# stores their rows (worker_exit) before the arbiter's hard kill at graceful_timeout.
-graceful_timeout = max(int(_settings["GRACE_SECONDS"] + _drain.SETTLE_SECONDS), 1)
-keepalive = 75  # clients such as ollama-python reuse connections; keep idle ones open a while
-accesslog = None
-
-
-def on_starting(server):
-    """Delete the last run's metric files, so its counts are not summed into this run's."""
-    for path in _metrics_dir.iterdir():
-        if _METRICS_FILE.fullmatch(path.name):
-            path.unlink()
-
-
-def child_exit(server, worker):
-    """Drop a dead worker's live gauges (in flight, memory); its counters stay, so totals never go down."""
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
-
-
-def worker_exit(server, worker):
-    """Run the app's shutdown hooks once a worker stops serving: the writer stores every answered call first."""
-    # Runs in the worker after its last request (SIGTERM, HUP, max_requests), inside graceful_timeout.
-    app = getattr(worker, "wsgi", None)
-    if hasattr(app, "extensions"):
-        from proxy_app import shutdown
-
-        shutdown(app)
-
-
-def post_worker_init(worker):
-    """Arm the drain: on SIGTERM this worker lets streams run GRACE_SECONDS, then cuts them (proxy_app/drain.py)."""
-    _drain.arm(worker.wsgi)
+from proxy_app.service.gunicorn_conf import *  # noqa: E402,F403

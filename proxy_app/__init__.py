@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from . import config as config_module
+from proxy_app import config as config_module
 
 # Our own routes. Everything else (/, /api/*, /v1/*, any future path) belongs to Ollama and is relayed.
 RESERVED_PATHS = ("/health", "/test", "/metrics", "/analytics")
@@ -19,32 +19,40 @@ __version__ = "0.1.0"
 def create_app(overrides: dict | None = None, environ: dict | None = None) -> Flask:
     """Build the app: settings from defaults, then .env and env (or ``environ``), then ``overrides``."""
     settings = config_module.merge(overrides, environ)
-    app = Flask(__name__, template_folder=str(Path(__file__).parent.parent / "templates"), static_folder=None)
+    app = Flask(__name__, template_folder=str(templates_folder()), static_folder=None)
     app.config.update(settings)
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warn_if_exposed(settings)
 
-    from . import ops, relay
-    from .sampler import LoadSampler
+    from proxy_app.ops import health
+    from proxy_app.ops.sampler import LoadSampler
+    from proxy_app.relay import forward
 
     app.extensions["load_sampler"] = LoadSampler(settings["SAMPLE_INTERVAL"])
     app.extensions["shutdown_hooks"] = [app.extensions["load_sampler"].stop]
-    ops.init_app(app)
-    from . import writer
+    health.init_app(app)
+    from proxy_app.store import writer
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
-    from . import dashboard
+    from proxy_app.dashboard import views
 
-    dashboard.init_app(app)  # /analytics: page, JSON APIs, CSV export; after the writer, whose database it reads
-    relay.init_app(app)  # in front of Flask: every path but RESERVED_PATHS goes to the upstream
-    from . import metrics
+    views.init_app(app)  # /analytics: page, JSON APIs, CSV export; after the writer, whose database it reads
+    forward.init_app(app)  # in front of Flask: every path but RESERVED_PATHS goes to the upstream
+    from proxy_app.ops import metrics
 
     metrics.init_app(app)  # after the relay, whose in-flight count and queue it watches; it adds no route
-    from . import drain, supervisor
+    from proxy_app.relay import drain
+    from proxy_app.service import supervisor
 
     supervisor.init_app(app)  # with WITH_OLLAMA, the supervised Ollama's state shows in /health
     drain.init_app(app)  # after the relay: at shutdown it waits on the in-flight count, then cuts streams
     return app
+
+
+def templates_folder() -> Path:
+    """The page templates: inside the package when installed from a wheel, else the checkout's ``templates/``."""
+    packaged = Path(__file__).parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
 def warn_if_exposed(settings) -> str | None:

@@ -1,6 +1,6 @@
 """``python -m proxy_app serve | run MODEL | check | ...``: see cli.py."""
 
-from .cli import cli
+from proxy_app.service.cli import cli
 
 if __name__ == "__main__":
     cli(prog_name="python -m proxy_app")

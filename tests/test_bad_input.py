@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy_app import create_app, shutdown
-from proxy_app.intake import read_intake, with_usage_requested
-from proxy_app.wire import client_address
+from proxy_app.ollama.intake import read_intake, with_usage_requested
+from proxy_app.relay.headers import client_address
 from tests.conftest import CallRecorder
 from tests.fake_ollama import serve
 from tests.raw_upstream import RawUpstream

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from proxy_app import models
+from proxy_app.store import models
 from tests.conftest import ROOT, need
 from tests.fake_ollama import serve
 from tests.test_queries import XSS, known_calls

@@ -12,8 +12,8 @@ import psutil
 from click.testing import CliRunner
 
 from proxy_app.calls import COLUMNS
-from proxy_app.cli import cli
-from proxy_app.supervisor import is_listening
+from proxy_app.service.cli import cli
+from proxy_app.service.supervisor import is_listening
 from tests.conftest import free_port
 from tests.processes import ROOT, fake_ollama_env, records
 

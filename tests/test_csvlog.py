@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from proxy_app.calls import COLUMNS, Call
-from proxy_app.csvlog import HEADER, CsvLog, iter_csv
+from proxy_app.store.csvlog import HEADER, CsvLog, iter_csv
 
 NOW = datetime(2025, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
 

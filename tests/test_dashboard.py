@@ -10,9 +10,11 @@ from html.parser import HTMLParser
 
 import pytest
 
-from proxy_app import create_app, csvlog, export, models, queries, shutdown
+from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
-from proxy_app.queries import parse_filters
+from proxy_app.dashboard import queries
+from proxy_app.dashboard.queries import parse_filters
+from proxy_app.store import csvlog, export, models
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
 from tests.test_csvlog import sample_call

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from proxy_app import config
-from proxy_app.drain import SETTLE_SECONDS
-from proxy_app.supervisor import is_listening
+from proxy_app.relay.drain import SETTLE_SECONDS
+from proxy_app.service.supervisor import is_listening
 from tests.conftest import free_port, need
 from tests.processes import ROOT, wait_until
 

@@ -26,8 +26,8 @@ import pytest
 import requests
 
 from proxy_app import create_app, shutdown
-from proxy_app import usage as usage_module
-from proxy_app.service import WaitressService
+from proxy_app.ollama import usage as usage_module
+from proxy_app.service.servers import WaitressService
 from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import FakeOllama, serve
 from tests.processes import wait_until

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy_app.intake import Intake, read_intake, with_usage_requested
+from proxy_app.ollama.intake import Intake, read_intake, with_usage_requested
 
 
 @pytest.mark.parametrize(

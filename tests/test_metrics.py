@@ -21,8 +21,9 @@ import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
 
-from proxy_app import create_app, metrics, shutdown
+from proxy_app import create_app, shutdown
 from proxy_app.calls import Call
+from proxy_app.ops import metrics
 from tests.conftest import CallRecorder, free_port, need
 from tests.fake_ollama import serve
 

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy_app import models, queries, readmodel, stats
-from proxy_app.queries import FilterError, parse_filters
+from proxy_app.dashboard import queries, readmodel, stats
+from proxy_app.dashboard.queries import FilterError, parse_filters
+from proxy_app.store import models
 from tests.test_csvlog import sample_call
 from tests.test_store import postgres_schema
 

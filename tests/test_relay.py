@@ -13,7 +13,8 @@ import ollama
 import openai
 import pytest
 
-from proxy_app import create_app, relay, shutdown, wire
+from proxy_app import create_app, shutdown
+from proxy_app.relay import forward, headers
 from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import serve
 from tests.raw_upstream import TLS, chunked, response, tls_upstream
@@ -437,7 +438,7 @@ def test_relay_health_503_when_upstream_down(tmp_path):
     ],
 )
 def test_relay_request_target_is_the_clients_in_origin_form(environ, path, expected):
-    assert wire.request_target(environ, path) == expected
+    assert headers.request_target(environ, path) == expected
 
 
 @pytest.mark.parametrize(
@@ -470,7 +471,7 @@ def test_relay_a_bug_of_ours_still_answers_in_ollamas_shape_and_the_proxy_goes_o
     answer = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False})
     assert answer.status_code == 500 and answer.get_json() == {"error": "internal error in the proxy"}
     assert "relaying POST /api/generate failed" in caplog.text and "RuntimeError: a bug" in caplog.text
-    relay_app.forward = relay.forward
+    relay_app.forward = forward.forward
     assert client.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}).status_code == 200
 
 

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from proxy_app import create_app
-from proxy_app.drain import Drain
-from proxy_app.gate import InFlight
-from proxy_app.service import WaitressService, choose_server, client_address
-from proxy_app.supervisor import is_listening
+from proxy_app.relay.drain import Drain
+from proxy_app.relay.gate import InFlight
+from proxy_app.service.servers import WaitressService, choose_server, client_address
+from proxy_app.service.supervisor import is_listening
 from tests.conftest import free_port
 from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_until
 

@@ -25,9 +25,9 @@ import requests
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
-from proxy_app.csvlog import CsvLog
-from proxy_app.models import CallRow, create_tables, open_database
-from proxy_app.writer import Writer
+from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.models import CallRow, create_tables, open_database
+from proxy_app.store.writer import Writer
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
 from tests.fake_ollama import MODEL_ERROR, serve
 from tests.test_csvlog import sample_call

@@ -11,7 +11,14 @@ import sys
 import psutil
 import pytest
 
-from proxy_app.supervisor import Supervisor, SupervisorError, find_ollama, is_listening, ollama_version, read_state
+from proxy_app.service.supervisor import (
+    Supervisor,
+    SupervisorError,
+    find_ollama,
+    is_listening,
+    ollama_version,
+    read_state,
+)
 from tests.conftest import free_port
 from tests.fake_ollama import VERSION, FakeOllama, serve
 from tests.processes import FAKE_OLLAMA, fake_ollama_env, wait_until

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy_app import usage
-from proxy_app.usage import EDGE_BYTES, MAX_EVENT_BYTES, MAX_PARSE_BYTES, Usage, UsageMeter, UsageStripper
+from proxy_app.ollama import usage
+from proxy_app.ollama.usage import EDGE_BYTES, MAX_EVENT_BYTES, MAX_PARSE_BYTES, Usage, UsageMeter, UsageStripper
 
 RECORDINGS = pathlib.Path(__file__).parent / "recordings"
 NDJSON = "application/x-ndjson"
@@ -431,7 +431,7 @@ def test_usage_intermediate_lines_read_on_bytes_give_the_decoded_text(texts, cha
         lines.append(json.dumps(line, separators=(",", ":"), ensure_ascii=ascii_only).encode() + b"\n")
     final = b'{"model":"llama3.2","done":true,"eval_count":3}\n'
     together, apart = UsageMeter(NDJSON), UsageMeter(NDJSON)
-    with mock.patch("proxy_app.usage._decode", wraps=usage._decode) as decode:
+    with mock.patch("proxy_app.ollama.usage._decode", wraps=usage._decode) as decode:
         together.feed(b"".join(lines) + final)  # line by line, once the first line has named the model
         assert decode.call_count <= 2  # the first line (for the model) and the last; the rest were read on bytes
         for piece in (lines[0], b"".join(lines[1:]), final):  # the middle in one regex pass over the whole read

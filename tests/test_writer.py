@@ -14,12 +14,12 @@ from datetime import timedelta
 import pytest
 from peewee import IntegrityError, OperationalError, TextField
 
-from proxy_app import models
-from proxy_app import writer as writer_module
 from proxy_app.calls import COLUMNS, Call
-from proxy_app.csvlog import CsvLog
-from proxy_app.models import CallRow, SchemaVersion
-from proxy_app.writer import Writer
+from proxy_app.store import models
+from proxy_app.store import writer as writer_module
+from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.models import CallRow, SchemaVersion
+from proxy_app.store.writer import Writer
 from tests.conftest import free_port, hold_write_lock, release
 from tests.test_csvlog import NOW, parse, sample_call
 

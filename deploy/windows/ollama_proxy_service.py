@@ -54,14 +54,15 @@ def log_to_data_dir(data_dir: str) -> Path:
 
 def run_until_stopped(on_start) -> int:
     """Serve under waitress in this thread until the service is stopped; ``on_start`` gets the WaitressService."""
-    from proxy_app import config, service
+    from proxy_app import config
+    from proxy_app.service import servers
 
     os.chdir(ROOT)  # .env and a relative DATA_DIR mean the project directory, as for `python -m proxy_app serve`
     overrides = {"SERVER": "waitress"}
     settings = config.merge(overrides)
     logging.getLogger().setLevel(settings["LOG_LEVEL"])
     log_to_data_dir(settings["DATA_DIR"])
-    return service.serve(settings, overrides, on_start=on_start)
+    return servers.serve(settings, overrides, on_start=on_start)
 
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
@@ -95,7 +96,7 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
                     server.stop()
 
         def SvcStop(self):
-            from proxy_app.drain import SETTLE_SECONDS
+            from proxy_app.relay.drain import SETTLE_SECONDS
 
             with self._lock:
                 self._stop_requested.set()

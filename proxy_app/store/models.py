@@ -35,7 +35,7 @@ from peewee import (
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
 
-from .calls import COLUMNS, Call, values_of
+from proxy_app.calls import COLUMNS, Call, values_of
 
 log = logging.getLogger(__name__)
 

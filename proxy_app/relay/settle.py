@@ -11,8 +11,8 @@ import logging
 
 from flask import Flask
 
-from .calls import Call
-from .usage import Usage
+from proxy_app.calls import Call
+from proxy_app.ollama.usage import Usage
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 After ``Drain.run()`` starts, calls already in flight keep streaming. Streams (NDJSON, SSE) still running when the grace
 period ends are cut at their next chunk: the client gets one last error line in the stream's own shape and the relay
 records the call as usual, so the store still gets its row. Used by both servers: the waitress service
-(service.py) and each gunicorn worker (``arm`` from deploy/gunicorn.conf.py). It does not close listeners, flush
+(servers.py) and each gunicorn worker (``arm`` from service/gunicorn_conf.py). It does not close listeners, flush
 the store or stop Ollama; the caller does those, in that order.
 """
 
@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-from .accounting import error_tail  # the same last line the relay sends when the upstream breaks
-from .relay import STREAM_TYPES
+from proxy_app.relay.forward import STREAM_TYPES
+from proxy_app.relay.settle import error_tail  # the same last line the relay sends when the upstream breaks
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def init_app(app) -> None:
 def arm(app) -> None:
     """In a gunicorn worker: on SIGTERM, start the drain, then let gunicorn's own handler stop accepting."""
     drain = getattr(app, "extensions", {}).get("drain")
-    if drain is None:  # not our app (gunicorn.conf.py used for something else): leave gunicorn's handling alone
+    if drain is None:  # not our app (the gunicorn settings used for something else): leave gunicorn's handling alone
         return
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -1,4 +1,4 @@
-"""Reading the upstream in pieces (chunks.py): lines already here go out together, a line alone goes out at once."""
+"""Reading the upstream in pieces (framing.py): lines already here go out together, a line alone goes out at once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from proxy_app import chunks
-from proxy_app.pool import Pool
+from proxy_app.relay import framing
+from proxy_app.relay.upstream import Pool
 from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
 
 NDJSON = "application/x-ndjson"
@@ -51,7 +51,7 @@ def test_chunks_lines_already_here_make_one_piece_and_a_late_line_is_not_waited_
         release.wait(5)
         conn.sendall(chunked(b'{"done":true}\n'))
 
-    body = chunks.pieces(open_body(raw(script)), 65536)
+    body = framing.pieces(open_body(raw(script)), 65536)
     started = time.monotonic()
     first = next(body)
     assert first == b"".join(LINES)  # ten chunks that arrived together: one piece, one write to the client
@@ -64,7 +64,7 @@ def test_chunks_piece_never_exceeds_the_size(raw):
     def script(upstream, conn: socket.socket) -> None:
         conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES))
 
-    pieces = list(chunks.pieces(open_body(raw(script)), 100))
+    pieces = list(framing.pieces(open_body(raw(script)), 100))
     assert b"".join(pieces) == b"".join(LINES)
     assert all(len(piece) <= 100 for piece in pieces) and len(pieces) > 1
 
@@ -74,8 +74,8 @@ def test_chunks_upstream_dying_mid_piece_relays_what_came_then_raises(raw):
         conn.sendall(response(framing="chunked", content_type=NDJSON) + chunked(*LINES[:3])[:-5] + b"40\r\npart")
 
     got = []
-    with pytest.raises(chunks.BrokenBody):
-        for piece in chunks.pieces(open_body(raw(script)), 65536):
+    with pytest.raises(framing.BrokenBody):
+        for piece in framing.pieces(open_body(raw(script)), 65536):
             got.append(piece)
     assert b"".join(got).startswith(b"".join(LINES[:3]))  # every whole line that arrived reached the client
 
@@ -84,20 +84,20 @@ def test_chunks_sized_body_is_one_piece_and_ends_without_waiting(raw):
     body = b'{"response":"hello","done":true}'
     script = reply(response(body), then_close=False)  # the end of the body is its length, not a close
     started = time.monotonic()
-    assert list(chunks.pieces(open_body(raw(script)), 65536)) == [body]
+    assert list(framing.pieces(open_body(raw(script)), 65536)) == [body]
     assert time.monotonic() - started < 1
 
 
 def test_chunks_sized_body_cut_short_raises_after_relaying_what_came(raw):
-    body = chunks.pieces(open_body(raw(reply(response(b'{"response":"hel', length=40)))), 65536)
+    body = framing.pieces(open_body(raw(reply(response(b'{"response":"hel', length=40)))), 65536)
     assert next(body) == b'{"response":"hel'
-    with pytest.raises(chunks.BrokenBody, match="24 body bytes still to come"):
+    with pytest.raises(framing.BrokenBody, match="24 body bytes still to come"):
         next(body)
 
 
 def test_chunks_body_without_length_ends_when_the_upstream_closes(raw):
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-    assert b"".join(chunks.pieces(open_body(raw(reply(head + b"until the end"))), 65536)) == b"until the end"
+    assert b"".join(framing.pieces(open_body(raw(reply(head + b"until the end"))), 65536)) == b"until the end"
 
 
 def test_chunks_connection_is_reused_after_a_whole_chunked_body(raw):
@@ -109,7 +109,7 @@ def test_chunks_connection_is_reused_after_a_whole_chunked_body(raw):
     pool, sockets = raw(script), set()
     for _ in range(3):
         answer = open_body(pool)
-        assert b"".join(chunks.pieces(answer, 65536)) == b"".join(LINES)
+        assert b"".join(framing.pieces(answer, 65536)) == b"".join(LINES)
         sockets.add(answer.connection.sock)
         pool.release(answer)
     assert len(sockets) == 1 and None not in sockets  # one connection, open, carried all three
@@ -118,7 +118,7 @@ def test_chunks_connection_is_reused_after_a_whole_chunked_body(raw):
 def test_chunks_bytes_after_the_body_close_the_connection(raw):
     pool = raw(reply(response(framing="chunked", content_type=NDJSON) + chunked(LINES[0]) + b"junk", False))
     answer = open_body(pool)
-    assert list(chunks.pieces(answer, 65536)) == [LINES[0]]
+    assert list(framing.pieces(answer, 65536)) == [LINES[0]]
     pool.release(answer)
     assert not pool._idle and answer.connection.sock is None  # closed, not handed to the next request
 
@@ -128,10 +128,10 @@ FRAMED = b"5;name=value\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer: ye
 
 @pytest.mark.parametrize("step", [1, 2, 3, 7, len(FRAMED)])
 def test_chunks_framing_split_anywhere_gives_the_same_data(step):
-    framing = chunks.Framing()
-    data = b"".join(framing.feed(FRAMED[at : at + step]) for at in range(0, len(FRAMED), step))
+    decoder = framing.Framing()
+    data = b"".join(decoder.feed(FRAMED[at : at + step]) for at in range(0, len(FRAMED), step))
     assert data == b"hello" + b"x" * 26
-    assert framing.ended and framing.rest.endswith(b"next")  # extensions and trailers skipped, the rest kept
+    assert decoder.ended and decoder.rest.endswith(b"next")  # extensions and trailers skipped, the rest kept
 
 
 @pytest.mark.parametrize(
@@ -145,5 +145,5 @@ def test_chunks_framing_split_anywhere_gives_the_same_data(step):
     ],
 )
 def test_chunks_framing_refuses_what_is_not_chunked(data, message):
-    with pytest.raises(chunks.BrokenBody, match=message):
-        chunks.Framing().feed(data)
+    with pytest.raises(framing.BrokenBody, match=message):
+        framing.Framing().feed(data)

@@ -4,7 +4,7 @@ The cells are exactly those of ``csvlog.iter_csv`` (the mirror's header and colu
 true/false, ISO 8601 UTC times with milliseconds, text starting with one of ``csvlog.FORMULA_PREFIXES`` prefixed
 with an apostrophe); a test holds the two byte-identical. The difference is speed: a chunk's cells are built in one
 tight loop and written with one ``writerows``, which keeps a million-row export well above 50,000 rows/s, where a
-line-per-row generator manages about a third of that. It does not choose rows (queries.py) or send them (dashboard.py).
+line-per-row generator manages about a third of that. It does not choose rows (queries.py) or send them (views.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import io
 import typing
 from collections.abc import Iterable, Iterator
 
-from .calls import COLUMNS, Call, format_timestamp
-from .csvlog import FORMULA_PREFIXES, HEADER
-from .queries import to_datetime
+from proxy_app.calls import COLUMNS, Call, format_timestamp
+from proxy_app.dashboard.queries import to_datetime
+from proxy_app.store.csvlog import FORMULA_PREFIXES, HEADER
 
 STREAM_AT = COLUMNS.index("stream_mode")
 # Why: only text can start a formula; numbers such as -5 stay numbers (as in csvlog).

@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
-from . import charts, export, models, queries, readmodel, stats
-from .calls import COLUMNS, OUTCOMES
-from .queries import FilterError
+from proxy_app.calls import COLUMNS, OUTCOMES
+from proxy_app.dashboard import charts, queries, readmodel, stats
+from proxy_app.dashboard.queries import FilterError
+from proxy_app.store import export, models
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The upstream pool (pool.py): connections reused only when whole, closed when not, and clear errors."""
+"""The upstream pool (upstream.py): connections reused only when whole, closed when not, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import socket
 import pytest
 from urllib3.util.wait import wait_for_read
 
-from proxy_app import chunks
-from proxy_app.pool import MAX_HEADERS, Pool, Unreachable, read_head
+from proxy_app.relay import framing
+from proxy_app.relay.upstream import MAX_HEADERS, Pool, Unreachable, read_head
 from tests.conftest import free_port
 from tests.raw_upstream import TLS, RawUpstream, chunked, read_request, reply, response, tls_upstream
 
@@ -51,7 +51,7 @@ def test_pool_reuses_a_connection_whose_body_was_read_to_the_end(upstream):
     raw, pool = upstream(answer_every_request())
     for _ in range(3):
         answer = call(pool)
-        assert b"".join(chunks.pieces(answer, 65536)) == b'{"ok":true}'
+        assert b"".join(framing.pieces(answer, 65536)) == b'{"ok":true}'
         pool.release(answer)
     assert raw.accepted == 1
 
@@ -100,7 +100,7 @@ def test_pool_replaces_a_connection_the_upstream_closed_while_idle(upstream):
     raw, pool = upstream(lambda raw, conn: conn.sendall(response(b"{}")))  # answers once, then closes
     for _ in range(2):
         answer = call(pool)
-        assert b"".join(chunks.pieces(answer, 65536)) == b"{}"
+        assert b"".join(framing.pieces(answer, 65536)) == b"{}"
         pool.release(answer)
         assert wait_for_read(pool._idle[-1].sock, 5)  # kept, and then closed by the upstream
     assert raw.accepted == 2  # the dead one was noticed before use, not sent a request that would fail
@@ -113,7 +113,7 @@ def test_pool_https_upstream_relays_a_stream_and_checks_its_certificate(monkeypa
     with tls_upstream(answer) as url:
         pool = Pool(url, 5, 5, keep=2)
         streamed = pool.request("POST", "/api/generate", b"{}", {"Content-Length": "2"})
-        assert b"".join(chunks.pieces(streamed, 65536)) == b"".join(lines)
+        assert b"".join(framing.pieces(streamed, 65536)) == b"".join(lines)
         pool.release(streamed)
         pool.close()
     monkeypatch.delenv("SSL_CERT_FILE")
@@ -159,7 +159,7 @@ def test_pool_reads_to_the_close_a_body_whose_content_length_is_no_plain_number(
     raw, pool = upstream(reply(head + b"{}"))
     answer = call(pool)
     assert answer.length is None and answer.will_close  # the body ends when the upstream closes, not by a guess
-    assert b"".join(chunks.pieces(answer, 65536)) == b"{}"
+    assert b"".join(framing.pieces(answer, 65536)) == b"{}"
     pool.release(answer)
     assert not pool._idle
 
@@ -177,7 +177,7 @@ def test_pool_reads_to_the_close_a_body_whose_content_length_is_no_plain_number(
 def test_pool_keeps_a_connection_only_when_the_answer_allows_it(upstream, head, kept):
     raw, pool = upstream(reply(head + b"{}", then_close=False))
     answer = call(pool)
-    assert answer.status == 200 and b"".join(chunks.pieces(answer, 65536)) == b"{}"
+    assert answer.status == 200 and b"".join(framing.pieces(answer, 65536)) == b"{}"
     pool.release(answer)
     assert len(pool._idle) == int(kept)
 

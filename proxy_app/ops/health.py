@@ -12,7 +12,7 @@ import time
 import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from . import metrics as metrics_module
+from proxy_app.ops import metrics as metrics_module
 
 bp = Blueprint("ops", __name__)
 

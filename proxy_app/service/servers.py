@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import config as config_module
+from proxy_app import config as config_module
+
 from .supervisor import (
     Supervisor,
     SupervisorError,
@@ -34,8 +35,9 @@ from .supervisor import (
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+GUNICORN_CONF = "python:proxy_app.service.gunicorn_conf"  # the settings ship in the package
+# The folder that holds the proxy_app package (site-packages, or a checkout), for children started from elsewhere.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 # Model blobs (POST /api/blobs, many GB) must pass; waitress spools request bodies to a temporary file first.
 WAITRESS_MAX_BODY_BYTES = 64 * 1024**3
 WAITRESS_CHANNEL_TIMEOUT = 300  # idle keep-alive connections only: waitress never cuts a running request
@@ -119,7 +121,7 @@ def serve(settings: Mapping, overrides: Mapping, on_start=None) -> int:
     try:
         if choose_server(settings["SERVER"]) == "gunicorn":
             return run_gunicorn(environ)
-        from . import create_app
+        from proxy_app import create_app
 
         service = WaitressService(create_app(dict(overrides)))
         if on_start is None:
@@ -134,8 +136,9 @@ def serve(settings: Mapping, overrides: Mapping, on_start=None) -> int:
 
 
 def run_gunicorn(environ: Mapping[str, str]) -> int:
-    """Run gunicorn with deploy/gunicorn.conf.py as a child; pass it our signals; return its exit code."""
-    command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "--pythonpath", str(ROOT), "wsgi:app"]
+    """Run gunicorn with the packaged settings as a child; pass it our signals; return its exit code."""
+    command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, "--pythonpath", str(PACKAGE_PARENT)]
+    command.append("proxy_app:create_app()")
     child = subprocess.Popen(command, env=dict(environ))
 
     def forward(signum, frame):
@@ -200,7 +203,7 @@ class WaitressService:
             if self._drainer.is_alive():
                 self._drainer.join()  # it is at most finishing the pull that queued the last close
             self.server.task_dispatcher.shutdown(timeout=THREAD_STOP_SECONDS)
-            from . import shutdown
+            from proxy_app import shutdown
 
             shutdown(self.app)
             # Closed last, when no thread of ours still pulls it or opens files: waitress closes the pipe's read end
@@ -284,7 +287,7 @@ def _start_background(command: list[str], data_dir: Path) -> tuple[subprocess.Po
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "proxy.log"
     environ = config_module.child_environ()
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), environ.get("PYTHONPATH")]))
     with open(log_path, "ab") as output:
         child = subprocess.Popen(command, env=environ, stdin=subprocess.DEVNULL, stdout=output,
                                  stderr=subprocess.STDOUT, **detach_options())  # fmt: skip

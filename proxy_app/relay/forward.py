@@ -1,9 +1,9 @@
 """The relay: every path that is not one of ours goes to the upstream, and its answer comes back unchanged.
 
-Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (chunks.py); a copy of each
+Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (framing.py); a copy of each
 piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) one
 ``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or
-render anything itself, nor decide which headers, target or status line cross the wire (wire.py).
+render anything itself, nor decide which headers, target or status line cross the wire (headers.py).
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
-from . import RESERVED_PATHS, chunks, wire
-from . import intake as intake_module
-from .accounting import error_body, error_tail, outcome_of, settle
-from .gate import Gate, InFlight
-from .pool import Pool, Unreachable
-from .usage import Usage, UsageMeter, UsageStripper
-from .watch import ClientLeft, watching
+from proxy_app import RESERVED_PATHS
+from proxy_app.ollama import intake as intake_module
+from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
+from proxy_app.relay import framing
+from proxy_app.relay.client_watch import ClientLeft, watching
+from proxy_app.relay.gate import Gate, InFlight
+from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
+from proxy_app.relay.settle import error_body, error_tail, outcome_of, settle
+from proxy_app.relay.upstream import Pool, Unreachable
 
 log = logging.getLogger(__name__)
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
-# Largest piece read from the upstream at once, the size of http.client's read buffer (chunks.py reads into one
+# Largest piece read from the upstream at once, the size of http.client's read buffer (framing.py reads into one
 # buffer of this size per body and copies out each piece at the size that arrived: about 100 bytes for a token line).
 READ_SIZE = 8 * 1024
 UPLOAD_PIECE = 64 * 1024  # a blob upload (gigabytes) is read from the client in bigger pieces
@@ -128,7 +130,7 @@ def _start_call(app: Flask, req: Request) -> dict:
         "arrived": time.perf_counter(),
         "timestamp": datetime.now(UTC),
         "request_id": uuid.uuid4().hex,
-        "ip_source": wire.client_address(environ, app.config["TRUSTED_PROXIES"]),
+        "ip_source": client_address(environ, app.config["TRUSTED_PROXIES"]),
         "user_agent": environ.get("HTTP_USER_AGENT", ""),
         "http_method": req.method,
         "endpoint": req.path,
@@ -168,11 +170,11 @@ def _open_upstream(app: Flask, req: Request, call: dict) -> Response | _Answer:
     call["intake"] = intake
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
-    target = wire.request_target(req.environ, req.path)
-    headers = wire.upstream_headers(req, body)
+    target = request_target(req.environ, req.path)
+    headers = upstream_headers(req, body)
     call["sent"] = time.perf_counter()
     try:
-        with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (watch.py)
+        with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (client_watch.py)
             upstream = app.extensions["upstream_pool"].request(req.method, target, body or None, headers)
     except (http.client.HTTPException, OSError, ClientLeft, ClientDisconnected) as exc:
         app.extensions["gate"].leave()
@@ -217,7 +219,7 @@ def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response 
     status = upstream.status
     content_type = upstream.headers.get("Content-Type", "")
     call["http_status"] = status
-    headers = wire.client_headers(upstream.headers)
+    headers = client_headers(upstream.headers)
     headers.append(("X-Request-ID", call["request_id"]))
     is_stream = content_type.startswith(STREAM_TYPES)
     if is_stream:
@@ -231,7 +233,7 @@ def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response 
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
-    return _Answer(wire.status_line(status, upstream.reason), headers, body)
+    return _Answer(status_line(status, upstream.reason), headers, body)
 
 
 class _Answer:
@@ -261,7 +263,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
     """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
-        for chunk in chunks.pieces(upstream, READ_SIZE):
+        for chunk in framing.pieces(upstream, READ_SIZE):
             try:
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
@@ -300,7 +302,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
 def _reason(exc: BaseException) -> str:
     """What went wrong, for the error message: http.client's errors say little without their name."""
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, chunks.BrokenBody):
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, framing.BrokenBody):
         return f"{type(exc).__name__}: {text}"
     return text
 

@@ -4,7 +4,7 @@ Ollama writes one chunk per token. Each read here takes whatever the socket hold
 and strips the chunked framing itself; relaying what arrived together as one piece costs one write to the client
 instead of one per line, as nginx does, and a line that is alone goes out at once (http.client's own chunked reader
 costs three reads per line). This module does not parse what it reads (usage.py) or decide what happens to it
-(relay.py).
+(forward.py).
 """
 
 from __future__ import annotations

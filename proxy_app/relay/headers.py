@@ -1,5 +1,5 @@
 """What crosses the wire, as pure functions: which headers go each way, the request target, the client's address and
-the status line. No I/O, no Flask, no state; relay.py decides when each is used.
+the status line. No I/O, no Flask, no state; forward.py decides when each is used.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A ``Call`` is counted once, by the relay's end-of-call sink, so a stream is timed to its last byte. Labels are bounded
 (``endpoint_label``, ``ModelLabels``). Under gunicorn, multiprocess mode sums every worker's files at scrape time.
-This module imports no Flask and registers no route (ops.py serves ``/metrics`` through ``scrape``); the exporter
+This module imports no Flask and registers no route (health.py serves ``/metrics`` through ``scrape``); the exporter
 times our own endpoints only, never the relay.
 """
 
@@ -22,8 +22,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import disable_created_metrics
 
-from . import __version__
-from .calls import Call
+from proxy_app import __version__
+from proxy_app.calls import Call
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def refresh(app) -> None:
 
 def probe(app) -> None:
     """Probe the upstream once and record whether it answered and how long the probe took."""
-    from .ops import probe_upstream  # here, not at the top: ops imports this module to serve /metrics
+    from proxy_app.ops.health import probe_upstream  # here, not at the top: ops imports this module to serve /metrics
 
     started = time.perf_counter()
     result = probe_upstream(app)

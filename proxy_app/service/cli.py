@@ -2,7 +2,7 @@
 ``ollama`` subcommand (``list``, ``ps``, ``pull`` ...) passed through to ollama with OLLAMA_HOST set to the proxy.
 
 A standalone click group rather than ``flask --app`` commands, so that ``serve`` and ``check`` work before (or
-without) an app. Commands print for people and exit non-zero on a problem; the work lives in service.py,
+without) an app. Commands print for people and exit non-zero on a problem; the work lives in servers.py,
 supervisor.py and the store modules.
 """
 
@@ -19,9 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from . import __version__, service
-from . import config as config_module
-from .supervisor import find_ollama
+from proxy_app import __version__
+from proxy_app import config as config_module
+from proxy_app.service import servers
+from proxy_app.service.supervisor import find_ollama
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
@@ -71,8 +72,8 @@ def serve(**options) -> None:
     overrides = {name.upper(): value for name, value in options.items() if value is not None}
     settings = load_settings(overrides)
     try:
-        code = service.serve(settings, overrides)
-    except service.ServiceError as exc:
+        code = servers.serve(settings, overrides)
+    except servers.ServiceError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 
@@ -92,8 +93,8 @@ def run_ollama(argv: list[str]) -> None:
     if binary is None:
         raise click.ClickException("cannot find the ollama executable; install Ollama or set OLLAMA_PROXY_OLLAMA_BIN")
     try:
-        address = service.ensure_running(settings)
-    except service.ServiceError as exc:
+        address = servers.ensure_running(settings)
+    except servers.ServiceError as exc:
         raise click.ClickException(str(exc)) from None
     environ = config_module.child_environ({"OLLAMA_HOST": address})
     if sys.platform == "win32":  # no real exec on Windows: run it and pass its exit code on
@@ -122,7 +123,7 @@ def check() -> None:
 @cli.command("init-db")
 def init_db() -> None:
     """Create the analytics tables, or migrate them to this version (start-up does it too)."""
-    from . import models
+    from proxy_app.store import models
 
     settings = load_settings()
     shown = _hide_password(settings["DATABASE"])
@@ -140,7 +141,7 @@ def init_db() -> None:
 @click.option("--days", type=click.IntRange(min=1), help="Only calls from the last DAYS days.")
 def export_csv(output: str | None, days: int | None) -> None:
     """Write the stored calls as CSV, oldest first, in the columns of the CSV mirror."""
-    from . import csvlog, models
+    from proxy_app.store import csvlog, models
 
     settings = load_settings()
     database = models.open_database(settings["DATABASE"])
@@ -188,7 +189,7 @@ def _check_data_dir(settings: dict) -> tuple[bool, str]:
 
 
 def _check_database(settings: dict) -> tuple[bool, str]:
-    from . import models
+    from proxy_app.store import models
 
     shown = _hide_password(settings["DATABASE"])
     try:

@@ -15,9 +15,18 @@ from datetime import UTC, datetime
 
 from peewee import Database
 
-from . import readmodel
-from .queries import ERROR_OUTCOMES, Filters, conditions, dimension_conditions, run, time_param, to_datetime, where
-from .summary import assemble, bucket_width, ceil_time, empty_document, floor_time, time_key
+from proxy_app.dashboard import readmodel
+from proxy_app.dashboard.queries import (
+    ERROR_OUTCOMES,
+    Filters,
+    conditions,
+    dimension_conditions,
+    run,
+    time_param,
+    to_datetime,
+    where,
+)
+from proxy_app.dashboard.summary import assemble, bucket_width, ceil_time, empty_document, floor_time, time_key
 
 SAMPLE_ROWS = 20_000  # percentiles are exact up to this many matching rows, else estimated from about this many
 MAX_VISITS = 60_000  # most rows read for one sample

@@ -2,8 +2,8 @@
 
 Built on http.client, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects, proxies,
 content decoding, per-host pools, header-dict copies): those cost about 90 µs per call here. The connections wait for
-the first byte of an answer in short polls, so a departed client is noticed (watch.py). This module does not read
-bodies (chunks.py) or decide anything about a call (relay.py).
+the first byte of an answer in short polls, so a departed client is noticed (client_watch.py). This module does not read
+bodies (framing.py) or decide anything about a call (forward.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from urllib3.util.wait import wait_for_read
 
-from .watch import current_gone_check, wait_first_byte
+from proxy_app.relay.client_watch import current_gone_check, wait_first_byte
 
 MAX_HEAD_LINE = 65536  # http.client's limits: the longest header line, and the most header lines
 MAX_HEADERS = 100
@@ -155,7 +155,8 @@ class Pool:
         """Send one request and return its response with the head read; its ``connection`` goes back by release().
 
         Raises Unreachable when no connection can be made, TimeoutError when no answer starts within the read
-        timeout, ClientLeft (watch.py) when the client goes first, and http.client or OS errors on a broken answer.
+        timeout, ClientLeft (client_watch.py) when the client goes first, and http.client or OS errors on a broken
+        answer.
         """
         connection = self._take()
         try:

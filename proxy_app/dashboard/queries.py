@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Database
 
-from . import readmodel
-from .calls import COLUMNS, OUTCOMES, format_timestamp
+from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
+from proxy_app.dashboard import readmodel
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500  # a bigger ?limit is capped, not refused: one page never holds more than this many rows

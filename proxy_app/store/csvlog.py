@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .calls import COLUMNS, format_timestamp, values_of
+from proxy_app.calls import COLUMNS, format_timestamp, values_of
 
 # Why: a spreadsheet runs a cell starting with one of these as a formula (CSV injection); a leading apostrophe
 # makes it plain text. Only text cells are touched: a number such as -5 stays a number.

@@ -2,7 +2,7 @@
 
 Ollama writes nothing until the model is loaded and the prompt evaluated (minutes on a cold start, or a whole
 ``stream:false`` generation), and a thread blocked reading the upstream cannot see its client go. So the upstream
-connections (pool.py) wait for that first byte in short polls, asking between polls whether the client is still
+connections (upstream.py) wait for that first byte in short polls, asking between polls whether the client is still
 there; a departed client raises ``ClientLeft`` out of ``Pool.request`` and the connection is closed, which makes
 Ollama stop. Once the answer has started, a departed client is noticed by the server at the next write instead.
 This module does not relay, record or time anything.

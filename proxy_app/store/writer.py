@@ -4,7 +4,7 @@ Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended t
 database refuses is tried again, with growing pauses, for up to ``retry_seconds`` (the queue holds the calls that
 arrive meanwhile); only then is it dropped. Between batches the same thread deletes rows and CSV files older than the
 retention period, a small batch at a time. A full queue or a database that stays down costs a counted, logged drop
-and never an error or a wait for the client. This module does not build calls (relay.py) or publish metrics
+and never an error or a wait for the client. This module does not build calls (forward.py) or publish metrics
 (metrics.py reads ``written``, ``dropped`` and ``depth``).
 """
 
@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 from flask import Flask
 from peewee import Database, InterfaceError, OperationalError
 
-from . import models
-from .csvlog import CsvLog
+from proxy_app.store import models
+from proxy_app.store.csvlog import CsvLog
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 
-from .calls import format_timestamp
+from proxy_app.calls import format_timestamp
 
 # (longest range, bucket seconds, leading characters of a stored timestamp that name the bucket): 15 to 250 buckets
 BUCKETS = ((3 * 3600, 60, 16), (36 * 3600, 600, 15), (10 * 86400, 3600, 13), (math.inf, 86400, 10))

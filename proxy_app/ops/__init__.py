@@ -1,0 +1,1 @@
+"""Operating the proxy: ``/health``, ``/test``, ``/metrics`` (Prometheus) and the load sampler."""

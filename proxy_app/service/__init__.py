@@ -1,0 +1,1 @@
+"""Running the proxy: the command line, the servers (waitress, gunicorn), and the supervised ``ollama serve``."""
