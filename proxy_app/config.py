@@ -132,6 +132,16 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def settings_table() -> str:
+    """Return SETTINGS as the Markdown table the README carries between its settings markers (one source of truth)."""
+    lines = ["| Setting | Default | What it does |", "|---|---|---|"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "(empty)"
+        help_text = setting.help.replace("|", r"\|")  # a bare pipe would end the cell
+        lines.append(f"| `{PREFIX}{setting.name}` | {default} | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_environ(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
     """Return the variables to configure from: ``.env`` (if present) overlaid by the real environment."""
     merged: dict[str, str] = {}
@@ -188,3 +198,7 @@ def masked(values: Mapping[str, Any]) -> dict:
     """Return the settings with secrets replaced by '***' (for `check` and logs)."""
     secret = {setting.name for setting in SETTINGS if setting.secret}
     return {name: ("***" if name in secret and values.get(name) else values.get(name)) for name in sorted(values)}
+
+
+if __name__ == "__main__":  # `python proxy_app/config.py` prints the README's settings table
+    print(settings_table(), end="")

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
@@ -16,7 +15,6 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import openai
 import psycopg2
@@ -453,16 +451,6 @@ def test_store_sigterm_under_load_loses_nothing_answered(gunicorn_proxy, tmp_pat
     assert {request_id: rows.get(request_id) for request_id in answered} == answered
     assert any(moment > signalled for moment in finished_at)  # calls in flight at SIGTERM were answered, and kept
     assert mirrored == rows
-
-
-def test_store_readme_lists_every_column_in_order():
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Analytics store", 1)[1].split("\n## ", 1)[0]
-    names = []
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            names += re.findall(r"`([a-z_]+)`", line.split("|")[1])
-    assert tuple(names) == COLUMNS
 
 
 def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_path):

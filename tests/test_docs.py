@@ -1,0 +1,75 @@
+"""The documentation agrees with the code: the README's settings table, the column reference, and every link.
+
+Modelled on datasette's tests/test_docs.py: the code is the one source, and these tests fail when the text lags.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy_app import config
+from proxy_app.calls import COLUMNS
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+SETTINGS_START, SETTINGS_END = "<!-- settings:start -->", "<!-- settings:end -->"
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a Markdown link's target
+
+
+def between(text: str, start: str, end: str) -> str:
+    """The text between two markers, each of which must appear exactly once, in that order."""
+    assert text.count(start) == 1 and text.count(end) == 1, f"{start} and {end} must each appear once"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_docs_readme_settings_block_is_the_generated_table():
+    block = between(README.read_text(encoding="utf-8"), SETTINGS_START, SETTINGS_END)
+    expected = config.settings_table()
+    assert block.strip("\n") == expected.strip("\n"), (
+        "README.md's settings table differs from config.SETTINGS; replace the lines between the settings markers "
+        f"with the output of `python proxy_app/config.py`:\n{expected}"
+    )
+
+
+def test_docs_settings_table_lists_every_setting_with_its_default():
+    rows = [line for line in config.settings_table().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [config.PREFIX + setting.name for setting in config.SETTINGS]
+    assert "| `OLLAMA_PROXY_PORT` | `11434` |" in config.settings_table()
+    assert "| `OLLAMA_PROXY_ADMIN_TOKEN` | (empty) |" in config.settings_table()
+
+
+def test_docs_columns_reference_lists_every_column_in_order():
+    names = []
+    for line in (ROOT / "docs" / "columns.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `"):
+            names += re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    assert tuple(names) == COLUMNS
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_docs_relative_links_point_at_files_and_anchors_that_exist(page):
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue  # http:, https:, mailto:
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path) if path else page
+        if not linked.exists() or (anchor and anchor not in anchors_of(linked)):
+            broken.append(target)
+    assert broken == []
+
+
+def anchors_of(page: Path) -> set[str]:
+    """The anchors a Markdown page offers: GitHub's slug of each heading, and explicit ``id`` attributes."""
+    text = page.read_text(encoding="utf-8")
+    slugs = {_slug(heading) for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+    return slugs | set(re.findall(r'id="([^"]+)"', text))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
