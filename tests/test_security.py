@@ -85,12 +85,12 @@ def test_security_metrics_wrong_token_gets_401_without_hints(client):
 def test_security_tokens_compared_in_constant_time():
     """No token is compared with == or != anywhere (hmac.compare_digest instead); a plain AST scan of the package."""
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Compare) and any(isinstance(op, ast.Eq | ast.NotEq) for op in node.ops):
                 operands = [ast.unparse(part) for part in (node.left, *node.comparators)]
                 if any(_names_a_token(text) for text in operands):
-                    offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
 
 
