@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 from peewee import Database
 
@@ -70,6 +71,14 @@ class Filters:
         values.update(changes)
         defaults = {"sort": "time", "order": "desc", "since": DEFAULT_SINCE}
         return {name: value for name, value in values.items() if value not in ("", None, defaults.get(name))}
+
+    def query_string(self, **changes) -> str:
+        """Return "?..." for a link reproducing these filters (with ``changes``), or "" when every one is a default.
+
+        Templates append it to ``url_for(view)``: passed to url_for as keywords, ``endpoint`` would clash with
+        url_for's own first argument."""
+        params = self.params(**changes)
+        return "?" + urlencode(params) if params else ""
 
     def describe(self) -> dict:
         """Return the filters as JSON-ready values (times in ISO 8601 UTC)."""
