@@ -364,15 +364,14 @@ def test_read_model_drops_what_retention_deleted(tmp_path):
     assert stats.stats(db, filtered(since="all"), now=NOW)["cards"]["calls"] == 5
 
 
-def test_percentiles_from_a_spread_sample_when_many_rows_match(tmp_path, monkeypatch):
-    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+@pytest.mark.parametrize("kind", ["sqlite+rollup", "postgresql"])
+def test_percentiles_from_a_spread_sample_when_many_rows_match(kind, tmp_path_factory, monkeypatch):
     calls = [replace(sample_call(), request_id=f"s{n}", timestamp=NOW - timedelta(seconds=400 - n),
                      total_time_ms=float(n + 1), ttft_ms=None) for n in range(400)]  # fmt: skip
-    models.insert_calls(db, calls)
-    fold(db)
     monkeypatch.setattr(stats, "SAMPLE_ROWS", 100)
     monkeypatch.setattr(stats, "BLOCK_ROWS", 4)
-    found = stats.stats(db, filtered(since="1h"), now=NOW)
+    with filled_store(kind, calls, tmp_path_factory) as db:
+        found = stats.stats(db, filtered(since="1h"), now=NOW)
     method, cards = found["percentiles"], found["cards"]
     assert method["exact"] is False and method["of_rows"] == 400 and 90 <= method["sample_rows"] <= 110
     assert 180 <= cards["total_time_ms_p50"] <= 220 and 360 <= cards["total_time_ms_p95"] <= 400
