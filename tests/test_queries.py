@@ -302,6 +302,11 @@ def test_cursor_must_match_its_sort(store):
         filtered(cursor=cursor, sort="latency")
 
 
+def test_cursor_from_a_postgresql_row_names_a_utc_moment():
+    token = queries.encode_cursor(filtered(), datetime(2025, 5, 1, 11, 50), 7)  # PostgreSQL gives naive UTC
+    assert queries.decode_cursor(token, filtered()) == [datetime(2025, 5, 1, 11, 50, tzinfo=UTC), 7]
+
+
 def test_filters_params_round_trip():
     filters = filtered(q="x", model="m", since="7d", sort="latency", limit="20")
     assert filters.params() == {"q": "x", "model": "m", "since": "7d", "sort": "latency", "limit": 20}
