@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from html import unescape
 from html.parser import HTMLParser
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -89,6 +91,36 @@ def test_dashboard_page_filters_and_paging_links(filled_client):
     assert "cursor=" in next_link and "model=llama3.2" in next_link
     second = filled_client.get(next_link).get_data(as_text=True)
     assert second.count('class="detail"') == 1 and "First page" in second
+
+
+EVERY_FILTER = {
+    "q": "hello",
+    "model": "llama3.2",
+    "endpoint": "/api/chat",
+    "outcome": "completed",
+    "status": "200",
+    "client": "10.0.0.1",
+    "since": "7d",
+    "until": "1m",
+    "sort": "latency",
+    "order": "asc",
+    "limit": "5",
+}
+
+
+def test_dashboard_page_with_every_filter_set(filled_client):
+    answer = filled_client.get("/analytics", query_string=EVERY_FILTER)
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == 200 and html.count('class="detail"') == 1 and 'value="/api/chat"' in html
+    links = [unescape(link) for link in re.findall(r'href="(/analytics[^"#]*\?[^"#]*)', html)]
+    assert len(links) == 11  # five ranges, export, JSON, the model and the three sort orders
+    assert all(parse_qs(urlsplit(link).query)["endpoint"] == ["/api/chat"] for link in links)
+    as_json = filled_client.get(next(link for link in links if "format=json" in link)).get_json()
+    described = {name.removesuffix("_text"): value for name, value in as_json["filters"].items()
+                 if name not in ("since", "until")}  # fmt: skip
+    assert described == {**EVERY_FILTER, "limit": 5}
+    exported = filled_client.get(next(link for link in links if link.startswith("/analytics/export.csv")))
+    assert exported.get_data(as_text=True).count("\r\n") == 2 and ",r1," in exported.get_data(as_text=True)
 
 
 def test_dashboard_call_detail_html_shows_every_field_as_text(filled_client):

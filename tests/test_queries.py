@@ -4,6 +4,7 @@ and PostgreSQL (answers must not depend on which path computed them)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -66,27 +67,26 @@ def fold(db) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def postgres_db():
-    """A PostgreSQL store in a fresh schema for this module, dropped afterwards."""
-    with postgres_schema("test_queries") as url:
-        db = models.open_database(url)
+@contextlib.contextmanager
+def filled_store(kind: str, calls: list, tmp_path_factory):
+    """A store holding ``calls``, read as ``kind``: sqlite, sqlite+rollup (caught up) or postgresql (own schema)."""
+    with contextlib.ExitStack() as stack:
+        if kind == "postgresql":
+            db = models.open_database(stack.enter_context(postgres_schema("test_queries")))
+            models.create_tables(db)
+        else:
+            db = open_sqlite(tmp_path_factory.mktemp("store") / "calls.db", read_model=kind == "sqlite+rollup")
+        stack.callback(db.close)
+        models.insert_calls(db, calls)
+        fold(db)
         yield db
-        db.close()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "sqlite+rollup", "postgresql"])
 def store(request, tmp_path_factory):
     """A store holding known_calls(), in each of the three ways the dashboard reads; tests only read it."""
-    if request.param == "postgresql":
-        db = request.getfixturevalue("postgres_db")
-        models.create_tables(db)
-    else:
-        db = open_sqlite(tmp_path_factory.mktemp("store") / "calls.db", read_model=request.param == "sqlite+rollup")
-    models.insert_calls(db, known_calls())
-    fold(db)
-    yield db
-    db.close()
+    with filled_store(request.param, known_calls(), tmp_path_factory) as db:
+        yield db
 
 
 def ids(found: dict) -> list[str]:
@@ -217,6 +217,51 @@ def test_search_text_is_just_text(store):
         assert queries.search(store, filtered(q=text))["count"] == 0, text
 
 
+# Every character that SQL text, a LIKE pattern, a placeholder rewrite or an FTS5 phrase could take as syntax.
+ODD = "a?b%c'd\\e_f\"g"
+NEAR = ODD.replace("%", "X").replace("_", "X")  # what ODD would also match if % or _ were wildcards
+
+
+def literal_calls() -> list:
+    """Three calls: o1 holds ODD in each text field, o2 holds NEAR, o3 neither. Newest first: o1, o2, o3."""
+    rows = [("o1" + ODD, ODD), ("o2", NEAR), ("o3", "plain")]
+    return [
+        sample_call(request_id=request_id, timestamp=NOW - timedelta(minutes=minutes), model=text,
+                    endpoint=f"/api/{text}", session_id=text, ip_source=f"10.1.0.{minutes}", prompt=f"say {text} twice")
+        for minutes, (request_id, text) in enumerate(rows, start=1)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["sqlite", "sqlite+rollup", "postgresql"])
+def literal_store(request, tmp_path_factory):
+    """A store holding literal_calls(), in each of the three ways the dashboard reads."""
+    with filled_store(request.param, literal_calls(), tmp_path_factory) as db:
+        yield db
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [({"model": ODD}, ["o1"]), ({"endpoint": f"/api/{ODD}"}, ["o1"]), ({"client": ODD}, ["o1"]),
+     ({"q": ODD}, ["o1"]), ({"q": "%"}, ["o1"]), ({"q": "_"}, ["o1"]), ({"q": "b%c"}, ["o1"]), ({"q": "e_f"}, ["o1"]),
+     ({"q": "?"}, ["o1", "o2"]), ({"q": "'"}, ["o1", "o2"]), ({"q": "\\"}, ["o1", "o2"]), ({"q": '"g t'}, ["o1", "o2"]),
+     ({"model": NEAR}, ["o2"]), ({"model": ODD, "endpoint": f"/api/{ODD}", "client": ODD, "q": ODD}, ["o1"]),
+     ({"model": ODD[:-1]}, [])],
+)  # fmt: skip
+def test_filter_and_search_text_match_literally(literal_store, args, expected):
+    filters = filtered(since="1h", **args)
+    found = queries.search(literal_store, filters)
+    assert [row_id[:2] for row_id in ids(found)] == expected and found["count"] == len(expected)
+    assert stats.stats(literal_store, filters, now=NOW)["cards"]["calls"] == len(expected)
+    assert sum(len(rows) for rows in queries.iter_chunks(literal_store, filters, chunk=1)) == len(expected)
+
+
+def test_odd_text_reads_back_unchanged(literal_store):
+    row = queries.get_call(literal_store, "o1" + ODD)
+    assert (row["model"], row["endpoint"], row["session_id"]) == (ODD, f"/api/{ODD}", ODD)
+    assert stats.choices(literal_store, filtered())["models"] == sorted([ODD, NEAR, "plain"])
+    assert [row["model"] for row in stats.stats(literal_store, filtered(), now=NOW)["models"]] == [ODD, NEAR, "plain"]
+
+
 def test_get_call_by_request_id(store):
     assert queries.get_call(store, "r4")["response_preview"] == "The INVOICE total is 5"
     assert queries.get_call(store, "nope") is None
@@ -255,6 +300,11 @@ def test_cursor_must_match_its_sort(store):
     cursor = queries.search(store, filtered(limit="1"))["next"]
     with pytest.raises(FilterError, match="same sort"):
         filtered(cursor=cursor, sort="latency")
+
+
+def test_cursor_from_a_postgresql_row_names_a_utc_moment():
+    token = queries.encode_cursor(filtered(), datetime(2025, 5, 1, 11, 50), 7)  # PostgreSQL gives naive UTC
+    assert queries.decode_cursor(token, filtered()) == [datetime(2025, 5, 1, 11, 50, tzinfo=UTC), 7]
 
 
 def test_filters_params_round_trip():
@@ -319,15 +369,14 @@ def test_read_model_drops_what_retention_deleted(tmp_path):
     assert stats.stats(db, filtered(since="all"), now=NOW)["cards"]["calls"] == 5
 
 
-def test_percentiles_from_a_spread_sample_when_many_rows_match(tmp_path, monkeypatch):
-    db = open_sqlite(tmp_path / "calls.db", read_model=True)
+@pytest.mark.parametrize("kind", ["sqlite+rollup", "postgresql"])
+def test_percentiles_from_a_spread_sample_when_many_rows_match(kind, tmp_path_factory, monkeypatch):
     calls = [replace(sample_call(), request_id=f"s{n}", timestamp=NOW - timedelta(seconds=400 - n),
                      total_time_ms=float(n + 1), ttft_ms=None) for n in range(400)]  # fmt: skip
-    models.insert_calls(db, calls)
-    fold(db)
     monkeypatch.setattr(stats, "SAMPLE_ROWS", 100)
     monkeypatch.setattr(stats, "BLOCK_ROWS", 4)
-    found = stats.stats(db, filtered(since="1h"), now=NOW)
+    with filled_store(kind, calls, tmp_path_factory) as db:
+        found = stats.stats(db, filtered(since="1h"), now=NOW)
     method, cards = found["percentiles"], found["cards"]
     assert method["exact"] is False and method["of_rows"] == 400 and 90 <= method["sample_rows"] <= 110
     assert 180 <= cards["total_time_ms_p50"] <= 220 and 360 <= cards["total_time_ms_p95"] <= 400

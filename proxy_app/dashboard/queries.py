@@ -1,9 +1,10 @@
 """Read side: the filters (parsed and validated from query parameters), search with keyset paging, one row by
 ``request_id`` and the rows of an export, all as plain dicts and lists.
 
-Every filter reaches the SQL. The SQL is plain text with bound parameters, run on the store's database, so the same
-code serves SQLite and PostgreSQL. No Flask here, no writes (readmodel.py keeps the SQLite rollup and text index)
-and no aggregates (stats.py).
+Every filter reaches the SQL as a peewee expression on ``CallRow``; peewee writes the SQL in the store's dialect and
+binds every value, so the same code serves SQLite and PostgreSQL. Rows come back as the driver gives them (no field
+conversions), which keeps an export fast. No Flask here, no writes (readmodel.py keeps the SQLite rollup and text
+index) and no aggregates (stats.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
-from peewee import Database
+from peewee import SQL, Database, Node, Query, Tuple, fn
 
 from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
 from proxy_app.dashboard import readmodel
+from proxy_app.store.models import CallRow
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500  # a bigger ?limit is capped, not refused: one page never holds more than this many rows
@@ -30,12 +33,11 @@ MAX_TEXT_CHARS = 255  # longest model/endpoint/client/q value; the store clips i
 MAX_RELATIVE_DAYS = 3660
 # Why: client_gone is the client's choice and completed is success; everything else is a failure of the path.
 ERROR_OUTCOMES = ("upstream_error", "incomplete", "unreachable", "rejected")
-SORTS = {"time": '"timestamp"', "latency": '"total_time_ms"', "tokens": 'coalesce("total_tokens", -1)'}
+SORTS = {"time": CallRow.timestamp, "latency": CallRow.total_time_ms, "tokens": fn.COALESCE(CallRow.total_tokens, -1)}
 RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 STATUS = re.compile(r"[1-5](\d\d|xx)")
-AFTER = '("timestamp", "id") > (?, ?)'  # the keyset step of an export
-SELECT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
+FIELDS = tuple(getattr(CallRow, name) for name in COLUMNS)  # the stored columns, in COLUMNS order
 
 
 class FilterError(ValueError):
@@ -70,6 +72,12 @@ class Filters:
         values.update(changes)
         defaults = {"sort": "time", "order": "desc", "since": DEFAULT_SINCE}
         return {name: value for name, value in values.items() if value not in ("", None, defaults.get(name))}
+
+    def query_string(self, **changes) -> str:
+        """Return "?..." for a link reproducing these filters (with ``changes``), or "" when all are defaults; it
+        follows ``url_for(view)``, since as a keyword to url_for ``endpoint`` would clash with its first argument."""
+        params = self.params(**changes)
+        return "?" + urlencode(params) if params else ""
 
     def describe(self) -> dict:
         """Return the filters as JSON-ready values (times in ISO 8601 UTC)."""
@@ -165,7 +173,7 @@ def _limit(args: Mapping[str, str]) -> int:
 
 def encode_cursor(filters: Filters, value, row_id: int) -> str:
     """Return the opaque ``next`` token for the row (sort value, id) ending a page."""
-    value = {"t": value.isoformat()} if isinstance(value, datetime) else value
+    value = {"t": to_datetime(value).isoformat()} if isinstance(value, datetime) else value
     raw = json.dumps([filters.sort, filters.order, value, row_id], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
@@ -189,64 +197,54 @@ def decode_cursor(token: str, filters: Filters) -> list | None:
 # ---- SQL ---------------------------------------------------------------------------------------------------------
 
 
-def run(db: Database, sql: str, params: list) -> list[tuple]:
-    """Run one read statement (written with ? placeholders) and return every row."""
-    return db.execute_sql(sql.replace("?", db.param), params).fetchall()
+def run(db: Database, query: Query) -> list[tuple]:
+    """Run one read query built with peewee on ``db`` and return every row, values as the driver gives them."""
+    return db.execute(query).fetchall()
 
 
-def time_param(db: Database, moment: datetime):
-    """Return a UTC moment as the store keeps it: naive UTC (as ISO text with a space, on SQLite)."""
-    naive = moment.astimezone(UTC).replace(tzinfo=None)
-    return naive.isoformat(" ") if readmodel.is_sqlite(db) else naive
+def matching(query: Query, expressions: list[Node]) -> Query:
+    """Return ``query`` limited to the rows meeting every expression (all rows when there are none)."""
+    return query.where(*expressions) if expressions else query
 
 
-def conditions(db: Database, filters: Filters, times: bool = True) -> tuple[list[str], list]:
-    """Return the WHERE clauses and parameters for every filter (the time range only if ``times``)."""
-    clauses, params = [], []
-    if times and filters.since:
-        clauses.append('"timestamp" >= ?')
-        params.append(time_param(db, filters.since))
-    if times and filters.until:
-        clauses.append('"timestamp" < ?')
-        params.append(time_param(db, filters.until))
-    clauses_more, params_more = dimension_conditions(filters)
-    clauses += clauses_more
-    params += params_more
+def conditions(db: Database, filters: Filters) -> list[Node]:
+    """Return an expression on CallRow for every filter."""
+    found = []
+    if filters.since:
+        found.append(CallRow.timestamp >= filters.since)
+    if filters.until:
+        found.append(CallRow.timestamp < filters.until)
+    found += dimension_conditions(filters)
     if filters.client:
-        clauses.append('("ip_source" = ? OR "session_id" = ?)')
-        params += [filters.client, filters.client]
+        found.append((CallRow.ip_source == filters.client) | (CallRow.session_id == filters.client))
     if filters.q:
-        clause, more = readmodel.text_condition(db, filters.q)
-        clauses.append(clause)
-        params += more
-    return clauses, params
+        found.append(text_condition(db, filters.q))
+    return found
 
 
-def dimension_conditions(filters: Filters) -> tuple[list[str], list]:
-    """Return the clauses for model, endpoint, outcome and status: columns the rollup has too."""
-    clauses, params = [], []
-    for name in ("model", "endpoint"):
-        if getattr(filters, name):
-            clauses.append(f'"{name}" = ?')
-            params.append(getattr(filters, name))
-    if filters.outcome == "error":
-        clauses.append(f'"outcome" IN ({", ".join("?" * len(ERROR_OUTCOMES))})')
-        params += list(ERROR_OUTCOMES)
-    elif filters.outcome:
-        clauses.append('"outcome" = ?')
-        params.append(filters.outcome)
+def dimension_conditions(filters: Filters, source=CallRow) -> list[Node]:
+    """Return the expressions for model, endpoint, outcome and status on ``source``: CallRow, or a rollup table
+    with columns of the same names."""
+    found = [getattr(source, name) == getattr(filters, name) for name in ("model", "endpoint")
+             if getattr(filters, name)]  # fmt: skip
+    if filters.outcome:
+        error = filters.outcome == "error"
+        found.append(source.outcome.in_(ERROR_OUTCOMES) if error else source.outcome == filters.outcome)
     if filters.status.endswith("xx"):
-        clauses.append('"http_status" BETWEEN ? AND ?')
-        params += [int(filters.status[0]) * 100, int(filters.status[0]) * 100 + 99]
+        hundreds = int(filters.status[0]) * 100
+        found.append(source.http_status.between(hundreds, hundreds + 99))
     elif filters.status:
-        clauses.append('"http_status" = ?')
-        params.append(int(filters.status))
-    return clauses, params
+        found.append(source.http_status == int(filters.status))
+    return found
 
 
-def where(clauses: list[str]) -> str:
-    """Join clauses into a WHERE clause (empty when there are none)."""
-    return " WHERE " + " AND ".join(clauses) if clauses else ""
+def text_condition(db: Database, text: str) -> Node:
+    """Return an expression for rows whose prompt or response preview contains ``text`` (case-insensitive)."""
+    if readmodel.is_sqlite(db):
+        # Raw SQL in SQLite's own param style: it can look the text up in the FTS5 trigram index, a virtual table
+        # that peewee's query builder has no expression for.
+        return SQL(*readmodel.text_condition(db, text))
+    return CallRow.prompt.contains(text) | CallRow.response_preview.contains(text)  # ILIKE, % and _ escaped
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
@@ -268,22 +266,17 @@ def row_dict(values) -> dict:
 
 def search(db: Database, filters: Filters) -> dict:
     """Return one page of rows matching the filters, in the chosen order: results, count (capped) and next."""
-    clauses, params = conditions(db, filters)
-    key = SORTS[filters.sort]
+    key, found_conditions = SORTS[filters.sort], conditions(db, filters)
     if filters.cursor:
-        clauses.append(f'({key}, "id") {"<" if filters.order == "desc" else ">"} (?, ?)')
-        value = filters.cursor[0]
-        params += [time_param(db, value) if isinstance(value, datetime) else value, filters.cursor[1]]
-    direction = filters.order.upper()
-    sql = (
-        f'SELECT {SELECT_COLUMNS}, "id", {key} FROM calls{where(clauses)} '
-        f'ORDER BY {key} {direction}, "id" {direction} LIMIT {filters.limit + 1}'
-    )
-    found = run(db, sql, params)
+        value, row_id = filters.cursor
+        value = CallRow.timestamp.db_value(value) if isinstance(value, datetime) else value  # as stored
+        after, bound = Tuple(key, CallRow.id), Tuple(value, row_id)
+        found_conditions.append(after < bound if filters.order == "desc" else after > bound)
+    order = (key.desc(), CallRow.id.desc()) if filters.order == "desc" else (key.asc(), CallRow.id.asc())
+    query = matching(CallRow.select(*FIELDS, CallRow.id, key), found_conditions).order_by(*order)
+    found = run(db, query.limit(filters.limit + 1))
     page = found[: filters.limit]
-    following = None
-    if len(found) > filters.limit:
-        following = encode_cursor(filters, page[-1][-1], page[-1][-2])
+    following = encode_cursor(filters, page[-1][-1], page[-1][-2]) if len(found) > filters.limit else None
     count = count_matches(db, filters)
     return {
         "results": [row_dict(row[: len(COLUMNS)]) for row in page],
@@ -295,32 +288,27 @@ def search(db: Database, filters: Filters) -> dict:
 
 def count_matches(db: Database, filters: Filters, cap: int = COUNT_CAP) -> int:
     """Count the rows matching the filters, stopping at ``cap`` + 1 so that a count never scans a million rows."""
-    clauses, params = conditions(db, filters)
-    sql = f"SELECT count(*) FROM (SELECT 1 FROM calls{where(clauses)} LIMIT {cap + 1}) AS matched"
-    return min(run(db, sql, params)[0][0], cap + 1)
+    return min(matching(CallRow.select(), conditions(db, filters)).limit(cap + 1).count(db), cap + 1)
 
 
 def get_call(db: Database, request_id: str) -> dict | None:
     """Return the row with this request_id (the latest, should a client have reused one), or None."""
-    found = run(
-        db,
-        f'SELECT {SELECT_COLUMNS} FROM calls WHERE "request_id" = ? ORDER BY "id" DESC LIMIT 1',
-        [request_id[:MAX_TEXT_CHARS]],
-    )
+    query = CallRow.select(*FIELDS).where(CallRow.request_id == request_id[:MAX_TEXT_CHARS])
+    found = run(db, query.order_by(CallRow.id.desc()).limit(1))
     return row_dict(found[0]) if found else None
 
 
 def iter_chunks(db: Database, filters: Filters, chunk: int = EXPORT_CHUNK_ROWS) -> Iterator[list[tuple]]:
     """Yield every row matching the filters, oldest first, as lists of raw rows ("id", then COLUMNS as stored):
     ``chunk`` rows per keyset query on (timestamp, id), so memory stays flat and no read lasts long."""
-    clauses, params = conditions(db, filters)
-    after: list = []
+    first = matching(CallRow.select(CallRow.id, *FIELDS), conditions(db, filters))
+    first = first.order_by(CallRow.timestamp, CallRow.id).limit(chunk)
+    query = first
     while True:
-        sql = (f'SELECT "id", {SELECT_COLUMNS} FROM calls{where(clauses + ([AFTER] if after else []))} '
-               f'ORDER BY "timestamp", "id" LIMIT {chunk}')  # fmt: skip
-        found = run(db, sql, params + after)
+        found = run(db, query)
         if found:
             yield found
         if len(found) < chunk:
             return
-        after = [found[-1][1], found[-1][0]]
+        last = found[-1]
+        query = first.where(Tuple(CallRow.timestamp, CallRow.id) > Tuple(last[1], last[0]))

@@ -3,17 +3,20 @@
 Counts and token sums are exact and come from SQL: on SQLite from the read model's rollup for whole 10-minute slots
 plus the raw rows at the edges of the range and above the rollup's watermark; otherwise (PostgreSQL, or a client or
 text filter) from the rows directly. Percentiles (latency, TTFT, tokens/s) are nearest-rank over the matching rows
-when there are at most SAMPLE_ROWS of them, else over an evenly spread sample of rows, which the answer says. No
-Flask here and no writes.
+when there are at most SAMPLE_ROWS of them, else over an evenly spread sample of rows, which the answer says. Every
+query is built with peewee (the read model's tables as peewee Tables), so values are bound in the store's own
+param style. No Flask here and no writes.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import reduce
 
-from peewee import Database
+from peewee import JOIN, SQL, Case, Cast, Database, NodeList, Select, Table, Value, fn
 
 from proxy_app.dashboard import readmodel
 from proxy_app.dashboard.queries import (
@@ -21,12 +24,12 @@ from proxy_app.dashboard.queries import (
     Filters,
     conditions,
     dimension_conditions,
+    matching,
     run,
-    time_param,
     to_datetime,
-    where,
 )
 from proxy_app.dashboard.summary import assemble, bucket_width, ceil_time, empty_document, floor_time, time_key
+from proxy_app.store.models import CallRow
 
 SAMPLE_ROWS = 20_000  # percentiles are exact up to this many matching rows, else estimated from about this many
 MAX_VISITS = 60_000  # most rows read for one sample
@@ -34,16 +37,22 @@ MAX_VISITS = 60_000  # most rows read for one sample
 # fifth of the pages that single rows would; 1,250 runs still spread over every bucket of a chart.
 BLOCK_ROWS = 16
 SLOT_SECONDS = 600  # the rollup's slot
-ERRORS_SQL = 'sum(CASE WHEN "outcome" IN ({outcomes}) THEN {{n}} ELSE 0 END)'.format(
-    outcomes=", ".join(f"'{outcome}'" for outcome in ERROR_OUTCOMES)
-)
+# The read model's tables (SQLite only; readmodel.py creates and fills them).
+ROLLUP = Table("calls_rollup", ("slot", "model", "endpoint", "outcome", "http_status", "calls", "input_tokens",
+                                "output_tokens"))  # fmt: skip
+ROLLUP_CLIENTS = Table("calls_rollup_clients", ("slot", "model", "ip_source", "calls"))
+# SQLite's table hint for a read that must use the id range and no index of a filter's column: plain SQL because
+# peewee has no word for it.
+CALLS_NOT_INDEXED = NodeList((CallRow, SQL("NOT INDEXED")))
+SAMPLE_COLUMNS = (CallRow.timestamp, fn.COALESCE(CallRow.model, ""), CallRow.total_time_ms, CallRow.ttft_ms,
+                  CallRow.tokens_per_second)  # fmt: skip
 
 
 def stats(db: Database, filters: Filters, now: datetime | None = None) -> dict:
     """Return cards, per-model rows, time series and the percentile method for the filters."""
     now = now or datetime.now(UTC)
     with snapshot(db):
-        oldest = run(db, 'SELECT min("timestamp") FROM calls', [])[0][0]
+        oldest = run(db, CallRow.select(fn.MIN(CallRow.timestamp)))[0][0]
         if oldest is None:
             return empty_document(filters, now)
         since = filters.since or to_datetime(oldest)  # the range shown
@@ -62,11 +71,16 @@ def snapshot(db: Database):
     return db.atomic(lock_type="DEFERRED") if readmodel.is_sqlite(db) else db.atomic()
 
 
-def key_sql(db: Database, chars: int) -> str:
-    """SQL for a row's bucket key: the leading characters of its timestamp as text."""
+def bucket_key(db: Database, chars: int):
+    """Return the expression for a row's bucket key: the leading characters of its timestamp as text."""
     if readmodel.is_sqlite(db):
-        return f'substr("timestamp", 1, {chars})'
-    return f"substr(to_char(\"timestamp\", 'YYYY-MM-DD HH24:MI:SS'), 1, {chars})"
+        return fn.SUBSTR(CallRow.timestamp, 1, chars)
+    return fn.SUBSTR(fn.TO_CHAR(CallRow.timestamp, "YYYY-MM-DD HH24:MI:SS"), 1, chars)
+
+
+def errors(source, calls):
+    """Return the expression summing ``calls`` (1 for a row, the calls column of a rollup) over error outcomes."""
+    return fn.SUM(Case(None, [(source.outcome.in_(ERROR_OUTCOMES), calls)], 0))
 
 
 # ---- counts ------------------------------------------------------------------------------------------------------
@@ -74,67 +88,59 @@ def key_sql(db: Database, chars: int) -> str:
 
 def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: datetime) -> list[tuple]:
     """Return (bucket key, model, calls, errors, input tokens, output tokens) groups covering the filters."""
-    select = (
-        f"SELECT {key_sql(db, chars)}, coalesce(\"model\", ''), count(*), {ERRORS_SQL.format(n=1)}, "
-        'coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0) FROM '
-    )
+    key, label = bucket_key(db, chars).alias("bucket"), fn.COALESCE(CallRow.model, "").alias("label")
+    tokens = [fn.COALESCE(fn.SUM(CallRow.input_tokens), 0), fn.COALESCE(fn.SUM(CallRow.output_tokens), 0)]
+    # Grouped by the output names, so that the bucket expression and its bound values appear once in the SQL.
+    select = CallRow.select(key, label, fn.COUNT(SQL("*")), errors(CallRow, 1), *tokens).group_by(key, label)
     usable = upto is not None and chars <= readmodel.SLOT_CHARS and not (filters.client or filters.q)
-    slots, parts = split_range(db, filters, SLOT_SECONDS, upto, now) if usable else (None, [])
+    slots, parts = split_range(filters, SLOT_SECONDS, upto, now) if usable else (None, [])
     if slots is None:
-        clauses, params = conditions(db, filters)
-        return run(db, f"{select}calls{where(clauses)} GROUP BY 1, 2", params)
+        return run(db, matching(select, conditions(db, filters)))
     cells = [(slot[:chars], *rest) for slot, *rest in _rollup_groups(db, filters, slots)]
-    for table, clauses, params in parts:
-        cells += run(db, f"{select}{table}{where(clauses)} GROUP BY 1, 2", params)
+    for source, part in parts:
+        cells += run(db, select.from_(source).where(*part))
     return cells
 
 
 def _rollup_groups(db: Database, filters: Filters, slots: tuple) -> list[tuple]:
-    clauses, params = dimension_conditions(filters)
-    clauses, params = clauses + ["slot >= ?", "slot < ?"], params + list(slots)
-    sql = (
-        f"SELECT slot, model, sum(calls), {ERRORS_SQL.format(n='calls')}, sum(input_tokens), sum(output_tokens) "
-        f"FROM calls_rollup{where(clauses)} GROUP BY slot, model"
-    )
-    return run(db, sql, params)
+    totals = [fn.SUM(ROLLUP.calls), errors(ROLLUP, ROLLUP.calls), fn.SUM(ROLLUP.input_tokens),
+              fn.SUM(ROLLUP.output_tokens)]  # fmt: skip
+    found = dimension_conditions(filters, ROLLUP) + [ROLLUP.slot >= slots[0], ROLLUP.slot < slots[1]]
+    return run(db, ROLLUP.select(ROLLUP.slot, ROLLUP.model, *totals).where(*found).group_by(ROLLUP.slot, ROLLUP.model))
 
 
-def split_range(db: Database, filters: Filters, seconds: int, upto: int, now: datetime) -> tuple:
+def split_range(filters: Filters, seconds: int, upto: int, now: datetime) -> tuple:
     """Split the time range into whole rollup slots and raw parts: the two edges, and the rows above ``upto``.
 
-    Return ((first slot key, end slot key), [(table, clauses, params), ...]), or (None, []) when no whole slot
-    fits. SQLite only (the rollup exists nowhere else).
+    Return ((first slot key, end slot key), [(table, expressions), ...]), or (None, []) when no whole slot fits.
+    SQLite only (the rollup exists nowhere else).
     """
     chars = readmodel.SLOT_CHARS if seconds == SLOT_SECONDS else readmodel.HOUR_CHARS
     since, until = filters.since, filters.until
     first, last = ceil_time(since, seconds), floor_time(until or now, seconds)
     if first >= last:
         return None, []
-    dims, params = dimension_conditions(filters)
-    stamp = lambda moment: time_param(db, moment)  # noqa: E731
-    parts = [("calls", dims + ['"timestamp" >= ?', '"timestamp" < ?'], params + [stamp(since), stamp(first)])]
-    right = (['"timestamp" < ?'], [stamp(until)]) if until else ([], [])
-    parts.append(("calls", dims + ['"timestamp" >= ?'] + right[0], params + [stamp(last)] + right[1]))
+    dims, stamp = dimension_conditions(filters), CallRow.timestamp
+    parts = [(CallRow, dims + [stamp >= since, stamp < first])]
+    parts.append((CallRow, dims + [stamp >= last] + ([stamp < until] if until else [])))
     # NOT INDEXED keeps SQLite on the id range (a few new rows), not on a model or time index (all of them).
-    tail = ['"id" > ?', '"timestamp" >= ?', '"timestamp" < ?']
-    parts.append(("calls NOT INDEXED", dims + tail, params + [upto, stamp(first), stamp(last)]))
+    parts.append((CALLS_NOT_INDEXED, dims + [CallRow.id > upto, stamp >= first, stamp < last]))
     return (time_key(first, chars), time_key(last, chars)), parts
 
 
 def _clients(db: Database, filters: Filters, upto: int | None, now: datetime) -> int:
     """Count distinct client IPs: from the hourly client rollup plus raw edges when the filters allow, else raw."""
     usable = upto is not None and not (filters.client or filters.q or filters.endpoint or filters.outcome)
-    slots, parts = split_range(db, filters, 3600, upto, now) if usable and not filters.status else (None, [])
+    slots, parts = split_range(filters, 3600, upto, now) if usable and not filters.status else (None, [])
     if slots is None:
-        clauses, params = conditions(db, filters)
-        return run(db, f'SELECT count(DISTINCT "ip_source") FROM calls{where(clauses)}', params)[0][0]
-    clauses, params = dimension_conditions(filters)
-    selects = [f"SELECT ip_source FROM calls_rollup_clients{where(clauses + ['slot >= ?', 'slot < ?'])}"]
-    params = params + list(slots)
-    for table, part_clauses, part_params in parts:
-        selects.append(f'SELECT "ip_source" FROM {table}{where(part_clauses)}')
-        params += part_params
-    return run(db, f"SELECT count(*) FROM ({' UNION '.join(selects)}) AS seen", params)[0][0]
+        query = matching(CallRow.select(fn.COUNT(CallRow.ip_source.distinct())), conditions(db, filters))
+        return run(db, query)[0][0]
+    slot = ROLLUP_CLIENTS.slot
+    found = dimension_conditions(filters, ROLLUP_CLIENTS) + [slot >= slots[0], slot < slots[1]]
+    selects = [ROLLUP_CLIENTS.select(ROLLUP_CLIENTS.ip_source).where(*found)]
+    selects += [CallRow.select(CallRow.ip_source).from_(source).where(*part) for source, part in parts]
+    seen = reduce(operator.or_, selects).alias("seen")  # UNION
+    return run(db, Select([seen], [fn.COUNT(SQL("*"))]))[0][0]
 
 
 # ---- percentiles -------------------------------------------------------------------------------------------------
@@ -142,47 +148,41 @@ def _clients(db: Database, filters: Filters, upto: int | None, now: datetime) ->
 
 def _sample(db: Database, filters: Filters, total: int) -> tuple[list[tuple], bool]:
     """Return (rows of timestamp, model, latency, TTFT, tokens/s; exact): all matching rows, or a spread sample."""
-    columns = 'SELECT "timestamp", coalesce("model", \'\'), "total_time_ms", "ttft_ms", "tokens_per_second"'
-    clauses, params = conditions(db, filters)
+    found = conditions(db, filters)
     if total <= SAMPLE_ROWS:
-        return run(db, f"{columns} FROM calls{where(clauses)}", params), True
+        return run(db, matching(CallRow.select(*SAMPLE_COLUMNS), found)), True
     low, high = _id_range(db, filters)
     visits = min(high - low + 1, MAX_VISITS, math.ceil(SAMPLE_ROWS * (high - low + 1) / total))
     step = max(BLOCK_ROWS, (high - low + 1) * BLOCK_ROWS // max(visits, 1))
-    blocks = "WITH RECURSIVE block(i) AS (SELECT CAST(? AS BIGINT) UNION ALL SELECT i + ? FROM block WHERE i + ? <= ?) "
+    block = Select(columns=[Cast(Value(low), "BIGINT")]).cte("block", recursive=True, columns=("i",))
+    blocks = block.union_all(block.select(block.c.i + step).where(block.c.i + step <= high))
     # Each block is a range of ids; SQLite must look those up by id, never scan an index of a filter's column
     # once per block (NOT INDEXED still allows the id), and CROSS JOIN keeps the blocks as the outer loop.
-    table = "calls NOT INDEXED" if readmodel.is_sqlite(db) else "calls"
-    inside = ['calls."id" >= block.i', f'calls."id" < block.i + {BLOCK_ROWS}']
-    sql = f"{blocks}{columns} FROM block CROSS JOIN {table}{where(inside + clauses)}"
-    return run(db, sql, [low, step, step, high] + params), False
+    table = CALLS_NOT_INDEXED if readmodel.is_sqlite(db) else CallRow
+    inside = [CallRow.id >= block.c.i, CallRow.id < block.c.i + BLOCK_ROWS]
+    query = Select([block.join(table, JOIN.CROSS)], SAMPLE_COLUMNS).where(*inside, *found).with_cte(blocks)
+    return run(db, query), False
 
 
 def _id_range(db: Database, filters: Filters) -> tuple[int, int]:
     """Return the ids of the first and last rows of the time range (ids follow arrival closely, not exactly)."""
-    low = run(
-        db,
-        'SELECT "id" FROM calls WHERE "timestamp" >= ? ORDER BY "timestamp" LIMIT 1',
-        [time_param(db, filters.since)],
-    )
+    first = CallRow.select(CallRow.id).where(CallRow.timestamp >= filters.since).order_by(CallRow.timestamp)
     if filters.until:
-        sql, params = 'SELECT "id" FROM calls WHERE "timestamp" < ? ORDER BY "timestamp" DESC LIMIT 1', [filters.until]
-        high = run(db, sql, [time_param(db, params[0])])
+        last = CallRow.select(CallRow.id).where(CallRow.timestamp < filters.until).order_by(CallRow.timestamp.desc())
     else:
-        high = run(db, 'SELECT max("id") FROM calls', [])
-    low_id, high_id = low[0][0], high[0][0]
+        last = CallRow.select(fn.MAX(CallRow.id))
+    low_id, high_id = run(db, first.limit(1))[0][0], run(db, last.limit(1))[0][0]
     return min(low_id, high_id), max(low_id, high_id)
 
 
 def choices(db: Database, filters: Filters, limit: int = 200) -> dict:
     """Return the models and endpoints seen in the range (suggestions for the filter inputs, not exact)."""
+    rollup = readmodel.watermarks(db).get("rollup")
+    source, since = (ROLLUP, ROLLUP.slot) if rollup else (CallRow, CallRow.timestamp)
+    floor = time_key(filters.since, readmodel.SLOT_CHARS) if rollup and filters.since else filters.since
     found = {}
     for name in ("model", "endpoint"):
-        if readmodel.watermarks(db).get("rollup"):
-            clauses, params = (["slot >= ?"], [time_param(db, filters.since)[:15]]) if filters.since else ([], [])
-            sql = f"SELECT DISTINCT {name} FROM calls_rollup{where(clauses)} ORDER BY 1 LIMIT {limit}"
-        else:
-            clauses, params = (['"timestamp" >= ?'], [time_param(db, filters.since)]) if filters.since else ([], [])
-            sql = f'SELECT DISTINCT "{name}" FROM calls{where(clauses)} ORDER BY 1 LIMIT {limit}'
-        found[name + "s"] = [value for (value,) in run(db, sql, params) if value]
+        column = getattr(source, name)
+        query = matching(source.select(column).distinct(), [since >= floor] if floor else [])
+        found[name + "s"] = [value for (value,) in run(db, query.order_by(column).limit(limit)) if value]
     return found
