@@ -22,12 +22,13 @@ from werkzeug.wrappers import Request, Response
 
 from proxy_app import RESERVED_PATHS
 from proxy_app.ollama import intake as intake_module
+from proxy_app.ollama.errors import error_body, error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing
 from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
-from proxy_app.relay.settle import error_body, error_tail, outcome_of, settle
+from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,10 @@
 """Settling a finished call: its outcome, the ``Call`` record, and the hand-over to the sinks.
 
-Also the error shapes the proxy answers in itself (native ``{"error": …}``, the OpenAI shape for ``/v1``) and the
-last line of a broken stream. It relays nothing and stores nothing: the sinks (metrics, writer) do that.
+It relays nothing, stores nothing (the sinks: metrics, writer) and shapes no error (ollama/errors.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Flask
@@ -24,15 +22,6 @@ def outcome_of(status: int, usage: Usage, is_stream: bool) -> str:
     if is_stream and not usage.is_complete:
         return "incomplete"
     return "completed"
-
-
-def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:
-    """Return (body, content type) for an error we raise, shaped like Ollama's native or /v1 errors."""
-    if path.startswith("/v1/"):
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        document = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        return json.dumps(document, separators=(",", ":")).encode() + b"\n", "application/json"
-    return json.dumps({"error": message}, separators=(",", ":")).encode(), "application/json; charset=utf-8"
 
 
 def settle(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> None:
@@ -98,16 +87,3 @@ def _elapsed_ms(start: float, end: float) -> float:
 
 def _ms(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
-
-
-def error_tail(content_type: str, message: str, at_line_start: bool) -> bytes:
-    """Return the last words of a broken stream, in the stream's own error shape, so clients fail cleanly."""
-    if content_type.startswith("text/event-stream"):
-        event = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-        # A blank line first ends any half-sent event (after a whole event it is an empty one, which SSE ignores).
-        start = b"\n" if at_line_start else b"\n\n"
-        return start + b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
-    if content_type.startswith("application/x-ndjson"):
-        line = json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
-        return line if at_line_start else b"\n" + line  # end a half-sent line first
-    return b""
