@@ -28,6 +28,7 @@ from proxy_app.relay import framing
 from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
+from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
@@ -100,7 +101,7 @@ def forward(app: Flask, req: Request) -> Response | _Answer:
     """Relay this request to the upstream and stream its answer back."""
     call = _start_call(app, req)
     gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
-    call["concurrent_requests"] = in_flight.enter()
+    call.concurrent_requests = in_flight.enter()
     try:
         return _forward_in_slot(app, req, call, gate)
     except BaseException:
@@ -108,15 +109,15 @@ def forward(app: Flask, req: Request) -> Response | _Answer:
         raise
 
 
-def _forward_in_slot(app: Flask, req: Request, call: dict, gate: Gate) -> Response | _Answer:
+def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | _Answer:
     too_big = _check_body_size(app, req, call)
     if too_big is not None:
         return too_big
     waited = time.perf_counter()
     if not gate.enter(app.config["QUEUE_TIMEOUT"]):
-        call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+        call.queue_time_ms = (time.perf_counter() - waited) * 1000
         return _refuse(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
-    call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+    call.queue_time_ms = (time.perf_counter() - waited) * 1000
     try:
         return _open_upstream(app, req, call)
     except BaseException:
@@ -124,24 +125,23 @@ def _forward_in_slot(app: Flask, req: Request, call: dict, gate: Gate) -> Respon
         raise
 
 
-def _start_call(app: Flask, req: Request) -> dict:
+def _start_call(app: Flask, req: Request) -> CallInFlight:
     """Copy what the call record needs out of the request before any streaming starts (no stream_with_context)."""
     environ = req.environ
-    return {
-        "arrived": time.perf_counter(),
-        "timestamp": datetime.now(UTC),
-        "request_id": uuid.uuid4().hex,
-        "ip_source": client_address(environ, app.config["TRUSTED_PROXIES"]),
-        "user_agent": environ.get("HTTP_USER_AGENT", ""),
-        "http_method": req.method,
-        "endpoint": req.path,
-        "session_id": environ.get("HTTP_X_SESSION_ID", ""),
-        "queue_time_ms": 0.0,
-        "request_size_bytes": req.content_length or 0,  # as declared, until the body is read
-    }
+    return CallInFlight(
+        arrived=time.perf_counter(),
+        timestamp=datetime.now(UTC),
+        request_id=uuid.uuid4().hex,
+        ip_source=client_address(environ, app.config["TRUSTED_PROXIES"]),
+        user_agent=environ.get("HTTP_USER_AGENT", ""),
+        http_method=req.method,
+        endpoint=req.path,
+        session_id=environ.get("HTTP_X_SESSION_ID", ""),
+        request_size_bytes=req.content_length or 0,
+    )
 
 
-def _check_body_size(app: Flask, req: Request, call: dict) -> Response | None:
+def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response | None:
     limit = app.config["MAX_BODY_BYTES"]
     if _is_blob_upload(req.method, req.path) or not limit:
         return None
@@ -156,24 +156,24 @@ def _is_blob_upload(method: str, path: str) -> bool:
     return method in ("POST", "PUT") and path.startswith("/api/blobs/")
 
 
-def _open_upstream(app: Flask, req: Request, call: dict) -> Response | _Answer:
+def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | _Answer:
     try:
         body, body_size = _request_body(req, app.config["MAX_BODY_BYTES"])
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
-        call["request_size_bytes"] = 0
+        call.request_size_bytes = 0
         return _refuse(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
         app.extensions["gate"].leave()
         return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
-    intake = intake_module.read_intake(call["endpoint"], body if isinstance(body, bytes) else None)
-    call["request_size_bytes"] = body_size
-    call["intake"] = intake
+    intake = intake_module.read_intake(call.endpoint, body if isinstance(body, bytes) else None)
+    call.request_size_bytes = body_size
+    call.intake = intake
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
     target = request_target(req.environ, req.path)
     headers = upstream_headers(req, body)
-    call["sent"] = time.perf_counter()
+    call.sent = time.perf_counter()
     try:
         with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (client_watch.py)
             upstream = app.extensions["upstream_pool"].request(req.method, target, body or None, headers)
@@ -216,18 +216,18 @@ def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
         raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
 
 
-def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response | _Answer:
+def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> Response | _Answer:
     status = upstream.status
     content_type = upstream.headers.get("Content-Type", "")
-    call["http_status"] = status
+    call.http_status = status
     headers = client_headers(upstream.headers)
-    headers.append(("X-Request-ID", call["request_id"]))
+    headers.append(("X-Request-ID", call.request_id))
     is_stream = content_type.startswith(STREAM_TYPES)
     if is_stream:
         headers.append(("X-Accel-Buffering", "no"))
     meter = UsageMeter(content_type, status)
     is_sse = content_type.startswith(STREAM_TYPES[1])
-    stripper = UsageStripper() if call["intake"].wants_usage_injected and is_sse else None
+    stripper = UsageStripper() if call.intake.wants_usage_injected and is_sse else None
     if stripper is not None:
         headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
@@ -260,7 +260,7 @@ class _Answer:
         self._generator.close()
 
 
-def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
+def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
     """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
@@ -269,13 +269,13 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
                 log.exception("usage parsing failed; the call is recorded without counts")
-                meter = UsageMeter("", call["http_status"])  # a meter without a mode ignores the rest
+                meter = UsageMeter("", call.http_status)  # a meter without a mode ignores the rest
             if stripper is not None:
                 chunk = stripper.feed(chunk)
-            if "first_byte_ms" not in call:  # once, not a clock read on every chunk
-                call["first_byte_ms"] = (time.perf_counter() - call["arrived"]) * 1000
+            if call.first_byte_ms is None:  # once, not a clock read on every chunk
+                call.first_byte_ms = (time.perf_counter() - call.arrived) * 1000
             if ttft is None and meter.has_content:
-                ttft = (time.perf_counter() - call["arrived"]) * 1000
+                ttft = (time.perf_counter() - call.arrived) * 1000
             if chunk:
                 sent_bytes += len(chunk)
                 at_line_start = chunk.endswith(b"\n")
@@ -308,9 +308,9 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
+def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
     """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
-    call["ended"] = time.perf_counter()
+    call.ended = time.perf_counter()
     try:  # an abandoned body must not go back to the pool, and Ollama must see the close
         app.extensions["upstream_pool"].release(upstream, reusable=outcome is None)
     except Exception:  # closing must never stop the accounting
@@ -323,21 +323,23 @@ def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error,
         log.exception("usage parsing failed; the call is recorded without counts")
         usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
-        ttft = call.get("first_byte_ms")
+        ttft = call.first_byte_ms
     content_type = upstream.headers.get("Content-Type", "")
-    outcome = outcome or outcome_of(call["http_status"], usage, content_type.startswith(STREAM_TYPES))
-    call.update(sent_bytes=sent_bytes, ttft_ms=ttft)
+    outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
+    call.sent_bytes, call.ttft_ms = sent_bytes, ttft
     settle(app, call, usage, outcome, error)
 
 
-def _refuse(app: Flask, call: dict, status: int, message: str, outcome: str) -> Response:
+def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:
     """Answer a call ourselves (413, 503) in the error shape of its API, and record it."""
-    call.setdefault("intake", intake_module.read_intake(call["endpoint"], None))
-    call.setdefault("sent", time.perf_counter())
-    call["http_status"] = status
-    response = _answer_ourselves(call["endpoint"], status, message)
-    response.headers["X-Request-ID"] = call["request_id"]
-    call.update(ended=time.perf_counter(), sent_bytes=len(response.get_data()), ttft_ms=None)
+    if call.intake is None:  # refused before its body was read
+        call.intake = intake_module.read_intake(call.endpoint, None)
+    if call.sent is None:
+        call.sent = time.perf_counter()
+    call.http_status = status
+    response = _answer_ourselves(call.endpoint, status, message)
+    response.headers["X-Request-ID"] = call.request_id
+    call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
     settle(app, call, Usage(), outcome, message)
     return response
 
@@ -347,7 +349,7 @@ def _answer_ourselves(path: str, status: int, message: str) -> Response:
     return Response(body, status=status, content_type=content_type)
 
 
-def _no_answer(app: Flask, call: dict, exc: BaseException) -> Response:
+def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
     """Answer and record a call that got no response: unreachable (502), silent (504), broken (502), client gone."""
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
