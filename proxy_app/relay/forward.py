@@ -1,15 +1,16 @@
-"""The relay: every path that is not one of ours goes to the upstream, and its answer comes back unchanged.
+"""Forwarding a call: the request goes to the upstream, and its answer comes back unchanged.
 
 Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (framing.py); a copy of each
-piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) one
-``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or
-render anything itself, nor decide which headers, target or status line cross the wire (headers.py).
+piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) its
+``CallInFlight`` is settled: one ``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``
+(settle.py). This module does not choose which paths are relayed (middleware.py), read the request body
+(request_body.py), store, count or render anything, nor decide which headers, target or status line cross the wire
+(headers.py).
 """
 
 from __future__ import annotations
 
 import http.client
-import inspect
 import logging
 import time
 import uuid
@@ -20,15 +21,16 @@ from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
-from proxy_app import RESERVED_PATHS
 from proxy_app.ollama import intake as intake_module
-from proxy_app.ollama.errors import error_body, error_tail
+from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing
 from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
+from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves
+from proxy_app.relay.request_body import is_blob_upload, read_request_body
 from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
@@ -38,8 +40,6 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # Largest piece read from the upstream at once, the size of http.client's read buffer (framing.py reads into one
 # buffer of this size per body and copies out each piece at the size that arrived: about 100 bytes for a token line).
 READ_SIZE = 8 * 1024
-UPLOAD_PIECE = 64 * 1024  # a blob upload (gigabytes) is read from the client in bigger pieces
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
 
@@ -60,44 +60,10 @@ def init_app(app: Flask) -> None:
     app.extensions.setdefault("call_sinks", [])
     app.extensions.setdefault("load_sampler", None)
     app.extensions.setdefault("before_relay", [])
-    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app)
+    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward)
 
 
-def is_reserved(path: str) -> bool:
-    """True for the proxy's own paths (RESERVED_PATHS and below them), which Flask serves; the rest is Ollama's."""
-    return any(path == ours or path.startswith(ours + "/") for ours in RESERVED_PATHS)
-
-
-class Relay:
-    """WSGI middleware: every path that is not ours goes straight to ``forward``, the rest to Flask (``ours``).
-
-    Relayed calls skip Flask's request context, URL routing and hooks: about 120 µs a call. The relay takes its app
-    as an argument and never uses Flask's context-bound globals.
-    """
-
-    def __init__(self, app: Flask, ours) -> None:
-        self.app, self.ours = app, ours
-        self.forward = forward  # the benchmark's breakdown swaps it to measure what is around it
-
-    def __call__(self, environ: dict, start_response):
-        if is_reserved(environ.get("PATH_INFO", "")):
-            return self.ours(environ, start_response)
-        req = Request(environ)
-        if req.method not in METHODS:
-            response = _answer_ourselves(req.path, 405, f"method {req.method[:20]!r} is not allowed")
-            response.headers["Allow"] = ", ".join(METHODS)
-        else:
-            for hook in self.app.extensions["before_relay"]:
-                hook()
-            try:
-                response = self.forward(self.app, req)
-            except Exception:  # a bug of ours: the client still gets an answer in Ollama's shape
-                log.exception("relaying %s %s failed", req.method, req.path)
-                response = _answer_ourselves(req.path, 500, "internal error in the proxy")
-        return response(environ, start_response)
-
-
-def forward(app: Flask, req: Request) -> Response | _Answer:
+def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
     """Relay this request to the upstream and stream its answer back."""
     call = _start_call(app, req)
     gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
@@ -109,7 +75,7 @@ def forward(app: Flask, req: Request) -> Response | _Answer:
         raise
 
 
-def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | _Answer:
+def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | RelayedAnswer:
     too_big = _check_body_size(app, req, call)
     if too_big is not None:
         return too_big
@@ -143,7 +109,7 @@ def _start_call(app: Flask, req: Request) -> CallInFlight:
 
 def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response | None:
     limit = app.config["MAX_BODY_BYTES"]
-    if _is_blob_upload(req.method, req.path) or not limit:
+    if is_blob_upload(req.method, req.path) or not limit:
         return None
     declared = req.content_length
     if declared is not None and declared > limit:
@@ -152,13 +118,9 @@ def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response |
     return None
 
 
-def _is_blob_upload(method: str, path: str) -> bool:
-    return method in ("POST", "PUT") and path.startswith("/api/blobs/")
-
-
-def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | _Answer:
+def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAnswer:
     try:
-        body, body_size = _request_body(req, app.config["MAX_BODY_BYTES"])
+        body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
         call.request_size_bytes = 0
@@ -183,40 +145,7 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | _
     return _relay_response(app, req, call, upstream)
 
 
-def _request_body(req: Request, limit: int):
-    """Return (body, size): bytes for API calls, a streaming iterator for blob uploads; size -1 means too big."""
-    declared = req.content_length
-    if _is_blob_upload(req.method, req.path):
-        return _iter_upload(req.stream, declared), declared or 0
-    piece_size = declared + 1 if declared is not None else 1 << 20  # no read asks for the whole limit at once
-    data = _read_at_most(req.stream, limit + 1, piece_size) if limit else req.get_data(cache=False)
-    if limit and len(data) > limit:
-        return None, -1
-    if declared is not None and len(data) < declared:  # gunicorn hands over a short body when the client left
-        raise ClientDisconnected(f"the client sent {len(data)} of {declared} body bytes")
-    return data, len(data)
-
-
-def _read_at_most(stream, size: int, piece_size: int) -> bytes:
-    """Read until EOF or ``size`` bytes (a single read() may return less, e.g. from a LimitedStream)."""
-    pieces = []
-    while size > 0 and (piece := stream.read(min(size, piece_size))):
-        pieces.append(piece)
-        size -= len(piece)
-    return b"".join(pieces)
-
-
-def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
-    """Yield a blob upload in 64 KiB pieces so a 5 GB model file never sits in memory."""
-    sent = 0
-    while piece := stream.read(UPLOAD_PIECE):
-        sent += len(piece)
-        yield piece
-    if declared is not None and sent < declared:  # the upstream would wait for the rest for ever
-        raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
-
-
-def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> Response | _Answer:
+def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> Response | RelayedAnswer:
     status = upstream.status
     content_type = upstream.headers.get("Content-Type", "")
     call.http_status = status
@@ -234,30 +163,7 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
-    return _Answer(status_line(status, upstream.reason), headers, body)
-
-
-class _Answer:
-    """A relayed answer as a WSGI response: the upstream's status line and headers, and its body as it arrives.
-
-    werkzeug's Response would check and copy every header once more (about 10 µs a call). Closing the body before the
-    server ever iterated it still settles the call (no drifting counts).
-    """
-
-    def __init__(self, status: str, headers: list[tuple[str, str]], generator: Iterator[bytes]) -> None:
-        self.status, self.headers, self._generator = status, headers, generator
-
-    def __call__(self, environ: dict, start_response):
-        start_response(self.status, self.headers)
-        return self
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._generator
-
-    def close(self) -> None:
-        if inspect.getgeneratorstate(self._generator) == inspect.GEN_CREATED:
-            next(self._generator, None)  # run up to the first yield so `finally` has a frame to run in
-        self._generator.close()
+    return RelayedAnswer(status_line(status, upstream.reason), headers, body)
 
 
 def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
@@ -337,16 +243,11 @@ def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: 
     if call.sent is None:
         call.sent = time.perf_counter()
     call.http_status = status
-    response = _answer_ourselves(call.endpoint, status, message)
+    response = answer_ourselves(call.endpoint, status, message)
     response.headers["X-Request-ID"] = call.request_id
     call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
     settle(app, call, Usage(), outcome, message)
     return response
-
-
-def _answer_ourselves(path: str, status: int, message: str) -> Response:
-    body, content_type = error_body(path, message, status)
-    return Response(body, status=status, content_type=content_type)
 
 
 def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
