@@ -147,9 +147,9 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
 
 def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> Response | RelayedAnswer:
     status = upstream.status
-    content_type = upstream.headers.get("Content-Type", "")
+    content_type = upstream.head.get("Content-Type", "")
     call.http_status = status
-    headers = client_headers(upstream.headers)
+    headers = client_headers(upstream.head)
     headers.append(("X-Request-ID", call.request_id))
     is_stream = content_type.startswith(STREAM_TYPES)
     if is_stream:
@@ -162,7 +162,7 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
-    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
+    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
     return RelayedAnswer(status_line(status, upstream.reason), headers, body)
 
 
@@ -199,7 +199,7 @@ def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, strippe
         held = stripper.flush() if stripper is not None else b""  # a partial event it was holding back
         if held:
             at_line_start = held.endswith(b"\n")
-        tail = held + error_tail(upstream.headers.get("Content-Type", ""), error, at_line_start)
+        tail = held + error_tail(upstream.head.get("Content-Type", ""), error, at_line_start)
         sent_bytes += len(tail)
         yield tail
     finally:
@@ -230,7 +230,7 @@ def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome
         usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
         ttft = call.first_byte_ms
-    content_type = upstream.headers.get("Content-Type", "")
+    content_type = upstream.head.get("Content-Type", "")
     outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
     call.sent_bytes, call.ttft_ms = sent_bytes, ttft
     settle(app, call, usage, outcome, error)
