@@ -10,9 +10,12 @@ import pytest
 from urllib3.util.wait import wait_for_read
 
 from proxy_app.relay import framing
-from proxy_app.relay.upstream import MAX_HEADERS, Pool, Unreachable, read_head
+from proxy_app.relay.upstream import Pool, Unreachable, read_head
 from tests.conftest import free_port
 from tests.raw_upstream import TLS, RawUpstream, chunked, read_request, reply, response, tls_upstream
+
+# http.client refuses a head of more than 100 lines, the empty line that ends it included.
+MAX_HEADER_FIELDS = 99
 
 
 def answer_every_request(head_only: bool = False):
@@ -125,7 +128,7 @@ def test_read_head_keeps_names_and_values_as_sent_and_joins_folded_lines():
     head = b"Content-Type: application/json\r\nX-Folded: one\r\n\t two\r\nx-empty:\r\nSet-Cookie: a\r\n"
     head += b"Set-Cookie: b\r\nX-Spaces:  padded value \t\r\n\r\nbody"
     reader = io.BytesIO(head)
-    headers = read_head(reader)
+    headers = read_head(http.client.parse_headers(reader))
     assert list(headers.items()) == [
         ("Content-Type", "application/json"), ("X-Folded", "one two"), ("x-empty", ""), ("Set-Cookie", "a"),
         ("Set-Cookie", "b"), ("X-Spaces", "padded value"),
@@ -143,14 +146,14 @@ def test_read_head_keeps_names_and_values_as_sent_and_joins_folded_lines():
 )
 def test_read_head_refuses_lines_that_are_no_header_field(line):
     with pytest.raises(http.client.HTTPException):
-        read_head(io.BytesIO(b"X-Ok: 1\r\n" + line + b"\r\n\r\n"))
+        read_head(http.client.parse_headers(io.BytesIO(b"X-Ok: 1\r\n" + line + b"\r\n\r\n")))
 
 
 def test_read_head_refuses_more_headers_than_http_client_allows():
-    head = b"".join(b"X-%d: %d\r\n" % (n, n) for n in range(MAX_HEADERS + 1)) + b"\r\n"
+    head = b"".join(b"X-%d: %d\r\n" % (n, n) for n in range(MAX_HEADER_FIELDS + 1)) + b"\r\n"
     with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
-        read_head(io.BytesIO(head))
-    assert len(read_head(io.BytesIO(head[head.index(b"X-1:") :]))) == MAX_HEADERS
+        read_head(http.client.parse_headers(io.BytesIO(head)))
+    assert len(read_head(http.client.parse_headers(io.BytesIO(head[head.index(b"X-1:") :])))) == MAX_HEADER_FIELDS
 
 
 @pytest.mark.parametrize("declared", ["+2", "2_0", "-2", "2, 2", "0x2", "²"])
@@ -161,6 +164,24 @@ def test_pool_reads_to_the_close_a_body_whose_content_length_is_no_plain_number(
     assert answer.length is None and answer.will_close  # the body ends when the upstream closes, not by a guess
     assert b"".join(framing.pieces(answer, 65536)) == b"{}"
     pool.release(answer)
+    assert not pool._idle
+
+
+def test_pool_takes_a_content_length_with_blanks_around_it_as_its_length(upstream):
+    raw, pool = upstream(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \t\r\n\r\n{}", then_close=False))
+    answer = call(pool)
+    assert answer.length == 2 and b"".join(framing.pieces(answer, 65536)) == b"{}"
+    pool.release(answer)
+    assert len(pool._idle) == 1  # the body ended at its length, so the connection takes the next request
+
+
+@pytest.mark.parametrize("line", [b"no colon here", b"Bad Name: x", b": no name", b"From someone"])
+def test_pool_refuses_an_answer_with_a_line_that_is_no_header_field(upstream, line):
+    # http.client's email parser alone would drop this line and every field after it, Content-Length included.
+    head = b"HTTP/1.1 200 OK\r\nX-Ok: 1\r\n" + line + b"\r\nContent-Length: 2\r\nX-After: 1\r\n\r\n{}"
+    raw, pool = upstream(reply(head, then_close=False))
+    with pytest.raises(http.client.HTTPException, match="invalid header line from the upstream"):
+        call(pool)
     assert not pool._idle
 
 

@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
+from proxy_app.ollama.errors import error_tail  # the same last line the relay sends when the upstream breaks
 from proxy_app.relay.forward import STREAM_TYPES
-from proxy_app.relay.settle import error_tail  # the same last line the relay sends when the upstream breaks
 
 log = logging.getLogger(__name__)
 

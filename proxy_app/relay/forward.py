@@ -1,15 +1,16 @@
-"""The relay: every path that is not one of ours goes to the upstream, and its answer comes back unchanged.
+"""Forwarding a call: the request goes to the upstream, and its answer comes back unchanged.
 
 Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (framing.py); a copy of each
-piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) one
-``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``. This module does not store, count or
-render anything itself, nor decide which headers, target or status line cross the wire (headers.py).
+piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) its
+``CallInFlight`` is settled: one ``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``
+(settle.py). This module does not choose which paths are relayed (middleware.py), read the request body
+(request_body.py), store, count or render anything, nor decide which headers, target or status line cross the wire
+(headers.py).
 """
 
 from __future__ import annotations
 
 import http.client
-import inspect
 import logging
 import time
 import uuid
@@ -20,14 +21,17 @@ from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
-from proxy_app import RESERVED_PATHS
 from proxy_app.ollama import intake as intake_module
+from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing
 from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
-from proxy_app.relay.settle import error_body, error_tail, outcome_of, settle
+from proxy_app.relay.inflight import CallInFlight
+from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves
+from proxy_app.relay.request_body import is_blob_upload, read_request_body
+from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,6 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # Largest piece read from the upstream at once, the size of http.client's read buffer (framing.py reads into one
 # buffer of this size per body and copies out each piece at the size that arrived: about 100 bytes for a token line).
 READ_SIZE = 8 * 1024
-UPLOAD_PIECE = 64 * 1024  # a blob upload (gigabytes) is read from the client in bigger pieces
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NO_BODY_STATUSES = frozenset({204, 304})
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
 
@@ -58,48 +60,14 @@ def init_app(app: Flask) -> None:
     app.extensions.setdefault("call_sinks", [])
     app.extensions.setdefault("load_sampler", None)
     app.extensions.setdefault("before_relay", [])
-    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app)
+    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward)
 
 
-def is_reserved(path: str) -> bool:
-    """True for the proxy's own paths (RESERVED_PATHS and below them), which Flask serves; the rest is Ollama's."""
-    return any(path == ours or path.startswith(ours + "/") for ours in RESERVED_PATHS)
-
-
-class Relay:
-    """WSGI middleware: every path that is not ours goes straight to ``forward``, the rest to Flask (``ours``).
-
-    Relayed calls skip Flask's request context, URL routing and hooks: about 120 µs a call. The relay takes its app
-    as an argument and never uses Flask's context-bound globals.
-    """
-
-    def __init__(self, app: Flask, ours) -> None:
-        self.app, self.ours = app, ours
-        self.forward = forward  # the benchmark's breakdown swaps it to measure what is around it
-
-    def __call__(self, environ: dict, start_response):
-        if is_reserved(environ.get("PATH_INFO", "")):
-            return self.ours(environ, start_response)
-        req = Request(environ)
-        if req.method not in METHODS:
-            response = _answer_ourselves(req.path, 405, f"method {req.method[:20]!r} is not allowed")
-            response.headers["Allow"] = ", ".join(METHODS)
-        else:
-            for hook in self.app.extensions["before_relay"]:
-                hook()
-            try:
-                response = self.forward(self.app, req)
-            except Exception:  # a bug of ours: the client still gets an answer in Ollama's shape
-                log.exception("relaying %s %s failed", req.method, req.path)
-                response = _answer_ourselves(req.path, 500, "internal error in the proxy")
-        return response(environ, start_response)
-
-
-def forward(app: Flask, req: Request) -> Response | _Answer:
+def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
     """Relay this request to the upstream and stream its answer back."""
     call = _start_call(app, req)
     gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
-    call["concurrent_requests"] = in_flight.enter()
+    call.concurrent_requests = in_flight.enter()
     try:
         return _forward_in_slot(app, req, call, gate)
     except BaseException:
@@ -107,15 +75,15 @@ def forward(app: Flask, req: Request) -> Response | _Answer:
         raise
 
 
-def _forward_in_slot(app: Flask, req: Request, call: dict, gate: Gate) -> Response | _Answer:
+def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | RelayedAnswer:
     too_big = _check_body_size(app, req, call)
     if too_big is not None:
         return too_big
     waited = time.perf_counter()
     if not gate.enter(app.config["QUEUE_TIMEOUT"]):
-        call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+        call.queue_time_ms = (time.perf_counter() - waited) * 1000
         return _refuse(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
-    call["queue_time_ms"] = (time.perf_counter() - waited) * 1000
+    call.queue_time_ms = (time.perf_counter() - waited) * 1000
     try:
         return _open_upstream(app, req, call)
     except BaseException:
@@ -123,26 +91,25 @@ def _forward_in_slot(app: Flask, req: Request, call: dict, gate: Gate) -> Respon
         raise
 
 
-def _start_call(app: Flask, req: Request) -> dict:
+def _start_call(app: Flask, req: Request) -> CallInFlight:
     """Copy what the call record needs out of the request before any streaming starts (no stream_with_context)."""
     environ = req.environ
-    return {
-        "arrived": time.perf_counter(),
-        "timestamp": datetime.now(UTC),
-        "request_id": uuid.uuid4().hex,
-        "ip_source": client_address(environ, app.config["TRUSTED_PROXIES"]),
-        "user_agent": environ.get("HTTP_USER_AGENT", ""),
-        "http_method": req.method,
-        "endpoint": req.path,
-        "session_id": environ.get("HTTP_X_SESSION_ID", ""),
-        "queue_time_ms": 0.0,
-        "request_size_bytes": req.content_length or 0,  # as declared, until the body is read
-    }
+    return CallInFlight(
+        arrived=time.perf_counter(),
+        timestamp=datetime.now(UTC),
+        request_id=uuid.uuid4().hex,
+        ip_source=client_address(environ, app.config["TRUSTED_PROXIES"]),
+        user_agent=environ.get("HTTP_USER_AGENT", ""),
+        http_method=req.method,
+        endpoint=req.path,
+        session_id=environ.get("HTTP_X_SESSION_ID", ""),
+        request_size_bytes=req.content_length or 0,
+    )
 
 
-def _check_body_size(app: Flask, req: Request, call: dict) -> Response | None:
+def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response | None:
     limit = app.config["MAX_BODY_BYTES"]
-    if _is_blob_upload(req.method, req.path) or not limit:
+    if is_blob_upload(req.method, req.path) or not limit:
         return None
     declared = req.content_length
     if declared is not None and declared > limit:
@@ -151,28 +118,24 @@ def _check_body_size(app: Flask, req: Request, call: dict) -> Response | None:
     return None
 
 
-def _is_blob_upload(method: str, path: str) -> bool:
-    return method in ("POST", "PUT") and path.startswith("/api/blobs/")
-
-
-def _open_upstream(app: Flask, req: Request, call: dict) -> Response | _Answer:
+def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAnswer:
     try:
-        body, body_size = _request_body(req, app.config["MAX_BODY_BYTES"])
+        body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
-        call["request_size_bytes"] = 0
+        call.request_size_bytes = 0
         return _refuse(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
         app.extensions["gate"].leave()
         return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
-    intake = intake_module.read_intake(call["endpoint"], body if isinstance(body, bytes) else None)
-    call["request_size_bytes"] = body_size
-    call["intake"] = intake
+    intake = intake_module.read_intake(call.endpoint, body if isinstance(body, bytes) else None)
+    call.request_size_bytes = body_size
+    call.intake = intake
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
     target = request_target(req.environ, req.path)
     headers = upstream_headers(req, body)
-    call["sent"] = time.perf_counter()
+    call.sent = time.perf_counter()
     try:
         with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (client_watch.py)
             upstream = app.extensions["upstream_pool"].request(req.method, target, body or None, headers)
@@ -182,84 +145,28 @@ def _open_upstream(app: Flask, req: Request, call: dict) -> Response | _Answer:
     return _relay_response(app, req, call, upstream)
 
 
-def _request_body(req: Request, limit: int):
-    """Return (body, size): bytes for API calls, a streaming iterator for blob uploads; size -1 means too big."""
-    declared = req.content_length
-    if _is_blob_upload(req.method, req.path):
-        return _iter_upload(req.stream, declared), declared or 0
-    piece_size = declared + 1 if declared is not None else 1 << 20  # no read asks for the whole limit at once
-    data = _read_at_most(req.stream, limit + 1, piece_size) if limit else req.get_data(cache=False)
-    if limit and len(data) > limit:
-        return None, -1
-    if declared is not None and len(data) < declared:  # gunicorn hands over a short body when the client left
-        raise ClientDisconnected(f"the client sent {len(data)} of {declared} body bytes")
-    return data, len(data)
-
-
-def _read_at_most(stream, size: int, piece_size: int) -> bytes:
-    """Read until EOF or ``size`` bytes (a single read() may return less, e.g. from a LimitedStream)."""
-    pieces = []
-    while size > 0 and (piece := stream.read(min(size, piece_size))):
-        pieces.append(piece)
-        size -= len(piece)
-    return b"".join(pieces)
-
-
-def _iter_upload(stream, declared: int | None = None) -> Iterator[bytes]:
-    """Yield a blob upload in 64 KiB pieces so a 5 GB model file never sits in memory."""
-    sent = 0
-    while piece := stream.read(UPLOAD_PIECE):
-        sent += len(piece)
-        yield piece
-    if declared is not None and sent < declared:  # the upstream would wait for the rest for ever
-        raise ClientDisconnected(f"the client sent {sent} of {declared} body bytes")
-
-
-def _relay_response(app: Flask, req: Request, call: dict, upstream) -> Response | _Answer:
+def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> Response | RelayedAnswer:
     status = upstream.status
-    content_type = upstream.headers.get("Content-Type", "")
-    call["http_status"] = status
-    headers = client_headers(upstream.headers)
-    headers.append(("X-Request-ID", call["request_id"]))
+    content_type = upstream.head.get("Content-Type", "")
+    call.http_status = status
+    headers = client_headers(upstream.head)
+    headers.append(("X-Request-ID", call.request_id))
     is_stream = content_type.startswith(STREAM_TYPES)
     if is_stream:
         headers.append(("X-Accel-Buffering", "no"))
     meter = UsageMeter(content_type, status)
     is_sse = content_type.startswith(STREAM_TYPES[1])
-    stripper = UsageStripper() if call["intake"].wants_usage_injected and is_sse else None
+    stripper = UsageStripper() if call.intake.wants_usage_injected and is_sse else None
     if stripper is not None:
         headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
-    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.headers)
-    return _Answer(status_line(status, upstream.reason), headers, body)
+    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
+    return RelayedAnswer(status_line(status, upstream.reason), headers, body)
 
 
-class _Answer:
-    """A relayed answer as a WSGI response: the upstream's status line and headers, and its body as it arrives.
-
-    werkzeug's Response would check and copy every header once more (about 10 µs a call). Closing the body before the
-    server ever iterated it still settles the call (no drifting counts).
-    """
-
-    def __init__(self, status: str, headers: list[tuple[str, str]], generator: Iterator[bytes]) -> None:
-        self.status, self.headers, self._generator = status, headers, generator
-
-    def __call__(self, environ: dict, start_response):
-        start_response(self.status, self.headers)
-        return self
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._generator
-
-    def close(self) -> None:
-        if inspect.getgeneratorstate(self._generator) == inspect.GEN_CREATED:
-            next(self._generator, None)  # run up to the first yield so `finally` has a frame to run in
-        self._generator.close()
-
-
-def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
+def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
     """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
@@ -268,13 +175,13 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
                 log.exception("usage parsing failed; the call is recorded without counts")
-                meter = UsageMeter("", call["http_status"])  # a meter without a mode ignores the rest
+                meter = UsageMeter("", call.http_status)  # a meter without a mode ignores the rest
             if stripper is not None:
                 chunk = stripper.feed(chunk)
-            if "first_byte_ms" not in call:  # once, not a clock read on every chunk
-                call["first_byte_ms"] = (time.perf_counter() - call["arrived"]) * 1000
+            if call.first_byte_ms is None:  # once, not a clock read on every chunk
+                call.first_byte_ms = (time.perf_counter() - call.arrived) * 1000
             if ttft is None and meter.has_content:
-                ttft = (time.perf_counter() - call["arrived"]) * 1000
+                ttft = (time.perf_counter() - call.arrived) * 1000
             if chunk:
                 sent_bytes += len(chunk)
                 at_line_start = chunk.endswith(b"\n")
@@ -292,7 +199,7 @@ def _stream(app: Flask, call: dict, upstream, meter: UsageMeter, stripper, has_l
         held = stripper.flush() if stripper is not None else b""  # a partial event it was holding back
         if held:
             at_line_start = held.endswith(b"\n")
-        tail = held + error_tail(upstream.headers.get("Content-Type", ""), error, at_line_start)
+        tail = held + error_tail(upstream.head.get("Content-Type", ""), error, at_line_start)
         sent_bytes += len(tail)
         yield tail
     finally:
@@ -307,9 +214,9 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
+def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
     """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
-    call["ended"] = time.perf_counter()
+    call.ended = time.perf_counter()
     try:  # an abandoned body must not go back to the pool, and Ollama must see the close
         app.extensions["upstream_pool"].release(upstream, reusable=outcome is None)
     except Exception:  # closing must never stop the accounting
@@ -322,31 +229,28 @@ def _finish(app: Flask, call: dict, upstream, meter: UsageMeter, outcome, error,
         log.exception("usage parsing failed; the call is recorded without counts")
         usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
-        ttft = call.get("first_byte_ms")
-    content_type = upstream.headers.get("Content-Type", "")
-    outcome = outcome or outcome_of(call["http_status"], usage, content_type.startswith(STREAM_TYPES))
-    call.update(sent_bytes=sent_bytes, ttft_ms=ttft)
+        ttft = call.first_byte_ms
+    content_type = upstream.head.get("Content-Type", "")
+    outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
+    call.sent_bytes, call.ttft_ms = sent_bytes, ttft
     settle(app, call, usage, outcome, error)
 
 
-def _refuse(app: Flask, call: dict, status: int, message: str, outcome: str) -> Response:
+def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:
     """Answer a call ourselves (413, 503) in the error shape of its API, and record it."""
-    call.setdefault("intake", intake_module.read_intake(call["endpoint"], None))
-    call.setdefault("sent", time.perf_counter())
-    call["http_status"] = status
-    response = _answer_ourselves(call["endpoint"], status, message)
-    response.headers["X-Request-ID"] = call["request_id"]
-    call.update(ended=time.perf_counter(), sent_bytes=len(response.get_data()), ttft_ms=None)
+    if call.intake is None:  # refused before its body was read
+        call.intake = intake_module.read_intake(call.endpoint, None)
+    if call.sent is None:
+        call.sent = time.perf_counter()
+    call.http_status = status
+    response = answer_ourselves(call.endpoint, status, message)
+    response.headers["X-Request-ID"] = call.request_id
+    call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
     settle(app, call, Usage(), outcome, message)
     return response
 
 
-def _answer_ourselves(path: str, status: int, message: str) -> Response:
-    body, content_type = error_body(path, message, status)
-    return Response(body, status=status, content_type=content_type)
-
-
-def _no_answer(app: Flask, call: dict, exc: BaseException) -> Response:
+def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
     """Answer and record a call that got no response: unreachable (502), silent (504), broken (502), client gone."""
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload

@@ -27,16 +27,58 @@ def pieces(response: http.client.HTTPResponse, size: int) -> Iterator[bytes]:
     """Yield the body of an http.client response whose head was read, until its end, up to ``size`` bytes a piece.
 
     A body cut short raises ``BrokenBody`` after everything that did arrive has been yielded. At the end the response
-    is closed; its connection can take the next request unless ``will_close`` was set.
+    is closed; its connection can take the next request unless ``is_reusable`` says otherwise.
     """
-    if response.fp is None:  # no body, or it was closed already
+    reader, is_chunked, length = _framing_of(response)
+    if reader is None:  # no body, or it was closed already
         return
-    if response.chunked:
-        leftover = yield from _dechunked(response.fp, size)
+    if is_chunked:
+        leftover = yield from _dechunked(reader, size)
     else:
-        leftover = yield from _sized(response.fp, size, response.length)
+        leftover = yield from _sized(reader, size, length)
     response.close()  # the body ended: http.client may send the next request on this connection
     if leftover:  # bytes after the end of the body: this connection is not fit for another request
+        _keep_from_reuse(response)
+
+
+# ---- what http.client decided about the body ------------------------------------------------------------------------
+# http.client has no public read that returns "whatever of the body has arrived": read() waits for the whole body (or
+# for ``amt`` bytes) and read1() stops at every chunk boundary. So ``pieces`` reads from the response's own buffered
+# socket reader, framed as HTTPResponse.begin() decided. Those attributes (fp, chunked, length, will_close) are set by
+# begin() and used by http.client's own readers, but its documentation does not name them: this package reads and
+# writes them here and nowhere else.
+
+
+def _framing_of(response: http.client.HTTPResponse) -> tuple[io.BufferedReader | None, bool, int | None]:
+    """The body's reader (None once closed), whether it is chunked, and its length (None: it ends at the close)."""
+    return response.fp, response.chunked, response.length
+
+
+def _keep_from_reuse(response: http.client.HTTPResponse) -> None:
+    response.will_close = True
+
+
+def has_no_body(response: http.client.HTTPResponse) -> bool:
+    """True when the answer has no body to read (HEAD, 204, 304, Content-Length: 0)."""
+    return response.length == 0 and not response.chunked
+
+
+def is_reusable(response: http.client.HTTPResponse) -> bool:
+    """True when the answer was read to its end and its connection may take another request."""
+    return response.isclosed() and not response.will_close
+
+
+def end_loose_length_at_close(response: http.client.HTTPResponse) -> None:
+    """Make a body whose Content-Length is no plain number end when the upstream closes, as one without it does.
+
+    http.client takes int() of the field, which also reads "+5" and "5_0" (RFC 9110 8.6 allows digits only). Called
+    for answers to anything but HEAD, whose bodies are empty whatever they announce.
+    """
+    declared = response.msg.get("Content-Length", "").strip(" \t")
+    if response.length is None or (declared.isascii() and declared.isdigit()):
+        return
+    if response.status >= 200 and response.status not in (204, 304):  # these have no body whatever they announce
+        response.length = None
         response.will_close = True
 
 

@@ -1,18 +1,17 @@
 """Settling a finished call: its outcome, the ``Call`` record, and the hand-over to the sinks.
 
-Also the error shapes the proxy answers in itself (native ``{"error": …}``, the OpenAI shape for ``/v1``) and the
-last line of a broken stream. It relays nothing and stores nothing: the sinks (metrics, writer) do that.
+It relays nothing, stores nothing (the sinks: metrics, writer) and shapes no error (ollama/errors.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Flask
 
 from proxy_app.calls import Call
 from proxy_app.ollama.usage import Usage
+from proxy_app.relay.inflight import CallInFlight
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +25,13 @@ def outcome_of(status: int, usage: Usage, is_stream: bool) -> str:
     return "completed"
 
 
-def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:
-    """Return (body, content type) for an error we raise, shaped like Ollama's native or /v1 errors."""
-    if path.startswith("/v1/"):
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        document = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        return json.dumps(document, separators=(",", ":")).encode() + b"\n", "application/json"
-    return json.dumps({"error": message}, separators=(",", ":")).encode(), "application/json; charset=utf-8"
-
-
-def settle(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> None:
+def settle(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> None:
     """Build the Call, lower the in-flight count and hand the Call to every sink (a failing sink is only logged)."""
     app.extensions["in_flight"].leave()
     try:
         finished = _build_call(app, call, usage, outcome, error)
     except Exception:  # raised from a generator's finally, it would cut the client's finished stream
-        log.exception("building the record of call %s failed; it is not recorded", call.get("request_id"))
+        log.exception("building the record of call %s failed; it is not recorded", call.request_id)
         return
     for sink in app.extensions["call_sinks"]:
         try:
@@ -50,37 +40,37 @@ def settle(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None
             log.exception("call sink %r failed", sink)
 
 
-def _build_call(app: Flask, call: dict, usage: Usage, outcome: str, error: str | None) -> Call:
-    intake, status = call["intake"], call["http_status"]
+def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> Call:
+    intake, status = call.intake, call.http_status
     sampler = app.extensions.get("load_sampler")
     cpu, memory = sampler.latest() if sampler is not None else (None, None)
     capture = app.config["CAPTURE_CONTENT"]
     return Call(
-        timestamp=call["timestamp"],
-        request_id=call["request_id"],
-        ip_source=call["ip_source"],
-        user_agent=call["user_agent"],
-        http_method=call["http_method"],
-        endpoint=call["endpoint"],
-        session_id=call["session_id"] or call["ip_source"],
+        timestamp=call.timestamp,
+        request_id=call.request_id,
+        ip_source=call.ip_source,
+        user_agent=call.user_agent,
+        http_method=call.http_method,
+        endpoint=call.endpoint,
+        session_id=call.session_id or call.ip_source,
         model=intake.model or usage.model,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         total_tokens=usage.total_tokens,
         model_parameters=intake.model_parameters,
         stream_mode=intake.stream_mode,
-        request_size_bytes=call["request_size_bytes"],
-        response_size_bytes=call["sent_bytes"],
-        queue_time_ms=round(call["queue_time_ms"], 3),
-        processing_time_ms=_elapsed_ms(call["sent"], call["ended"]),
-        total_time_ms=_elapsed_ms(call["arrived"], call["ended"]),
+        request_size_bytes=call.request_size_bytes,
+        response_size_bytes=call.sent_bytes,
+        queue_time_ms=round(call.queue_time_ms, 3),
+        processing_time_ms=_elapsed_ms(call.sent, call.ended),
+        total_time_ms=_elapsed_ms(call.arrived, call.ended),
         http_status=status,
         error_message=error or usage.error_message or (f"HTTP {status}" if status >= 400 else None),
         system_load_cpu=cpu,
         system_load_memory=memory,
-        concurrent_requests=call["concurrent_requests"],
+        concurrent_requests=call.concurrent_requests,
         outcome=outcome,
-        ttft_ms=None if call["ttft_ms"] is None else round(call["ttft_ms"], 3),
+        ttft_ms=None if call.ttft_ms is None else round(call.ttft_ms, 3),
         tokens_per_second=None if usage.tokens_per_second is None else round(usage.tokens_per_second, 3),
         load_duration_ms=_ms(usage.load_duration_ns),
         prompt_eval_duration_ms=_ms(usage.prompt_eval_duration_ns),
@@ -98,16 +88,3 @@ def _elapsed_ms(start: float, end: float) -> float:
 
 def _ms(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else round(nanoseconds / 1e6, 3)
-
-
-def error_tail(content_type: str, message: str, at_line_start: bool) -> bytes:
-    """Return the last words of a broken stream, in the stream's own error shape, so clients fail cleanly."""
-    if content_type.startswith("text/event-stream"):
-        event = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-        # A blank line first ends any half-sent event (after a whole event it is an empty one, which SSE ignores).
-        start = b"\n" if at_line_start else b"\n\n"
-        return start + b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
-    if content_type.startswith("application/x-ndjson"):
-        line = json.dumps({"error": message}, separators=(",", ":")).encode() + b"\n"
-        return line if at_line_start else b"\n" + line  # end a half-sent line first
-    return b""

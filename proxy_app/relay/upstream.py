@@ -1,13 +1,15 @@
 """The upstream client: keep-alive connections to the one configured Ollama, reused by every call.
 
-Built on http.client, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects, proxies,
-content decoding, per-host pools, header-dict copies): those cost about 90 µs per call here. The connections wait for
-the first byte of an answer in short polls, so a departed client is noticed (client_watch.py). This module does not read
-bodies (framing.py) or decide anything about a call (forward.py).
+Built on http.client as it is, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects,
+proxies, content decoding, per-host pools, header-dict copies). http.client reads each answer's status line and header
+section; ``read_head`` then checks those fields and unfolds them for relaying. The connections wait for the first byte
+of an answer in short polls, so a departed client is noticed (client_watch.py). This module does not read bodies
+(framing.py) or decide anything about a call (forward.py).
 """
 
 from __future__ import annotations
 
+import email.errors
 import http.client
 import re
 import threading
@@ -16,47 +18,21 @@ from urllib.parse import urlsplit
 
 from urllib3.util.wait import wait_for_read
 
+from proxy_app.relay import framing
 from proxy_app.relay.client_watch import current_gone_check, wait_first_byte
 
-MAX_HEAD_LINE = 65536  # http.client's limits: the longest header line, and the most header lines
-MAX_HEADERS = 100
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
-_LINE_ENDS = (b"\r\n", b"\n", b"")  # an empty line ends the head (b"": the upstream closed, as http.client takes it)
+# How the email parser behind http.client notes a line that is no header field, instead of refusing it.
+_BAD_LINE_DEFECTS = (
+    email.errors.MissingHeaderBodySeparatorDefect,  # no colon, or a name with a space: the head's rest becomes payload
+    email.errors.FirstHeaderLineIsContinuationDefect,
+    email.errors.MisplacedEnvelopeHeaderDefect,  # a "From " line among the fields
+    email.errors.InvalidHeaderDefect,  # ": value", a field without a name
+)
 
 
 class Unreachable(OSError):
     """The upstream could not be connected to: refused, no such host, or no answer within the connect timeout."""
-
-
-class Response(http.client.HTTPResponse):
-    """http.client's response, with the head read by ``read_head`` into a ``Head`` instead of the email package (a
-    round trip went from 117 to 85 µs); reading and closing the body are http.client's own."""
-
-    def begin(self) -> None:
-        """Read the status line and header section, and decide how the body is framed (as http.client does)."""
-        if self.headers is not None:
-            return
-        version, status, reason = self._read_status()
-        while status == http.client.CONTINUE:  # interim answers carry nothing for us
-            read_head(self.fp)
-            version, status, reason = self._read_status()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.code = self.status = status
-        self.reason = reason.strip()
-        self.headers = self.msg = read_head(self.fp)
-        self.chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None if self.chunked else _content_length(self.headers.get("Content-Length"))
-        if status in (204, 304) or status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True  # the body ends when the connection does
 
 
 class Head:
@@ -86,37 +62,44 @@ class Head:
         return len(self.fields)
 
 
-def read_head(reader) -> Head:
-    """Read header lines up to the empty one; a folded line (RFC 9112 5.2) joins the one before with a space."""
-    fields: list[tuple[str, str]] = []
-    for _ in range(MAX_HEADERS + 1):
-        line = reader.readline(MAX_HEAD_LINE + 1)
-        if len(line) > MAX_HEAD_LINE:
-            raise http.client.LineTooLong("header line")
-        if line in _LINE_ENDS:
-            return Head(fields)
-        text = line.decode("iso-8859-1").rstrip("\r\n")
-        if text.startswith((" ", "\t")) and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, f"{value} {text.strip()}")
-            continue
-        name, colon, value = text.partition(":")
-        if not colon or not _FIELD_NAME.fullmatch(name) or "\r" in value:
-            raise http.client.HTTPException(f"invalid header line from the upstream: {text[:60]!r}")
-        fields.append((name, value.strip(" \t")))
-    raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+def read_head(message: http.client.HTTPMessage) -> Head:
+    """Check the header fields http.client parsed and return them as a ``Head``, each value trimmed and a folded one
+    (RFC 9112 5.2) joined with a space; raise HTTPException on a line that is no header field.
+
+    http.client's email parser only notes such a line as a defect and drops the fields after it, which could hide
+    the framing (Content-Length, Transfer-Encoding) of the body that follows.
+    """
+    bad_line = _bad_line(message)
+    if bad_line is not None:
+        raise http.client.HTTPException(f"invalid header line from the upstream: {bad_line[:60]!r}")
+    fields = []
+    for name, value in message.items():
+        if not _FIELD_NAME.fullmatch(name):
+            raise http.client.HTTPException(f"invalid header name from the upstream: {name[:60]!r}")
+        fields.append((name, _unfolded(value) if "\n" in value else value.strip(" \t")))
+    return Head(fields)
 
 
-def _content_length(value: str | None) -> int | None:
-    """Digits only: int() would also take "+5", " 5" and "5_0", which no Content-Length may be."""
-    return int(value) if value and value.isascii() and value.isdigit() else None
+def _bad_line(message: http.client.HTTPMessage) -> str | None:
+    """The first line of the header section that is no header field, as far as the email parser kept it; or None."""
+    rest = message.get_payload()  # what followed a line that is no field: that line first
+    if rest:
+        return str(rest).split("\n", 1)[0]
+    if message.get_unixfrom():
+        return message.get_unixfrom()
+    defects = [defect for defect in message.defects if isinstance(defect, _BAD_LINE_DEFECTS)]
+    return str(defects[0]) if defects else None
+
+
+def _unfolded(value: str) -> str:
+    first, *more = value.split("\n")
+    return " ".join([first.rstrip("\r").strip(" \t"), *(line.strip() for line in more)])
 
 
 class _Timed:
     """Connection mixin: the connect timeout while connecting, then the read timeout; a watched wait for answers."""
 
     read_timeout: float | None
-    response_class = Response
 
     def connect(self) -> None:
         try:
@@ -152,28 +135,34 @@ class Pool:
         self._lock = threading.Lock()  # a release racing close() must not park a connection nobody will close
 
     def request(self, method: str, target: str, body, headers: dict) -> http.client.HTTPResponse:
-        """Send one request and return its response with the head read; its ``connection`` goes back by release().
+        """Send one request and return its response with the head read: its header fields checked in ``head``
+        (``read_head``); its ``connection`` goes back by release().
 
         Raises Unreachable when no connection can be made, TimeoutError when no answer starts within the read
         timeout, ClientLeft (client_watch.py) when the client goes first, and http.client or OS errors on a broken
         answer.
         """
-        connection = self._take()
+        connection, response = self._take(), None
         try:
             connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
+            response.head = read_head(response.msg)
         except BaseException:
+            if response is not None:
+                response.close()
             connection.close()
             raise
+        if method != "HEAD":
+            framing.end_loose_length_at_close(response)
         response.connection = connection
         return response
 
     def release(self, response: http.client.HTTPResponse, reusable: bool = True) -> None:
         """Take back a response's connection: kept for the next call if its body was read to the end, else closed."""
         connection = response.connection
-        if reusable and not response.isclosed() and response.length == 0 and not response.chunked:
+        if reusable and not response.isclosed() and framing.has_no_body(response):
             response.close()  # HEAD, 204, 304: there was no body to read
-        if reusable and response.isclosed() and not response.will_close:
+        if reusable and framing.is_reusable(response):
             with self._lock:
                 if not self._closed and len(self._idle) < self.keep:
                     self._idle.append(connection)

@@ -202,13 +202,11 @@ class WaitressService:
         finally:
             if self._drainer.is_alive():
                 self._drainer.join()  # it is at most finishing the pull that queued the last close
-            self.server.task_dispatcher.shutdown(timeout=THREAD_STOP_SECONDS)
+            self._stop_threads()
             from proxy_app import shutdown
 
             shutdown(self.app)
-            # Closed last, when no thread of ours still pulls it or opens files: waitress closes the pipe's read end
-            # twice, and a closing thunk on the loop could otherwise run before the pull that queued it has written.
-            self.server.trigger.close()
+            self._close_trigger()
             self._stopped.set()
 
     def stop(self, wait: float | None = None) -> bool:
@@ -221,27 +219,43 @@ class WaitressService:
         return self._stopped.wait(wait) if wait else False
 
     def _drain(self) -> None:
-        from waitress import wasyncore
-
         log.info("stopping: no new connections; waiting up to %g s for %d call(s) in flight",
                  self.app.config["GRACE_SECONDS"], self.app.extensions["in_flight"].count)  # fmt: skip
-        self._in_loop(lambda: wasyncore.dispatcher.close(self.server))  # the listener only; the trigger stays
+        self._in_loop(self._close_listener)
         left = self.app.extensions["drain"].run()
         if left:
             log.warning("%d call(s) still open after the cut; closing their connections", left)
-        self._in_loop(self._close_connections)  # empties the map, so server.run() returns
+        self._in_loop(self._close_connections)  # empties the loop's map, so server.run() returns
 
-    def _close_connections(self) -> None:
-        """On the loop thread: close every connection and take the trigger out of the map, still open."""
-        for dispatcher in list(self.server._map.values()):
-            if dispatcher is self.server.trigger:
-                dispatcher.del_channel()
-            else:
-                dispatcher.close()
+    # ---- waitress's parts ------------------------------------------------------------------------------------------
+    # waitress has no public way to stop a server gracefully (create_server() gives run() and close(), and close()
+    # shuts the listener and the trigger at once), so the stop uses the server's own parts, as waitress's sibling
+    # webtest does: the trigger (runs a function on the loop thread, which owns the sockets), a plain dispatcher close
+    # of the listener, the open connections in active_channels, and the task dispatcher. Only these methods touch them.
 
     def _in_loop(self, action) -> None:
         """Run ``action`` on waitress's own loop thread, which owns the sockets."""
         self.server.trigger.pull_trigger(action)
+
+    def _close_listener(self) -> None:
+        """On the loop thread: stop accepting; the trigger stays open for the pulls still to come."""
+        from waitress import wasyncore
+
+        wasyncore.dispatcher.close(self.server)  # the server's own close() would close the trigger too
+
+    def _close_connections(self) -> None:
+        """On the loop thread: close every connection and take the trigger out of the loop's map, still open."""
+        for channel in list(self.server.active_channels.values()):
+            channel.close()
+        self.server.trigger.del_channel()
+
+    def _stop_threads(self) -> None:
+        self.server.task_dispatcher.shutdown(timeout=THREAD_STOP_SECONDS)
+
+    def _close_trigger(self) -> None:
+        """Close the trigger last, when no thread of ours still pulls it or opens files: waitress closes the pipe's
+        read end twice, and a closing function on the loop could otherwise run before the pull that queued it."""
+        self.server.trigger.close()
 
 
 def client_address(host: str, port: int) -> str:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # The read side binds to this; open_database() fills it. The writer always passes its own database explicitly.
 database = DatabaseProxy()
+# The tables' names, also used where SQL is written by hand (the batched insert) or a table is looked for.
+CALLS_TABLE = "calls"
+SCHEMA_VERSION_TABLE = "schema_version"
 
 # Why: WAL lets the dashboard read while the writer writes; NORMAL is durable across crashes of the process (not of
 # the OS) at a fraction of FULL's cost; the busy timeout covers the other gunicorn workers' short write transactions
@@ -118,7 +121,7 @@ class CallRow(BaseModel):
     response_preview = TextField(null=True)
 
     class Meta:
-        table_name = "calls"
+        table_name = CALLS_TABLE
         # The dashboard filters by time, then by model, endpoint or outcome, and groups by model over a time range.
         indexes = ((("model", "timestamp"), False), (("endpoint", "timestamp"), False))
 
@@ -129,7 +132,7 @@ class SchemaVersion(BaseModel):
     version = IntegerField()
 
     class Meta:
-        table_name = "schema_version"
+        table_name = SCHEMA_VERSION_TABLE
 
 
 MODELS = (CallRow, SchemaVersion)
@@ -140,7 +143,7 @@ _STORED_AS = {IntegerField: int, BigIntegerField: int, FloatField: float, TextFi
               BooleanField: bool}  # fmt: skip
 _COLUMN_PLAN = tuple(
     (field, _STORED_AS.get(type(field)), name in INDEXED_TEXT)
-    for name, field in ((name, CallRow._meta.fields[name]) for name in COLUMNS)
+    for name, field in ((name, getattr(CallRow, name)) for name in COLUMNS)  # a model's attribute is its Field
 )
 
 
@@ -200,7 +203,7 @@ def _insert_sql(db: Database) -> str:
     opening, closing = db.quote  # peewee's pair of identifier quotes for this database, e.g. '""'
     columns = ", ".join(f"{opening}{name}{closing}" for name in COLUMNS)
     params = ", ".join([db.param] * len(COLUMNS))
-    return f"INSERT INTO {opening}{CallRow._meta.table_name}{closing} ({columns}) VALUES ({params})"
+    return f"INSERT INTO {opening}{CALLS_TABLE}{closing} ({columns}) VALUES ({params})"
 
 
 def _is_dropped_connection(exc: Exception) -> bool:
@@ -252,7 +255,7 @@ def _lock_schema(db: Database) -> None:
 
 
 def _stored_version(db: Database) -> int | None:
-    if not db.table_exists(SchemaVersion._meta.table_name):
+    if not db.table_exists(SCHEMA_VERSION_TABLE):
         return None
     row = SchemaVersion.select(SchemaVersion.version).limit(1).execute(db)
     versions = [found.version for found in row]

@@ -1,0 +1,36 @@
+"""``CallInFlight``: what the relay knows of one call while it runs, filled in as the call goes.
+
+``forward`` starts it from the request, the relay adds timings and sizes, and ``settle`` turns it into the stored
+``Call`` (calls.py). Moments are ``time.perf_counter()`` readings; durations are milliseconds. It does no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from proxy_app.ollama.intake import Intake
+
+
+@dataclass(slots=True)
+class CallInFlight:
+    """One call from its arrival to its end; unset moments and unknown numbers are None."""
+
+    arrived: float  # perf_counter at arrival
+    timestamp: datetime  # arrival, UTC
+    request_id: str
+    ip_source: str
+    user_agent: str
+    http_method: str
+    endpoint: str  # path without query
+    session_id: str  # the client's X-Session-ID, or ""
+    request_size_bytes: int  # as declared, until the body is read
+    concurrent_requests: int = 0  # calls in flight in this process, this one included
+    queue_time_ms: float = 0.0
+    intake: Intake | None = None  # what the request asked for, once its body was read (or the call refused)
+    sent: float | None = None  # perf_counter when the request went upstream, or was answered by us
+    http_status: int = 0
+    first_byte_ms: float | None = None  # arrival -> the upstream's first body piece
+    ttft_ms: float | None = None  # arrival -> the first piece with content
+    sent_bytes: int = 0  # body bytes sent to the client
+    ended: float = 0.0  # perf_counter at the end
