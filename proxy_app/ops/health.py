@@ -12,6 +12,7 @@ import time
 import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from proxy_app.access import is_authorized
 from proxy_app.ops import metrics as metrics_module
 
 bp = Blueprint("ops", __name__)
@@ -74,7 +75,7 @@ def connectivity_test():
 @bp.route("/metrics", methods=["GET"])
 def metrics():
     """Prometheus exposition (every worker's sum under gunicorn); needs the bearer token when METRICS_TOKEN is set."""
-    if not metrics_module.is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
+    if not is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
         return Response("unauthorized\n", status=401, mimetype="text/plain", headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics_module.scrape(current_app, request.headers.get("Accept"))
     return Response(body, content_type=content_type)

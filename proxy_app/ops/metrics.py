@@ -8,7 +8,6 @@ times our own endpoints only, never the relay.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import platform
@@ -231,14 +230,6 @@ def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
         multiprocess.MultiProcessCollector(registry)
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
-
-
-def is_authorized(header: str | None, token: str) -> bool:
-    """True when no token is set, or when ``header`` is "Bearer <token>" (compared in constant time)."""
-    if not token:
-        return True
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 class Ticker:
