@@ -23,6 +23,7 @@ from prometheus_client.metrics import disable_created_metrics
 
 from proxy_app import __version__
 from proxy_app.calls import Call
+from proxy_app.ops.probe import probe_upstream
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +278,8 @@ def refresh(app) -> None:
 
 def probe(app) -> None:
     """Probe the upstream once and record whether it answered and how long the probe took."""
-    from proxy_app.ops.health import probe_upstream  # here, not at the top: ops imports this module to serve /metrics
-
     started = time.perf_counter()
-    result = probe_upstream(app)
+    result = probe_upstream(app.config["UPSTREAM"], app.extensions["probe_session"])
     app.extensions["metrics"].record_probe(result["reachable"], time.perf_counter() - started)
 
 
