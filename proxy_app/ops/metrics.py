@@ -24,6 +24,7 @@ from prometheus_client.metrics import disable_created_metrics
 from proxy_app import __version__
 from proxy_app.calls import Call
 from proxy_app.ops.probe import probe_upstream
+from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -233,40 +234,17 @@ def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
     return encoder(registry), content_type
 
 
-class Ticker:
-    """Runs ``task`` at once and then every ``interval`` seconds in one daemon thread per process (0 = never)."""
+def make_ticker(name: str, task: Callable[[], None], interval: float) -> Ticker:
+    """A Ticker that runs ``task`` every ``interval`` seconds, from its first use on; a failed run is logged and the
+    next one comes on time (a sample must not end the thread, or every request would start a new one)."""
 
-    def __init__(self, interval: float, task: Callable[[], None], name: str) -> None:
-        self.interval, self.task, self.name = interval, task, name
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._first_run = threading.Event()
+    def run_once() -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("%s failed", name)
 
-    def ensure(self, wait: float = 0.0) -> None:
-        """Start the thread if this process has none yet (fork-safe); optionally wait for its first run."""
-        if not self.interval:
-            return
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._pid, self._first_run = os.getpid(), threading.Event()
-                    threading.Thread(target=self._run, name=self.name, daemon=True).start()
-        if wait:
-            self._first_run.wait(wait)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.task()
-            except Exception:  # a failed sample must not end the thread
-                log.exception("%s failed", self.name)
-            self._first_run.set()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        """End the thread after its current run (shutdown, tests)."""
-        self._stop.set()
+    return Ticker(name, run_once, interval)
 
 
 def refresh(app) -> None:
@@ -303,8 +281,8 @@ def init_app(app) -> None:
     app.extensions["in_flight"].watcher = collected.active_requests.inc
     if collected.queue_depth is not None:
         gate.depth_watcher = collected.queue_depth.inc
-    sampler = Ticker(config["SAMPLE_INTERVAL"], lambda: refresh(app), "metrics-sampler")
-    prober = Ticker(config["PROBE_INTERVAL"], lambda: probe(app), "upstream-prober")
+    sampler = make_ticker("metrics-sampler", lambda: refresh(app), config["SAMPLE_INTERVAL"])
+    prober = make_ticker("upstream-prober", lambda: probe(app), config["PROBE_INTERVAL"])
     app.extensions["metrics_tickers"] = (sampler, prober)
     app.extensions["shutdown_hooks"].extend([sampler.stop, prober.stop])
     app.before_request(sampler.ensure)  # our own routes; returns None, so the request goes on
