@@ -222,7 +222,9 @@ def make_metrics(registry: CollectorRegistry = REGISTRY, max_models: int = 100, 
 
 def is_multiprocess() -> bool:
     """True when prometheus_client writes values to PROMETHEUS_MULTIPROC_DIR (decided when it was imported)."""
-    return bool(getattr(values.ValueClass, "_multiprocess", False))
+    # prometheus_client has no public flag for its mode: at import it sets values.ValueClass to MutexValue (one
+    # process) or to a class of files (multiprocess). Both names are public; this is the one place that asks.
+    return values.ValueClass is not values.MutexValue
 
 
 def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
