@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
 from flask import Flask
 
 from proxy_app import config as config_module
+from proxy_app.access import is_loopback
 
 # Our own routes. Everything else (/, /api/*, /v1/*, any future path) belongs to Ollama and is relayed.
 RESERVED_PATHS = ("/health", "/test", "/metrics", "/analytics")
@@ -58,11 +58,7 @@ def templates_folder() -> Path:
 def warn_if_exposed(settings) -> str | None:
     """Log and return a warning when HOST is not loopback and no ADMIN_TOKEN is set; None when there is none."""
     host = str(settings.get("HOST", "")).strip("[]")
-    try:
-        is_loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        is_loopback = host == "localhost"
-    if is_loopback or settings.get("ADMIN_TOKEN"):
+    if is_loopback(host) or settings.get("ADMIN_TOKEN"):
         return None
     message = (
         f"SECURITY: listening on {host or 'every address'}, not loopback, and OLLAMA_PROXY_ADMIN_TOKEN is not set: "

@@ -21,7 +21,7 @@ import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
 
-from proxy_app import create_app, shutdown
+from proxy_app import access, create_app, shutdown
 from proxy_app.calls import Call
 from proxy_app.ops import metrics
 from tests.conftest import CallRecorder, free_port, need
@@ -440,7 +440,7 @@ def test_metrics_token_required_when_set(proxy_factory):
         assert (answer.status_code, answer.text) == (401, "unauthorized\n")
     assert "ollama_requests_total" in proxy.scrape(Authorization="Bearer s3cret-token")
     assert "ollama_requests_total" in proxy.scrape(Authorization="bearer s3cret-token")
-    assert metrics.is_authorized(None, "")  # no token set: open, like Prometheus' own exporters
+    assert access.is_authorized(None, "")  # no token set: open, like Prometheus' own exporters
 
 
 def test_metrics_openmetrics_when_asked(proxy_factory):

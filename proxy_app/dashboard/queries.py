@@ -22,7 +22,7 @@ from peewee import SQL, Database, Node, Query, Tuple, fn
 
 from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
 from proxy_app.dashboard import readmodel
-from proxy_app.store.models import CallRow
+from proxy_app.store.models import CallRow, to_datetime
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500  # a bigger ?limit is capped, not refused: one page never holds more than this many rows
@@ -248,12 +248,6 @@ def text_condition(db: Database, text: str) -> Node:
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------
-
-
-def to_datetime(value) -> datetime:
-    """Return a stored timestamp (ISO text on SQLite, naive datetime on PostgreSQL) as an aware UTC datetime."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def row_dict(values) -> dict:

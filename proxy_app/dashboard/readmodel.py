@@ -14,11 +14,11 @@ cost exactly what they cost without a dashboard. This module does not answer que
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import threading
 
 from peewee import Database, DatabaseError, SqliteDatabase
+
+from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -191,35 +191,18 @@ class Refresher:
         self.db = db
         self.interval = interval
         self.ready = False  # the tables exist
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
+        self._ticker = Ticker(
+            "dashboard-read-model", self._step, interval, first_delay=FIRST_DELAY_SECONDS, on_exit=db.close
+        )  # on_exit: the thread's own connection
 
     def ensure_running(self) -> None:
         """Start the thread in this process unless it runs (after a gunicorn fork, on first use, after a crash)."""
-        if not is_sqlite(self.db) or self._stop.is_set():
-            return
-        with self._lock:
-            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="dashboard-read-model", daemon=True)
-            self._thread.start()
+        if is_sqlite(self.db):
+            self._ticker.ensure()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the thread to finish its chunk and end; wait up to ``timeout`` seconds."""
-        self._stop.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        delay = FIRST_DELAY_SECONDS
-        try:
-            while not self._stop.wait(delay):
-                delay = self._step()
-        finally:
-            self.db.close()  # this thread's connection
+        self._ticker.stop(timeout)
 
     def _step(self) -> float:
         """Fold one chunk; return how long to wait before the next one."""

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
+from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES
 from proxy_app.dashboard import charts, queries, readmodel, stats
 from proxy_app.dashboard.queries import FilterError
@@ -64,10 +65,7 @@ def _cookie_value(token: str) -> str:
 
 def is_authorized(token: str) -> bool:
     """True when no token is set, or the request has it as a bearer token or carries the login cookie."""
-    if not token:
-        return True
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+    if access.is_authorized(request.headers.get("Authorization"), token):
         return True
     return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), _cookie_value(token).encode())
 

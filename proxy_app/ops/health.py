@@ -7,47 +7,29 @@ an ``ok`` key). This module does not relay anything.
 
 from __future__ import annotations
 
-import time
-
 import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from proxy_app.access import is_authorized
 from proxy_app.ops import metrics as metrics_module
+from proxy_app.ops.probe import PROBE_TIMEOUT, open_session, probe_upstream
 
 bp = Blueprint("ops", __name__)
-
-PROBE_TIMEOUT = (2.0, 5.0)  # a health check must answer quickly even when the upstream hangs
 
 
 def init_app(app: Flask) -> None:
     """Register the blueprint and the requests session used for probes."""
-    session = requests.Session()
-    session.trust_env = False  # never send upstream traffic through an HTTP_PROXY from the environment
+    session = open_session()
     app.extensions["probe_session"] = session
     app.extensions.setdefault("shutdown_hooks", []).append(session.close)
     app.extensions.setdefault("health_checks", {})
     app.register_blueprint(bp)
 
 
-def probe_upstream(app: Flask) -> dict:
-    """Ask the upstream for its version; return reachability, latency and version (never raises)."""
-    url = app.config["UPSTREAM"]
-    started = time.perf_counter()
-    try:
-        answer = app.extensions["probe_session"].get(url + "/api/version", timeout=PROBE_TIMEOUT)
-        latency = round((time.perf_counter() - started) * 1000, 3)
-        version = answer.json().get("version") if answer.ok else None
-        ok = answer.ok
-        error = None if ok else f"HTTP {answer.status_code}"
-    except (requests.RequestException, ValueError) as exc:
-        latency, version, ok, error = None, None, False, f"{type(exc).__name__}: {exc}"
-    return {"url": url, "reachable": ok, "latency_ms": latency, "version": version, "error": error}
-
-
 @bp.route("/health", methods=["GET"])
 def health():
     """200 when the upstream answers and every registered part is alive, else 503; HEAD works too."""
-    upstream = probe_upstream(current_app)
+    upstream = probe_upstream(current_app.config["UPSTREAM"], current_app.extensions["probe_session"])
     checks = {name: check() for name, check in current_app.extensions["health_checks"].items()}
     healthy = upstream["reachable"] and all(check.get("ok", True) for check in checks.values())
     document = {"status": "ok" if healthy else "degraded", "proxy": "up", "upstream": upstream, **checks}
@@ -57,13 +39,12 @@ def health():
 @bp.route("/test", methods=["GET"])
 def connectivity_test():
     """Call the upstream and list its models: a one-click check that the proxy can talk to Ollama."""
-    upstream = probe_upstream(current_app)
+    session = current_app.extensions["probe_session"]
+    upstream = probe_upstream(current_app.config["UPSTREAM"], session)
     document = {"upstream": upstream, "models": []}
     if upstream["reachable"]:
         try:
-            answer = current_app.extensions["probe_session"].get(
-                current_app.config["UPSTREAM"] + "/api/tags", timeout=PROBE_TIMEOUT
-            )
+            answer = session.get(current_app.config["UPSTREAM"] + "/api/tags", timeout=PROBE_TIMEOUT)
             document["models"] = [model.get("name") for model in answer.json().get("models") or []]
         except (requests.RequestException, ValueError, AttributeError) as exc:
             document["error"] = f"listing models failed: {exc}"
@@ -74,7 +55,7 @@ def connectivity_test():
 @bp.route("/metrics", methods=["GET"])
 def metrics():
     """Prometheus exposition (every worker's sum under gunicorn); needs the bearer token when METRICS_TOKEN is set."""
-    if not metrics_module.is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
+    if not is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
         return Response("unauthorized\n", status=401, mimetype="text/plain", headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics_module.scrape(current_app, request.headers.get("Accept"))
     return Response(body, content_type=content_type)

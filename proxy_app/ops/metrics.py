@@ -8,7 +8,6 @@ times our own endpoints only, never the relay.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import platform
@@ -24,6 +23,8 @@ from prometheus_client.metrics import disable_created_metrics
 
 from proxy_app import __version__
 from proxy_app.calls import Call
+from proxy_app.ops.probe import probe_upstream
+from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,9 @@ def make_metrics(registry: CollectorRegistry = REGISTRY, max_models: int = 100, 
 
 def is_multiprocess() -> bool:
     """True when prometheus_client writes values to PROMETHEUS_MULTIPROC_DIR (decided when it was imported)."""
-    return bool(getattr(values.ValueClass, "_multiprocess", False))
+    # prometheus_client has no public flag for its mode: at import it sets values.ValueClass to MutexValue (one
+    # process) or to a class of files (multiprocess). Both names are public; this is the one place that asks.
+    return values.ValueClass is not values.MutexValue
 
 
 def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
@@ -233,48 +236,17 @@ def expose(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
     return encoder(registry), content_type
 
 
-def is_authorized(header: str | None, token: str) -> bool:
-    """True when no token is set, or when ``header`` is "Bearer <token>" (compared in constant time)."""
-    if not token:
-        return True
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+def make_ticker(name: str, task: Callable[[], None], interval: float) -> Ticker:
+    """A Ticker that runs ``task`` every ``interval`` seconds, from its first use on; a failed run is logged and the
+    next one comes on time (a sample must not end the thread, or every request would start a new one)."""
 
+    def run_once() -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("%s failed", name)
 
-class Ticker:
-    """Runs ``task`` at once and then every ``interval`` seconds in one daemon thread per process (0 = never)."""
-
-    def __init__(self, interval: float, task: Callable[[], None], name: str) -> None:
-        self.interval, self.task, self.name = interval, task, name
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._first_run = threading.Event()
-
-    def ensure(self, wait: float = 0.0) -> None:
-        """Start the thread if this process has none yet (fork-safe); optionally wait for its first run."""
-        if not self.interval:
-            return
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._pid, self._first_run = os.getpid(), threading.Event()
-                    threading.Thread(target=self._run, name=self.name, daemon=True).start()
-        if wait:
-            self._first_run.wait(wait)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.task()
-            except Exception:  # a failed sample must not end the thread
-                log.exception("%s failed", self.name)
-            self._first_run.set()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        """End the thread after its current run (shutdown, tests)."""
-        self._stop.set()
+    return Ticker(name, run_once, interval)
 
 
 def refresh(app) -> None:
@@ -286,10 +258,8 @@ def refresh(app) -> None:
 
 def probe(app) -> None:
     """Probe the upstream once and record whether it answered and how long the probe took."""
-    from proxy_app.ops.health import probe_upstream  # here, not at the top: ops imports this module to serve /metrics
-
     started = time.perf_counter()
-    result = probe_upstream(app)
+    result = probe_upstream(app.config["UPSTREAM"], app.extensions["probe_session"])
     app.extensions["metrics"].record_probe(result["reachable"], time.perf_counter() - started)
 
 
@@ -313,8 +283,8 @@ def init_app(app) -> None:
     app.extensions["in_flight"].watcher = collected.active_requests.inc
     if collected.queue_depth is not None:
         gate.depth_watcher = collected.queue_depth.inc
-    sampler = Ticker(config["SAMPLE_INTERVAL"], lambda: refresh(app), "metrics-sampler")
-    prober = Ticker(config["PROBE_INTERVAL"], lambda: probe(app), "upstream-prober")
+    sampler = make_ticker("metrics-sampler", lambda: refresh(app), config["SAMPLE_INTERVAL"])
+    prober = make_ticker("upstream-prober", lambda: probe(app), config["PROBE_INTERVAL"])
     app.extensions["metrics_tickers"] = (sampler, prober)
     app.extensions["shutdown_hooks"].extend([sampler.stop, prober.stop])
     app.before_request(sampler.ensure)  # our own routes; returns None, so the request goes on

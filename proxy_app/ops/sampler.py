@@ -5,10 +5,9 @@ It only reads psutil; it does not publish metrics or store anything.
 
 from __future__ import annotations
 
-import os
-import threading
-
 import psutil
+
+from proxy_app.ticker import Ticker
 
 
 class LoadSampler:
@@ -17,29 +16,20 @@ class LoadSampler:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._latest: tuple[float | None, float | None] = (None, None)
-        self._pid = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._ticker = Ticker("load-sampler", self._sample, interval, first_delay=interval, on_start=self._baseline)
 
     def latest(self) -> tuple[float | None, float | None]:
-        """Return the last sample; (None, None) until the first one is taken."""
-        if self._pid != os.getpid():
-            self._start()
+        """Return the last sample; (None, None) until the first one is taken (always, with an interval of 0)."""
+        self._ticker.ensure()
         return self._latest
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            psutil.cpu_percent(interval=None)  # the first reading is meaningless; it sets the baseline
-            self._latest = (None, psutil.virtual_memory().percent)
-            threading.Thread(target=self._run, name="load-sampler", daemon=True).start()
+    def _baseline(self) -> None:
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless; it sets the baseline
+        self._latest = (None, psutil.virtual_memory().percent)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._latest = (psutil.cpu_percent(interval=None), psutil.virtual_memory().percent)
+    def _sample(self) -> None:
+        self._latest = (psutil.cpu_percent(interval=None), psutil.virtual_memory().percent)
 
     def stop(self) -> None:
         """Stop the sampling thread (tests, shutdown)."""
-        self._stop.set()
+        self._ticker.stop()

@@ -21,10 +21,12 @@ import click
 
 from proxy_app import __version__
 from proxy_app import config as config_module
+from proxy_app.ops.probe import probe_upstream
 from proxy_app.service import servers
 from proxy_app.service.supervisor import find_ollama
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+CHECK_TIMEOUT = (3.0, 5.0)  # connect, read: `check` may wait a little longer than /health for a busy upstream
 
 
 class OllamaGroup(click.Group):
@@ -162,19 +164,15 @@ def _open_output(path: str | None):
 
 
 def _check_upstream(settings: dict) -> tuple[bool, str]:
-    import requests
-
     url = settings["UPSTREAM"]
-    session = requests.Session()
-    session.trust_env = False  # the same rule as the relay: never through an HTTP_PROXY from the environment
-    try:
-        version = session.get(url + "/api/version", timeout=(3, 5)).json()["version"]
-    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+    probed = probe_upstream(url, timeout=CHECK_TIMEOUT)
+    if probed["version"] is None:
         if settings["WITH_OLLAMA"] and find_ollama(settings["OLLAMA_BIN"]):
             return True, f"upstream {url} is not running yet; `serve` will start Ollama there (WITH_OLLAMA)"
-        return False, (f"upstream {url} does not answer like Ollama ({type(exc).__name__}); start Ollama there, "
+        what = (probed["error"] or "no version").split(":")[0]  # the kind of failure: ConnectionError, HTTP 404 ...
+        return False, (f"upstream {url} does not answer like Ollama ({what}); start Ollama there, "
                        "fix OLLAMA_PROXY_UPSTREAM, or use `serve --with-ollama`")  # fmt: skip
-    return True, f"upstream {url} answers: Ollama {version}"
+    return True, f"upstream {url} answers: Ollama {probed['version']}"
 
 
 def _check_data_dir(settings: dict) -> tuple[bool, str]:

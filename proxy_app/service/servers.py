@@ -8,7 +8,6 @@ Used by ``python -m proxy_app serve`` and deploy/windows; it parses no command l
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy_app import config as config_module
+from proxy_app.access import is_loopback
 
 from .supervisor import (
     Supervisor,
@@ -86,7 +86,7 @@ def start_supervisor(settings: Mapping, environ: Mapping[str, str]) -> Superviso
     if not settings["WITH_OLLAMA"]:
         return None
     upstream = urlsplit(settings["UPSTREAM"])
-    if not _is_loopback(upstream.hostname or ""):
+    if not is_loopback(upstream.hostname or ""):
         raise ServiceError(f"--with-ollama runs Ollama on this machine, so OLLAMA_PROXY_UPSTREAM must be a loopback "
                            f"address such as http://127.0.0.1:11435, not {settings['UPSTREAM']}")  # fmt: skip
     binary = find_ollama(settings["OLLAMA_BIN"])
@@ -99,13 +99,6 @@ def start_supervisor(settings: Mapping, environ: Mapping[str, str]) -> Superviso
     except SupervisorError as exc:
         raise ServiceError(str(exc)) from None
     return supervisor
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def serve(settings: Mapping, overrides: Mapping, on_start=None) -> int:
@@ -283,7 +276,7 @@ def ensure_running(settings: Mapping, timeout: float = START_TIMEOUT_SECONDS) ->
     check_proxy_port(settings["HOST"], settings["PORT"])
     command = [sys.executable, "-m", "proxy_app", "serve"]
     upstream = urlsplit(settings["UPSTREAM"])
-    if _is_loopback(upstream.hostname or "") and ollama_version(upstream.port or 80, upstream.hostname) is None:
+    if is_loopback(upstream.hostname or "") and ollama_version(upstream.port or 80, upstream.hostname) is None:
         command.append("--with-ollama")
     child, log_path = _start_background(command, Path(settings["DATA_DIR"]))
     deadline = time.monotonic() + timeout

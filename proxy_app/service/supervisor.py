@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from proxy_app.ops.probe import probe_upstream
+
 log = logging.getLogger(__name__)
 
 # Where the official installers put the binary when it is not on PATH (a service's PATH is often minimal).
@@ -81,8 +83,8 @@ def get_json(port: int, path: str, host: str = "127.0.0.1", timeout: float = 2.0
 
 def ollama_version(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> str | None:
     """Return the version an Ollama on host:port reports, or None when nothing Ollama-like answers there."""
-    version = get_json(port, "/api/version", host, timeout).get("version")
-    return version if isinstance(version, str) else None
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    return probe_upstream(f"http://{address}:{port}", timeout=timeout)["version"]
 
 
 def port_holder(port: int) -> str:

@@ -15,8 +15,8 @@ import typing
 from collections.abc import Iterable, Iterator
 
 from proxy_app.calls import COLUMNS, Call, format_timestamp
-from proxy_app.dashboard.queries import to_datetime
 from proxy_app.store.csvlog import FORMULA_PREFIXES, HEADER
+from proxy_app.store.models import to_datetime
 
 STREAM_AT = COLUMNS.index("stream_mode")
 # Why: only text can start a formula; numbers such as -5 stay numbers (as in csvlog).

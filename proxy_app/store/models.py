@@ -77,6 +77,12 @@ class UTCDateTimeField(DateTimeField):
         return value
 
 
+def to_datetime(value) -> datetime:
+    """Return a timestamp read raw from the table (ISO text on SQLite, naive datetime on PostgreSQL) as aware UTC."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 class BaseModel(Model):
     class Meta:
         database = database

@@ -26,6 +26,7 @@ from peewee import Database, InterfaceError, OperationalError
 
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
+from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,29 @@ class Writer:
         self.written = 0
         self.dropped = 0
         self.csv_failed = 0  # rows stored in the database whose CSV append failed
-        self.restarts = 0
         self.retries = 0  # tries after the first for batches the database refused
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize)
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
+        # The thread: at once from one batch to the next (taking a batch waits up to TICK_SECONDS for a call).
+        self._ticker = Ticker("call-writer", self._tick, TICK_SECONDS, on_exit=self._reconnect,
+                              after_fork=self._forget_parent)  # fmt: skip
         self._stopping = threading.Event()  # set by stop(); also wakes a retry pause at once
         self._lock = threading.Lock()
         self._next_drop_log = 0.0
         self._next_retention = 0.0
-        _watch_forks(self)
+
+    @property
+    def restarts(self) -> int:
+        """Writer threads started in place of one that crashed."""
+        return self._ticker.restarts
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        return self._ticker.thread  # this process's writer thread, if it started one
+
+    @property
+    def _pid(self) -> int | None:
+        return self._ticker.pid
 
     @property
     def depth(self) -> int:
@@ -80,7 +93,7 @@ class Writer:
         try:
             if self._stopping.is_set():
                 raise queue.Full
-            self._ensure_running()
+            self._ticker.ensure()
             self._queue.put_nowait(call)
         except queue.Full:
             self._drop(1, "the writer queue is full" if not self._stopping.is_set() else "the writer is stopped")
@@ -101,7 +114,7 @@ class Writer:
                 if remaining <= 0:
                     return False
                 pending.all_tasks_done.wait(min(remaining, TICK_SECONDS))
-            self._ensure_running(even_if_stopping=True)  # a crashed thread is replaced rather than waited for
+            self._ticker.ensure()  # a crashed thread is replaced rather than waited for, even when stopping
 
     def stop(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
         """Store what is queued, then end the thread; calls submitted afterwards are dropped. False on timeout."""
@@ -144,38 +157,17 @@ class Writer:
     # ---- the thread -------------------------------------------------------------------------------------------
 
     def _forget_parent(self) -> None:
-        """In a new child process: fresh locks and queue, no thread. The parent stores what it had queued."""
+        """In a new child process: fresh locks and queue (the ticker forgets the thread). The parent stores what it
+        had queued."""
         self._lock = threading.Lock()  # a lock held by a parent thread at fork time would never be released here
         self.database._lock = threading.RLock()  # peewee's connect/close lock, same reason
         self._queue = queue.Queue(self.maxsize)
-        self._pid, self._thread = os.getpid(), None
 
-    def _ensure_running(self, even_if_stopping: bool = False) -> None:
-        """Start the thread in this process if it is not running: after a fork, on first use, after a crash."""
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        if self._pid is not None and self._pid != os.getpid():
-            self._forget_parent()  # forked without the at-fork hook (it is installed per interpreter, not per fork())
-        with self._lock:
-            self._pid = os.getpid()
-            if (self._stopping.is_set() and not even_if_stopping) or (
-                self._thread is not None and self._thread.is_alive()
-            ):
-                return
-            if self._thread is not None:
-                self.restarts += 1
-                log.error("the writer thread had died; starting a new one")
-            self._thread = threading.Thread(target=self._run, args=(self._queue,), name="call-writer", daemon=True)
-            self._thread.start()
-
-    def _run(self, pending: queue.Queue) -> None:
-        try:
-            while self._serve_once(pending):
-                pass
-        except Exception:
-            log.exception("the writer thread crashed; the next call starts a new one")
-        finally:
-            self._reconnect()  # closes this thread's connection
+    def _tick(self) -> float:
+        """The ticker's task: one batch; once the stop sentinel is reached, the ticker stops and the thread ends."""
+        if not self._serve_once(self._queue):
+            self._ticker.stop()
+        return 0.0
 
     def _serve_once(self, pending: queue.Queue) -> bool:
         """Store one batch and do a little retention; False once the stop sentinel has been reached."""
@@ -280,23 +272,6 @@ class Writer:
                 return
             self._next_drop_log = now + DROP_LOG_SECONDS
         log.warning("dropped %d call record(s): %s (%d dropped so far in this process)", count, reason, self.dropped)
-
-
-_WRITERS: weakref.WeakSet = weakref.WeakSet()  # every Writer in this process, for the at-fork hook
-_fork_hook: list = []  # non-empty once the hook is installed (once per interpreter)
-
-
-def _watch_forks(writer: Writer) -> None:
-    """Make a forked child (a gunicorn worker) reset each writer before any of its threads can touch one."""
-    if not _fork_hook and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _fork_hook.append(_after_fork_in_child)
-    _WRITERS.add(writer)
-
-
-def _after_fork_in_child() -> None:
-    for writer in list(_WRITERS):
-        writer._forget_parent()
 
 
 def init_app(app: Flask) -> None:
