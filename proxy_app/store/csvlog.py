@@ -21,9 +21,19 @@ from pathlib import Path
 
 from proxy_app.calls import COLUMNS, Call, format_timestamp, values_of
 
-# Why: a spreadsheet runs a cell starting with one of these as a formula (CSV injection); a leading apostrophe
-# makes it plain text. Only text cells are touched: a number such as -5 stays a number.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Why: a spreadsheet runs a text cell starting with one of these signs as a formula (CSV injection), some also after
+# leading whitespace, line breaks or invisible characters, and some read the full-width signs as the ASCII ones; a
+# tab or CR in front is suspect on its own. A leading apostrophe makes such a cell plain text. Only text columns are
+# touched: a number such as -5 stays a number.
+FORMULA_SIGNS = "=+-@\uff1d\uff0b\uff0d\uff20"
+_SPACES = "".join(char for char in map(chr, range(0x3001)) if char.isspace())  # every one lies below U+3001
+# Invisible characters: soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width spaces and joiners,
+# direction marks, embeddings and isolates, word joiner, invisible operators, and the BOM (zero-width no-break space).
+_INVISIBLE = "\u00ad\u061c\u180e\ufeff" + "".join(
+    map(chr, [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065), *range(0x2066, 0x2070)])
+)
+_FORMULA = re.compile(f"[\t\r]|[{re.escape(_SPACES + _INVISIBLE)}]*[{re.escape(FORMULA_SIGNS)}]")
+_MAY_START_FORMULA = frozenset(FORMULA_SIGNS + _SPACES + _INVISIBLE)  # a cheap first look before the pattern
 STREAM_AT = COLUMNS.index("stream_mode")
 TEXT_AT = tuple(  # the text columns: only text can start a formula
     index
@@ -66,7 +76,7 @@ def values_cells(values: Sequence) -> list:
     row[STREAM_AT] = "true" if row[STREAM_AT] else "false"
     for index in TEXT_AT:
         text = row[index]
-        if text and text.startswith(FORMULA_PREFIXES):
+        if text and text[0] in _MAY_START_FORMULA and _FORMULA.match(text):
             row[index] = "'" + text
     return row
 
