@@ -22,7 +22,7 @@ import weakref
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask
-from peewee import Database, InterfaceError, OperationalError
+from peewee import Database
 
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
@@ -39,6 +39,7 @@ RETENTION_BATCH_ROWS = 1000  # rows deleted per transaction, so writes from othe
 RETRY_SECONDS = 60.0  # how long a refused batch is tried again before it is dropped (a locked or restarting database)
 RETRY_PAUSES = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between tries; the last one repeats
 DROP_LOG_SECONDS = 60.0  # at most one drop warning a minute: a full queue must not flood the log
+REFUSALS_LOGGED_A_MINUTE = 10  # refused rows are logged one by one, with their ids, up to this many a minute
 SHUTDOWN_SECONDS = 10.0  # how long a shutdown waits for the queue to drain
 _STOP = object()  # the sentinel that ends the thread once everything before it is stored
 
@@ -60,6 +61,8 @@ class Writer:
         self.csv_failed = 0  # rows stored in the database whose CSV append failed
         self.restarts = 0
         self.retries = 0  # tries after the first for batches the database refused
+        self.refused = 0  # calls the database refused on their own (also counted in dropped)
+        self._refusal_window_ends, self._refusals_logged = 0.0, 0
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
@@ -210,36 +213,69 @@ class Writer:
         return batch
 
     def _store(self, calls: list) -> None:
-        """Insert the batch in one transaction, then mirror it to the CSV.
+        """Insert the batch, then mirror the rows the database took to the CSV."""
+        stored = self._insert(calls, time.monotonic() + self.retry_seconds)
+        if stored:
+            with self._lock:
+                self.written += len(stored)
+            self._append_csv(stored)
 
-        A database that is locked, gone or full (OperationalError, InterfaceError) gets the batch again until it takes
-        it, for up to ``retry_seconds`` or until the writer is stopped; then, or at once for any other error (a row
-        the database will never take), the batch is dropped.
+    def _insert(self, calls: list, give_up: float) -> list | None:
+        """Insert the calls in one transaction; return those stored, or None once they are dropped.
+
+        A database that is locked, gone or full gets the calls again until it takes them, until ``give_up`` or until
+        the writer is stopped; then they are dropped. Any other error belongs to a row (text or a number the database
+        will not hold): the calls are then inserted one at a time, so a row refused alone is the only one lost.
         """
-        give_up = time.monotonic() + self.retry_seconds
         for attempt in itertools.count():
             try:
                 if not self.schema_ready:
                     self.schema_ready = models.create_tables(self.database) > 0
                 models.insert_calls(self.database, calls)
-                break
+                self.last_error = None
+                return calls
             except Exception as exc:
                 self.last_error = models.describe_error(exc)
                 self._reconnect()
+                transient = is_transient(exc)
+                if not transient and self.schema_ready:
+                    return self._insert_each(calls, give_up) if len(calls) > 1 else self._refuse(calls[0])
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
-                retryable = isinstance(exc, OperationalError | InterfaceError)
-                if not retryable or self._stopping.is_set() or time.monotonic() + pause > give_up:
+                if not transient or self._stopping.is_set() or time.monotonic() + pause > give_up:
                     self._drop(len(calls), f"the database refused a batch: {self.last_error}")
-                    return
+                    return None
                 if not attempt:
                     log.warning("the database refused a batch of %d row(s): %s; trying again for up to %.0f s",
                                 len(calls), self.last_error, self.retry_seconds)  # fmt: skip
                 self.retries += 1
                 self._stopping.wait(pause)
+        return None  # not reached: the loop returns
+
+    def _insert_each(self, calls: list, give_up: float) -> list:
+        """Insert the calls of a refused batch one per transaction, in order; return those stored."""
+        stored = []
+        for index, call in enumerate(calls):
+            taken = self._insert([call], give_up)
+            if taken is None:  # the database went away meanwhile: the rest of the batch goes with this row
+                self._drop(len(calls) - index - 1, f"the database refused a batch: {self.last_error}")
+                break
+            stored += taken
+        return stored
+
+    def _refuse(self, call) -> list:
+        """Count and log a call the database refused on its own (logged with its id, at most a few a minute)."""
         with self._lock:
-            self.written += len(calls)
-        self.last_error = None
-        self._append_csv(calls)
+            self.refused += 1
+            self.dropped += 1
+            now = time.monotonic()
+            if now >= self._refusal_window_ends:
+                self._refusal_window_ends, self._refusals_logged = now + DROP_LOG_SECONDS, 0
+            self._refusals_logged += 1
+            quiet = self._refusals_logged > REFUSALS_LOGGED_A_MINUTE
+        if not quiet:
+            log.warning("the database refused call %s, which alone is dropped: %s (%d refused so far in this process)",
+                        call.request_id, self.last_error, self.refused)  # fmt: skip
+        return []
 
     def _append_csv(self, calls: list) -> None:
         if self.csv_log is None:
@@ -249,6 +285,14 @@ class Writer:
         except OSError as exc:
             self.csv_failed += len(calls)
             log.warning("could not append %d row(s) to the CSV mirror %s: %s", len(calls), self.csv_log.path, exc)
+        except ValueError:  # text the file's encoding refuses: one row's fault, so the others go in one by one
+            for call in calls:
+                try:
+                    self.csv_log.append([call])
+                except (OSError, ValueError) as exc:
+                    self.csv_failed += 1
+                    log.warning("could not append call %s to the CSV mirror %s: %s",
+                                call.request_id, self.csv_log.path, exc)  # fmt: skip
 
     def _reconnect(self) -> None:
         """Forget this thread's connection so the next batch opens a fresh one (a restarted PostgreSQL, say)."""
@@ -284,6 +328,16 @@ class Writer:
 
 _WRITERS: weakref.WeakSet = weakref.WeakSet()  # every Writer in this process, for the at-fork hook
 _fork_hook: list = []  # non-empty once the hook is installed (once per interpreter)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database that is locked, gone or full: the DB-API's OperationalError or InterfaceError, from peewee
+    or straight from the driver, except a limit one row broke (SQLSTATE class 54, e.g. an index entry too big)."""
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    if not names & {"OperationalError", "InterfaceError"}:
+        return False
+    codes = (getattr(cause, "pgcode", None) for cause in (exc, exc.__cause__, exc.__context__, *exc.args[:1]))
+    return not any(isinstance(code, str) and code.startswith("54") for code in codes)
 
 
 def _watch_forks(writer: Writer) -> None:

@@ -1,0 +1,132 @@
+"""Hostile input at the store, on SQLite and PostgreSQL: text fields bounded and storable by construction, the
+database, CSV mirror and export agreeing on them, and a row the database refuses costing only itself (also racing
+a thousand calls under gunicorn)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import threading
+
+import pytest
+import requests
+
+from proxy_app.calls import COLUMNS
+from proxy_app.store import models
+from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.models import CallRow
+from proxy_app.store.writer import Writer
+from tests.fake_ollama import FakeOllama
+from tests.test_csvlog import NOW, parse, sample_call
+from tests.test_store import one_call, postgres_schema, read_store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty store with its tables: a SQLite file, or a throwaway schema on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'calls.db'}"
+        return
+    with postgres_schema("test_hostile") as url:
+        yield url
+
+
+@pytest.fixture
+def store_writer(store_url, tmp_path):
+    """A Writer on ``store_url`` with a CSV mirror in ``tmp_path``; closed afterwards."""
+    db = models.open_database(store_url)
+    models.create_tables(db)
+    db.close()
+    writer = Writer(db, CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 1000, retry_seconds=5)
+    writer.schema_ready = True
+    yield writer
+    writer.close()
+    db.close()
+
+
+def stored_ids(db) -> list[str]:
+    return [row.request_id for row in CallRow.select(CallRow.request_id).order_by(CallRow.id).execute(db)]
+
+
+def mirrored_ids(writer: Writer) -> list[str]:
+    return [row[1] for row in parse(writer.csv_log.path.read_text(encoding="utf-8"))[1:]]
+
+
+def poisoned(request_id: str, **fields):
+    """A call holding a value the database refuses (set after construction, so nothing has made it storable)."""
+    call = sample_call(request_id=request_id)
+    for name, value in fields.items():
+        setattr(call, name, value)
+    return call
+
+
+POISONS = {
+    "lone surrogate": {"prompt": "a\ud800b"},  # UnicodeEncodeError from both drivers
+    "integer too big": {"input_tokens": 2**63},  # OverflowError (sqlite3), integer out of range (PostgreSQL)
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_writer_poisoned_call_costs_only_itself(store_writer, poison, caplog):
+    good = [sample_call(request_id=f"good{n}") for n in range(20)]
+    with caplog.at_level(logging.WARNING, logger="proxy_app.store.writer"):
+        for call in good[:10] + [poisoned("poison", **POISONS[poison])] + good[10:]:
+            store_writer.submit(call)
+        assert store_writer.flush(10)
+    expected = [call.request_id for call in good]
+    assert stored_ids(store_writer.database) == expected and mirrored_ids(store_writer) == expected
+    assert (store_writer.written, store_writer.dropped, store_writer.refused) == (20, 1, 1)
+    assert store_writer.health()["ok"] is True
+    refusals = [record.getMessage() for record in caplog.records if "poison" in record.getMessage()]
+    assert len(refusals) == 1 and "refused call poison" in refusals[0]
+
+
+POISON_PROMPT = "poison \ud800 \udc00"
+
+
+def test_store_poison_call_racing_1000_calls_under_gunicorn(gunicorn_proxy, tmp_path):
+    proxy = gunicorn_proxy(workers=2, threads=16)
+    expected, failures, lock = {}, [], threading.Lock()
+    poison_id: list[str] = []
+
+    def client(index: int, clients: int = 24) -> None:
+        with requests.Session() as session:
+            for number in range(index, 1000, clients):
+                try:
+                    request_id, counts = one_call(session, proxy.url, number)
+                    if index == 0 and number == 5 * clients:  # mid-run, while the other clients' calls are in flight
+                        poison_id.append(send_poison(session, proxy.url))
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    failures.append(repr(exc))
+                    continue
+                with lock:
+                    expected[request_id] = counts
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not failures, failures[:3]
+    assert len(expected) == 1000 and len(poison_id) == 1
+    assert proxy.stop() == 0  # SIGTERM: each worker flushes its writer on the way out
+    data = tmp_path / "data"
+    rows, mirrored = read_store(f"sqlite:///{data / 'ollama-proxy.db'}", data / "ollama-proxy.csv")
+    expected[poison_id[0]] = (FakeOllama.expected_prompt_tokens(POISON_PROMPT), 1)  # one token asked for
+    assert rows == expected and mirrored == expected
+    db = models.open_database(f"sqlite:///{data / 'ollama-proxy.db'}")
+    stored_prompt = CallRow.select(CallRow.prompt).where(CallRow.request_id == poison_id[0]).scalar(db)
+    db.close()
+    with open(data / "ollama-proxy.csv", newline="", encoding="utf-8") as handle:
+        mirrored_prompt = {line[1]: line[COLUMNS.index("prompt")] for line in csv.reader(handle)}[poison_id[0]]
+    assert stored_prompt == mirrored_prompt == "poison \ufffd \ufffd"
+
+
+def send_poison(session: requests.Session, url: str) -> str:
+    """A generate call whose prompt holds lone surrogate escapes (valid JSON, and Python's json keeps them)."""
+    body = json.dumps({"model": "llama3.2", "prompt": POISON_PROMPT, "stream": False})  # ensure_ascii: \ud800 escapes
+    assert "\\ud800" in body
+    response = session.post(url + "/api/generate", data=body, headers={"X-Fake-Tokens": "1"})
+    assert response.status_code == 200 and response.json()["done"] is True
+    return response.headers["X-Request-ID"]
