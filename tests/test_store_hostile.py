@@ -7,13 +7,17 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import secrets
 import threading
+import typing
 
 import pytest
 import requests
 
-from proxy_app.calls import COLUMNS
-from proxy_app.store import models
+from proxy_app import calls
+from proxy_app.calls import COLUMNS, Call
+from proxy_app.dashboard import queries
+from proxy_app.store import export, models
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow
 from proxy_app.store.writer import Writer
@@ -43,6 +47,47 @@ def store_writer(store_url, tmp_path):
     yield writer
     writer.close()
     db.close()
+
+
+# Megabytes where a client or an upstream can put them, and characters no UTF-8 database or file accepts.
+HUGE = {
+    "ip_source": "2001:db8::" + "f" * 5000, "user_agent": "agent/" + "u" * 100_000, "http_method": "PATCH" * 40,
+    "endpoint": "/api/" + "p" * 20_000, "session_id": "s" * 10_000, "model": "m\ud800" * 500_000,
+    "model_parameters": '{"stop":["' + "x" * 2_000_000 + '"]}', "error_message": "e" * 100_000,
+    "done_reason": "r" * 5000, "prompt": "q\x00" * 5000, "response_preview": "\udc00a" * 5000,
+}  # fmt: skip
+
+
+def test_calls_every_text_field_has_a_bound():
+    hints = typing.get_type_hints(Call)
+    text_fields = [name for name in COLUMNS if str in (typing.get_args(hints[name]) or (hints[name],))]
+    assert list(calls.TEXT_CHARS) == text_fields
+    assert calls.TEXT_CHARS["prompt"] == 1000 and max(calls.TEXT_CHARS.values()) == 4096
+
+
+def test_calls_text_bounded_and_storable_when_built():
+    call = sample_call(**HUGE)
+    for name, limit in calls.TEXT_CHARS.items():
+        value = getattr(call, name)
+        assert len(value) <= limit and "\x00" not in value, name
+        value.encode("utf-8")  # no lone surrogate left
+    assert call.model == "m\ufffd" * 100 and call.prompt == "q" * 500 and call.response_preview == "\ufffda" * 100
+    assert call.user_agent == HUGE["user_agent"][:512] and call.model_parameters == HUGE["model_parameters"][:4096]
+    assert sample_call(prompt="ünïcode ✓ \U0001f600 =").prompt == "ünïcode ✓ \U0001f600 ="  # valid text is kept
+
+
+def test_store_huge_values_agree_in_database_mirror_and_export(store_writer):
+    call = Call(**{**sample_call().as_dict(), **HUGE})
+    store_writer.submit(call)
+    assert store_writer.flush(10) and store_writer.written == 1
+    db = store_writer.database
+    stored = CallRow.select().dicts().execute(db)[0]
+    mirrored = dict(zip(COLUMNS, parse(store_writer.csv_log.path.read_text(encoding="utf-8"))[1], strict=True))
+    chunks = queries.iter_chunks(db, queries.parse_filters({"since": "all"}))
+    exported = dict(zip(COLUMNS, parse("".join(export.iter_csv(chunks)))[1], strict=True))
+    for name, limit in calls.TEXT_CHARS.items():
+        assert stored[name] == mirrored[name] == exported[name] == getattr(call, name), name
+        assert 0 < len(stored[name]) <= limit, name
 
 
 def stored_ids(db) -> list[str]:
@@ -80,6 +125,36 @@ def test_writer_poisoned_call_costs_only_itself(store_writer, poison, caplog):
     assert store_writer.health()["ok"] is True
     refusals = [record.getMessage() for record in caplog.records if "poison" in record.getMessage()]
     assert len(refusals) == 1 and "refused call poison" in refusals[0]
+
+
+def test_writer_row_the_csv_cannot_encode_costs_only_its_line(tmp_path, monkeypatch):
+    # A database that stores any text (standing in for one whose encoding is wider than the mirror's UTF-8).
+    monkeypatch.setattr(models, "insert_calls", lambda db, calls: None)
+    writer = Writer(models.open_database("sqlite:///:memory:"), CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 10)
+    for call in [sample_call(request_id="a"), poisoned("poison", prompt="\ud800"), sample_call(request_id="b")]:
+        writer.submit(call)
+    assert writer.flush(10) and writer.health()["alive"] is True
+    assert mirrored_ids(writer) == ["a", "b"] and (writer.written, writer.csv_failed, writer.dropped) == (3, 1, 0)
+    writer.close()
+
+
+def test_writer_postgres_index_entry_too_big_costs_only_its_row(tmp_path):
+    # PostgreSQL reports a btree entry over its size limit as an OperationalError (SQLSTATE 54000), the class of a
+    # database that is down; it is still one row's fault, so it must not hold up or drop the batch.
+    with postgres_schema("test_hostile") as url:
+        db = models.open_database(url)
+        models.create_tables(db)
+        db.close()
+        writer = Writer(db, CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 100, retry_seconds=30)
+        writer.schema_ready = True
+        writer.submit(sample_call(request_id="before"))
+        writer.submit(poisoned("huge", session_id=secrets.token_urlsafe(9000)))  # random text does not compress
+        writer.submit(sample_call(request_id="after"))
+        assert writer.flush(20)
+        writer.close()
+        assert stored_ids(db) == mirrored_ids(writer) == ["before", "after"]
+        assert (writer.written, writer.refused, writer.retries) == (2, 1, 0)
+        db.close()
 
 
 POISON_PROMPT = "poison \ud800 \udc00"

@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from peewee import IntegrityError, OperationalError, TextField
 
-from proxy_app.calls import COLUMNS, Call
+from proxy_app.calls import COLUMNS, TEXT_CHARS, Call
 from proxy_app.store import models
 from proxy_app.store import writer as writer_module
 from proxy_app.store.csvlog import CsvLog
@@ -71,9 +71,9 @@ def test_models_sqlite_pragmas_and_url_overrides(tmp_path):
     db.close()
 
 
-def test_models_row_clips_indexed_text_and_drops_nul():
+def test_models_row_holds_the_calls_bounded_text():
     row = dict(zip(COLUMNS, models.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b")), strict=True))
-    assert len(row["session_id"]) == models.INDEXED_TEXT_CHARS and row["prompt"] == "ab"
+    assert row["session_id"] == "s" * TEXT_CHARS["session_id"] and row["prompt"] == "ab"
 
 
 def test_models_create_tables_twice_keeps_rows(tmp_path):
