@@ -90,6 +90,32 @@ def test_store_huge_values_agree_in_database_mirror_and_export(store_writer):
         assert 0 < len(stored[name]) <= limit, name
 
 
+def test_store_huge_client_values_bounded_alike_through_the_proxy(live_proxy, app, recorder):
+    options = {"stop": ["x" * 3_000_000], "temperature": 0.2}  # a 3 MB options object
+    document = {"model": "m" * 100_000 + "\ud800", "prompt": "p" * 50_000, "options": options, "stream": False}
+    headers = {"User-Agent": "agent/" + "u" * 100_000, "X-Session-ID": "s" * 50_000}
+    answer = requests.post(live_proxy.url + "/api/generate", data=json.dumps(document), headers=headers)
+    assert answer.status_code == 404  # the fake knows no such model; the call is recorded all the same
+    assert requests.get(live_proxy.url + "/api/" + "x" * 6000).status_code == 404
+    recorder.wait_for(2)
+    writer = app.extensions["writer"]
+    assert writer.flush(10) and (writer.written, writer.dropped) == (2, 0)
+    db = writer.database
+    stored = list(CallRow.select().order_by(CallRow.id).dicts().execute(db))
+    with open(app.config["CSV_FILE"], newline="", encoding="utf-8") as handle:
+        mirrored = [dict(zip(COLUMNS, line, strict=True)) for line in list(csv.reader(handle))[1:]]
+    chunks = queries.iter_chunks(db, queries.parse_filters({"since": "all"}))
+    exported = [dict(zip(COLUMNS, line, strict=True)) for line in parse("".join(export.iter_csv(chunks)))[1:]]
+    for name, limit in calls.TEXT_CHARS.items():
+        for row, line, cell in zip(stored, mirrored, exported, strict=True):
+            assert (row[name] or "") == line[name] == cell[name], name
+            assert len(line[name]) <= limit, name
+    first, second = mirrored
+    assert first["model"] == "m" * 200 and first["user_agent"] == "agent/" + "u" * 506
+    assert first["model_parameters"].startswith('{"stop":["xxx') and len(first["model_parameters"]) == 4096
+    assert second["endpoint"] == "/api/" + "x" * 507
+
+
 def stored_ids(db) -> list[str]:
     return [row.request_id for row in CallRow.select(CallRow.request_id).order_by(CallRow.id).execute(db)]
 
