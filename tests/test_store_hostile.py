@@ -1,6 +1,6 @@
 """Hostile input at the store, on SQLite and PostgreSQL: text fields bounded and storable by construction, the
-database, CSV mirror and export agreeing on them, and a row the database refuses costing only itself (also racing
-a thousand calls under gunicorn)."""
+database, CSV mirror and export agreeing on them, a row the database refuses costing only itself (also racing a
+thousand calls under gunicorn), and a cap on the number of rows."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import logging
 import secrets
 import threading
 import typing
+from datetime import timedelta
 
 import pytest
 import requests
 
-from proxy_app import calls
+from proxy_app import calls, config
 from proxy_app.calls import COLUMNS, Call
 from proxy_app.dashboard import queries
-from proxy_app.store import export, models
+from proxy_app.store import export, models, retention
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow
 from proxy_app.store.writer import Writer
@@ -231,3 +232,54 @@ def send_poison(session: requests.Session, url: str) -> str:
     response = session.post(url + "/api/generate", data=body, headers={"X-Fake-Tokens": "1"})
     assert response.status_code == 200 and response.json()["done"] is True
     return response.headers["X-Request-ID"]
+
+
+# ---- the row cap (MAX_ROWS) ------------------------------------------------------------------------------------
+
+
+def test_store_max_rows_setting():
+    assert config.merge(environ={})["MAX_ROWS"] == 5_000_000
+    assert config.merge(environ={"OLLAMA_PROXY_MAX_ROWS": "0"})["MAX_ROWS"] == 0  # no cap
+    with pytest.raises(config.SettingError, match="OLLAMA_PROXY_MAX_ROWS"):
+        config.merge(environ={"OLLAMA_PROXY_MAX_ROWS": "-1"})
+
+
+def test_store_max_rows_reaches_the_writer(app):
+    assert app.extensions["writer"].retention.max_rows == app.config["MAX_ROWS"] == 5_000_000
+
+
+def aged(count: int, prefix: str, first_second: int = 0) -> list:
+    """Calls a second apart, oldest first, from ``first_second`` seconds after NOW."""
+    start = NOW + timedelta(seconds=first_second)
+    return [sample_call(request_id=f"{prefix}{n}", timestamp=start + timedelta(seconds=n)) for n in range(count)]
+
+
+def test_retention_max_rows_deletes_the_oldest_beyond_the_cap(store_writer, monkeypatch):
+    monkeypatch.setattr(retention, "BATCH_ROWS", 7)  # several batches
+    store_writer.retention.max_rows = 20
+    # Long streams are stored when they end, after calls that arrived later: the oldest arrivals go first.
+    models.insert_calls(store_writer.database, aged(40, "n", first_second=10) + aged(10, "stream"))
+    evicted = store_writer.retain()
+    assert evicted == store_writer.evicted == 30
+    assert sorted(stored_ids(store_writer.database)) == sorted(f"n{n}" for n in range(20, 40))
+    assert store_writer.retain() == 0 and store_writer.evicted == 30
+
+
+def test_writer_thread_keeps_the_store_within_max_rows(store_writer, caplog):
+    store_writer.retention.max_rows = 10
+    models.insert_calls(store_writer.database, aged(25, "old"))
+    with caplog.at_level(logging.WARNING, logger="proxy_app.store.retention"):
+        store_writer.submit(sample_call(request_id="new", timestamp=NOW + timedelta(days=1)))
+        assert store_writer.flush(10)  # the first batch of a process also starts a retention pass
+    assert sorted(stored_ids(store_writer.database)) == sorted([f"old{n}" for n in range(16, 25)] + ["new"])
+    assert store_writer.evicted == 16 and store_writer.health()["ok"] is True
+    assert "16 row(s) beyond OLLAMA_PROXY_MAX_ROWS=10" in caplog.text
+
+
+def test_retention_max_rows_zero_keeps_everything(store_writer):
+    models.insert_calls(store_writer.database, aged(30, "a"))
+    assert (
+        store_writer.retention.max_rows == 0
+        and store_writer.retain() == 0
+        and len(stored_ids(store_writer.database)) == 30
+    )

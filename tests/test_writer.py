@@ -15,7 +15,7 @@ import pytest
 from peewee import IntegrityError, OperationalError, TextField
 
 from proxy_app.calls import COLUMNS, TEXT_CHARS, Call
-from proxy_app.store import models
+from proxy_app.store import models, retention
 from proxy_app.store import writer as writer_module
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion
@@ -298,7 +298,7 @@ def test_writer_fork_while_busy_leaves_the_parent_queue_behind(writer, monkeypat
 
 
 def test_writer_retention_deletes_exactly_what_is_older(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "RETENTION_BATCH_ROWS", 7)  # several batches
+    monkeypatch.setattr(retention, "BATCH_ROWS", 7)  # several batches
     writer = make_writer(tmp_path, retention_days=7, clock=lambda: NOW)
     cutoff = NOW - timedelta(days=7)
     old = [sample_call(request_id=f"old{n}", timestamp=cutoff - timedelta(hours=n + 1)) for n in range(20)]

@@ -31,6 +31,7 @@ from peewee import (
     SchemaManager,
     SqliteDatabase,
     TextField,
+    fn,
 )
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
@@ -204,6 +205,23 @@ def describe_error(exc: BaseException) -> str:
         cause = cause.__context__
     cause = cause or exc
     return f"{type(cause).__name__}: {cause}"
+
+
+def cap_cutoff(db: Database, max_rows: int) -> tuple[datetime, int] | None:
+    """Return (the arrival time before which rows are beyond the newest ``max_rows``, how many they are), or None.
+
+    While the id range is no wider than the cap this is two index lookups; past it, a count and an index walk over
+    the rows beyond. Ties at the cutoff stay, so the store keeps at least ``max_rows`` rows.
+    """
+    lowest = CallRow.select(fn.MIN(CallRow.id)).scalar(db)
+    highest = CallRow.select(fn.MAX(CallRow.id)).scalar(db)
+    if highest is None or highest - lowest + 1 <= max_rows:
+        return None
+    beyond = CallRow.select().count(db) - max_rows
+    if beyond <= 0:
+        return None
+    first_kept = CallRow.select(CallRow.timestamp).order_by(CallRow.timestamp, CallRow.id).offset(beyond).limit(1)
+    return first_kept.scalar(db), beyond
 
 
 def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:

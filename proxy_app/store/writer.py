@@ -1,12 +1,12 @@
 """The background writer: finished calls go into a bounded queue; one thread per process stores them in batches.
 
 Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended to the CSV mirror. A batch the
-database refuses is tried again, with growing pauses, for up to ``retry_seconds`` (the queue holds the calls that
-arrive meanwhile); only then is it dropped. Between batches the same thread deletes rows and CSV files older than the
-retention period, a small batch at a time. A full queue or a database that stays down costs a counted, logged drop
-and never an error or a wait for the client. This module does not build calls (forward.py) or publish metrics
-(metrics.py reads ``written``, ``dropped`` and ``depth``).
-"""
+database refuses because it is locked, gone or full is tried again, with growing pauses, for up to ``retry_seconds``
+(the queue holds the calls that arrive meanwhile); only then is it dropped. A batch refused for any other reason is
+inserted again one row per transaction, so a row the database will not take costs only itself. Between batches the
+same thread runs a step of retention (retention.py). A full queue or a database that stays down costs a counted,
+logged drop and never an error or a wait for the client. This module does not build calls (forward.py) or publish
+metrics: it keeps the counts (``written``, ``dropped``, ``refused``, ``evicted``, ``depth``) for metrics.py to read."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ import queue
 import threading
 import time
 import weakref
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from flask import Flask
 from peewee import Database
 
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ BATCH_ROWS = 500  # most calls per transaction: enough to amortise a commit, few
 # would pay for both alone. Waiting this long once for a batch to fill costs nothing the client sees.
 LINGER_SECONDS = 0.02
 TICK_SECONDS = 1.0  # an idle writer wakes this often to see whether retention is due
-RETENTION_EVERY_SECONDS = 600.0  # how often old rows and files are looked for
-RETENTION_BATCH_ROWS = 1000  # rows deleted per transaction, so writes from other processes never wait long
 RETRY_SECONDS = 60.0  # how long a refused batch is tried again before it is dropped (a locked or restarting database)
 RETRY_PAUSES = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between tries; the last one repeats
 DROP_LOG_SECONDS = 60.0  # at most one drop warning a minute: a full queue must not flood the log
@@ -48,13 +47,13 @@ class Writer:
     """Stores calls off the request path. ``submit`` never blocks; ``flush`` and ``stop`` wait with a timeout."""
 
     def __init__(self, database: Database, csv_log: CsvLog | None, maxsize: int, retention_days: int = 0,
-                 retry_seconds: float = RETRY_SECONDS, clock=lambda: datetime.now(UTC)) -> None:  # fmt: skip
+                 retry_seconds: float = RETRY_SECONDS, clock=lambda: datetime.now(UTC),
+                 max_rows: int = 0) -> None:  # fmt: skip
         self.database = database
         self.csv_log = csv_log
         self.maxsize = maxsize  # 0: unbounded
-        self.retention_days = retention_days  # 0: keep everything
+        self.retention = Retention(database, csv_log, retention_days, max_rows, clock)  # 0, 0: keep everything
         self.retry_seconds = retry_seconds  # 0: a refused batch is dropped at once
-        self.clock = clock
         self.schema_ready = False  # create_tables succeeded in this database (else the thread retries it)
         self.written = 0
         self.dropped = 0
@@ -70,13 +69,17 @@ class Writer:
         self._stopping = threading.Event()  # set by stop(); also wakes a retry pause at once
         self._lock = threading.Lock()
         self._next_drop_log = 0.0
-        self._next_retention = 0.0
         _watch_forks(self)
 
     @property
     def depth(self) -> int:
         """Calls waiting in this process's queue."""
         return self._queue.qsize()
+
+    @property
+    def evicted(self) -> int:
+        """Rows this process deleted to keep the store within MAX_ROWS."""
+        return self.retention.evicted
 
     def submit(self, call) -> None:
         """Queue a finished call (a call sink). A full queue, a stopped writer or any error counts a drop."""
@@ -133,16 +136,8 @@ class Writer:
                 "written": self.written, "dropped": self.dropped, "error": self.last_error}  # fmt: skip
 
     def retain(self) -> int:
-        """Delete every row and rotated CSV file older than the retention period now; return the rows deleted."""
-        if not self.retention_days:
-            return 0
-        cutoff = self.clock() - timedelta(days=self.retention_days)
-        total = 0
-        while deleted := models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS):
-            total += deleted
-        if self.csv_log is not None:
-            self.csv_log.prune(cutoff)
-        return total
+        """Delete every row and rotated CSV file past the retention period, then rows beyond the cap, now."""
+        return self.retention.run()
 
     # ---- the thread -------------------------------------------------------------------------------------------
 
@@ -187,7 +182,7 @@ class Writer:
         try:
             if calls:
                 self._store(calls)
-            self._retain_a_little()
+            self.retention.step()
         except Exception:
             self._drop(len(calls), "the writer thread failed on this batch")
             raise
@@ -249,7 +244,6 @@ class Writer:
                                 len(calls), self.last_error, self.retry_seconds)  # fmt: skip
                 self.retries += 1
                 self._stopping.wait(pause)
-        return None  # not reached: the loop returns
 
     def _insert_each(self, calls: list, give_up: float) -> list:
         """Insert the calls of a refused batch one per transaction, in order; return those stored."""
@@ -299,21 +293,6 @@ class Writer:
         with contextlib.suppress(Exception):
             self.database.close()
 
-    def _retain_a_little(self) -> None:
-        """Delete one small batch of old rows when retention is due; the pass continues next time round."""
-        if not self.retention_days or time.monotonic() < self._next_retention:
-            return
-        cutoff = self.clock() - timedelta(days=self.retention_days)
-        try:
-            if models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS) == RETENTION_BATCH_ROWS:
-                return  # more to delete: another batch after the next batch of calls
-            if self.csv_log is not None:
-                self.csv_log.prune(cutoff)
-        except Exception as exc:
-            log.warning("retention failed, will retry: %s", exc)
-            self._reconnect()
-        self._next_retention = time.monotonic() + RETENTION_EVERY_SECONDS
-
     def _drop(self, count: int, reason: str) -> None:
         if not count:
             return
@@ -360,7 +339,7 @@ def init_app(app: Flask) -> None:
     models.database.initialize(db)
     csv_log = CsvLog(config["CSV_FILE"], config["CSV_MAX_BYTES"])
     writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"],
-                    retry_seconds=config["WRITER_RETRY_SECONDS"])  # fmt: skip
+                    retry_seconds=config["WRITER_RETRY_SECONDS"], max_rows=config["MAX_ROWS"])  # fmt: skip
     writer.schema_ready = _create_tables(db)
     app.extensions["writer"] = writer
     app.extensions.setdefault("call_sinks", []).append(writer.submit)
