@@ -95,3 +95,8 @@ def test_intake_chat_and_invalid_utf8_read_as_in_go():
     body = b'{"model":"m\xff","messages":[{"role":"user","content":[{"type":"text","text":"\\ud800 \xed\xa0\x80"}]}]}'
     intake = read_intake("/v1/chat/completions", body)
     assert (intake.model, intake.prompt) == ("m\ufffd", "\ufffd \ufffd\ufffd\ufffd")
+    # Go replaces each byte of a cut-off sequence (Python's "replace" would give one U+FFFD for the two bytes).
+    assert (
+        read_intake("/api/generate", b'{"prompt":"a\xe2\x82b\xf0\x9f\x98"}').prompt
+        == "a\ufffd\ufffdb\ufffd\ufffd\ufffd"
+    )

@@ -22,7 +22,7 @@ GENERATION_KEYS = (
 
 PROMPT_CHARS = 1000  # issue 3: the prompt is cut to 1000 characters (not bytes)
 USAGE_SUFFIX = b',"stream_options":{"include_usage":true}}'
-_SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, only a lone one (a valid pair is one character)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one (a valid pair is one character)
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ def read_intake(path: str, body: bytes | None) -> Intake:
 
 
 def as_go_text(text: str | None) -> str | None:
-    """Return decoded JSON text as Go's encoding/json holds it: a lone surrogate (invalid UTF-16) becomes U+FFFD.
+    """Return decoded JSON text as Go's encoding/json holds it: each lone surrogate becomes U+FFFD.
 
-    Python's json keeps ``"\\ud800"`` as a lone surrogate, which no UTF-8 database, file or socket accepts; Ollama
-    reads the same request with U+FFFD in its place, and so does the record of the call.
+    Python's json keeps ``"\\ud800"`` (invalid UTF-16) as a lone surrogate, which no UTF-8 database, file or socket
+    accepts; Ollama reads the same request with U+FFFD in its place, and so does the record of the call.
     """
     if not text or text.isascii():
         return text
@@ -72,14 +72,15 @@ def with_usage_requested(body: bytes) -> bytes:
 
 
 def _decode(body: bytes | None):
-    """Decode like Go's encoding/json: bad UTF-8 becomes U+FFFD; a BOM, UTF-16, NaN and Infinity are errors.
+    """Decode like Go's encoding/json: a BOM, UTF-16, NaN and Infinity are errors.
 
-    A lone surrogate escape stays in the document; ``as_go_text`` replaces it in each field the call record keeps.
+    Each byte that is not UTF-8 stays in the document as a lone surrogate (surrogateescape), as does a lone surrogate
+    escape; ``as_go_text`` makes each of them U+FFFD in the fields the call record keeps, as Go does (one per byte).
     """
     if not body:
         return None
     try:
-        return _DECODER.decode(body.decode("utf-8", "replace"))
+        return _DECODER.decode(body.decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError):
         return None
 
