@@ -283,3 +283,11 @@ def test_retention_max_rows_zero_keeps_everything(store_writer):
         and store_writer.retain() == 0
         and len(stored_ids(store_writer.database)) == 30
     )
+
+
+def test_retention_age_then_cap_in_one_pass(store_writer):
+    store_writer.retention.retention_days, store_writer.retention.max_rows = 1, 5
+    store_writer.retention.clock = lambda: NOW + timedelta(days=2)
+    models.insert_calls(store_writer.database, aged(3, "old") + aged(10, "new", first_second=2 * 86400 - 60))
+    assert store_writer.retain() == 8 and (store_writer.retention.expired, store_writer.evicted) == (3, 5)
+    assert stored_ids(store_writer.database) == [f"new{n}" for n in range(5, 10)]
