@@ -7,11 +7,34 @@ names are those of the CSV-logging proxies people already use, in their order. T
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, fields
 from datetime import datetime
 
 # Why: outcome is a closed set so the dashboard, the metrics and the alerts can rely on it.
 OUTCOMES = ("completed", "upstream_error", "incomplete", "client_gone", "unreachable", "rejected")
+
+# Why: the client or the upstream chooses most of this text, and each call is kept three times (database, CSV mirror,
+# export). One bound per field, applied when a Call is built, keeps a hostile call from growing the store by
+# megabytes, keeps every indexed value far below PostgreSQL's index entry limit (about 2.7 kB), and makes the
+# database, the CSV and the export hold the same text. Sizes in characters.
+TEXT_CHARS = {
+    "request_id": 64,  # ours: 32 hex digits
+    "ip_source": 64,  # an IPv6 address with a zone fits
+    "user_agent": 512,
+    "http_method": 16,
+    "endpoint": 512,  # the path, without the query
+    "session_id": 200,
+    "model": 200,
+    "model_parameters": 4096,  # compact JSON; a cut one is no longer valid JSON
+    "error_message": 1024,
+    "outcome": 16,
+    "done_reason": 64,
+    "api": 8,
+    "prompt": 1000,
+    "response_preview": 200,
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -52,6 +75,13 @@ class Call:
     prompt: str | None
     response_preview: str | None
 
+    def __post_init__(self) -> None:
+        """Make every text field storable (see ``storable_text``): the one place the bounds are applied."""
+        for name, limit in _TEXT_BOUNDS:
+            value = getattr(self, name)
+            if type(value) is str and (len(value) > limit or not value.isascii() or "\x00" in value):
+                setattr(self, name, storable_text(value, limit))
+
     def as_dict(self) -> dict:
         """Return the fields in COLUMNS order, values unchanged (a shallow copy: every value is a scalar)."""
         return dict(zip(COLUMNS, values_of(self), strict=True))
@@ -59,6 +89,19 @@ class Call:
 
 COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(Call))
 values_of = operator.attrgetter(*COLUMNS)  # a Call's (or a stored row's) values in COLUMNS order, in one C call
+_TEXT_BOUNDS = tuple(TEXT_CHARS.items())
+
+
+def storable_text(text: str, limit: int) -> str:
+    """Return text cut to ``limit`` characters, without NUL and with each lone surrogate as U+FFFD.
+
+    Every UTF-8 database and file takes the result: PostgreSQL text cannot hold NUL, and no UTF-8 codec encodes a
+    lone surrogate (Python's json decodes ``"\\ud800"`` to one; Go's decoder, like Ollama, reads U+FFFD there).
+    """
+    text = text[:limit]
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -111,6 +111,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
     Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
     Setting("RETENTION_DAYS", "7", _positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
+    Setting("MAX_ROWS", "5000000", _positive_int, "Most rows kept; beyond it the oldest are deleted; 0 means no limit"),
     Setting(
         "WRITER_QUEUE_SIZE", "10000", _positive_int, "Finished calls waiting to be stored before new ones are dropped"
     ),

@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from proxy_app.calls import COLUMNS, Call
+from proxy_app.dashboard import queries
+from proxy_app.store import export, models
 from proxy_app.store.csvlog import HEADER, CsvLog, iter_csv
 
 NOW = datetime(2025, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
@@ -67,6 +69,37 @@ def test_csvlog_formula_cells_neutralised(text):
     row = parse(line)[0]
     assert row[COLUMNS.index("user_agent")] == "'" + text
     assert row[COLUMNS.index("prompt")] == "'" + text
+
+
+# Each of these is read as a formula by some spreadsheet: one that skips leading spaces, line breaks or invisible
+# characters before looking for "=", or one that takes the full-width signs for the ASCII ones.
+HIDDEN_FORMULAS = [
+    " =1+1", "   +1", "\n=1+1", "\r\n-1", " \n\t@SUM(A1)", "\u200b=1+1", "\ufeff=1+1", "\u200c=1", "\u200d+1",
+    "\u2060@x", "\u00a0=1", "\u3000=1", "\uff1d1+1", "\uff0b1", "\uff0d1", "\uff20SUM(A1)", " \u200b\uff1d1",
+    "\t", "\r",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", HIDDEN_FORMULAS)
+def test_csvlog_hidden_formula_cells_neutralised_in_mirror_and_export(tmp_path, text):
+    call = sample_call(user_agent=text, prompt=text, error_message=text)
+    log = CsvLog(tmp_path / "calls.csv", clock=lambda: NOW)
+    log.append([call])
+    with open(log.path, newline="", encoding="utf-8") as handle:
+        mirrored = handle.read()
+    row = parse(mirrored)[1]
+    for name in ("user_agent", "prompt", "error_message"):
+        assert row[COLUMNS.index(name)] == "'" + text, name
+    db = models.open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    models.create_tables(db)
+    models.insert_calls(db, [call])
+    assert "".join(export.iter_csv(queries.iter_chunks(db, queries.parse_filters({"since": "all"})))) == mirrored
+
+
+@pytest.mark.parametrize("text", [" x", "\nplain", "\u200bword", "\uff21=1", "a=b", "5 apples", "\u00a0"])
+def test_csvlog_text_that_is_no_formula_untouched(text):
+    row = parse(list(iter_csv([sample_call(user_agent=text)]))[1])[0]
+    assert row[COLUMNS.index("user_agent")] == text
 
 
 def test_csvlog_numbers_and_plain_text_untouched():

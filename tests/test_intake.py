@@ -77,3 +77,26 @@ def test_intake_with_usage_requested_appends_last_key():
 
 def test_intake_model_from_v1_models_path():
     assert read_intake("/v1/models/llama3.2:latest", None).model == "llama3.2:latest"
+
+
+# Go's encoding/json turns an escape that is no valid UTF-16 (a lone surrogate) and a byte that is no valid UTF-8 into
+# U+FFFD; Python's json keeps the surrogate, which no UTF-8 database, file or socket accepts.
+LONE_SURROGATES = b'{"model":"m\\ud800","prompt":"a\\udc00b\\ud83d","options":{"stop":["\\udfff"],"k\\ud800":1}}'
+
+
+def test_intake_lone_surrogates_become_replacement_characters_as_in_go():
+    intake = read_intake("/api/generate", LONE_SURROGATES)
+    assert (intake.model, intake.prompt) == ("m\ufffd", "a\ufffdb\ufffd")
+    assert intake.model_parameters == '{"stop":["\ufffd"],"k\ufffd":1}'
+    assert read_intake("/api/generate", b'{"prompt":"\\ud83d\\ude00"}').prompt == "\U0001f600"  # a valid pair stays
+
+
+def test_intake_chat_and_invalid_utf8_read_as_in_go():
+    body = b'{"model":"m\xff","messages":[{"role":"user","content":[{"type":"text","text":"\\ud800 \xed\xa0\x80"}]}]}'
+    intake = read_intake("/v1/chat/completions", body)
+    assert (intake.model, intake.prompt) == ("m\ufffd", "\ufffd \ufffd\ufffd\ufffd")
+    # Go replaces each byte of a cut-off sequence (Python's "replace" would give one U+FFFD for the two bytes).
+    assert (
+        read_intake("/api/generate", b'{"prompt":"a\xe2\x82b\xf0\x9f\x98"}').prompt
+        == "a\ufffd\ufffdb\ufffd\ufffd\ufffd"
+    )

@@ -261,6 +261,31 @@ def test_usage_invalid_utf8_keeps_counts():
     )
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "byte by byte"])
+def test_usage_lone_surrogates_become_replacement_characters_as_in_go(chunked):
+    body = (
+        b'{"model":"m\\ud800","created_at":"2025-05-01T00:00:00Z","response":"a\\ud83d","done":false}\n'
+        b'{"model":"m\\ud800","created_at":"2025-05-01T00:00:00Z","response":"\\ude00b","done":false}\n'
+        b'{"model":"m","error":"bad \\udc00"}\n'
+        b'{"model":"m","done":true,"done_reason":"stop\\ud800"}\n'
+    )
+    meter = UsageMeter("application/x-ndjson")
+    for piece in [body[n : n + 1] for n in range(len(body))] if chunked else [body]:
+        meter.feed(piece)
+    found = meter.result()
+    assert (found.model, found.response_preview) == ("m\ufffd", "a\ufffd\ufffdb")  # each half of the split pair
+    assert (found.error_message, found.done_reason) == ("bad \ufffd", "stop\ufffd")
+
+
+def test_usage_sse_and_json_lone_surrogates_as_in_go():
+    sse = UsageMeter("text/event-stream")
+    sse.feed(b'data: {"model":"m","choices":[{"delta":{"content":"x\\udbff"},"finish_reason":null}]}\n\n')
+    body = UsageMeter("application/json")
+    body.feed(b'{"model":"m\\udfff","message":{"role":"assistant","content":"\\ud800y"},"done":true}')
+    assert sse.result().response_preview == "x\ufffd"
+    assert (body.result().model, body.result().response_preview) == ("m\ufffd", "\ufffdy")
+
+
 def final_line() -> tuple[bytes, bytes, bytes]:
     """Head, a middle piece to repeat, and tail of a generate final line with a long context."""
     head = b'{"model":"llama3.2","created_at":"2025-10-26T17:15:24Z","response":"","done":true,"done_reason":"length",'

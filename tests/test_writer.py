@@ -14,8 +14,8 @@ from datetime import timedelta
 import pytest
 from peewee import IntegrityError, OperationalError, TextField
 
-from proxy_app.calls import COLUMNS, Call
-from proxy_app.store import models
+from proxy_app.calls import COLUMNS, TEXT_CHARS, Call
+from proxy_app.store import models, retention
 from proxy_app.store import writer as writer_module
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion
@@ -71,9 +71,9 @@ def test_models_sqlite_pragmas_and_url_overrides(tmp_path):
     db.close()
 
 
-def test_models_row_clips_indexed_text_and_drops_nul():
+def test_models_row_holds_the_calls_bounded_text():
     row = dict(zip(COLUMNS, models.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b")), strict=True))
-    assert len(row["session_id"]) == models.INDEXED_TEXT_CHARS and row["prompt"] == "ab"
+    assert row["session_id"] == "s" * TEXT_CHARS["session_id"] and row["prompt"] == "ab"
 
 
 def test_models_create_tables_twice_keeps_rows(tmp_path):
@@ -298,7 +298,7 @@ def test_writer_fork_while_busy_leaves_the_parent_queue_behind(writer, monkeypat
 
 
 def test_writer_retention_deletes_exactly_what_is_older(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "RETENTION_BATCH_ROWS", 7)  # several batches
+    monkeypatch.setattr(retention, "BATCH_ROWS", 7)  # several batches
     writer = make_writer(tmp_path, retention_days=7, clock=lambda: NOW)
     cutoff = NOW - timedelta(days=7)
     old = [sample_call(request_id=f"old{n}", timestamp=cutoff - timedelta(hours=n + 1)) for n in range(20)]

@@ -7,6 +7,7 @@ so the proxy can count tokens of clients that did not ask for usage. No Flask, n
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 # Why: Ollama streams these unless the body says "stream": false (absent, null or true all stream).
@@ -21,6 +22,7 @@ GENERATION_KEYS = (
 
 PROMPT_CHARS = 1000  # issue 3: the prompt is cut to 1000 characters (not bytes)
 USAGE_SUFFIX = b',"stream_options":{"include_usage":true}}'
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one (a valid pair is one character)
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,23 @@ def read_intake(path: str, body: bytes | None) -> Intake:
     stream = _is_streaming(path, document.get("stream"))
     return Intake(
         api=api,
-        model=_model(path, document),
+        model=as_go_text(_model(path, document)),
         stream_mode=stream,
-        model_parameters=_parameters(document),
-        prompt=_prompt(path, document),
+        model_parameters=as_go_text(_parameters(document)),
+        prompt=as_go_text(_prompt(path, document)),
         wants_usage_injected=stream and path == "/v1/chat/completions" and not _asked_usage(document),
     )
+
+
+def as_go_text(text: str | None) -> str | None:
+    """Return decoded JSON text as Go's encoding/json holds it: each lone surrogate becomes U+FFFD.
+
+    Python's json keeps ``"\\ud800"`` (invalid UTF-16) as a lone surrogate, which no UTF-8 database, file or socket
+    accepts; Ollama reads the same request with U+FFFD in its place, and so does the record of the call.
+    """
+    if not text or text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def with_usage_requested(body: bytes) -> bytes:
@@ -59,11 +72,15 @@ def with_usage_requested(body: bytes) -> bytes:
 
 
 def _decode(body: bytes | None):
-    """Decode like Go's encoding/json: bad UTF-8 becomes U+FFFD; a BOM, UTF-16, NaN and Infinity are errors."""
+    """Decode like Go's encoding/json: a BOM, UTF-16, NaN and Infinity are errors.
+
+    Each byte that is not UTF-8 stays in the document as a lone surrogate (surrogateescape), as does a lone surrogate
+    escape; ``as_go_text`` makes each of them U+FFFD in the fields the call record keeps, as Go does (one per byte).
+    """
     if not body:
         return None
     try:
-        return _DECODER.decode(body.decode("utf-8", "replace"))
+        return _DECODER.decode(body.decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError):
         return None
 

@@ -1,13 +1,15 @@
 """Token counts and timings from an Ollama response body fed chunk by chunk (`UsageMeter`), and `UsageStripper`.
 
-Does not: use Flask, a clock, I/O or anything outside the stdlib; time anything (TTFT is the relay's job); raise on
-bad input (an unreadable line is skipped); read Anthropic `/v1/messages` counts (its `event:` lines are only
-tolerated); or set `has_content` for a plain JSON body before `result()`, since nothing is decoded before then.
+Does not: use Flask, a clock, I/O or anything outside the stdlib and intake.py; time anything (TTFT is the relay's
+job); raise on bad input (an unreadable line is skipped); read Anthropic `/v1/messages` counts (its `event:` lines are
+only tolerated); or set `has_content` for a plain JSON body before `result()`, since nothing is decoded before then.
 """
 
 import json
 import re
 from dataclasses import dataclass
+
+from proxy_app.ollama.intake import as_go_text
 
 MAX_PARSE_BYTES = 16 * 1024 * 1024  # bigger bodies or lines are not json-decoded, so memory per call stays bounded
 EDGE_BYTES = 4096  # kept from each end of an oversized body: model and done flag at the head, metrics at the tail
@@ -177,7 +179,7 @@ class UsageMeter:
         elif self._carry.size:
             self._finish_line(b"")
         usage = self._usage  # the meter's own, completed (dataclasses.replace would cost more than the rest here)
-        usage.response_preview = "".join(self._preview)[: self.preview_chars]
+        usage.response_preview = as_go_text("".join(self._preview)[: self.preview_chars])
         usage.is_complete = self._complete and not self._failed and self.status < 400
         return usage
 
@@ -251,7 +253,7 @@ class UsageMeter:
         """Fold one decoded object (native, /v1 or salvaged) into the running usage."""
         model = obj.get("model")
         if self._usage.model is None and isinstance(model, str) and model:
-            self._usage.model = model
+            self._usage.model = as_go_text(model)
         if obj.get("error"):
             self._take_error(obj["error"])
             return
@@ -298,7 +300,7 @@ class UsageMeter:
         self._failed = True
         message = error.get("message") if isinstance(error, dict) else error
         if isinstance(message, str):
-            self._usage.error_message = message
+            self._usage.error_message = as_go_text(message)
 
     def _add_text(self, text: object, extra: object) -> None:
         """Note answer text (kept for the preview) or thinking/tool calls (content, but not previewed)."""
@@ -319,7 +321,7 @@ class UsageMeter:
     def _set_reason(self, value: object) -> None:
         """Store a non-empty done_reason / finish_reason."""
         if isinstance(value, str) and value:
-            self._usage.done_reason = value
+            self._usage.done_reason = as_go_text(value)
 
 
 class UsageStripper:

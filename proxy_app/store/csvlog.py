@@ -1,9 +1,10 @@
-"""The CSV mirror of the calls table; ``cells``, the one way a row becomes CSV cells, and ``iter_csv`` (the export).
+"""The one CSV format (``values_cells``, ``cells``, ``iter_csv``) and the CSV mirror of the calls table (``CsvLog``).
 
-RFC 4180 through the ``csv`` module, columns in ``calls.COLUMNS`` order, the header once per file. Appends take a
-cross-process file lock so several gunicorn workers never interleave rows; the file is rotated by size and by UTC
-day, and rotated files older than the retention period are deleted. It does not read the database or decide what a
-row holds, and only the writer thread of each process calls ``append``.
+RFC 4180 through the ``csv`` module, columns in ``calls.COLUMNS`` order, the header once per file. The mirror, the
+dashboard's export (export.py) and the ``export-csv`` command all turn a row into cells here, so their bytes agree.
+Appends take a cross-process file lock so several gunicorn workers never interleave rows; the file is rotated by size
+and by UTC day, and rotated files older than the retention period are deleted. It does not read the database or
+decide what a row holds, and only the writer thread of each process calls ``append``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,33 @@ import csv
 import io
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from proxy_app.calls import COLUMNS, format_timestamp, values_of
+from proxy_app.calls import COLUMNS, Call, format_timestamp, values_of
 
-# Why: a spreadsheet runs a cell starting with one of these as a formula (CSV injection); a leading apostrophe
-# makes it plain text. Only text cells are touched: a number such as -5 stays a number.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Why: a spreadsheet runs a text cell starting with one of these signs as a formula (CSV injection), some also after
+# leading whitespace, line breaks or invisible characters, and some read the full-width signs as the ASCII ones; a
+# tab or CR in front is suspect on its own. A leading apostrophe makes such a cell plain text. Only text columns are
+# touched: a number such as -5 stays a number.
+FORMULA_SIGNS = "=+-@\uff1d\uff0b\uff0d\uff20"
+_SPACES = "".join(char for char in map(chr, range(0x3001)) if char.isspace())  # every one lies below U+3001
+# Invisible characters: soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width spaces and joiners,
+# direction marks, embeddings and isolates, word joiner, invisible operators, and the BOM (zero-width no-break space).
+_INVISIBLE = "\u00ad\u061c\u180e\ufeff" + "".join(
+    map(chr, [*range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065), *range(0x2066, 0x2070)])
+)
+_FORMULA = re.compile(f"[\t\r]|[{re.escape(_SPACES + _INVISIBLE)}]*[{re.escape(FORMULA_SIGNS)}]")
+_MAY_START_FORMULA = frozenset(FORMULA_SIGNS + _SPACES + _INVISIBLE)  # a cheap first look before the pattern
+STREAM_AT = COLUMNS.index("stream_mode")
+TEXT_AT = tuple(  # the text columns: only text can start a formula
+    index
+    for index, (name, hint) in enumerate(typing.get_type_hints(Call).items())
+    if str in (typing.get_args(hint) or (hint,))
+)
 
 
 def iter_csv(rows: Iterable) -> Iterator[str]:
@@ -35,28 +53,41 @@ def iter_csv(rows: Iterable) -> Iterator[str]:
         yield _drain(buffer)
 
 
+def _lines(rows: Iterable) -> str:
+    """The lines ``iter_csv`` yields for these rows, in one string."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(map(cells, rows))
+    return buffer.getvalue()
+
+
 def cells(row) -> list:
     """Return one row's CSV cells in COLUMNS order: None is empty, booleans true/false, times ISO 8601 UTC."""
-    values = [row.get(name) for name in COLUMNS] if isinstance(row, Mapping) else values_of(row)
-    return [_cell(value) for value in values]
+    return values_cells([row.get(name) for name in COLUMNS] if isinstance(row, Mapping) else values_of(row))
 
 
-def _cell(value):
-    if value is None:
-        return ""
-    kind = type(value)  # exact types first: most cells are text or numbers, and this runs 33 times a row
-    if kind is str:
-        return "'" + value if value.startswith(FORMULA_PREFIXES) else value
-    if kind is int or kind is float:
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, datetime):
-        return format_timestamp(value.astimezone(UTC) if value.tzinfo else value)
-    if isinstance(value, int | float):
-        return value
-    text = str(value)
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+def values_cells(values: Sequence) -> list:
+    """Return the cells of one row given as its values in COLUMNS order (a Call's, or a stored row's without its id).
+
+    The one formatting step behind every CSV this proxy writes, kept to one tight loop: the export runs it per row.
+    The csv module writes None as an empty cell and numbers as they are.
+    """
+    row = list(values)
+    row[0] = _timestamp(row[0])
+    row[STREAM_AT] = "true" if row[STREAM_AT] else "false"
+    for index in TEXT_AT:
+        text = row[index]
+        if text and text[0] in _MAY_START_FORMULA and _FORMULA.match(text):
+            row[index] = "'" + text
+    return row
+
+
+def _timestamp(value) -> str:
+    """ISO 8601 UTC with milliseconds from a datetime (naive means UTC) or SQLite's stored text."""
+    if isinstance(value, str):
+        if len(value) == 26 and value[10] == " ":  # YYYY-MM-DD HH:MM:SS.ffffff: cut and pasted rather than parsed
+            return f"{value[:10]}T{value[11:23]}Z"
+        value = datetime.fromisoformat(value)
+    return format_timestamp(value.astimezone(UTC) if value.tzinfo else value)
 
 
 def _drain(buffer: io.StringIO) -> str:
@@ -84,9 +115,7 @@ class CsvLog:
 
     def append(self, rows: Iterable) -> None:
         """Append rows in one write under the file lock; a new (or just rotated) file gets the header first."""
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows(map(cells, rows))  # the lines iter_csv yields, in one buffer
-        lines = buffer.getvalue()
+        lines = _lines(rows)
         try:
             self._append(lines)
         except FileNotFoundError:  # the directory is gone (or was never made): make it, once per such failure

@@ -31,11 +31,12 @@ from peewee import (
     SchemaManager,
     SqliteDatabase,
     TextField,
+    fn,
 )
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
 
-from proxy_app.calls import COLUMNS, Call, values_of
+from proxy_app.calls import COLUMNS, TEXT_CHARS, Call, values_of
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,6 @@ SQLITE_DEFAULTS = {
 }
 POSTGRES_DEFAULTS = {"connect_timeout": 5}  # an unroutable host must not hang the writer for minutes
 
-# Why: client-chosen text goes into indexed columns; PostgreSQL rejects btree entries over ~2.7 kB, so one silly
-# X-Session-ID header would fail a whole batch. 255 characters keeps every index entry small.
-INDEXED_TEXT_CHARS = 255
 # How psycopg2 words a connection the server has closed (restart, idle timeout, pg_terminate_backend).
 DROPPED_CONNECTION = ("server closed the connection", "terminating connection", "connection already closed")
 
@@ -89,14 +87,15 @@ class BaseModel(Model):
 
 
 class CallRow(BaseModel):
-    """One stored call; the fields are ``calls.COLUMNS`` in order (a test holds them to it)."""
+    """One stored call; the fields are ``calls.COLUMNS`` in order (a test holds them to it). Text arrives bounded by
+    ``calls.TEXT_CHARS`` (a changed bound of a CharField needs a migration)."""
 
     id = BigAutoField()
     timestamp = UTCDateTimeField(index=True)
-    request_id = CharField(max_length=64, index=True)
+    request_id = CharField(max_length=TEXT_CHARS["request_id"], index=True)
     ip_source = TextField(index=True)
     user_agent = TextField()
-    http_method = CharField(max_length=16)
+    http_method = CharField(max_length=TEXT_CHARS["http_method"])
     endpoint = TextField()
     session_id = TextField(index=True)
     model = TextField(null=True)
@@ -115,14 +114,14 @@ class CallRow(BaseModel):
     system_load_cpu = FloatField(null=True)
     system_load_memory = FloatField(null=True)
     concurrent_requests = IntegerField()
-    outcome = CharField(max_length=16, index=True)
+    outcome = CharField(max_length=TEXT_CHARS["outcome"], index=True)
     ttft_ms = FloatField(null=True)
     tokens_per_second = FloatField(null=True)
     load_duration_ms = FloatField(null=True)
     prompt_eval_duration_ms = FloatField(null=True)
     eval_duration_ms = FloatField(null=True)
     done_reason = TextField(null=True)
-    api = CharField(max_length=8)
+    api = CharField(max_length=TEXT_CHARS["api"])
     prompt = TextField(null=True)
     response_preview = TextField(null=True)
 
@@ -142,15 +141,13 @@ class SchemaVersion(BaseModel):
 
 
 MODELS = (CallRow, SchemaVersion)
-INDEXED_TEXT = ("ip_source", "session_id", "model", "endpoint", "request_id")
 # The Python type a field stores unchanged: a value of exactly that type skips db_value (half a microsecond a column);
 # any other value, and every value of a field not listed here (timestamps), still goes through it.
 _STORED_AS = {IntegerField: int, BigIntegerField: int, FloatField: float, TextField: str, CharField: str,
               BooleanField: bool}  # fmt: skip
 _COLUMN_PLAN = tuple(
-    (field, _STORED_AS.get(type(field)), name in INDEXED_TEXT)
-    for name, field in ((name, getattr(CallRow, name)) for name in COLUMNS)  # a model's attribute is its Field
-)
+    (field, _STORED_AS.get(type(field))) for field in (getattr(CallRow, name) for name in COLUMNS)
+)  # a model's attribute is its Field
 
 
 def open_database(url: str) -> Database:
@@ -165,15 +162,10 @@ def open_database(url: str) -> Database:
 
 
 def row_of(call: Call) -> tuple:
-    """Return the insert values of one Call in COLUMNS order: NUL characters removed, indexed text clipped, and each
-    value as its field stores it."""
+    """Return the insert values of one Call in COLUMNS order, each as its field stores it (the Call's text is already
+    bounded and storable, so the CSV mirror holds the same)."""
     values = []
-    for (field, plain_type, is_indexed), value in zip(_COLUMN_PLAN, values_of(call), strict=True):
-        if type(value) is str:
-            if "\x00" in value:
-                value = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL; the whole batch would fail
-            if is_indexed:
-                value = value[:INDEXED_TEXT_CHARS]
+    for (field, plain_type), value in zip(_COLUMN_PLAN, values_of(call), strict=True):
         if value is not None and type(value) is not plain_type:
             value = field.db_value(value)
         values.append(value)
@@ -224,6 +216,23 @@ def describe_error(exc: BaseException) -> str:
         cause = cause.__context__
     cause = cause or exc
     return f"{type(cause).__name__}: {cause}"
+
+
+def cap_cutoff(db: Database, max_rows: int) -> tuple[datetime, int] | None:
+    """Return (the arrival time before which rows are beyond the newest ``max_rows``, how many they are), or None.
+
+    While the id range is no wider than the cap this is two index lookups; past it, a count and an index walk over
+    the rows beyond. Ties at the cutoff stay, so the store keeps at least ``max_rows`` rows.
+    """
+    lowest = CallRow.select(fn.MIN(CallRow.id)).scalar(db)
+    highest = CallRow.select(fn.MAX(CallRow.id)).scalar(db)
+    if highest is None or highest - lowest + 1 <= max_rows:
+        return None
+    beyond = CallRow.select().count(db) - max_rows
+    if beyond <= 0:
+        return None
+    first_kept = CallRow.select(CallRow.timestamp).order_by(CallRow.timestamp, CallRow.id).offset(beyond).limit(1)
+    return first_kept.scalar(db), beyond
 
 
 def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:

@@ -1,12 +1,12 @@
 """The background writer: finished calls go into a bounded queue; one thread per process stores them in batches.
 
 Each batch is inserted in one transaction (IMMEDIATE on SQLite), then appended to the CSV mirror. A batch the
-database refuses is tried again, with growing pauses, for up to ``retry_seconds`` (the queue holds the calls that
-arrive meanwhile); only then is it dropped. Between batches the same thread deletes rows and CSV files older than the
-retention period, a small batch at a time. A full queue or a database that stays down costs a counted, logged drop
-and never an error or a wait for the client. This module does not build calls (forward.py) or publish metrics
-(metrics.py reads ``written``, ``dropped`` and ``depth``).
-"""
+database refuses because it is locked, gone or full is tried again, with growing pauses, for up to ``retry_seconds``
+(the queue holds the calls that arrive meanwhile); only then is it dropped. A batch refused for any other reason is
+inserted again one row per transaction, so a row the database will not take costs only itself. Between batches the
+same thread runs a step of retention (retention.py). A full queue or a database that stays down costs a counted,
+logged drop and never an error or a wait for the client. This module does not build calls (forward.py) or publish
+metrics: it keeps the counts (``written``, ``dropped``, ``refused``, ``evicted``, ``depth``) for metrics.py to read."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ import queue
 import threading
 import time
 import weakref
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from flask import Flask
-from peewee import Database, InterfaceError, OperationalError
+from peewee import Database
 
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.retention import Retention
 from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,10 @@ BATCH_ROWS = 500  # most calls per transaction: enough to amortise a commit, few
 # would pay for both alone. Waiting this long once for a batch to fill costs nothing the client sees.
 LINGER_SECONDS = 0.02
 TICK_SECONDS = 1.0  # an idle writer wakes this often to see whether retention is due
-RETENTION_EVERY_SECONDS = 600.0  # how often old rows and files are looked for
-RETENTION_BATCH_ROWS = 1000  # rows deleted per transaction, so writes from other processes never wait long
 RETRY_SECONDS = 60.0  # how long a refused batch is tried again before it is dropped (a locked or restarting database)
 RETRY_PAUSES = (0.1, 0.25, 0.5, 1.0, 2.0)  # seconds between tries; the last one repeats
 DROP_LOG_SECONDS = 60.0  # at most one drop warning a minute: a full queue must not flood the log
+REFUSALS_LOGGED_A_MINUTE = 10  # refused rows are logged one by one, with their ids, up to this many a minute
 SHUTDOWN_SECONDS = 10.0  # how long a shutdown waits for the queue to drain
 _STOP = object()  # the sentinel that ends the thread once everything before it is stored
 
@@ -48,18 +48,20 @@ class Writer:
     """Stores calls off the request path. ``submit`` never blocks; ``flush`` and ``stop`` wait with a timeout."""
 
     def __init__(self, database: Database, csv_log: CsvLog | None, maxsize: int, retention_days: int = 0,
-                 retry_seconds: float = RETRY_SECONDS, clock=lambda: datetime.now(UTC)) -> None:  # fmt: skip
+                 retry_seconds: float = RETRY_SECONDS, clock=lambda: datetime.now(UTC),
+                 max_rows: int = 0) -> None:  # fmt: skip
         self.database = database
         self.csv_log = csv_log
         self.maxsize = maxsize  # 0: unbounded
-        self.retention_days = retention_days  # 0: keep everything
+        self.retention = Retention(database, csv_log, retention_days, max_rows, clock)  # 0, 0: keep everything
         self.retry_seconds = retry_seconds  # 0: a refused batch is dropped at once
-        self.clock = clock
         self.schema_ready = False  # create_tables succeeded in this database (else the thread retries it)
         self.written = 0
         self.dropped = 0
         self.csv_failed = 0  # rows stored in the database whose CSV append failed
         self.retries = 0  # tries after the first for batches the database refused
+        self.refused = 0  # calls the database refused on their own (also counted in dropped)
+        self._refusal_window_ends, self._refusals_logged = 0.0, 0
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize)
         # The thread: at once from one batch to the next (taking a batch waits up to TICK_SECONDS for a call).
@@ -68,7 +70,6 @@ class Writer:
         self._stopping = threading.Event()  # set by stop(); also wakes a retry pause at once
         self._lock = threading.Lock()
         self._next_drop_log = 0.0
-        self._next_retention = 0.0
 
     @property
     def restarts(self) -> int:
@@ -87,6 +88,11 @@ class Writer:
     def depth(self) -> int:
         """Calls waiting in this process's queue."""
         return self._queue.qsize()
+
+    @property
+    def evicted(self) -> int:
+        """Rows this process deleted to keep the store within MAX_ROWS."""
+        return self.retention.evicted
 
     def submit(self, call) -> None:
         """Queue a finished call (a call sink). A full queue, a stopped writer or any error counts a drop."""
@@ -143,16 +149,8 @@ class Writer:
                 "written": self.written, "dropped": self.dropped, "error": self.last_error}  # fmt: skip
 
     def retain(self) -> int:
-        """Delete every row and rotated CSV file older than the retention period now; return the rows deleted."""
-        if not self.retention_days:
-            return 0
-        cutoff = self.clock() - timedelta(days=self.retention_days)
-        total = 0
-        while deleted := models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS):
-            total += deleted
-        if self.csv_log is not None:
-            self.csv_log.prune(cutoff)
-        return total
+        """Delete every row and rotated CSV file past the retention period, then rows beyond the cap, now."""
+        return self.retention.run()
 
     # ---- the thread -------------------------------------------------------------------------------------------
 
@@ -176,7 +174,7 @@ class Writer:
         try:
             if calls:
                 self._store(calls)
-            self._retain_a_little()
+            self.retention.step()
         except Exception:
             self._drop(len(calls), "the writer thread failed on this batch")
             raise
@@ -202,36 +200,68 @@ class Writer:
         return batch
 
     def _store(self, calls: list) -> None:
-        """Insert the batch in one transaction, then mirror it to the CSV.
+        """Insert the batch, then mirror the rows the database took to the CSV."""
+        stored = self._insert(calls, time.monotonic() + self.retry_seconds)
+        if stored:
+            with self._lock:
+                self.written += len(stored)
+            self._append_csv(stored)
 
-        A database that is locked, gone or full (OperationalError, InterfaceError) gets the batch again until it takes
-        it, for up to ``retry_seconds`` or until the writer is stopped; then, or at once for any other error (a row
-        the database will never take), the batch is dropped.
+    def _insert(self, calls: list, give_up: float) -> list | None:
+        """Insert the calls in one transaction; return those stored, or None once they are dropped.
+
+        A database that is locked, gone or full gets the calls again until it takes them, until ``give_up`` or until
+        the writer is stopped; then they are dropped. Any other error belongs to a row (text or a number the database
+        will not hold): the calls are then inserted one at a time, so a row refused alone is the only one lost.
         """
-        give_up = time.monotonic() + self.retry_seconds
         for attempt in itertools.count():
             try:
                 if not self.schema_ready:
                     self.schema_ready = models.create_tables(self.database) > 0
                 models.insert_calls(self.database, calls)
-                break
+                self.last_error = None
+                return calls
             except Exception as exc:
                 self.last_error = models.describe_error(exc)
                 self._reconnect()
+                transient = is_transient(exc)
+                if not transient and self.schema_ready:
+                    return self._insert_each(calls, give_up) if len(calls) > 1 else self._refuse(calls[0])
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
-                retryable = isinstance(exc, OperationalError | InterfaceError)
-                if not retryable or self._stopping.is_set() or time.monotonic() + pause > give_up:
+                if not transient or self._stopping.is_set() or time.monotonic() + pause > give_up:
                     self._drop(len(calls), f"the database refused a batch: {self.last_error}")
-                    return
+                    return None
                 if not attempt:
                     log.warning("the database refused a batch of %d row(s): %s; trying again for up to %.0f s",
                                 len(calls), self.last_error, self.retry_seconds)  # fmt: skip
                 self.retries += 1
                 self._stopping.wait(pause)
+
+    def _insert_each(self, calls: list, give_up: float) -> list:
+        """Insert the calls of a refused batch one per transaction, in order; return those stored."""
+        stored = []
+        for index, call in enumerate(calls):
+            taken = self._insert([call], give_up)
+            if taken is None:  # the database went away meanwhile: the rest of the batch goes with this row
+                self._drop(len(calls) - index - 1, f"the database refused a batch: {self.last_error}")
+                break
+            stored += taken
+        return stored
+
+    def _refuse(self, call) -> list:
+        """Count and log a call the database refused on its own (logged with its id, at most a few a minute)."""
         with self._lock:
-            self.written += len(calls)
-        self.last_error = None
-        self._append_csv(calls)
+            self.refused += 1
+            self.dropped += 1
+            now = time.monotonic()
+            if now >= self._refusal_window_ends:
+                self._refusal_window_ends, self._refusals_logged = now + DROP_LOG_SECONDS, 0
+            self._refusals_logged += 1
+            quiet = self._refusals_logged > REFUSALS_LOGGED_A_MINUTE
+        if not quiet:
+            log.warning("the database refused call %s, which alone is dropped: %s (%d refused so far in this process)",
+                        call.request_id, self.last_error, self.refused)  # fmt: skip
+        return []
 
     def _append_csv(self, calls: list) -> None:
         if self.csv_log is None:
@@ -241,26 +271,19 @@ class Writer:
         except OSError as exc:
             self.csv_failed += len(calls)
             log.warning("could not append %d row(s) to the CSV mirror %s: %s", len(calls), self.csv_log.path, exc)
+        except ValueError:  # text the file's encoding refuses: one row's fault, so the others go in one by one
+            for call in calls:
+                try:
+                    self.csv_log.append([call])
+                except (OSError, ValueError) as exc:
+                    self.csv_failed += 1
+                    log.warning("could not append call %s to the CSV mirror %s: %s",
+                                call.request_id, self.csv_log.path, exc)  # fmt: skip
 
     def _reconnect(self) -> None:
         """Forget this thread's connection so the next batch opens a fresh one (a restarted PostgreSQL, say)."""
         with contextlib.suppress(Exception):
             self.database.close()
-
-    def _retain_a_little(self) -> None:
-        """Delete one small batch of old rows when retention is due; the pass continues next time round."""
-        if not self.retention_days or time.monotonic() < self._next_retention:
-            return
-        cutoff = self.clock() - timedelta(days=self.retention_days)
-        try:
-            if models.delete_older_than(self.database, cutoff, RETENTION_BATCH_ROWS) == RETENTION_BATCH_ROWS:
-                return  # more to delete: another batch after the next batch of calls
-            if self.csv_log is not None:
-                self.csv_log.prune(cutoff)
-        except Exception as exc:
-            log.warning("retention failed, will retry: %s", exc)
-            self._reconnect()
-        self._next_retention = time.monotonic() + RETENTION_EVERY_SECONDS
 
     def _drop(self, count: int, reason: str) -> None:
         if not count:
@@ -274,6 +297,16 @@ class Writer:
         log.warning("dropped %d call record(s): %s (%d dropped so far in this process)", count, reason, self.dropped)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a database that is locked, gone or full: the DB-API's OperationalError or InterfaceError, from peewee
+    or straight from the driver, except a limit one row broke (SQLSTATE class 54, e.g. an index entry too big)."""
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    if not names & {"OperationalError", "InterfaceError"}:
+        return False
+    codes = (getattr(cause, "pgcode", None) for cause in (exc, exc.__cause__, exc.__context__, *exc.args[:1]))
+    return not any(isinstance(code, str) and code.startswith("54") for code in codes)
+
+
 def init_app(app: Flask) -> None:
     """Open the database, create or migrate the tables, and plug the writer in as a call sink with its hooks."""
     config = app.config
@@ -281,7 +314,7 @@ def init_app(app: Flask) -> None:
     models.database.initialize(db)
     csv_log = CsvLog(config["CSV_FILE"], config["CSV_MAX_BYTES"])
     writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"],
-                    retry_seconds=config["WRITER_RETRY_SECONDS"])  # fmt: skip
+                    retry_seconds=config["WRITER_RETRY_SECONDS"], max_rows=config["MAX_ROWS"])  # fmt: skip
     writer.schema_ready = _create_tables(db)
     app.extensions["writer"] = writer
     app.extensions.setdefault("call_sinks", []).append(writer.submit)
