@@ -33,6 +33,12 @@ from types import SimpleNamespace
 import waitress
 from waitress import wasyncore
 
+try:
+    from tests import fake_formats
+except ImportError:  # run as a script, `python tests/fake_ollama.py`: its own folder is on the path
+    import fake_formats
+go_json = fake_formats.go_json
+
 VERSION = "0.12.6"
 PROMPT_OVERHEAD_TOKENS = 10  # chat template and BOS tokens a real prompt adds on top of its words
 DEFAULT_TOKENS = ("The", " sky", " is", " blue", ".")
@@ -43,6 +49,7 @@ PIECE_BYTES = 64 * 1024  # read request bodies in pieces this big
 SEEN_BODY_LIMIT = 1 << 20  # keep request bodies in `seen` only below this size
 PROGRESS_STEPS = 4  # progress lines per layer in pull/push
 JSON_UTF8 = "application/json; charset=utf-8"
+V1_JSON = "application/json"  # /v1 replies written by json.Encoder after the handler ran
 NDJSON = "application/x-ndjson"
 MAX_EXPIRY_NS = 4102444800 * 10**9  # 2100-01-01: keep_alive < 0 means "for ever"
 WAITRESS_OPTIONS = {  # Ollama sets no timeouts or body limit; lookahead=1 lets waitress notice a departed client
@@ -54,9 +61,10 @@ WAITRESS_OPTIONS = {  # Ollama sets no timeouts or body limit; lookahead=1 lets 
 }
 
 
-def _model(family, params, quant, size, ctx, dims, caps, modified_ns):
+def _model(family, params, quant, size, ctx, dims, caps, modified_ns, remote=None):
     digest = hashlib.sha256(f"{family}{params}".encode()).hexdigest()
     return {
+        "remote": remote or {},  # a cloud model: remote_model and remote_host, on its tags entry and answers
         "family": family,
         "parameter_size": params,
         "quantization_level": quant,
@@ -77,14 +85,20 @@ CATALOG = {  # what "the registry" can pull; a fresh fake has all of them instal
     "qwen3:latest": _model(
         "qwen3", "8.2B", "Q4_K_M", 5225388164, 40960, 4096, ["completion", "tools", "thinking"], 1746404002000000000
     ),
+    # A cloud model (server/routes.go, remote model path): run on ollama.com, answered through the local server
+    "gpt-oss:120b-cloud": _model(
+        "gptoss",
+        "116.8B",
+        "MXFP4",
+        384,
+        131072,
+        2880,
+        ["completion", "tools", "thinking"],
+        1746403001000000000,
+        {"remote_model": "gpt-oss:120b", "remote_host": "https://ollama.com:443"},
+    ),
 }
 TEMPLATE = "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-
-
-def go_json(obj) -> str:
-    """Serialise like Go's encoding/json: compact, key order kept, `<>&` and U+2028/9 escaped."""
-    text = json.dumps(obj, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def rfc3339(ns: int, local: bool = False) -> str:
@@ -153,6 +167,7 @@ KNOBS = {  # name -> parser for its X-Fake-<Name> header
     "fail_status": _optional_int,
     "omit_done": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
     "v1_legacy_layout": lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+    "cached_tokens": _optional_int,
 }
 
 
@@ -196,6 +211,7 @@ class _Plan:
     tokens: list
     tool_calls: list
     done_reason: str = "stop"
+    remote: dict = field(default_factory=dict)  # remote_model and remote_host of a cloud model
 
     @property
     def eval_count(self) -> int:
@@ -209,6 +225,8 @@ class _Plan:
             "total_duration": load + prompt + gen + 500_000,
             "load_duration": load,
             "prompt_eval_count": self.prompt_tokens,
+            # api/types.go Metrics on Ollama's cache-metrics branch: the part of the prompt read from the cache
+            "prompt_eval_cached_count": min(knobs.cached_tokens or 0, self.prompt_tokens),
             "prompt_eval_duration": prompt,
             "eval_count": self.eval_count,
             "eval_duration": gen,
@@ -229,6 +247,8 @@ class FakeOllama:
       fail_status       answer every POST with this status and Ollama's body for it (404, 500, 503, ...)
       omit_done         end streams cleanly but without the done/success line
       v1_legacy_layout  /v1 chat streams as before v0.32.10 (role in every delta, finish on the last chunk)
+      cached_tokens     prompt tokens read from the cache: prompt_eval_cached_count (omitted while 0) and the
+                        cached-token usage fields of /v1 chat, Responses and Anthropic; None = a server without them
     For tests: `seen` (a dict per request), counters `completed`, `cancelled` (client left), `aborted` (cut),
     `wait_for(predicate)`, and the expected_* token helpers. State: `models`, `loaded` (/api/ps), `blobs`.
     """
@@ -246,6 +266,7 @@ class FakeOllama:
         self.token_delay = self.load_delay = 0.0
         self.error_after = self.cut_after = self.fail_status = None
         self.omit_done = self.v1_legacy_layout = False
+        self.cached_tokens = None
         self.models = {name: dict(info) for name, info in CATALOG.items()}
         self.loaded, self.blobs, self.seen = {}, set(), []
         self.completed = self.cancelled = self.aborted = 0
@@ -403,6 +424,8 @@ class FakeOllama:
             "/v1/embeddings": {"POST": self._v1_embeddings},
             "/v1/models": {"GET": self._v1_models},
             "/v1/models/": {"GET": self._v1_model},
+            "/v1/responses": {"POST": self._v1_responses},
+            "/v1/messages": {"POST": self._v1_messages},
         }
 
     def _match(self, path):
@@ -465,6 +488,9 @@ class FakeOllama:
     def _error_reply(req, fail) -> _Reply:
         if not req.v1:
             return _Reply(fail.status, JSON_UTF8, go_json({"error": fail.message}))
+        if req.path == "/v1/messages":  # Anthropic's shape (anthropic/anthropic.go NewError)
+            body = fake_formats.anthropic_error(fail.status, fail.message)
+            return _Reply(fail.status, JSON_UTF8, body) if fail.early else _Reply(fail.status, V1_JSON, body + "\n")
         kind = {400: "invalid_request_error", 404: "not_found_error"}.get(fail.status, "api_error")
         body = go_json({"error": {"message": fail.message, "type": kind, "param": None, "code": None}})
         if fail.early:
@@ -514,7 +540,7 @@ class FakeOllama:
         if isinstance(num_predict, int) and 0 <= num_predict < len(tokens):
             tokens, reason = tokens[:num_predict], "length"
         thinking = list(THINKING_TOKENS) if think else []
-        return _Plan(model, self.expected_prompt_tokens(text), thinking, tokens, tool_calls, reason)
+        return _Plan(model, self.expected_prompt_tokens(text), thinking, tokens, tool_calls, reason, info["remote"])
 
     def _finish(self, plan, knobs):
         """Non-stream replies arrive only after the whole generation; error_after turns into a 500."""
@@ -539,6 +565,7 @@ class FakeOllama:
         return {
             "name": name,
             "model": name,
+            **info["remote"],  # api/types.go ListModelResponse
             "modified_at": rfc3339(info["modified_ns"], local=True),
             "size": info["size"],
             "digest": info["digest"],
@@ -620,7 +647,7 @@ class FakeOllama:
         raw, knobs = bool(body.get("raw")), req.knobs
         if body.get("stream") is False:
             self._finish(plan, knobs)
-            return _Reply(200, JSON_UTF8, go_json(_generate_final(plan, knobs, raw, full=True)))
+            return _Reply(200, JSON_UTF8, _native_body(plan, _generate_final(plan, knobs, raw, full=True)))
         return _Reply(200, NDJSON, _Stream(_generate_events(plan), lambda: _generate_final(plan, knobs, raw)))
 
     def _chat(self, req):
@@ -633,7 +660,7 @@ class FakeOllama:
         self._touch(key, body.get("keep_alive"))
         if body.get("stream") is False:
             self._finish(plan, req.knobs)
-            return _Reply(200, JSON_UTF8, go_json(_chat_final(plan, req.knobs, full=True)))
+            return _Reply(200, JSON_UTF8, _native_body(plan, _chat_final(plan, req.knobs, full=True)))
         return _Reply(200, NDJSON, _Stream(_chat_events(plan), lambda: _chat_final(plan, req.knobs)))
 
     def _chat_plan(self, req, body, name, info, think, num_predict=None) -> _Plan:
@@ -779,7 +806,7 @@ class FakeOllama:
         if not body.get("stream"):
             self._finish(plan, knobs)
             return _Reply(200, "application/json", go_json(_v1_chat_completion(cid, plan, knobs)) + "\n")
-        render = _v1_chat_renderer(cid, knobs.v1_legacy_layout, _include_usage(body))
+        render = _v1_chat_renderer(cid, knobs.v1_legacy_layout, _include_usage(body), _is_cached(knobs))
         stream = _Stream(_chat_events(plan), lambda: _chat_final(plan, knobs), render)
         return _Reply(200, "text/event-stream", stream)
 
@@ -802,10 +829,10 @@ class FakeOllama:
                 "model": name,
                 "system_fingerprint": "fp_ollama",
                 "choices": [{"text": final["response"], "index": 0, "finish_reason": plan.done_reason}],
-                "usage": _usage(final),
+                "usage": _usage(final, _is_cached(knobs)),
             }
             return _Reply(200, "application/json", go_json(obj) + "\n")
-        render = _v1_completion_renderer(cid, _include_usage(body))
+        render = _v1_completion_renderer(cid, _include_usage(body), _is_cached(knobs))
         stream = _Stream(_generate_events(plan), lambda: _generate_final(plan, knobs, raw=True), render)
         return _Reply(200, "text/event-stream", stream)
 
@@ -831,6 +858,50 @@ class FakeOllama:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         obj = {"object": "list", "data": data, "model": name, "usage": usage}
         return _Reply(200, "application/json", go_json(obj) + "\n")
+
+    def _v1_responses(self, req):
+        """openai/responses.go and middleware/openai.go (ResponsesMiddleware): a chat answer converted."""
+        body = self._json(req)
+        name = body.get("model") or ""
+        key, info = self._find(name)
+        chat = {"messages": fake_formats.responses_messages(body), "tools": fake_formats.responses_tools(body)}
+        think = (body.get("reasoning") or {}).get("effort") not in (None, "", "none")
+        if chat["messages"]:
+            plan = self._chat_plan(req, chat, name, info, think, body.get("max_output_tokens"))
+        else:  # no input: the chat handler's load reply (done, no text, no counts), converted like any answer
+            plan = _Plan(name, 0, [], [], [], "load", info["remote"])
+        self._touch(key, None)
+        rid, item_id = f"resp_{random.randrange(999999)}", f"msg_{random.randrange(999999)}"
+        knobs, cached = req.knobs, _is_cached(req.knobs)
+        if body.get("stream") is not True:  # streams only when asked (ResponsesMiddleware)
+            self._finish(plan, knobs)
+            final = _chat_final(plan, knobs, full=True)
+            return _Reply(200, V1_JSON, fake_formats.responses_body(rid, item_id, name, final, body, cached))
+        render = fake_formats.ResponsesEvents(rid, item_id, name, body, cached)
+        stream = _Stream(_chat_events(plan), lambda: _chat_final(plan, knobs), render)
+        return _Reply(200, "text/event-stream", stream, [("Cache-Control", "no-cache")])
+
+    def _v1_messages(self, req):
+        """anthropic/anthropic.go and middleware/anthropic.go (AnthropicMessagesMiddleware): a chat answer converted."""
+        body = self._json(req)
+        for check, message in fake_formats.ANTHROPIC_CHECKS:
+            if not check(body):
+                raise _Fail(400, message, early=True)
+        name = body["model"]
+        key, info = self._find(name)
+        messages = fake_formats.anthropic_messages(body)
+        chat = {"messages": messages, "tools": fake_formats.anthropic_tools(body)}
+        think = (body.get("thinking") or {}).get("type") == "enabled"
+        plan = self._chat_plan(req, chat, name, info, think, body["max_tokens"])
+        self._touch(key, None)
+        mid, knobs, cached = fake_formats.message_id(), req.knobs, _is_cached(req.knobs)
+        if not body.get("stream"):
+            self._finish(plan, knobs)
+            return _Reply(200, V1_JSON, fake_formats.messages_body(mid, _chat_final(plan, knobs, full=True), cached))
+        estimate = len(chat_text(messages)) // 4  # anthropic.EstimateInputTokens: about four characters a token
+        render = fake_formats.MessagesEvents(mid, name, estimate, cached)
+        stream = _Stream(_chat_events(plan), lambda: _chat_final(plan, knobs), render)
+        return _Reply(200, "text/event-stream", stream, [("Cache-Control", "no-cache")])
 
     def _v1_models(self, req):
         data = [_v1_model_entry(name, self.models[name]) for name in self.models] or None
@@ -903,6 +974,11 @@ def _wants_think(value) -> bool:
     return value not in (None, False, "", "none")
 
 
+def _is_cached(knobs) -> bool:
+    """Whether this server reports cached prompt tokens in its /v1, Responses and Anthropic usage."""
+    return knobs.cached_tokens is not None
+
+
 def _include_usage(body) -> bool:
     return bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -960,11 +1036,11 @@ def _generate_events(plan):
     """Intermediate generate lines: thinking, then one line per token; no metrics."""
     pieces = [("", {"thinking": t}) for t in plan.thinking] + [(t, {}) for t in plan.tokens]
     for response, extra in pieces:
-        yield {"model": plan.model, "created_at": _now(), "response": response, **extra, "done": False}
+        yield {"model": plan.model, **plan.remote, "created_at": _now(), "response": response, **extra, "done": False}
 
 
 def _generate_final(plan, knobs, raw, full=False) -> dict:
-    obj = {"model": plan.model, "created_at": _now(), "response": "".join(plan.tokens) if full else ""}
+    obj = {"model": plan.model, **plan.remote, "created_at": _now(), "response": "".join(plan.tokens) if full else ""}
     if full and plan.thinking:
         obj["thinking"] = "".join(plan.thinking)
     obj.update(done=True, done_reason=plan.done_reason)
@@ -980,13 +1056,14 @@ def _chat_events(plan):
     if plan.tool_calls:
         messages.append(_message(tool_calls=plan.tool_calls))
     for message in messages:
-        yield {"model": plan.model, "created_at": _now(), "message": message, "done": False}
+        yield {"model": plan.model, **plan.remote, "created_at": _now(), "message": message, "done": False}
 
 
 def _chat_final(plan, knobs, full=False) -> dict:
     message = _message("".join(plan.tokens), "".join(plan.thinking), plan.tool_calls) if full else _message()
     return {
         "model": plan.model,
+        **plan.remote,
         "created_at": _now(),
         "message": message,
         "done": True,
@@ -995,9 +1072,19 @@ def _chat_final(plan, knobs, full=False) -> dict:
     }
 
 
-def _usage(final) -> dict:
+def _native_body(plan, obj) -> str:
+    """A native non-stream reply: gin's c.JSON, or for a cloud model json.Marshal plus a newline (server/routes.go)."""
+    return go_json(obj) + ("\n" if plan.remote else "")
+
+
+def _usage(final, cached=False) -> dict:
+    """openai/openai.go Usage; `cached`: with prompt_tokens_details, as on Ollama's cache-metrics branch."""
     prompt, completion = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": final.get("prompt_eval_cached_count", 0)}
+    usage.update(completion_tokens=completion, total_tokens=prompt + completion)
+    return usage
 
 
 def _v1_tool_calls(calls) -> list:
@@ -1027,7 +1114,7 @@ def _v1_chat_completion(cid, plan, knobs) -> dict:
         "model": plan.model,
         "system_fingerprint": "fp_ollama",
         "choices": [{"index": 0, "message": message, "finish_reason": reason}],
-        "usage": _usage(final),
+        "usage": _usage(final, _is_cached(knobs)),
     }
 
 
@@ -1035,7 +1122,7 @@ def _sse(objects, done) -> bytes:
     return ("".join(f"data: {go_json(o)}\n\n" for o in objects) + ("data: [DONE]\n\n" if done else "")).encode()
 
 
-def _v1_chat_renderer(cid, legacy, include_usage):
+def _v1_chat_renderer(cid, legacy, include_usage, cached):
     """Turn native chat objects into SSE like Ollama's middleware (a native error object becomes an empty chunk)."""
     state = {"first": True, "tool": False, "created": int(time.time())}
 
@@ -1058,13 +1145,13 @@ def _v1_chat_renderer(cid, legacy, include_usage):
             "system_fingerprint": "fp_ollama",
             "choices": [{"index": 0, "delta": delta, "finish_reason": reason or None}],
         }
-        extra = [{**chunk, "choices": [], "usage": _usage(obj)}] if obj.get("done") and include_usage else []
+        extra = [{**chunk, "choices": [], "usage": _usage(obj, cached)}] if obj.get("done") and include_usage else []
         return _sse([chunk, *extra], obj.get("done"))
 
     return render
 
 
-def _v1_completion_renderer(cid, include_usage):
+def _v1_completion_renderer(cid, include_usage, cached):
     """Turn native generate objects into /v1/completions SSE; with include_usage every chunk has zero usage."""
     created = int(time.time())
 
@@ -1078,8 +1165,8 @@ def _v1_completion_renderer(cid, include_usage):
             "system_fingerprint": "fp_ollama",
         }
         if include_usage:
-            chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        extra = [{**chunk, "choices": [], "usage": _usage(obj)}] if obj.get("done") and include_usage else []
+            chunk["usage"] = _usage({}, cached)  # a zero placeholder on every chunk (CompleteWriter)
+        extra = [{**chunk, "choices": [], "usage": _usage(obj, cached)}] if obj.get("done") and include_usage else []
         return _sse([chunk, *extra], obj.get("done"))
 
     return render

@@ -10,10 +10,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anthropic
 import ollama
 import openai
 import pytest
 
+from proxy_app.ollama.usage import UsageMeter
 from tests.fake_ollama import FakeOllama, serve
 
 CREATED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -59,6 +61,12 @@ def native(url):
 @pytest.fixture
 def oai(url):
     with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def claude(url):
+    with anthropic.Anthropic(base_url=url, api_key="x", max_retries=0) as client:
         yield client
 
 
@@ -338,6 +346,130 @@ def test_fake_ollama_error_shapes(url, fake):
     assert head.split()[1] == "400" and b"invalid character" in body
     head, body = exchange(url, "POST", "/api/generate", {"model": "nope", "prompt": "x"})
     assert (head.split()[1], body) == ("404", b'{"error":"model \'nope\' not found"}')
+
+
+def test_fake_ollama_openai_responses(oai, fake):
+    reply = oai.responses.create(model="llama3.2", input="why is the sky blue")
+    prompt = fake.expected_prompt_tokens("why is the sky blue")
+    assert (reply.output_text, reply.status, reply.usage.input_tokens, reply.usage.output_tokens) == (
+        "The sky is blue.", "completed", prompt, 5
+    )  # fmt: skip
+    events = list(oai.responses.create(model="qwen3", input="why is the sky blue", stream=True,
+                                       reasoning={"effort": "low"}))  # fmt: skip
+    kinds = [event.type for event in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.completed" and [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "The sky is blue."
+    assert kinds.count("response.reasoning_summary_text.delta") == 4
+    assert events[-1].response.usage.output_tokens == fake.expected_eval_tokens(think=True)
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    called = oai.responses.create(model="llama3.2", input="weather in Paris?", tools=[tool])
+    assert (called.output[0].type, json.loads(called.output[0].arguments)) == ("function_call", {"city": "Paris"})
+
+
+def test_fake_ollama_responses_stream_bytes(url, fake):
+    request = {"model": "llama3.2", "input": "hi", "stream": True}
+    head, body = exchange(url, "POST", "/v1/responses", request)
+    chunks, complete = dechunk(body)
+    assert (header(head, "Content-Type"), header(head, "Cache-Control"), complete) == (
+        "text/event-stream", "no-cache", True
+    )  # fmt: skip
+    events = b"".join(chunks).split(b"\n\n")
+    assert events[-1] == b"" and all(e.startswith(b"event: response.") for e in events[:-1])
+    name, data = events[-2].split(b"\n")
+    assert name == b"event: response.completed" and b"[DONE]" not in body
+    keys = list(json.loads(data[6:])["response"])
+    assert keys == sorted(keys)  # a Go map: sorted keys
+    fake.error_after = 2
+    _, body = exchange(url, "POST", "/v1/responses", request)
+    assert b"response.completed" not in body and body.count(b"event: response.output_text.delta") == 2
+
+
+def test_fake_ollama_anthropic_messages(claude, fake):
+    messages = [{"role": "user", "content": "why is the sky blue"}]
+    reply = claude.messages.create(model="llama3.2", max_tokens=64, messages=messages)
+    assert (reply.content[0].text, reply.stop_reason) == ("The sky is blue.", "end_turn")
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (fake.expected_chat_prompt_tokens(messages), 5)
+    with claude.messages.stream(model="qwen3", max_tokens=64, messages=messages,
+                                thinking={"type": "enabled", "budget_tokens": 32}) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    assert [block.type for block in final.content] == ["thinking", "text"]
+    assert (final.content[0].thinking, final.content[1].text) == ("Let me think.", "The sky is blue.")
+    assert final.usage.output_tokens == fake.expected_eval_tokens(think=True)
+    tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    called = claude.messages.create(model="llama3.2", max_tokens=64, messages=messages, tools=[tool])
+    assert (called.stop_reason, called.content[0].type, called.content[0].input) == ("tool_use", "tool_use",
+                                                                                     {"city": "Paris"})  # fmt: skip
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        claude.messages.create(model="nope", max_tokens=64, messages=messages)
+    assert caught.value.body["error"] == {"type": "not_found_error", "message": "model 'nope' not found"}
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens is required"):
+        claude.messages.create(model="llama3.2", max_tokens=0, messages=messages)
+
+
+def test_fake_ollama_messages_stream_estimate_and_failure(url, fake):
+    request = {"model": "llama3.2", "max_tokens": 64, "messages": MESSAGES, "stream": True}
+    _, body = exchange(url, "POST", "/v1/messages", request)
+    events = [json.loads(line[6:]) for line in b"".join(dechunk(body)[0]).split(b"\n") if line.startswith(b"data:")]
+    start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+    assert start["input_tokens"] != delta["input_tokens"] == fake.expected_chat_prompt_tokens(MESSAGES)
+    assert events[-1] == {"type": "message_stop"}
+    fake.error_after = 1
+    _, body = exchange(url, "POST", "/v1/messages", request)
+    assert b"message_delta" not in body and b"message_stop" not in body and body.count(b"text_delta") == 1
+
+
+def test_fake_ollama_cached_tokens_and_cloud_model(url, oai, claude, fake):
+    fake.cached_tokens = 8
+    _, body = exchange(url, "POST", "/api/chat", {"model": "llama3.2", "messages": MESSAGES, "stream": False})
+    assert list(json.loads(body))[-5:-2] == ["prompt_eval_count", "prompt_eval_cached_count", "prompt_eval_duration"]
+    usage = oai.chat.completions.create(model="llama3.2", messages=MESSAGES).usage
+    assert usage.prompt_tokens_details.cached_tokens == 8
+    assert oai.responses.create(model="llama3.2", input="hi").usage.input_tokens_details.cached_tokens == 8
+    messages = [{"role": "user", "content": "why is the sky blue"}]
+    claude_usage = claude.messages.create(model="llama3.2", max_tokens=64, messages=messages).usage
+    prompt = fake.expected_chat_prompt_tokens(messages)
+    assert (claude_usage.input_tokens, claude_usage.cache_read_input_tokens) == (prompt - 8, 8)
+    fake.cached_tokens = None
+    assert oai.chat.completions.create(model="llama3.2", messages=MESSAGES).usage.prompt_tokens_details is None
+    cloud = {"model": "gpt-oss:120b-cloud", "messages": MESSAGES}
+    _, body = exchange(url, "POST", "/api/chat", cloud)
+    lines = [json.loads(line) for line in b"".join(dechunk(body)[0]).splitlines()]
+    assert all(list(line)[:4] == ["model", "remote_model", "remote_host", "created_at"] for line in lines)
+    head, body = exchange(url, "POST", "/api/chat", {**cloud, "stream": False})
+    assert header(head, "Content-Type") == "application/json; charset=utf-8" and body.endswith(b"}\n")
+    tags = json.loads(exchange(url, "GET", "/api/tags")[1])["models"]
+    assert [list(t)[:4] for t in tags if t["name"] == "gpt-oss:120b-cloud"] == [
+        ["name", "model", "remote_model", "remote_host"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body"),
+    [
+        ("/v1/responses", {"model": "qwen3", "input": "why", "stream": True, "reasoning": {"effort": "low"}}),
+        ("/v1/responses", {"model": "llama3.2", "input": "why"}),
+        ("/v1/messages", {"model": "llama3.2", "max_tokens": 9, "messages": MESSAGES, "stream": True}),
+        ("/v1/messages", {"model": "llama3.2", "max_tokens": 9, "messages": MESSAGES}),
+        ("/api/chat", {"model": "gpt-oss:120b-cloud", "messages": MESSAGES, "think": True}),
+    ],
+)
+def test_fake_ollama_answers_meter_like_ollama(url, fake, path, request_body):
+    # The fake's new formats, fed to the proxy's meter: every count the fake sent is read back
+    fake.cached_tokens = 4
+    head, body = exchange(url, "POST", path, request_body)
+    meter = UsageMeter(header(head, "Content-Type"))
+    meter.feed(b"".join(dechunk(body)[0]) if header(head, "Transfer-Encoding") else body)
+    usage = meter.result()
+    think = request_body.get("think") or "reasoning" in request_body
+    prompt = (
+        fake.expected_prompt_tokens("why") if path == "/v1/responses" else fake.expected_chat_prompt_tokens(MESSAGES)
+    )
+    assert (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) == (
+        prompt, fake.expected_eval_tokens(think=bool(think)), 4
+    )  # fmt: skip
+    assert usage.is_complete and usage.response_preview == "The sky is blue." and meter.has_content
+    assert (usage.remote_model is not None) == (path == "/api/chat")
 
 
 # -- knobs and observability ---------------------------------------------------------------------------------

@@ -76,6 +76,40 @@ CASES = {
         input_tokens=28, output_tokens=5, done_reason="stop", is_complete=True,
         response_preview="Once upon a time", model="llama3.2")),
     "v1_embeddings.json": (V1_JSON, 200, Usage(input_tokens=8, is_complete=True, model="all-minilm")),
+    "v1_chat_stream_cached_usage.sse": (SSE, 200, Usage(
+        input_tokens=1040, output_tokens=3, cached_input_tokens=1024, done_reason="stop", is_complete=True,
+        response_preview="Hi again!", model="llama3.2")),
+    "chat_stream_cached.ndjson": (NDJSON, 200, Usage(
+        input_tokens=1040, output_tokens=3, cached_input_tokens=1024, total_duration_ns=412874125,
+        load_duration_ns=10374208, prompt_eval_duration_ns=18842000, eval_duration_ns=61266000, done_reason="stop",
+        is_complete=True, response_preview="Hi again!", model="llama3.2")),
+    "chat_cloud_stream.ndjson": (NDJSON, 200, Usage(
+        input_tokens=72, output_tokens=19, total_duration_ns=1873402515, prompt_eval_duration_ns=91233000,
+        eval_duration_ns=702311000, done_reason="stop", is_complete=True, response_preview="Hello from the cloud!",
+        model="gpt-oss:120b-cloud", remote_model="gpt-oss:120b", remote_host="https://ollama.com:443")),
+    "v1_responses_stream.sse": (SSE, 200, Usage(
+        input_tokens=14, output_tokens=12, done_reason="completed", is_complete=True, response_preview="2 + 2 = 4.",
+        model="qwen3:0.6b")),
+    "v1_responses_function_call_stream.sse": (SSE, 200, Usage(
+        input_tokens=182, output_tokens=22, done_reason="completed", is_complete=True, model="llama3.1")),
+    "v1_responses_stream_cut.sse": (SSE, 200, Usage(response_preview="Once upon", model="gemma3")),
+    "v1_responses_stream_failed.sse": (SSE, 200, Usage(
+        input_tokens=128, output_tokens=23, done_reason="failed",
+        error_message="ollama cloud is disabled: web search is unavailable", model="gpt-oss:20b")),
+    "v1_responses.json": (V1_JSON, 200, Usage(
+        input_tokens=26, output_tokens=10, done_reason="completed", is_complete=True,
+        response_preview="Hello! How can I help you today?", model="llama3.2")),
+    "v1_messages_stream.sse": (SSE, 200, Usage(
+        input_tokens=182, output_tokens=40, done_reason="tool_use", is_complete=True, response_preview="Let me check.",
+        model="qwen3:8b")),
+    "v1_messages_stream_cached.sse": (SSE, 200, Usage(
+        input_tokens=1040, output_tokens=3, cached_input_tokens=1024, done_reason="end_turn", is_complete=True,
+        response_preview="Hi again!", model="llama3.2")),
+    "v1_messages_stream_cut.sse": (SSE, 200, Usage(response_preview="Once upon", model="gemma3")),
+    "v1_messages.json": (V1_JSON, 200, Usage(
+        input_tokens=26, output_tokens=10, done_reason="end_turn", is_complete=True,
+        response_preview="Hello! How can I help you today?", model="llama3.2")),
+    "v1_messages_404.json": (V1_JSON, 404, Usage(error_message="model 'llama9' not found")),
 }  # fmt: skip
 
 
@@ -204,8 +238,9 @@ def test_usage_sse_error_event():
     assert meter.result() == Usage(error_message="boom", response_preview="Hel", model="llama3.2")
 
 
-def test_usage_sse_event_lines_are_tolerated():
-    # /v1/messages (Anthropic SSE): event: lines are skipped; its own usage shape is not read (module docstring)
+def test_usage_sse_event_lines_are_tolerated_and_the_messages_estimate_is_no_count():
+    # /v1/messages: message_start's input count is Ollama's estimate from the request (anthropic/anthropic.go),
+    # so a stream that never reaches message_delta has no counts; event:, comment, id: and retry: lines are skipped
     body = (
         b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"llama3.2",'
         b'"usage":{"input_tokens":26,"output_tokens":0}}}\n\n'
@@ -214,7 +249,77 @@ def test_usage_sse_event_lines_are_tolerated():
     )
     meter = UsageMeter(SSE)
     meter.feed(body)
-    assert meter.result() == Usage()
+    assert meter.result() == Usage(is_complete=True, model="llama3.2")
+
+
+def responses_event(kind: str, fields: str) -> bytes:
+    """One /v1/responses SSE event as Ollama frames it (event: line, data: line, blank line)."""
+    return b'event: %s\ndata: {%s,"type":"%s"}\n\n' % (kind.encode(), fields.encode(), kind.encode())
+
+
+def test_usage_responses_incomplete_is_cut_short_not_failed():
+    # The OpenAI API's response.incomplete (Ollama's own server never sends it; a relayed cloud answer may)
+    body = (
+        responses_event("response.created", '"response":{"model":"gpt-oss:120b","status":"in_progress"}')
+        + responses_event("response.output_text.delta", '"delta":"Hi"')
+        + responses_event("response.incomplete", '"response":{"model":"gpt-oss:120b","status":"incomplete",'
+                          '"incomplete_details":{"reason":"max_output_tokens"},"usage":{"input_tokens":9,'
+                          '"output_tokens":16,"input_tokens_details":{"cached_tokens":8}}}')
+    )  # fmt: skip
+    expected = Usage(input_tokens=9, output_tokens=16, cached_input_tokens=8, done_reason="max_output_tokens",
+                     response_preview="Hi", model="gpt-oss:120b")  # fmt: skip
+    for preview_chars in (200, 0):  # with preview_chars=0 the meter skips plain events on bytes
+        meter = UsageMeter(SSE, preview_chars=preview_chars)
+        meter.feed(body)
+        assert meter.result() == replace(expected, response_preview=expected.response_preview[:preview_chars])
+
+
+def test_usage_responses_error_event_is_an_upstream_error():
+    body = responses_event("response.output_text.delta", '"delta":"Hi"') + responses_event(
+        "error", '"code":"server_error","message":"The model failed","param":null,"sequence_number":3'
+    )
+    meter = UsageMeter(SSE)
+    meter.feed(body)
+    assert meter.result() == Usage(error_message="The model failed", response_preview="Hi")
+
+
+def test_usage_messages_error_event_is_an_upstream_error():
+    # Anthropic's stream error (the StreamErrorEvent shape in anthropic/anthropic.go), as a relayed cloud answer sends
+    body = read("v1_messages_stream.sse").split(b"event: content_block_stop")[0]
+    body += b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    meter = UsageMeter(SSE)
+    meter.feed(body)
+    assert meter.result() == Usage(error_message="Overloaded", model="qwen3:8b")
+
+
+@pytest.mark.parametrize(("cached", "expected"), [(b"0", None), (b"1024", 1024)])
+def test_usage_responses_cached_tokens_zero_is_unknown(cached, expected):
+    # Ollama's Responses layer writes cached_tokens 0 whatever the cache did (openai/responses.go): 0 says nothing
+    body = read("v1_responses.json").replace(b'"cached_tokens":0', b'"cached_tokens":' + cached)
+    meter = UsageMeter(V1_JSON)
+    meter.feed(body)
+    assert meter.result() == replace(CASES["v1_responses.json"][2], cached_input_tokens=expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "marker"),
+    [
+        ("v1_responses_stream.sse", b'"type":"response.reasoning_summary_text.delta"'),
+        ("v1_responses_function_call_stream.sse", b'"type":"response.function_call_arguments.delta"'),
+        ("v1_responses_stream_cut.sse", b'"type":"response.output_text.delta"'),
+        ("v1_messages_stream.sse", b'"type":"thinking_delta"'),
+        ("v1_messages_stream_cut.sse", b'"type":"text_delta"'),
+        ("chat_cloud_stream.ndjson", b'"thinking":"'),
+    ],
+)
+def test_usage_has_content_at_the_first_delta(name, marker):
+    meter = UsageMeter(CASES[name][0])
+    lines = read(name).splitlines(keepends=True)
+    seen = []
+    for line in lines:
+        meter.feed(line)
+        seen.append(meter.has_content)
+    assert seen.index(True) == next(i for i, line in enumerate(lines) if marker in line)
 
 
 def test_usage_takes_last_usage_and_ignores_zero_placeholder():
@@ -364,7 +469,9 @@ def strip(pieces) -> bytes:
     return b"".join(stripper.feed(piece) for piece in pieces) + stripper.flush()
 
 
-@pytest.mark.parametrize("name", ["v1_chat_stream_usage.sse", "v1_chat_stream_old_usage.sse"])
+@pytest.mark.parametrize(
+    "name", ["v1_chat_stream_usage.sse", "v1_chat_stream_old_usage.sse", "v1_chat_stream_cached_usage.sse"]
+)
 def test_stripper_removes_usage_event_at_every_offset(name):
     data = read(name)
     usage_event = [event + b"\n\n" for event in data.split(b"\n\n") if b'"choices":[],"usage"' in event]
@@ -377,7 +484,11 @@ def test_stripper_removes_usage_event_at_every_offset(name):
         assert expected == read("v1_chat_stream_no_usage.sse")
 
 
-@pytest.mark.parametrize("name", ["v1_chat_stream_no_usage.sse", "v1_chat_stream_midstream_error.sse"])
+@pytest.mark.parametrize(
+    "name",
+    ["v1_chat_stream_no_usage.sse", "v1_chat_stream_midstream_error.sse", "v1_responses_stream.sse",
+     "v1_messages_stream.sse"],
+)  # fmt: skip
 def test_stripper_leaves_other_streams_byte_identical(name):
     data = read(name)
     for offset in range(len(data) + 1):
@@ -416,9 +527,18 @@ def test_stripper_output_does_not_depend_on_chunking(parts, noise, cuts):
 
 KEYS = ["model", "response", "message", "content", "thinking", "tool_calls", "done", "done_reason", "error", "message",
         "choices", "delta", "text", "finish_reason", "usage", "prompt_tokens", "completion_tokens", "prompt_eval_count",
-        "eval_count", "eval_duration", "status"]  # fmt: skip
+        "eval_count", "eval_duration", "status", "type", "object", "output", "input_tokens", "output_tokens",
+        "cache_read_input_tokens", "prompt_tokens_details", "cached_tokens", "incomplete_details", "reason",
+        "stop_reason", "remote_model", "prompt_eval_cached_count"]  # fmt: skip
+TYPES = ["message", "message_start", "content_block_delta", "message_delta", "message_stop", "text_delta", "error",
+         "response.completed", "response.incomplete", "response.failed", "response.output_text.delta", "completed",
+         "incomplete", "failed", "output_text", "text"]  # fmt: skip
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.sampled_from(KEYS + ["", "success"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.sampled_from(KEYS + TYPES + ["", "success"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
     max_leaves=12,
 )

@@ -1,8 +1,11 @@
-"""Token counts and timings from an Ollama response body fed chunk by chunk (`UsageMeter`), and `UsageStripper`.
+"""Token counts and timings from an Ollama response body fed chunk by chunk (`UsageMeter`).
 
-Does not: use Flask, a clock, I/O or anything outside the stdlib and intake.py; time anything (TTFT is the relay's
-job); raise on bad input (an unreadable line is skipped); read Anthropic `/v1/messages` counts (its `event:` lines are
-only tolerated); or set `has_content` for a plain JSON body before `result()`, since nothing is decoded before then.
+The meter frames the body (NDJSON lines, SSE events or one JSON document, as the Content-Type says), decodes each
+object and hands it to its API family's reader: ``native`` (/api/*), ``completions`` (/v1 chat, completions and
+embeddings), ``responses`` (/v1/responses) or ``messages`` (/v1/messages); it folds their Readings into one `Usage`.
+Does not: use Flask, a clock, I/O or anything outside the stdlib and this package; time anything (TTFT is the
+relay's job); raise on bad input (an unreadable line is skipped); or set `has_content` for a plain JSON body before
+`result()`, since nothing is decoded before then. `UsageStripper` lives in ``stripper`` and is importable from here too.
 """
 
 import json
@@ -10,27 +13,32 @@ import re
 from dataclasses import dataclass
 
 from proxy_app.ollama.intake import as_go_text
+from proxy_app.ollama.native import NATIVE_FIELDS
+from proxy_app.ollama.readers import read_object
+from proxy_app.ollama.reading import as_count
+from proxy_app.ollama.stripper import MAX_EVENT_BYTES, UsageStripper
+
+__all__ = ["EDGE_BYTES", "MAX_EVENT_BYTES", "MAX_PARSE_BYTES", "Usage", "UsageMeter", "UsageStripper"]
 
 MAX_PARSE_BYTES = 16 * 1024 * 1024  # bigger bodies or lines are not json-decoded, so memory per call stays bounded
 EDGE_BYTES = 4096  # kept from each end of an oversized body: model and done flag at the head, metrics at the tail
-MAX_EVENT_BYTES = 64 * 1024  # a usage-only SSE event is ~250 bytes, so bigger pending data is forwarded at once
-_MAX_COUNT = 2**63  # counts and durations end up in a signed 64-bit column
-_DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")  # int64 ns on the wire
-_NATIVE_FIELDS = (
-    ("prompt_eval_count", "input_tokens"),
-    ("eval_count", "output_tokens"),
-    *((k, k + "_ns") for k in _DURATIONS),
+# /v1/completions with include_usage puts this placeholder on every chunk (ollama middleware/openai.go); it is no
+# count. The second form is the same placeholder from servers that report cached prompt tokens.
+_ZERO_USAGES = (
+    b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}',
+    b'"usage":{"prompt_tokens":0,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":0,"total_tokens":0}',
 )
-# /v1/completions with include_usage puts this placeholder on every chunk (ollama middleware/openai.go); it is no count
-_ZERO_USAGE = b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
-_INT_KEYS = "|".join([key for key, _ in _NATIVE_FIELDS] + ["prompt_tokens", "completion_tokens"])
+# Stream events that carry no count, reason or error but still matter: the ends of /v1/messages and /v1/responses
+_ENDING_MARKERS = (b'"message_stop"', b'"response.incomplete"')
+_INT_KEYS = "|".join([key for key, _ in NATIVE_FIELDS] + ["prompt_tokens", "completion_tokens"])
 _SALVAGE_INT = re.compile(rb'"(' + _INT_KEYS.encode() + rb')":(\d{1,19})(?!\d)')
-_SALVAGE_STR = re.compile(rb'"(model|done_reason)":"([^"\\]{1,200})"')
+_SALVAGE_STR = re.compile(rb'"(model|done_reason|remote_model|remote_host)":"([^"\\]{1,200})"')
 _MODES = {"application/x-ndjson": "ndjson", "text/event-stream": "sse", "application/json": "json"}
 _TEXT = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"'  # a JSON string's body, still escaped
+_CLOUD = rb'(?:"remote_model":"[^"\\]*",)?(?:"remote_host":"[^"\\]*",)?'  # only in answers of cloud models
 # Ollama's intermediate generate and chat lines exactly (wire format): their text is read without decoding the line
 _PLAIN_LINE = re.compile(
-    rb'\{"model":"[^"\\]*","created_at":"[^"\\]*",(?:"response":' + _TEXT
+    rb'\{"model":"[^"\\]*",' + _CLOUD + rb'"created_at":"[^"\\]*",(?:"response":' + _TEXT
     + rb'|"message":\{"role":"assistant","content":' + _TEXT + rb'\}),"done":false\}[ \t\r]*'
 )  # fmt: skip
 _PLAIN_LINES = re.compile(rb"^" + _PLAIN_LINE.pattern + rb"\n", re.MULTILINE)  # each matches one whole line or none
@@ -38,19 +46,27 @@ _PLAIN_LINES = re.compile(rb"^" + _PLAIN_LINE.pattern + rb"\n", re.MULTILINE)  #
 
 @dataclass
 class Usage:
-    """What one response body said about tokens and timings; None means the body did not say."""
+    """What one response body said about tokens and timings; None means the body did not say.
 
-    input_tokens: int | None = None
+    The outcome: `error_message` is set when the upstream reported a failure (an error line or event, a failed
+    response); otherwise `is_complete` False means the answer stopped short (a cut stream, or an answer its API
+    marks incomplete, with the reason in `done_reason`).
+    """
+
+    input_tokens: int | None = None  # the whole prompt, its cached part included, in every API
     output_tokens: int | None = None
+    cached_input_tokens: int | None = None  # the part of input_tokens read from the prompt cache
     total_duration_ns: int | None = None
     load_duration_ns: int | None = None
     prompt_eval_duration_ns: int | None = None
     eval_duration_ns: int | None = None
-    done_reason: str | None = None
+    done_reason: str | None = None  # done_reason, finish_reason, stop_reason, or a Responses status or reason
     error_message: str | None = None
     is_complete: bool = False
     response_preview: str = ""
     model: str | None = None
+    remote_model: str | None = None  # a cloud model's name upstream, as its native answers say
+    remote_host: str | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -106,11 +122,12 @@ def _unescape(text: bytes) -> str | None:
 
 
 def _is_plain_chunk(data: bytes) -> bool:
-    """True for a /v1 content chunk with no count, finish reason or error, decided on bytes alone."""
+    """True for a /v1 content chunk or event with no count, reason, error or ending, decided on bytes alone."""
     return (
         b'"error"' not in data
         and (b'"finish_reason"' not in data or b'"finish_reason":null' in data)
-        and (b'"usage"' not in data or _ZERO_USAGE in data)
+        and (b'"usage"' not in data or any(zero in data for zero in _ZERO_USAGES))
+        and not any(marker in data for marker in _ENDING_MARKERS)
     )
 
 
@@ -154,7 +171,7 @@ class UsageMeter:
         self._preview: list[str] = []
         self._preview_size = 0
         self._settled = False  # content seen and preview full: lines without counts can be skipped on bytes
-        self._complete = self._failed = False
+        self._complete = self._failed = False  # failed: the body reports an error or an early end
 
     def feed(self, chunk: bytes) -> None:
         """Read the next piece of the body, split anywhere (mid-line, mid-character)."""
@@ -250,57 +267,25 @@ class UsageMeter:
                 self._take(obj)
 
     def _take(self, obj: dict) -> None:
-        """Fold one decoded object (native, /v1 or salvaged) into the running usage."""
+        """Fold one decoded object (of any API family, or salvaged) into the running usage."""
         model = obj.get("model")
         if self._usage.model is None and isinstance(model, str) and model:
             self._usage.model = as_go_text(model)
-        if obj.get("error"):
-            self._take_error(obj["error"])
-            return
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            self._take_choices(choices)
-        else:
-            self._take_native(obj)
-        usage = obj.get("usage")  # /v1: the last one seen wins, and the all-zero placeholder of /v1/completions is none
-        if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("completion_tokens")):
-            self._set_count("input_tokens", usage.get("prompt_tokens"))
-            self._set_count("output_tokens", usage.get("completion_tokens"))
-
-    def _take_native(self, obj: dict) -> None:
-        """Read text, metrics, reason and completion from a native generate/chat/embed/progress object."""
-        message = obj.get("message")
-        if isinstance(message, dict):
-            self._add_text(message.get("content"), message.get("thinking") or message.get("tool_calls"))
-        else:
-            self._add_text(obj.get("response"), obj.get("thinking") or obj.get("tool_calls"))
-        if obj.get("done") is not False:  # intermediate lines never carry metrics
-            for key, name in _NATIVE_FIELDS:
-                if key in obj:
-                    self._set_count(name, obj[key])
-        self._set_reason(obj.get("done_reason"))
-        if obj.get("done") is True or obj.get("status") == "success":
-            self._complete = True
-
-    def _take_choices(self, choices: list) -> None:
-        """Read text and finish reason from /v1 choices (stream deltas, messages or completion text)."""
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            part = choice.get("delta") or choice.get("message")
-            if isinstance(part, dict):
-                extra = part.get("reasoning") or part.get("reasoning_content") or part.get("tool_calls")
-                self._add_text(part.get("content"), extra)
-            else:
-                self._add_text(choice.get("text"), None)
-            self._set_reason(choice.get("finish_reason"))
-
-    def _take_error(self, error: object) -> None:
-        """Record `{"error": "..."}` or `{"error": {"message": ...}}`; the call is then not complete."""
-        self._failed = True
-        message = error.get("message") if isinstance(error, dict) else error
-        if isinstance(message, str):
-            self._usage.error_message = as_go_text(message)
+        reading = read_object(obj)
+        if reading.is_failed or reading.is_cut_short:  # the body itself says the answer did not finish
+            self._failed = True
+            if isinstance(reading.error, str):
+                self._usage.error_message = as_go_text(reading.error)
+        self._add_text(reading.text, reading.extra)
+        if reading.counts:  # the last count seen wins, as /v1 chunks repeat usage and the final line holds metrics
+            for name, value in reading.counts.items():
+                self._set_count(name, value)
+        self._set_reason(reading.reason)
+        self._complete = self._complete or reading.is_complete
+        for name in ("model", "remote_model", "remote_host"):
+            value = getattr(reading, name)
+            if getattr(self._usage, name) is None and isinstance(value, str) and value:
+                setattr(self._usage, name, as_go_text(value))
 
     def _add_text(self, text: object, extra: object) -> None:
         """Note answer text (kept for the preview) or thinking/tool calls (content, but not previewed)."""
@@ -315,69 +300,10 @@ class UsageMeter:
 
     def _set_count(self, name: str, value: object) -> None:
         """Store a count or duration if it is a plausible non-negative int (bools and floats are ignored)."""
-        if type(value) is int and 0 <= value < _MAX_COUNT:
+        if as_count(value) is not None:
             setattr(self._usage, name, value)
 
     def _set_reason(self, value: object) -> None:
-        """Store a non-empty done_reason / finish_reason."""
+        """Store a non-empty done_reason, finish_reason, stop_reason or Responses status."""
         if isinstance(value, str) and value:
             self._usage.done_reason = as_go_text(value)
-
-
-class UsageStripper:
-    """Removes the one usage-only SSE event (choices == [] and a usage key) that the proxy itself asked for
-    by injecting stream_options.include_usage into a /v1/chat/completions request the client sent without it."""
-
-    def __init__(self) -> None:
-        self._pending = bytearray()
-        self._passing = False  # inside an oversized event that was forwarded before its end arrived
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Return the bytes to forward now: whole events only, the usage-only one removed, the rest byte-identical."""
-        start = max(len(self._pending) - 1, 0)  # a "\n\n" may straddle the old and new bytes
-        self._pending += chunk
-        end = self._pending.find(b"\n\n", start)
-        if end == -1:
-            return self._spill()
-        while (later := self._pending.find(b"\n\n", end + 2)) != -1:  # left to right, as split() cuts "\n\n\n"
-            end = later
-        block = bytes(self._pending[: end + 2])
-        del self._pending[: end + 2]
-        if not self._passing:
-            return _strip_usage_events(block)
-        self._passing = False
-        cut = block.find(b"\n\n") + 2
-        return block[:cut] + _strip_usage_events(block[cut:])
-
-    def flush(self) -> bytes:
-        """Return whatever is left at EOF, unchanged."""
-        rest, self._pending = bytes(self._pending), bytearray()
-        return rest
-
-    def _spill(self) -> bytes:
-        """Forward a partial event early once it is too big to be the usage event (keep one byte for "\\n\\n")."""
-        if not self._passing and len(self._pending) <= MAX_EVENT_BYTES:
-            return b""
-        self._passing = True
-        out = bytes(self._pending[:-1])
-        del self._pending[:-1]
-        return out
-
-
-def _strip_usage_events(block: bytes) -> bytes:
-    """Drop usage-only events from a run of whole events, keeping every other byte as it was."""
-    if b'"usage"' not in block:
-        return block
-    events = block.split(b"\n\n")
-    kept = [event for event in events if not _is_usage_event(event)]
-    return block if len(kept) == len(events) else b"\n\n".join(kept)
-
-
-def _is_usage_event(event: bytes) -> bool:
-    """True for an SSE event whose data is an object with "choices": [] and a "usage" key."""
-    if b'"usage"' not in event:
-        return False
-    lines = event.strip(b"\n").split(b"\n")
-    data = b"\n".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
-    obj = _decode(data)
-    return obj is not None and obj.get("choices") == [] and "usage" in obj
