@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="static", static_url_path="/static")
 
 COOKIE = "ollama_proxy_admin"
+# Why: the proxy's own routes take at most a login form; a bigger body is refused (413) from its Content-Length
+# before a byte of it is read. Relayed calls never build a Flask request, so MAX_BODY_BYTES alone limits those.
+OWN_BODY_BYTES = 64 * 1024
 OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static")  # reachable without the token
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
@@ -34,7 +37,9 @@ CSP = (
 
 
 def init_app(app: Flask) -> None:
-    """Register the blueprint, create the read model's tables and plan the refresher's shutdown."""
+    """Register the blueprint, create the read model's tables, plan the refresher's shutdown and limit the bodies
+    that the proxy's own (Flask) routes read."""
+    app.config["MAX_CONTENT_LENGTH"] = OWN_BODY_BYTES
     db = models.database.obj or models.open_database(app.config["DATABASE"])
     refresher = readmodel.Refresher(db)
     app.extensions["dashboard"] = {"db": db, "refresher": refresher}
