@@ -205,11 +205,22 @@ def test_search_sorts_and_pages_each_order(store, sort, order, expected):
     assert ids(first) + ids(second) == expected and second["next"] is None
 
 
-def test_search_row_has_every_column_as_stored(store):
+def test_search_row_has_the_list_columns_and_one_call_every_column(store):
     row = queries.search(store, filtered(q="img"))["results"][0]
-    assert list(row) == list(queries.COLUMNS)
-    assert row["prompt"] == XSS and row["timestamp"] == "2025-05-01T10:00:00.000Z" and row["stream_mode"] is True
-    assert (row["output_tokens"], row["http_status"], row["error_message"]) == (None, 500, "boom")
+    assert list(row) == list(queries.LIST_COLUMNS)
+    assert row["prompt"] == XSS and row["timestamp"] == "2025-05-01T10:00:00.000Z"
+    assert (row["output_tokens"], row["http_status"], row["outcome"]) == (None, 500, "upstream_error")
+    whole = queries.get_call(store, row["request_id"])
+    assert list(whole) == list(queries.COLUMNS) and {**whole, **row} == whole
+    assert (whole["error_message"], whole["stream_mode"]) == ("boom", True)
+
+
+def test_search_lists_the_start_of_a_long_prompt(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=False)
+    models.insert_calls(db, [sample_call(request_id="long", timestamp=NOW, prompt="é" * 5000)])
+    (row,) = queries.search(db, filtered(since="all"))["results"]
+    assert row["prompt"] == "é" * queries.LIST_TEXT_CHARS  # characters, not bytes
+    assert queries.get_call(db, "long")["prompt"] == "é" * 5000
 
 
 def test_search_text_is_just_text(store):
