@@ -23,7 +23,7 @@ from proxy_app.store import csvlog, export, models
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
 from tests.test_csvlog import sample_call
-from tests.test_queries import XSS, known_calls, open_sqlite
+from tests.test_queries import XSS, flood_of_models, known_calls, open_sqlite
 
 ESCAPED_XSS = "explain &lt;img src=x onerror=alert(1)&gt;"
 
@@ -417,3 +417,19 @@ def test_dashboard_lists_read_no_long_text(app, client, caplog):
     assert all(one[name] == name[0].upper() * BIG_CHARS for name in LONG_TEXT)
     exported = client.get("/analytics/export.csv").get_data()
     assert exported.count(b"M" * BIG_CHARS) == 20 and exported.count(b"R" * BIG_CHARS) == 20
+
+
+def test_dashboard_a_flood_of_model_names_keeps_the_page_small(app, client):
+    """22,000 distinct model names (a client inventing one per call): the busiest 20 and one "other" row."""
+    models.insert_calls(store_of(app), flood_of_models(datetime.now(UTC), junk=22_000))
+    page = client.get("/analytics").get_data(as_text=True)
+    twin = client.get("/analytics?format=json").get_data()
+    assert len(page) < 250_000 and len(twin) < 100_000
+    rows = json.loads(twin)["stats"]["models"]
+    assert [row["model"] for row in rows] == [f"model-{number:02d}" for number in range(20)] + ["other"]
+    assert (rows[-1]["calls"], rows[-1]["folded"]) == (55 + 1 + 22_000, 10 + 1 + 22_000)
+    assert sum(row["calls"] for row in rows) == json.loads(twin)["stats"]["cards"]["calls"] == 465 + 1 + 22_000
+    assert (
+        "other (22,011 models)" in page
+        and "junk-" not in page.split('<datalist id="models">')[1].split("</datalist>")[1]
+    )

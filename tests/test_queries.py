@@ -399,3 +399,42 @@ def test_choices_list_models_and_endpoints_in_range(store):
         "models": ["llama3.2", "nomic-embed", "qwen2.5"],
         "endpoints": ["/api/chat", "/api/embed", "/api/generate", "/api/tags", "/v1/chat/completions"],
     }
+
+
+# ---- many models -------------------------------------------------------------------------------------------------
+
+
+def flood_of_models(now: datetime, junk: int) -> list:
+    """Thirty models, model-00 with 30 calls down to model-29 with 1 (each call 10 tokens in and 5 out, a latency
+    of its model's number), one call without a model, then ``junk`` names with one failed call each (names Ollama
+    answers 404)."""
+    calls = [sample_call(request_id=f"m{number}-{n}", model=f"model-{number:02d}",
+                         timestamp=now - timedelta(seconds=n + 1),
+                         input_tokens=10, output_tokens=5, total_time_ms=float(number))
+             for number in range(30) for n in range(30 - number)]  # fmt: skip
+    calls.append(
+        sample_call(
+            request_id="none", model=None, timestamp=now - timedelta(seconds=1), input_tokens=None, output_tokens=None
+        )
+    )
+    failed = dict(http_status=404, outcome="upstream_error", input_tokens=None, output_tokens=None, total_time_ms=1.0)
+    calls += [sample_call(request_id=f"j{n}", model=f"junk-{n:05d}", timestamp=now - timedelta(seconds=n % 600 + 1),
+                          **failed) for n in range(junk)]  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlite+rollup", "postgresql"])
+def test_stats_many_models_fold_past_the_busiest_into_other(kind, tmp_path_factory):
+    with filled_store(kind, flood_of_models(NOW, junk=500), tmp_path_factory) as db:
+        found = stats.stats(db, filtered(since="2h"), now=NOW)
+    rows, layers = found["models"], found["series"]["tokens"]
+    assert [row["model"] for row in rows] == [f"model-{number:02d}" for number in range(20)] + ["other"]
+    assert [row["folded"] for row in rows] == [0] * 20 + [10 + 1 + 500]  # model-20..29, the call without, the junk
+    assert [row["calls"] for row in rows] == list(range(30, 10, -1)) + [55 + 1 + 500]
+    other = rows[-1]
+    assert (other["errors"], other["input_tokens"], other["output_tokens"]) == (500, 550, 275)
+    assert (other["total_time_ms_p50"], rows[0]["total_time_ms_p50"]) == (1.0, 0.0)  # over the folded calls only
+    assert sum(row["calls"] for row in rows) == found["cards"]["calls"] == 465 + 1 + 500
+    assert found["cards"]["models"] == 30 + 500  # distinct names, the folded ones too
+    assert [(layer["model"], layer["folded"]) for layer in layers] == [(row["model"], row["folded"]) for row in rows]
+    assert [sum(layer["values"]) for layer in layers] == [row["input_tokens"] + row["output_tokens"] for row in rows]
