@@ -11,16 +11,32 @@ TOKEN = "s3cret-token"
 ANNOUNCED_BYTES = 600 * 1024 * 1024
 
 
+HEAD = "POST /analytics/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+
+
+def first_answer(port: int, request: bytes) -> bytes:
+    """Send ``request`` (a body that never ends) and return the first bytes of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(65536)  # a proxy that waits for the whole body never answers: the timeout fails the test
+
+
 def test_dashboard_login_refuses_a_huge_form_before_reading_it(gunicorn_proxy):
     proxy = gunicorn_proxy(OLLAMA_PROXY_ADMIN_TOKEN=TOKEN)
-    head = (
-        "POST /analytics/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-        f"Content-Length: {ANNOUNCED_BYTES}\r\n\r\n"
-    )
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(head.encode() + b"token=guess&next=")  # a few bytes of the 600 MB announced, then silence
-        answer = sock.recv(65536)  # a proxy that reads the whole body first never answers: the timeout fails this
+    announced = f"{HEAD}Content-Length: {ANNOUNCED_BYTES}\r\n\r\ntoken=guess&next="  # a few bytes of 600 MB
+    answer = first_answer(proxy.port, announced.encode())
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+
+
+def test_dashboard_login_reads_no_more_than_the_limit_of_an_endless_chunked_form(gunicorn_proxy):
+    """Without a length there is nothing to refuse up front: the form is read up to the limit and answered (werkzeug
+    ends an url-encoded form at the limit), while the client is still sending."""
+    proxy = gunicorn_proxy(OLLAMA_PROXY_ADMIN_TOKEN=TOKEN)
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (8192, (b"token=" if n == 0 else b"") + b"x" * (8192 - 6 * (n == 0))) for n in range(10)
+    )  # 80 kB of an endless form
+    answer = first_answer(proxy.port, f"{HEAD}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks)
+    assert answer.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 413 ")), answer[:200]
 
 
 def test_dashboard_body_limit_leaves_relayed_bodies_alone(gunicorn_proxy, fake):
