@@ -1,5 +1,6 @@
 """The dashboard's sign-in under gunicorn, as a real client and real workers see it: a body too big for the proxy's
-own routes is refused before it is read, and relayed bodies keep their own, far larger limit."""
+own routes is refused before it is read (relayed bodies keep their own, far larger limit), and the failed sign-ins
+and sessions of one worker hold in every other."""
 
 from __future__ import annotations
 
@@ -45,3 +46,24 @@ def test_dashboard_body_limit_leaves_relayed_bodies_alone(gunicorn_proxy, fake):
     answer = requests.post(proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": prompt, "stream": False})
     assert answer.status_code == 200 and answer.json()["done"] is True
     assert fake.seen[-1]["body_len"] > len(prompt)
+
+
+def test_dashboard_sign_in_state_holds_across_gunicorn_workers(gunicorn_proxy):
+    """Four workers, a new connection per request: whichever worker answers, the counts and the session agree."""
+    proxy = gunicorn_proxy(
+        workers=4, threads=4, OLLAMA_PROXY_ADMIN_TOKEN=TOKEN, OLLAMA_PROXY_TRUSTED_PROXIES="127.0.0.1"
+    )
+
+    def call(method: str, path: str, client: str, **options) -> requests.Response:
+        headers = {"X-Forwarded-For": client, **options.pop("headers", {})}
+        return requests.request(method, proxy.url + path, headers=headers, allow_redirects=False, timeout=10, **options)
+
+    guesses = [call("POST", "/analytics/login", "203.0.113.9", data={"token": f"guess-{n}"}) for n in range(12)]
+    assert [answer.status_code for answer in guesses] == [401] * 5 + [429] * 7
+    assert int(guesses[-1].headers["Retry-After"]) in range(1, 61)
+    signed_in = call("POST", "/analytics/login", "198.51.100.7", data={"token": TOKEN})
+    assert signed_in.status_code == 302
+    cookie = {"ollama_proxy_admin": signed_in.cookies["ollama_proxy_admin"]}
+    assert {call("GET", "/analytics/stats", "198.51.100.7", cookies=cookie).status_code for _ in range(12)} == {200}
+    assert call("POST", "/analytics/logout-everywhere", "198.51.100.7", cookies=cookie).status_code == 302
+    assert {call("GET", "/analytics/stats", "198.51.100.7", cookies=cookie).status_code for _ in range(12)} == {401}
