@@ -30,11 +30,12 @@ from peewee import (
     TextField,
 )
 
-LOGIN_FAILURES = 5  # failed sign-ins an address may make within the window
+# Why: a person mistypes a token a few times; a guesser gets 5 tries a minute per address, in every process at once.
+LOGIN_FAILURES = 5
 LOGIN_WINDOW_SECONDS = 60
-KEY_NAME = "session"
+KEY_NAME = "session"  # the secret's row; a name rather than a bare single row leaves room for other keys
 SESSION_MESSAGE = b"ollama-proxy dashboard session\x00"  # what the cookie signs, followed by the token
-MAX_ADDRESS_CHARS = 255
+MAX_ADDRESS_CHARS = 255  # an address that is not an IP (a proxy's odd X-Forwarded-For) is still bounded
 SCHEMA_LOCK = 7469002  # any fixed key: serialises creating these tables between processes on PostgreSQL
 
 
