@@ -3,7 +3,10 @@ whole text, 400s with reasons, hostile text escaped, security headers, the admin
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from html import unescape
@@ -20,7 +23,7 @@ from proxy_app.store import csvlog, export, models
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
 from tests.test_csvlog import sample_call
-from tests.test_queries import XSS, known_calls, open_sqlite
+from tests.test_queries import XSS, flood_of_models, known_calls, open_sqlite
 
 ESCAPED_XSS = "explain &lt;img src=x onerror=alert(1)&gt;"
 
@@ -152,7 +155,7 @@ def test_dashboard_json_shapes(filled_client):
     found = filled_client.get("/analytics/search?q=invoice").get_json()
     assert set(found) == {"results", "count", "count_capped", "next", "filters"}
     assert [row["request_id"] for row in found["results"]] == ["r2", "r4"] and found["count"] == 2
-    assert list(found["results"][0]) == list(COLUMNS)
+    assert list(found["results"][0]) == list(queries.LIST_COLUMNS)
     row = filled_client.get("/analytics/calls/r3").get_json()
     assert row["call"]["prompt"] == XSS and row["call"]["outcome"] == "upstream_error"
     page = filled_client.get("/analytics?format=json").get_json()
@@ -383,3 +386,50 @@ def test_dashboard_login_never_redirects_elsewhere(locked_app):
     for target in ("https://evil.example/", "//evil.example/analytics", "/analytics/\\\\evil", "/metrics"):
         answer = client.post("/analytics/login", data={"token": "s3cret-token", "next": target})
         assert answer.headers["Location"] == "/analytics", target
+
+
+# ---- bounded answers ---------------------------------------------------------------------------------------------
+
+BIG_CHARS = 1024 * 1024
+LONG_TEXT = ("model_parameters", "prompt", "response_preview", "error_message", "user_agent")
+
+
+def test_dashboard_lists_read_no_long_text(app, client, caplog):
+    """Twenty rows each holding 1 MB in every long text column: the page, its JSON twin and the search API stay
+    small, and no list query reads those columns; one call's view and the export still give them whole."""
+    db = store_of(app)
+    calls = [replace(sample_call(), request_id=f"big{n}", timestamp=datetime.now(UTC) - timedelta(minutes=n))
+             for n in range(20)]  # fmt: skip
+    models.insert_calls(db, calls)
+    with db.connection_context():  # rows as large as any writer may have left them
+        models.CallRow.update({name: name[0].upper() * BIG_CHARS for name in LONG_TEXT}).execute(db)
+    caplog.set_level(logging.DEBUG, logger="peewee")
+    answers = {url: client.get(url).get_data() for url in ("/analytics", "/analytics?format=json", "/analytics/search")}
+    reads = [record.getMessage() for record in caplog.records  # this thread's: the read model folds in its own
+             if record.name == "peewee" and record.thread == threading.get_ident()]  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="peewee")
+    for url, body in answers.items():
+        assert len(body) < 150_000, url
+        assert all(name[0].upper().encode() * 1000 not in body for name in LONG_TEXT), url
+    assert len(json.loads(answers["/analytics/search"])["results"]) == 20
+    assert reads and not [read for read in reads if any(f'"{name}"' in read for name in LONG_TEXT if name != "prompt")]
+    one = client.get("/analytics/calls/big3").get_json()["call"]
+    assert all(one[name] == name[0].upper() * BIG_CHARS for name in LONG_TEXT)
+    exported = client.get("/analytics/export.csv").get_data()
+    assert exported.count(b"M" * BIG_CHARS) == 20 and exported.count(b"R" * BIG_CHARS) == 20
+
+
+def test_dashboard_a_flood_of_model_names_keeps_the_page_small(app, client):
+    """22,000 distinct model names (a client inventing one per call): the busiest 20 and one "other" row."""
+    models.insert_calls(store_of(app), flood_of_models(datetime.now(UTC), junk=22_000))
+    page = client.get("/analytics").get_data(as_text=True)
+    twin = client.get("/analytics?format=json").get_data()
+    assert len(page) < 250_000 and len(twin) < 100_000
+    rows = json.loads(twin)["stats"]["models"]
+    assert [row["model"] for row in rows] == [f"model-{number:02d}" for number in range(20)] + ["other"]
+    assert (rows[-1]["calls"], rows[-1]["folded"]) == (55 + 1 + 22_000, 10 + 1 + 22_000)
+    assert sum(row["calls"] for row in rows) == json.loads(twin)["stats"]["cards"]["calls"] == 465 + 1 + 22_000
+    assert (
+        "other (22,011 models)" in page
+        and "junk-" not in page.split('<datalist id="models">')[1].split("</datalist>")[1]
+    )

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from proxy_app.calls import TEXT_CHARS
 from proxy_app.dashboard import queries, readmodel, stats
 from proxy_app.dashboard.queries import FilterError, parse_filters
 from proxy_app.store import models
@@ -205,11 +206,23 @@ def test_search_sorts_and_pages_each_order(store, sort, order, expected):
     assert ids(first) + ids(second) == expected and second["next"] is None
 
 
-def test_search_row_has_every_column_as_stored(store):
+def test_search_row_has_the_list_columns_and_one_call_every_column(store):
     row = queries.search(store, filtered(q="img"))["results"][0]
-    assert list(row) == list(queries.COLUMNS)
-    assert row["prompt"] == XSS and row["timestamp"] == "2025-05-01T10:00:00.000Z" and row["stream_mode"] is True
-    assert (row["output_tokens"], row["http_status"], row["error_message"]) == (None, 500, "boom")
+    assert list(row) == list(queries.LIST_COLUMNS)
+    assert row["prompt"] == XSS and row["timestamp"] == "2025-05-01T10:00:00.000Z"
+    assert (row["output_tokens"], row["http_status"], row["outcome"]) == (None, 500, "upstream_error")
+    whole = queries.get_call(store, row["request_id"])
+    assert list(whole) == list(queries.COLUMNS) and {**whole, **row} == whole
+    assert (whole["error_message"], whole["stream_mode"]) == ("boom", True)
+
+
+def test_search_lists_the_start_of_a_long_prompt(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=False)
+    whole = TEXT_CHARS["prompt"]  # the longest prompt a Call keeps
+    models.insert_calls(db, [sample_call(request_id="long", timestamp=NOW, prompt="é" * whole)])
+    (row,) = queries.search(db, filtered(since="all"))["results"]
+    assert row["prompt"] == "é" * queries.LIST_TEXT_CHARS < "é" * whole  # characters, not bytes
+    assert queries.get_call(db, "long")["prompt"] == "é" * whole
 
 
 def test_search_text_is_just_text(store):
@@ -388,3 +401,42 @@ def test_choices_list_models_and_endpoints_in_range(store):
         "models": ["llama3.2", "nomic-embed", "qwen2.5"],
         "endpoints": ["/api/chat", "/api/embed", "/api/generate", "/api/tags", "/v1/chat/completions"],
     }
+
+
+# ---- many models -------------------------------------------------------------------------------------------------
+
+
+def flood_of_models(now: datetime, junk: int) -> list:
+    """Thirty models, model-00 with 30 calls down to model-29 with 1 (each call 10 tokens in and 5 out, a latency
+    of its model's number), one call without a model, then ``junk`` names with one failed call each (names Ollama
+    answers 404)."""
+    calls = [sample_call(request_id=f"m{number}-{n}", model=f"model-{number:02d}",
+                         timestamp=now - timedelta(seconds=n + 1),
+                         input_tokens=10, output_tokens=5, total_time_ms=float(number))
+             for number in range(30) for n in range(30 - number)]  # fmt: skip
+    calls.append(
+        sample_call(
+            request_id="none", model=None, timestamp=now - timedelta(seconds=1), input_tokens=None, output_tokens=None
+        )
+    )
+    failed = dict(http_status=404, outcome="upstream_error", input_tokens=None, output_tokens=None, total_time_ms=1.0)
+    calls += [sample_call(request_id=f"j{n}", model=f"junk-{n:05d}", timestamp=now - timedelta(seconds=n % 600 + 1),
+                          **failed) for n in range(junk)]  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlite+rollup", "postgresql"])
+def test_stats_many_models_fold_past_the_busiest_into_other(kind, tmp_path_factory):
+    with filled_store(kind, flood_of_models(NOW, junk=500), tmp_path_factory) as db:
+        found = stats.stats(db, filtered(since="2h"), now=NOW)
+    rows, layers = found["models"], found["series"]["tokens"]
+    assert [row["model"] for row in rows] == [f"model-{number:02d}" for number in range(20)] + ["other"]
+    assert [row["folded"] for row in rows] == [0] * 20 + [10 + 1 + 500]  # model-20..29, the call without, the junk
+    assert [row["calls"] for row in rows] == list(range(30, 10, -1)) + [55 + 1 + 500]
+    other = rows[-1]
+    assert (other["errors"], other["input_tokens"], other["output_tokens"]) == (500, 550, 275)
+    assert (other["total_time_ms_p50"], rows[0]["total_time_ms_p50"]) == (1.0, 0.0)  # over the folded calls only
+    assert sum(row["calls"] for row in rows) == found["cards"]["calls"] == 465 + 1 + 500
+    assert found["cards"]["models"] == 30 + 500  # distinct names, the folded ones too
+    assert [(layer["model"], layer["folded"]) for layer in layers] == [(row["model"], row["folded"]) for row in rows]
+    assert [sum(layer["values"]) for layer in layers] == [row["input_tokens"] + row["output_tokens"] for row in rows]

@@ -1,4 +1,5 @@
-"""Security (issue 7): secrets stay out of rows, CSV, logs and metrics; tokens; the default bind and its warning.
+"""Security (issue 7): secrets stay out of rows, CSV, logs and metrics; tokens; the default bind and its warning;
+the dashboard's sign-in (guessing throttled per client address, sessions signed with a revocable secret).
 
 The dashboard's own headers, CSV formula cells and path tricks are tested with the dashboard.
 """
@@ -6,9 +7,13 @@ The dashboard's own headers, CSV formula cells and path tricks are tested with t
 from __future__ import annotations
 
 import ast
+import contextlib
+import hashlib
+import hmac
 import logging
 import socket
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -17,6 +22,8 @@ import requests
 
 from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
+from tests.fake_ollama import serve
+from tests.test_store import postgres_schema
 
 SECRETS = {"authorization": "Bearer sk-SECRET-AUTH-4242", "cookie": "session=SECRET-COOKIE-7373; theme=dark"}
 SECRET_WORDS = ("SECRET-AUTH-4242", "SECRET-COOKIE-7373", "SECRET-PROXY-5151")
@@ -124,3 +131,171 @@ def test_security_exposed_bind_warns_at_start(tmp_path, caplog):
     shutdown(app)
     warnings = [record for record in caplog.records if "ADMIN_TOKEN" in record.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+# ---- the dashboard's sign-in: throttled guessing, revocable sessions -------------------------------------------
+
+ADMIN_TOKEN = "admin-SECRET-6161"
+LOGIN = "/analytics/login"
+
+
+class FakeClock:
+    """A wall clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_750_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def locked(upstream, tmp_path):
+    """Factory: an app with ADMIN_TOKEN (or ``token``) on a store of its own, or on ``database`` when given."""
+    started = []
+
+    def start(token: str = ADMIN_TOKEN, database: str = "", data_dir=None, **settings):
+        app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(data_dir or tmp_path), "LOG_LEVEL": "WARNING",
+                          "ADMIN_TOKEN": token, "DATABASE_URL": database, **settings}, environ={})  # fmt: skip
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        shutdown(app)
+
+
+def sign_in(client, token: str = ADMIN_TOKEN, **headers):
+    return client.post(LOGIN, data={"token": token, "next": "/analytics/stats"}, headers=headers)
+
+
+def session_cookie(client) -> str | None:
+    cookie = client.get_cookie("ollama_proxy_admin", path="/analytics")
+    return cookie and cookie.value
+
+
+def is_signed_in(app, cookie: str) -> bool:
+    client = app.test_client()
+    client.set_cookie("ollama_proxy_admin", cookie, path="/analytics")
+    answer = client.get("/analytics/stats")
+    assert answer.status_code in (200, 401)
+    return answer.status_code == 200
+
+
+def test_login_guessing_is_throttled_then_the_right_token_works(locked):
+    app = locked()
+    clock = app.extensions["dashboard"]["clock"] = FakeClock()
+    client = app.test_client()
+    for number in range(5):  # one guess a second
+        assert sign_in(client, f"guess-{number}").status_code == 401
+        clock.now += 1
+    clock.now += 15
+    refused = sign_in(client, "guess-6")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "40"  # when the first guess leaves
+    assert "Too many failed sign-ins" in refused.get_data(as_text=True)
+    right_too_soon = sign_in(client)  # within the window even the right token is not looked at
+    assert right_too_soon.status_code == 429 and session_cookie(client) is None
+    clock.now += 40
+    assert sign_in(client, "guess-7").status_code == 401  # the first guess has left the window: one more try
+    assert sign_in(client).headers["Retry-After"] == "1"  # and that try filled it again until the second leaves
+    clock.now += 60
+    right = sign_in(client)
+    assert right.status_code == 302 and right.headers["Location"] == "/analytics/stats"
+    assert is_signed_in(app, session_cookie(client))
+    assert [sign_in(client, "typo").status_code for _ in range(5)] == [401] * 5  # a sign-in clears the failures
+
+
+def test_login_throttle_counts_per_client_address(locked):
+    app = locked(TRUSTED_PROXIES="127.0.0.1/32")
+    app.extensions["dashboard"]["clock"] = FakeClock()
+    client = app.test_client()
+    for _ in range(5):
+        assert sign_in(client, "guess", **{"X-Forwarded-For": "203.0.113.9"}).status_code == 401
+    assert sign_in(client, "guess", **{"X-Forwarded-For": "203.0.113.9"}).status_code == 429
+    assert sign_in(client, "guess", **{"X-Forwarded-For": "198.51.100.7"}).status_code == 401
+    assert sign_in(client, **{"X-Forwarded-For": "198.51.100.7"}).status_code == 302
+
+
+def test_login_throttle_ignores_forwarded_for_from_an_untrusted_peer(locked):
+    app = locked()  # no TRUSTED_PROXIES: X-Forwarded-For is the client's own word, and changing it gains nothing
+    app.extensions["dashboard"]["clock"] = FakeClock()
+    client = app.test_client()
+    answers = [sign_in(client, "guess", **{"X-Forwarded-For": f"203.0.113.{n}"}).status_code for n in range(8)]
+    assert answers == [401] * 5 + [429] * 3
+
+
+def test_login_cookie_never_holds_the_token_and_a_cookie_of_another_secret_is_refused(locked, tmp_path):
+    app, other = locked(data_dir=tmp_path / "a"), locked(data_dir=tmp_path / "b")  # the same token, two stores
+    client = app.test_client()
+    assert sign_in(client).status_code == 302
+    cookie = session_cookie(client)
+    assert ADMIN_TOKEN not in cookie and ADMIN_TOKEN.encode().hex() not in cookie
+    assert is_signed_in(app, cookie) and not is_signed_in(other, cookie)  # each store signs with its own secret
+    keyed_by_token = hmac.new(ADMIN_TOKEN.encode(), b"ollama-proxy dashboard session", hashlib.sha256).hexdigest()
+    assert not is_signed_in(app, keyed_by_token)  # a hash of the token alone (anyone knowing it can make one)
+    assert not is_signed_in(app, "") and not is_signed_in(app, cookie[:-1] + ("0" if cookie[-1] != "0" else "1"))
+
+
+def test_login_cookie_from_before_a_token_change_is_refused(locked, tmp_path):
+    before = locked(token="old-SECRET-1111")
+    client = before.test_client()
+    assert sign_in(client, "old-SECRET-1111").status_code == 302
+    cookie = session_cookie(client)
+    shutdown(before)
+    after = locked(token="new-SECRET-2222")  # a restart with a new token, same data directory
+    assert not is_signed_in(after, cookie)
+    fresh = after.test_client()
+    assert sign_in(fresh, "new-SECRET-2222").status_code == 302 and is_signed_in(after, session_cookie(fresh))
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_login_state_is_shared_by_every_worker_of_a_store(locked, tmp_path, store):
+    """Two apps on one store stand for two gunicorn workers (or hosts): failures, sessions and sign-outs agree."""
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres_schema("test_login")) if store == "postgresql" else ""
+        one, two = locked(database=database), locked(database=database)
+        clock = FakeClock()
+        one.extensions["dashboard"]["clock"] = two.extensions["dashboard"]["clock"] = clock
+        answers = [sign_in((one if n % 2 else two).test_client(), "guess").status_code for n in range(7)]
+        assert answers == [401] * 5 + [429] * 2
+        clock.now += 61
+        first, second = one.test_client(), two.test_client()
+        assert sign_in(first).status_code == 302 and sign_in(second).status_code == 302
+        cookies = [session_cookie(first), session_cookie(second)]
+        assert all(is_signed_in(app, cookie) for app in (one, two) for cookie in cookies)
+        assert second.post("/analytics/logout-everywhere").status_code == 302
+        assert not any(is_signed_in(app, cookie) for app in (one, two) for cookie in cookies)
+        again = one.test_client()
+        assert sign_in(again).status_code == 302 and is_signed_in(two, session_cookie(again))
+
+
+def test_login_sign_out_everywhere_needs_a_session_and_post(locked):
+    app = locked()
+    client = app.test_client()
+    assert client.post("/analytics/logout-everywhere").status_code == 401
+    assert sign_in(client).status_code == 302
+    cookie = session_cookie(client)
+    assert '<form method="post" action="/analytics/logout-everywhere">' in client.get("/analytics").get_data(True)
+    assert client.get("/analytics/logout-everywhere").status_code == 404 and is_signed_in(app, cookie)
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # a script with the token can end every browser session
+    assert app.test_client().post("/analytics/logout-everywhere", headers=bearer).status_code == 302
+    assert not is_signed_in(app, cookie)
+
+
+def test_login_throttle_holds_under_concurrent_guesses(locked):
+    """Guesses sent all at once through a real server: still at most LOGIN_FAILURES get their token checked."""
+    handle = serve(locked(), threads=32)
+    try:
+
+        def guess(number: int) -> int:
+            with requests.Session() as session:
+                session.trust_env = False
+                return session.post(
+                    handle.url + LOGIN, data={"token": f"guess-{number}"}, allow_redirects=False
+                ).status_code
+
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(guess, range(64)))
+    finally:
+        handle.close()
+    assert set(answers) <= {401, 429} and answers.count(401) <= 5 and answers.count(429) >= 59

@@ -184,6 +184,13 @@ def horizontal_bars(title: str, items: list[tuple[str, float | None]], unit: str
     }
 
 
+def model_name(row: dict) -> str:
+    """A per-model row's or token layer's label: the model, "(none)", or "other (N models)" for the folded row."""
+    if row["folded"]:
+        return f"other ({row['folded']:,} models)"
+    return row["model"] or "(none)"
+
+
 def make_charts(stats: dict) -> dict:
     """Return every chart of the page from a stats document."""
     series = stats["series"]
@@ -201,7 +208,7 @@ def make_charts(stats: dict) -> dict:
     tokens = stacked_bars(
         "Tokens (input + output) by model",
         buckets,
-        [{"name": layer["model"] or "(none)", "values": layer["values"]} for layer in series["tokens"]],
+        [{"name": model_name(layer), "values": layer["values"]} for layer in series["tokens"]],
     )
     latency = lines(
         "Latency and TTFT percentiles",
@@ -213,6 +220,6 @@ def make_charts(stats: dict) -> dict:
             {"name": "TTFT p95", "values": series["ttft_ms_p95"]},
         ],
     )
-    rates = [(row["model"] or "(none)", row["tokens_per_second_p50"]) for row in stats["models"]]
+    rates = [(model_name(row), row["tokens_per_second_p50"]) for row in stats["models"]]
     speed = horizontal_bars("Median tokens/s by model", sorted(rates, key=lambda item: -(item[1] or 0)), " tok/s")
     return {"calls": calls, "tokens": tokens, "latency": latency, "speed": speed}

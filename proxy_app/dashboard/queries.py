@@ -38,6 +38,16 @@ RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 STATUS = re.compile(r"[1-5](\d\d|xx)")
 FIELDS = tuple(getattr(CallRow, name) for name in COLUMNS)  # the stored columns, in COLUMNS order
+# What a list of calls (the page's table, /analytics/search) shows: short columns and the start of the prompt. The
+# long text (parameters, whole prompt, response, error, user agent) is read only by one call's view and the export.
+LIST_COLUMNS = ("timestamp", "request_id", "ip_source", "endpoint", "session_id", "model", "input_tokens",
+                "output_tokens", "total_tokens", "total_time_ms", "http_status", "outcome", "ttft_ms",
+                "tokens_per_second", "prompt")  # fmt: skip
+LIST_TEXT_CHARS = 300  # of the prompt, in a list
+LIST_FIELDS = tuple(
+    fn.SUBSTR(CallRow.prompt, 1, LIST_TEXT_CHARS) if name == "prompt" else getattr(CallRow, name)
+    for name in LIST_COLUMNS
+)
 
 
 class FilterError(ValueError):
@@ -250,16 +260,18 @@ def text_condition(db: Database, text: str) -> Node:
 # ---- rows --------------------------------------------------------------------------------------------------------
 
 
-def row_dict(values) -> dict:
-    """Return one stored row (values in COLUMNS order) as JSON-ready values: time in ISO 8601 UTC, booleans."""
-    row = dict(zip(COLUMNS, values, strict=False))
+def row_dict(values, columns: tuple[str, ...] = COLUMNS) -> dict:
+    """Return one stored row (values in ``columns`` order) as JSON-ready values: time in ISO 8601 UTC, booleans."""
+    row = dict(zip(columns, values, strict=False))
     row["timestamp"] = format_timestamp(to_datetime(row["timestamp"]))
-    row["stream_mode"] = bool(row["stream_mode"])
+    if "stream_mode" in row:
+        row["stream_mode"] = bool(row["stream_mode"])
     return row
 
 
 def search(db: Database, filters: Filters) -> dict:
-    """Return one page of rows matching the filters, in the chosen order: results, count (capped) and next."""
+    """Return one page of rows (LIST_COLUMNS) matching the filters, in the chosen order: results, count (capped)
+    and next."""
     key, found_conditions = SORTS[filters.sort], conditions(db, filters)
     if filters.cursor:
         value, row_id = filters.cursor
@@ -267,13 +279,13 @@ def search(db: Database, filters: Filters) -> dict:
         after, bound = Tuple(key, CallRow.id), Tuple(value, row_id)
         found_conditions.append(after < bound if filters.order == "desc" else after > bound)
     order = (key.desc(), CallRow.id.desc()) if filters.order == "desc" else (key.asc(), CallRow.id.asc())
-    query = matching(CallRow.select(*FIELDS, CallRow.id, key), found_conditions).order_by(*order)
+    query = matching(CallRow.select(*LIST_FIELDS, CallRow.id, key), found_conditions).order_by(*order)
     found = run(db, query.limit(filters.limit + 1))
     page = found[: filters.limit]
     following = encode_cursor(filters, page[-1][-1], page[-1][-2]) if len(found) > filters.limit else None
     count = count_matches(db, filters)
     return {
-        "results": [row_dict(row[: len(COLUMNS)]) for row in page],
+        "results": [row_dict(row[: len(LIST_COLUMNS)], LIST_COLUMNS) for row in page],
         "count": count,
         "count_capped": count > COUNT_CAP,
         "next": following,

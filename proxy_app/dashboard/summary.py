@@ -1,8 +1,10 @@
 """Pure: the stats document (cards, per-model rows, time series) from counted groups and sample rows.
 
 Time buckets are named by the leading characters of a stored timestamp ("2025-05-01 12:3" is 12:30 to 12:40 UTC).
-Percentiles are nearest rank: the smallest value with at least p % of the values at or below it. No SQL, no I/O
-(stats.py does the reading).
+Percentiles are nearest rank: the smallest value with at least p % of the values at or below it. The per-model
+table and token series name the TOP_MODELS busiest models and fold the rest into one "other" row (as the metrics'
+model label does), so a flood of invented model names cannot grow the page. No SQL, no I/O (stats.py does the
+reading).
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
 
 from proxy_app.calls import format_timestamp
 
 # (longest range, bucket seconds, leading characters of a stored timestamp that name the bucket): 15 to 250 buckets
 BUCKETS = ((3 * 3600, 60, 16), (36 * 3600, 600, 15), (10 * 86400, 3600, 13), (math.inf, 86400, 10))
 SERIES_PERCENTILES = ("total_time_ms_p50", "total_time_ms_p95", "ttft_ms_p50", "ttft_ms_p95")
+TOP_MODELS = 20  # models named in the per-model table and token series, busiest first
+OTHER_NAME = "other"  # the row that sums the rest; its "folded" count tells it from a model of that name
+
+
+class _Other:
+    """The key of the folded row (a key no model name can equal)."""
+
+
+OTHER = _Other()
 
 
 def bucket_width(since: datetime, end: datetime) -> tuple[int, int]:
@@ -106,50 +116,73 @@ def assemble(filters, since: datetime, now: datetime, groups: list, clients: int
     the sample rows of a range starting at ``since``."""
     end = filters.until or now
     seconds, chars = bucket_width(since, end)
-    per_model, per_bucket, tokens = _totals(groups, chars)
+    rows = ModelRows(groups)
+    per_model, per_bucket, tokens = _totals(groups, chars, rows.key)
     minutes = max(end - since, timedelta(minutes=1)).total_seconds() / 60
-    models = _models(per_model, summaries(sample, itemgetter(1)))
+    models = _models(rows, per_model, summaries(sample, lambda row: rows.key(row[1])))
     keys = bucket_keys(since, end, seconds, chars)
-    series = _series(keys, per_bucket, tokens, models, summaries(sample, lambda row: str(row[0])[:chars]))
+    layers = [tokens[key] for key in rows.keys]
+    series = _series(keys, per_bucket, layers, models, summaries(sample, lambda row: str(row[0])[:chars]))
     calls = sum(row["calls"] for row in models)
     return {
         "empty": False,
         "filters": filters.describe(),
         "range": {"since": format_timestamp(since), "until": filters.until and format_timestamp(filters.until),
                   "now": format_timestamp(now), "minutes": round(minutes, 3)},
-        "cards": _cards(models, minutes, clients, summaries(sample, lambda row: None).get(None, NO_FIGURES)),
+        "cards": _cards(models, minutes, clients, rows.named,
+                        summaries(sample, lambda row: None).get(None, NO_FIGURES)),
         "models": models,
         "series": {"bucket_seconds": seconds, **series},
         "percentiles": {"method": "nearest rank", "exact": exact, "sample_rows": len(sample), "of_rows": calls},
     }  # fmt: skip
 
 
-def _totals(groups: list, chars: int) -> tuple[dict, dict, dict]:
-    """Sum the groups per model, per bucket and per (model, bucket) for tokens."""
+class ModelRows:
+    """Which row of the per-model table each model's calls go to: the TOP_MODELS busiest models (ties by name, the
+    calls without a model first) have a row each, in that order, and the rest share the last one, OTHER."""
+
+    def __init__(self, groups: list) -> None:
+        calls = defaultdict(int)
+        for _, model, count, *_ in groups:
+            calls[model or None] += count
+        ranked = sorted((model for model, count in calls.items() if count), key=lambda m: (-calls[m], m or ""))
+        self._busiest = set(ranked[:TOP_MODELS])
+        self.keys = ranked[:TOP_MODELS] + ([OTHER] if len(ranked) > TOP_MODELS else [])
+        self.folded = len(ranked) - len(self._busiest)  # models in the OTHER row
+        self.named = sum(1 for model in ranked if model)  # distinct model names, folded ones too
+
+    def key(self, model: str | None):
+        """Return the row key of a stored model name ("" or None for none): the name, None, or OTHER."""
+        model = model or None
+        return model if model in self._busiest else OTHER
+
+
+def _totals(groups: list, chars: int, key) -> tuple[dict, dict, dict]:
+    """Sum the groups per row ``key(model)``, per bucket and per (row, bucket) for tokens."""
     per_model, per_bucket = defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0])
     tokens = defaultdict(lambda: defaultdict(int))
-    for key, model, calls, errors, input_tokens, output_tokens in groups:
-        totals = per_model[model or None]
+    for bucket, model, calls, errors, input_tokens, output_tokens in groups:
+        row = key(model)
+        totals = per_model[row]
         for index, value in enumerate((calls, errors, input_tokens, output_tokens)):
             totals[index] += value
-        per_bucket[key[:chars]][0] += calls
-        per_bucket[key[:chars]][1] += errors
-        tokens[model or None][key[:chars]] += input_tokens + output_tokens
+        per_bucket[bucket[:chars]][0] += calls
+        per_bucket[bucket[:chars]][1] += errors
+        tokens[row][bucket[:chars]] += input_tokens + output_tokens
     return per_model, per_bucket, tokens
 
 
-def _models(per_model: dict, figures: dict) -> list[dict]:
-    """The per-model table, busiest first (ties by name, the calls without a model before the others)."""
+def _models(rows: ModelRows, per_model: dict, figures: dict) -> list[dict]:
+    """The per-model table; ``folded`` is how many models a row sums (0 for a model's own row)."""
     names = ("calls", "errors", "input_tokens", "output_tokens")
-    ordered = sorted(per_model.items(), key=lambda item: (-item[1][0], item[0] or ""))
     return [
-        {"model": model, **dict(zip(names, totals, strict=True)), **figures.get(model or "", NO_FIGURES)}
-        for model, totals in ordered
-        if totals[0]
-    ]
+        {"model": OTHER_NAME if key is OTHER else key, "folded": rows.folded if key is OTHER else 0,
+         **dict(zip(names, per_model[key], strict=True)), **figures.get(key, NO_FIGURES)}
+        for key in rows.keys
+    ]  # fmt: skip
 
 
-def _cards(models: list[dict], minutes: float, clients: int, figures: dict) -> dict:
+def _cards(models: list[dict], minutes: float, clients: int, named: int, figures: dict) -> dict:
     calls, errors = sum(row["calls"] for row in models), sum(row["errors"] for row in models)
     return {
         "calls": calls,
@@ -160,17 +193,18 @@ def _cards(models: list[dict], minutes: float, clients: int, figures: dict) -> d
         "output_tokens": sum(row["output_tokens"] for row in models),
         **figures,
         "clients": clients,
-        "models": sum(1 for row in models if row["model"]),
+        "models": named,
     }
 
 
-def _series(keys: list[str], per_bucket: dict, tokens: dict, models: list[dict], figures: dict) -> dict:
+def _series(keys: list[str], per_bucket: dict, layers: list[dict], models: list[dict], figures: dict) -> dict:
     series = {
         "buckets": [format_timestamp(key_time(key)) for key in keys],
         "calls": [per_bucket[key][0] for key in keys],
         "errors": [per_bucket[key][1] for key in keys],
-        "tokens": [{"model": row["model"], "values": [tokens[row["model"]][key] for key in keys]} for row in models],
-    }
+        "tokens": [{"model": row["model"], "folded": row["folded"], "values": [layer[key] for key in keys]}
+                   for row, layer in zip(models, layers, strict=True)],
+    }  # fmt: skip
     for name in SERIES_PERCENTILES:
         series[name] = [figures.get(key, NO_FIGURES)[name] for key in keys]
     return series

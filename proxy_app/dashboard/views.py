@@ -2,23 +2,25 @@
 
 Each view builds one dict and renders it as a template or as JSON. Bad parameters get 400 with the reason. With
 ADMIN_TOKEN set, everything but the login form and the static script needs the token (bearer header, or the cookie
-the login form sets). Every response carries a Content-Security-Policy without inline script. This module does not
+the login form sets, signed with the store's session secret: sessions.py). Failed sign-ins are throttled per client
+address. Every response carries a Content-Security-Policy without inline script. This module does not
 write rows or compute figures (queries.py, stats.py).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import hmac
 import logging
 import secrets
+import time
 from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
 from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES
-from proxy_app.dashboard import charts, queries, readmodel, stats
+from proxy_app.dashboard import charts, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.store import export, models
 
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="static", static_url_path="/static")
 
 COOKIE = "ollama_proxy_admin"
+# Why: the proxy's own routes take at most a login form; a bigger body is refused (413) from its Content-Length
+# before a byte of it is read. Relayed calls never build a Flask request, so MAX_BODY_BYTES alone limits those.
+OWN_BODY_BYTES = 64 * 1024
 OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static")  # reachable without the token
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
@@ -35,15 +40,23 @@ CSP = (
 
 
 def init_app(app: Flask) -> None:
-    """Register the blueprint, create the read model's tables and plan the refresher's shutdown."""
+    """Register the blueprint, create the read model's tables, plan the refresher's shutdown and limit the bodies
+    that the proxy's own (Flask) routes read."""
+    app.config["MAX_CONTENT_LENGTH"] = OWN_BODY_BYTES
     db = models.database.obj or models.open_database(app.config["DATABASE"])
     refresher = readmodel.Refresher(db)
-    app.extensions["dashboard"] = {"db": db, "refresher": refresher}
+    app.extensions["dashboard"] = {"db": db, "refresher": refresher, "clock": time.time, "sessions_ready": False}
     app.extensions.setdefault("shutdown_hooks", []).append(refresher.stop)
     try:
         refresher.ready = readmodel.ensure_read_model(db)
     except Exception as exc:  # a locked or unreachable database: the refresher tries again on first use
         log.warning("cannot prepare the dashboard's read model yet: %s", exc)
+    try:
+        if app.config["ADMIN_TOKEN"]:
+            sessions.ensure_tables(db)
+            app.extensions["dashboard"]["sessions_ready"] = True
+    except Exception as exc:  # as above: the first sign-in tries again
+        log.warning("cannot prepare the dashboard's sign-in tables yet: %s", exc)
     finally:
         db.close()  # never carry a connection across gunicorn's fork
     app.register_blueprint(bp)
@@ -59,8 +72,20 @@ def _db():
 
 
 def _cookie_value(token: str) -> str:
-    """The login cookie: a keyed hash of the token, so the token itself never sits in the browser."""
-    return hmac.new(token.encode(), b"ollama-proxy dashboard session", hashlib.sha256).hexdigest()
+    """The login cookie: an HMAC of the token under the store's session secret, never the token itself."""
+    with _signin_store() as db:
+        return sessions.cookie_value(db, token)
+
+
+@contextlib.contextmanager
+def _signin_store():
+    """The store, connected, with the sign-in tables made (once per process)."""
+    state = current_app.extensions["dashboard"]
+    with state["db"].connection_context():
+        if not state["sessions_ready"]:
+            sessions.ensure_tables(state["db"])
+            state["sessions_ready"] = True
+        yield state["db"]
 
 
 def is_authorized(token: str) -> bool:
@@ -230,30 +255,47 @@ def export_csv():
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    """The login form; a right token sets the cookie and goes back to the page asked for."""
+    """The login form; a right token sets the cookie and goes back to the page asked for. An address with too many
+    recent failures gets 429 and Retry-After, whatever token it sends."""
     token = current_app.config["ADMIN_TOKEN"]
     target = request.values.get("next", "")
-    target = target if target.startswith("/analytics") and "//" not in target and "\\" not in target else None
-    if (
-        request.method == "POST"
-        and token
-        and hmac.compare_digest(request.form.get("token", "").encode(), token.encode())
-    ):
-        response = redirect(target or url_for("dashboard.index"))
-        response.set_cookie(
-            COOKIE, _cookie_value(token), httponly=True, samesite="Strict", path="/analytics", secure=request.is_secure
-        )
-        return response
-    status = 401 if request.method == "POST" else 200
-    return render_template("dashboard.html", page="login", next=target or ""), status
+    target = target if target.startswith("/analytics") and "//" not in target and "\\" not in target else ""
+    if request.method != "POST" or not token:
+        return _login_page(target, "", 401 if request.method == "POST" else 200)
+    forwarded, trusted = request.headers.get("X-Forwarded-For"), current_app.config["TRUSTED_PROXIES"]
+    address = sessions.client_address(request.remote_addr or "", forwarded, trusted)
+    with _signin_store() as db:
+        wait = sessions.admit(db, address, current_app.extensions["dashboard"]["clock"]())
+        if wait:
+            message = f"Too many failed sign-ins from your address; try again in {wait} s."
+            return _login_page(target, message, 429, {"Retry-After": str(wait)})
+        if not hmac.compare_digest(request.form.get("token", "").encode(), token.encode()):
+            return _login_page(target, "Wrong token.", 401)
+        sessions.forget(db, address)
+        value = sessions.cookie_value(db, token)
+    response = redirect(target or url_for("dashboard.index"))
+    response.set_cookie(COOKIE, value, httponly=True, samesite="Strict", path="/analytics", secure=request.is_secure)
+    return response
+
+
+def _login_page(target: str, message: str, status: int, headers: dict | None = None):
+    return render_template("dashboard.html", page="login", next=target, message=message), status, headers or {}
 
 
 @bp.route("/logout", methods=["POST"])
 def logout():
-    """Forget the login cookie."""
+    """Forget the login cookie in this browser."""
     response = redirect(url_for("dashboard.login"))
     response.delete_cookie(COOKIE, path="/analytics")
     return response
+
+
+@bp.route("/logout-everywhere", methods=["POST"])
+def logout_everywhere():
+    """Rotate the session secret: every login cookie, in every browser, is refused from now on."""
+    with _signin_store() as db:
+        sessions.rotate(db)
+    return logout()
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
