@@ -89,6 +89,18 @@ def test_security_metrics_wrong_token_gets_401_without_hints(client):
     assert client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 200
 
 
+def test_security_health_and_test_keep_details_for_a_token_holder(client, upstream):
+    """With a token set, anyone gets the bare status; the upstream's address and the parts' state need a token."""
+    bare = [client.get(path, headers=headers) for path in ("/health", "/test")
+            for headers in ({}, {"Authorization": "Bearer wrong"})]  # fmt: skip
+    assert [(answer.status_code, answer.get_json()) for answer in bare] == [
+        (200, {"status": "ok"}), (200, {"status": "ok"}), (200, {"ok": True}), (200, {"ok": True})]  # fmt: skip
+    assert all(upstream.url.encode() not in answer.data for answer in bare)
+    for path in ("/health", "/test"):
+        full = client.get(path, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).get_json()
+        assert full["upstream"]["url"] == upstream.url and full["upstream"]["reachable"] is True
+
+
 def test_security_tokens_compared_in_constant_time():
     """No token is compared with == or != anywhere (hmac.compare_digest instead); a plain AST scan of the package."""
     offenders = []

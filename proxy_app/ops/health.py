@@ -2,7 +2,9 @@
 and ``/metrics`` (Prometheus).
 
 Other modules add their own checks to ``app.extensions["health_checks"]`` (name -> callable returning a dict with
-an ``ok`` key). This module does not relay anything.
+an ``ok`` key). With ADMIN_TOKEN or METRICS_TOKEN set, ``/health`` and ``/test`` answer anyone with a bare status
+and keep the details (the upstream's address and version, the parts' errors) for a caller with either token. This
+module does not relay anything.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def health():
     checks = {name: check() for name, check in current_app.extensions["health_checks"].items()}
     healthy = upstream["reachable"] and all(check.get("ok", True) for check in checks.values())
     document = {"status": "ok" if healthy else "degraded", "proxy": "up", "upstream": upstream, **checks}
-    return jsonify(document), 200 if healthy else 503
+    return jsonify(document if _may_see_details() else {"status": document["status"]}), 200 if healthy else 503
 
 
 @bp.route("/test", methods=["GET"])
@@ -49,7 +51,14 @@ def connectivity_test():
         except (requests.RequestException, ValueError, AttributeError) as exc:
             document["error"] = f"listing models failed: {exc}"
     document["ok"] = upstream["reachable"] and "error" not in document
-    return jsonify(document), 200 if document["ok"] else 502
+    return jsonify(document if _may_see_details() else {"ok": document["ok"]}), 200 if document["ok"] else 502
+
+
+def _may_see_details() -> bool:
+    """True when no token is set, or the caller sent the admin or the metrics token as a bearer token."""
+    config, header = current_app.config, request.headers.get("Authorization")
+    tokens = [token for token in (config["ADMIN_TOKEN"], config["METRICS_TOKEN"]) if token]
+    return not tokens or any(is_authorized(header, token) for token in tokens)
 
 
 @bp.route("/metrics", methods=["GET"])
