@@ -18,6 +18,8 @@ from collections.abc import Iterator
 MAX_FRAMING_BYTES = 16 * 1024
 _CRLF = b"\r\n"
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r")  # size [extension] [blanks] CR, up to the LF
+NO_BODY_STATUSES = frozenset({204, 304})
+_LENGTH = re.compile(r"[0-9]{1,18}")  # RFC 9110 8.6 allows digits only; 18 of them are more than any body
 _PLAIN_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")  # how Go (Ollama) frames every chunk
 # A trailer line: a token, a colon, and a value of visible bytes (obs-text included) with blanks only between them.
 _TRAILER_FIELD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[ \t]*(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?[ \t]*")
@@ -76,18 +78,37 @@ def is_reusable(response: http.client.HTTPResponse) -> bool:
     return response.isclosed() and not response.will_close
 
 
-def end_loose_length_at_close(response: http.client.HTTPResponse) -> None:
-    """Make a body whose Content-Length is no plain number end when the upstream closes, as one without it does.
+def check_framing(response: http.client.HTTPResponse, method: str) -> None:
+    """Check the body framing an answer's head announces (RFC 9112 6.3) and have its body read by it; raise
+    HTTPException, for a 502, on framing no proxy may guess at: a transfer coding other than chunked, one in an
+    HTTP/1.0 answer, or Content-Length values that differ or are no plain number.
 
-    http.client takes int() of the field, which also reads "+5" and "5_0" (RFC 9110 8.6 allows digits only). Called
-    for answers to anything but HEAD, whose bodies are empty whatever they announce.
+    An answer that has no body whatever it announces (to HEAD, 204, 304) keeps its connection from the next call:
+    bytes that follow it, at once or late, belong to no call. So does an answer framed both ways, whose Content-Length
+    is ignored (and never relayed: ``read_head``).
     """
-    declared = response.msg.get("Content-Length", "").strip(" \t")
-    if response.length is None or (declared.isascii() and declared.isdigit()):
-        return
-    if response.status >= 200 and response.status not in (204, 304):  # these have no body whatever they announce
-        response.length = None
-        response.will_close = True
+    message = response.msg
+    codings = message.get_all("Transfer-Encoding") or []
+    lengths = {value.strip(" \t") for field in message.get_all("Content-Length") or [] for value in field.split(",")}
+    if codings and (_coding_names(codings) != ["chunked"] or response.version == 10):
+        raise http.client.HTTPException(f"unsupported Transfer-Encoding from the upstream: {', '.join(codings)[:60]!r}")
+    if not codings and len(lengths) > 1:
+        raise http.client.HTTPException(f"different Content-Length values from the upstream: {sorted(lengths)[:4]}")
+    if not codings and lengths and not _LENGTH.fullmatch(declared := next(iter(lengths))):
+        raise http.client.HTTPException(f"invalid Content-Length from the upstream: {declared[:20]!r}")
+    if method == "HEAD" or response.status in NO_BODY_STATUSES:
+        response.chunked, response.length = False, 0
+        _keep_from_reuse(response)
+    elif codings:
+        response.chunked, response.length = True, None
+        if lengths:
+            _keep_from_reuse(response)
+    elif lengths and response.length is None:  # "2, 2": one length, which http.client does not read
+        response.length = int(declared)
+
+
+def _coding_names(fields: list[str]) -> list[str]:
+    return [name.strip(" \t").lower() for field in fields for name in field.split(",")]
 
 
 def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
