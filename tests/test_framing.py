@@ -140,8 +140,16 @@ def test_chunks_framing_split_anywhere_gives_the_same_data(step):
         (b"zz\r\n", "invalid chunk size"),
         (b"-5\r\nhello\r\n", "invalid chunk size"),
         (b"0x5\r\nhello\r\n", "invalid chunk size"),
-        (b"3\r\nhello\r\n", "more chunk data than the chunk size"),
-        (b"1" * 5000, "does not end"),
+        (b"5\nhello\r\n", "invalid chunk size"),  # bare LF
+        (b"5\r\r\nhello\r\n", "invalid chunk size"),
+        (b"5 5\r\nhello\r\n", "invalid chunk size"),
+        (b" 5\r\nhello\r\n", "invalid chunk size"),
+        (b"1" * 21 + b"\r\n", "invalid chunk size"),
+        (b"3\r\nhello\r\n", "does not end where its size says"),
+        (b"5\r\nhello\n0\r\n\r\n", "does not end where its size says"),
+        (b"0\r\nno colon\r\n\r\n", "invalid trailer line"),
+        (b"0\r\n folded\r\n\r\n", "continuation line"),
+        (b"1" * 20000, "does not end"),
     ],
 )
 def test_chunks_framing_refuses_what_is_not_chunked(data, message):

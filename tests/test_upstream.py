@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import http.client
 import io
+import itertools
 import socket
 
 import pytest
 from urllib3.util.wait import wait_for_read
 
 from proxy_app.relay import framing
+from proxy_app.relay import upstream as upstream_module
 from proxy_app.relay.upstream import Pool, Unreachable, read_head
 from tests.conftest import free_port
+from tests.processes import wait_until
 from tests.raw_upstream import TLS, RawUpstream, chunked, read_request, reply, response, tls_upstream
 
 # http.client refuses a head of more than 100 lines, the empty line that ends it included.
@@ -68,11 +71,11 @@ def test_pool_closes_a_connection_released_before_its_end_so_the_upstream_sees_i
     assert not pool._idle and raw.accepted == 2
 
 
-def test_pool_keeps_bodiless_answers_connections_and_at_most_keep(upstream):
-    raw, pool = upstream(answer_every_request(head_only=True))
-    answers = [call(pool, "GET", None) for _ in range(3)]  # three at once: three connections
+def test_pool_keeps_at_most_keep_connections(upstream):
+    raw, pool = upstream(answer_every_request())
+    answers = [call(pool) for _ in range(3)]  # three at once: three connections
     for answer in answers:
-        assert answer.status == 204
+        assert b"".join(framing.pieces(answer, 65536)) == b'{"ok":true}'
         pool.release(answer)
     assert len(pool._idle) == 2 and raw.accepted == 3  # keep=2: the third is closed
     pool.close()
@@ -156,17 +159,6 @@ def test_read_head_refuses_more_headers_than_http_client_allows():
     assert len(read_head(http.client.parse_headers(io.BytesIO(head[head.index(b"X-1:") :])))) == MAX_HEADER_FIELDS
 
 
-@pytest.mark.parametrize("declared", ["+2", "2_0", "-2", "2, 2", "0x2", "²"])
-def test_pool_reads_to_the_close_a_body_whose_content_length_is_no_plain_number(upstream, declared):
-    head = f"HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n".encode()
-    raw, pool = upstream(reply(head + b"{}"))
-    answer = call(pool)
-    assert answer.length is None and answer.will_close  # the body ends when the upstream closes, not by a guess
-    assert b"".join(framing.pieces(answer, 65536)) == b"{}"
-    pool.release(answer)
-    assert not pool._idle
-
-
 def test_pool_takes_a_content_length_with_blanks_around_it_as_its_length(upstream):
     raw, pool = upstream(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \t\r\n\r\n{}", then_close=False))
     answer = call(pool)
@@ -208,3 +200,160 @@ def test_pool_refuses_an_answer_that_is_no_http_1(upstream, status_line):
     raw, pool = upstream(reply(status_line + b"\r\nContent-Length: 2\r\n\r\n{}"))
     with pytest.raises(http.client.HTTPException):
         call(pool)
+
+
+# ---- an upstream's answers must never reach another call (pool poisoning) -------------------------------------------
+
+OWN = response(b'{"own":true}')
+STRAY = response(b'{"evil":true}')  # an answer that belongs to no call: no later call may ever get it
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+def numbered_answers(*interim: bytes):
+    """Script: answer every request with the ``interim`` (1xx) heads, then a 200 whose body numbers the request."""
+    served = itertools.count(1)
+
+    def script(upstream, conn: socket.socket) -> None:
+        request = True
+        while request:
+            conn.sendall(b"".join(interim) + response(b'{"n":%d}' % next(served)))
+            request = read_request(conn)
+
+    return script
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [[EARLY_HINTS], [b"HTTP/1.1 102 Processing\r\n\r\n", EARLY_HINTS], [b"HTTP/1.1 100 Continue\r\n\r\n", EARLY_HINTS,
+     b"HTTP/1.1 199 Whatever\r\nX-A: 1\r\n\r\n"]],
+    ids=["103", "102-103", "100-103-199"],
+)  # fmt: skip
+def test_pool_skips_interim_answers_so_each_call_gets_its_own(upstream, interim):
+    raw, pool = upstream(numbered_answers(*interim))
+    for n in range(1, 4):
+        answer = call(pool)
+        assert (answer.status, b"".join(framing.pieces(answer, 65536))) == (200, b'{"n":%d}' % n)
+        pool.release(answer)
+    assert raw.accepted == 1  # the interim answers left the connection clean, so it carried all three
+
+
+def test_pool_refuses_more_interim_answers_than_any_server_sends(upstream):
+    raw, pool = upstream(reply(EARLY_HINTS * (upstream_module.MAX_INTERIM_ANSWERS + 1) + OWN, then_close=False))
+    with pytest.raises(http.client.HTTPException, match="interim answers"):
+        call(pool)
+    assert not pool._idle
+
+
+def test_pool_refuses_a_switch_of_protocols_and_closes_the_connection(upstream):
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello"
+    raw, pool = upstream(reply(switch, then_close=False))
+    with pytest.raises(http.client.HTTPException, match="101"):  # the proxy relays no upgrades: 502 for the client
+        call(pool)
+    assert not pool._idle
+    wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
+
+
+BODILESS = {
+    "204": ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    "304": ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n'),
+    "HEAD": ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"),
+}
+
+
+def stray_after_bodiless(first: bytes, late: bool):
+    """Script: a POST gets its own answer; any other request gets ``first`` (an answer without a body) followed by
+    a stray answer, at once or ``late``: only once the next request is in, as bytes delayed on the network are."""
+
+    def script(upstream, conn: socket.socket) -> None:
+        request, owed = upstream.requests[-1], b""
+        while request:
+            if request.startswith(b"POST"):
+                conn.sendall(owed + OWN)
+                owed = b""
+            else:
+                conn.sendall(first if late else first + STRAY)
+                owed = STRAY if late else b""
+            request = read_request(conn)
+
+    return script
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["at-once", "late"])
+@pytest.mark.parametrize("case", BODILESS)
+def test_pool_never_hands_on_the_connection_of_an_answer_without_body(upstream, case, late):
+    method, first = BODILESS[case]
+    raw, pool = upstream(stray_after_bodiless(first, late))
+    answer = pool.request(method, "/", None, {})
+    assert answer.status == int(first[9:12])
+    pool.release(answer)  # what forward.py does with an answer that has no body
+    second = call(pool)
+    assert (second.status, b"".join(framing.pieces(second, 65536))) == (200, b'{"own":true}')
+    pool.release(second)
+
+
+# ---- framing a bad upstream announces (RFC 9112 6.3) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"Content-Length: 2\r\nContent-Length: 3", b"Content-Length: 2, 3", b"Content-Length: +2", b"Content-Length: 2_0",
+     b"Content-Length: -2", b"Content-Length: 0x2", b"Content-Length: \xc2\xb2", b"Content-Length: 1 2",
+     b"Content-Length: ", b"Content-Length: " + b"9" * 5000],
+    ids=["two-fields", "two-values", "plus", "underscore", "negative", "hex", "superscript", "space", "empty",
+         "5000-digits"],
+)  # fmt: skip
+def test_pool_refuses_an_answer_with_conflicting_or_invalid_content_length(upstream, lengths):
+    raw, pool = upstream(reply(b"HTTP/1.1 200 OK\r\n" + lengths + b"\r\n\r\n{}", then_close=False))
+    with pytest.raises(http.client.HTTPException, match="Content-Length"):
+        call(pool)
+    assert not pool._idle
+    wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
+
+
+@pytest.mark.parametrize(
+    "lengths", [b"Content-Length: 2, 2", b"Content-Length: 2\r\nContent-Length: 2", b"Content-Length: 2 \t"]
+)
+def test_pool_takes_repeated_equal_content_lengths_as_one(upstream, lengths):
+    raw, pool = upstream(reply(b"HTTP/1.1 200 OK\r\n" + lengths + b"\r\n\r\n{}"))
+    answer = call(pool)
+    assert answer.length == 2 and b"".join(framing.pieces(answer, 65536)) == b"{}"
+    pool.release(answer)
+
+
+def test_pool_drops_a_content_length_sent_beside_transfer_encoding(upstream):
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    body = b'{"response":"longer than the stale length","done":true}'
+    raw, pool = upstream(reply(head + chunked(body), then_close=False))
+    answer = call(pool)
+    assert [name for name, _ in answer.head.items()] == ["Content-Type", "Transfer-Encoding"]  # never relayed
+    assert b"".join(framing.pieces(answer, 65536)) == body  # framed by the chunks, not by the stale length
+    pool.release(answer)
+    assert not pool._idle  # an answer framed two ways is no connection to trust with another call
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+     b"Transfer-Encoding: chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 2",
+     b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked"],
+    ids=["gzip-chunked", "gzip", "chunked-twice", "two-fields", "identity", "http-1.0"],
+)  # fmt: skip
+def test_pool_refuses_a_transfer_encoding_other_than_chunked(upstream, head):
+    raw, pool = upstream(reply(head + b"\r\n\r\n" + chunked(b"{}"), then_close=False))
+    with pytest.raises(http.client.HTTPException, match="Transfer-Encoding"):
+        call(pool)
+    assert not pool._idle
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"a\x00b", b"\x7f", b"a\x1bb", b"a\x0bb", b"a\x0cb", b"a\x1cb"])
+def test_read_head_refuses_a_control_character_in_a_value(value):
+    with pytest.raises(http.client.HTTPException, match="control character"):
+        read_head(http.client.parse_headers(io.BytesIO(b"X-Ok: 1\r\nX-Bad: " + value + b"\r\n\r\n")))
+
+
+def test_read_head_keeps_tabs_and_obs_text_in_a_value():
+    head = read_head(http.client.parse_headers(io.BytesIO(b"X-Tab: a\tb\r\nX-Latin: caf\xe9 \x85\xff\r\n\r\n")))
+    assert list(head.items()) == [("X-Tab", "a\tb"), ("X-Latin", "caf\xe9 \x85\xff")]  # RFC 9110 field-vchar

@@ -30,7 +30,7 @@ from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves
-from proxy_app.relay.request_body import is_blob_upload, read_request_body
+from proxy_app.relay.request_body import InvalidBody, is_blob_upload, read_request_body
 from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
@@ -121,6 +121,9 @@ def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response |
 def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAnswer:
     try:
         body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
+    except InvalidBody as exc:  # a chunked body with a bad size line, say
+        app.extensions["gate"].leave()
+        return _refuse(app, call, 400, exc.description, "rejected")
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
         call.request_size_bytes = 0
@@ -139,7 +142,7 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     try:
         with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (client_watch.py)
             upstream = app.extensions["upstream_pool"].request(req.method, target, body or None, headers)
-    except (http.client.HTTPException, OSError, ClientLeft, ClientDisconnected) as exc:
+    except (http.client.HTTPException, OSError, ClientLeft, ClientDisconnected, InvalidBody) as exc:
         app.extensions["gate"].leave()
         return _no_answer(app, call, exc)
     return _relay_response(app, req, call, upstream)
@@ -163,13 +166,16 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
+    next(body)  # into its try: a body closed unread settles the call without reading the upstream
     return RelayedAnswer(status_line(status, upstream.reason), headers, body)
 
 
 def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
-    """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
+    """Yield the upstream body as it arrives, after one empty piece for the caller; settle the call in ``finally``
+    whatever happens."""
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
+        yield b""
         for chunk in framing.pieces(upstream, READ_SIZE):
             try:
                 meter.feed(chunk)
@@ -255,6 +261,8 @@ def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
         return _refuse(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
+    if isinstance(exc, InvalidBody):  # a blob upload whose chunked framing broke on the way
+        return _refuse(app, call, 400, exc.description, "rejected")
     if isinstance(exc, Unreachable):
         status, outcome, message = 502, "unreachable", f"cannot reach the Ollama upstream at {upstream}"
     elif isinstance(exc, TimeoutError):

@@ -14,13 +14,23 @@ import io
 import re
 from collections.abc import Iterator
 
-MAX_FRAMING_BYTES = 4096  # a chunk-size or trailer line longer than this is no HTTP/1.1 framing
-_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r]*)?\r?")  # size, then extensions (ignored)
-_PLAIN_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")  # how Go (Ollama) frames every chunk
+# Why: the most of one incomplete chunk-size line or trailer section held while more arrives; h11's default.
+MAX_FRAMING_BYTES = 16 * 1024
+_CRLF = b"\r\n"
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*\r")  # size [extension] [blanks] CR, up to the LF
+NO_BODY_STATUSES = frozenset({204, 304})
+_LENGTH = re.compile(r"[0-9]{1,18}")  # RFC 9110 8.6 allows digits only; 18 of them are more than any body
+_PLAIN_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")  # how Go (Ollama) frames every chunk
+# A trailer line: a token, a colon, and a value of visible bytes (obs-text included) with blanks only between them.
+_TRAILER_FIELD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[ \t]*(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?[ \t]*")
+_FOLDED = re.compile(rb"[ \t]+")  # a trailer line that continues the one before it (obs-fold)
+_SECTION_END = re.compile(rb"\n\r?\n")  # the empty line that ends a trailer section
 
 
 class BrokenBody(http.client.HTTPException):
     """The body ended early or was no valid chunked framing."""
+
+    data = b""  # chunk data that arrived before invalid framing, for the client still
 
 
 def pieces(response: http.client.HTTPResponse, size: int) -> Iterator[bytes]:
@@ -68,18 +78,37 @@ def is_reusable(response: http.client.HTTPResponse) -> bool:
     return response.isclosed() and not response.will_close
 
 
-def end_loose_length_at_close(response: http.client.HTTPResponse) -> None:
-    """Make a body whose Content-Length is no plain number end when the upstream closes, as one without it does.
+def check_framing(response: http.client.HTTPResponse, method: str) -> None:
+    """Check the body framing an answer's head announces (RFC 9112 6.3) and have its body read by it; raise
+    HTTPException, for a 502, on framing no proxy may guess at: a transfer coding other than chunked, one in an
+    HTTP/1.0 answer, or Content-Length values that differ or are no plain number.
 
-    http.client takes int() of the field, which also reads "+5" and "5_0" (RFC 9110 8.6 allows digits only). Called
-    for answers to anything but HEAD, whose bodies are empty whatever they announce.
+    An answer that has no body whatever it announces (to HEAD, 204, 304) keeps its connection from the next call:
+    bytes that follow it, at once or late, belong to no call. So does an answer framed both ways, whose Content-Length
+    is ignored (and never relayed: ``read_head``).
     """
-    declared = response.msg.get("Content-Length", "").strip(" \t")
-    if response.length is None or (declared.isascii() and declared.isdigit()):
-        return
-    if response.status >= 200 and response.status not in (204, 304):  # these have no body whatever they announce
-        response.length = None
-        response.will_close = True
+    message = response.msg
+    codings = message.get_all("Transfer-Encoding") or []
+    lengths = {value.strip(" \t") for field in message.get_all("Content-Length") or [] for value in field.split(",")}
+    if codings and (_coding_names(codings) != ["chunked"] or response.version == 10):
+        raise http.client.HTTPException(f"unsupported Transfer-Encoding from the upstream: {', '.join(codings)[:60]!r}")
+    if not codings and len(lengths) > 1:
+        raise http.client.HTTPException(f"different Content-Length values from the upstream: {sorted(lengths)[:4]}")
+    if not codings and lengths and not _LENGTH.fullmatch(declared := next(iter(lengths))):
+        raise http.client.HTTPException(f"invalid Content-Length from the upstream: {declared[:20]!r}")
+    if method == "HEAD" or response.status in NO_BODY_STATUSES:
+        response.chunked, response.length = False, 0
+        _keep_from_reuse(response)
+    elif codings:
+        response.chunked, response.length = True, None
+        if lengths:
+            _keep_from_reuse(response)
+    elif lengths and response.length is None:  # "2, 2": one length, which http.client does not read
+        response.length = int(declared)
+
+
+def _coding_names(fields: list[str]) -> list[str]:
+    return [name.strip(" \t").lower() for field in fields for name in field.split(",")]
 
 
 def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
@@ -107,7 +136,12 @@ def _dechunked(reader, size: int) -> Iterator[bytes]:
         data = read(size)
         if not data:
             raise BrokenBody("the upstream closed the connection before the end of the chunked body")
-        piece = framing.feed(data)
+        try:
+            piece = framing.feed(data)
+        except BrokenBody as exc:
+            if exc.data:  # the chunks before the fault were framed well
+                yield exc.data
+            raise
         if piece:
             yield piece
     return framing.rest
@@ -133,59 +167,111 @@ def _reads(reader, size: int):
 
 class Framing:
     """Strips HTTP/1.1 chunked framing (RFC 9112 7.1) from bytes fed in any pieces; ``ended`` after the last chunk
-    and its trailer section, with any bytes after them in ``rest``."""
+    and its trailer section, with any bytes after them in ``rest``.
+
+    It accepts what h11 accepts (tests/test_framing_fuzz.py holds it to that): a size of at most 20 hex digits, any
+    extension, blanks only before the CRLF that ends the size line, exactly CRLF after each chunk's data, trailer lines
+    that are header fields (ending in CRLF or LF), and at most MAX_FRAMING_BYTES of one incomplete size line or trailer
+    section. Trailer fields are checked and dropped, never relayed.
+    """
 
     def __init__(self) -> None:
         self.ended = False
         self.rest = b""
         self._left = 0  # data bytes still to come in the current chunk
-        self._after_data = False  # the CRLF that closes a chunk's data is next
-        self._in_trailers = False  # the last (zero-size) chunk was read; trailer lines until an empty one
-        self._pending = b""  # the start of a framing line not yet complete
+        self._footer = b""  # what is still to come of the CRLF that closes a chunk's data
+        self._in_trailers = False  # the last (zero-size) chunk was read; the trailer section is next
+        self._pending = b""  # the start of a size line or trailer section not yet complete
 
     def feed(self, data: bytes) -> bytes:
-        """Return the chunk data in ``data``; raise BrokenBody on bytes that are no chunked framing."""
+        """Return the chunk data in ``data``; raise BrokenBody on bytes that are no chunked framing (the data of the
+        chunks before them in its ``data``)."""
         if self._pending:
             data, self._pending = self._pending + data, b""
-        out = []
+        out: list[bytes] = []
         at, end = 0, len(data)
-        while at < end and not self.ended:
-            if not (self._left or self._after_data or self._in_trailers) and (head := _PLAIN_SIZE.match(data, at)):
-                start = head.end()
-                stop = start + int(head[1], 16)
-                if stop > start and data[stop : stop + 2] == b"\r\n":  # a whole chunk, framed the usual way
-                    out.append(data[start:stop])
-                    at = stop + 2
-                    continue
-            if self._left:
-                part = data[at : at + self._left]
-                out.append(part)
-                at += len(part)
-                self._left -= len(part)
-                self._after_data = not self._left
-                continue
-            line_end = data.find(b"\n", at)
-            if line_end < 0:
-                self._pending = data[at:]
-                if len(self._pending) > MAX_FRAMING_BYTES:
-                    raise BrokenBody("the upstream sent a chunk-size line that does not end")
-                break
-            self._line(data[at:line_end])
-            at = line_end + 1
+        try:
+            while at < end and not self.ended:
+                if not (self._left or self._footer or self._in_trailers) and (head := _PLAIN_SIZE.match(data, at)):
+                    start = head.end()
+                    stop = start + int(head[1], 16)
+                    if stop > start and data[stop : stop + 2] == _CRLF:  # a whole chunk, framed the usual way
+                        out.append(data[start:stop])
+                        at = stop + 2
+                        continue
+                at = self._step(data, at, out)
+        except BrokenBody as exc:
+            exc.data = b"".join(out)
+            raise
         if self.ended:
             self.rest += data[at:]
         return b"".join(out)
 
-    def _line(self, line: bytes) -> None:
-        if self._after_data:  # the empty line closing a chunk's data
-            if line.rstrip(b"\r"):
-                raise BrokenBody("the upstream sent more chunk data than the chunk size said")
-            self._after_data = False
-        elif self._in_trailers:
-            self.ended = not line.rstrip(b"\r")
+    def _step(self, data: bytes, at: int, out: list[bytes]) -> int:
+        """Read the data or framing at ``at``; return where what follows begins (the end, once the rest is held)."""
+        if self._left:
+            part = data[at : at + self._left]
+            out.append(part)
+            self._left -= len(part)
+            self._footer = b"" if self._left else _CRLF
+            return at + len(part)
+        if self._footer:
+            return self._footer_at(data, at)
+        if self._in_trailers:
+            return self._trailers_at(data, at)
+        line_end = data.find(b"\n", at)
+        if line_end < 0:
+            self._hold(data[at:])
+            return len(data)
+        self._size_line(data[at:line_end])
+        return line_end + 1
+
+    def _hold(self, partial: bytes) -> None:
+        if len(partial) > MAX_FRAMING_BYTES:
+            raise BrokenBody("the upstream sent chunk framing that does not end")
+        self._pending = partial
+
+    def _size_line(self, line: bytes) -> None:
+        size = _SIZE_LINE.fullmatch(line)
+        if size is None:
+            raise BrokenBody(f"the upstream sent an invalid chunk size: {line[:40]!r}")
+        self._left = int(size[1], 16)
+        self._in_trailers = not self._left
+
+    def _footer_at(self, data: bytes, at: int) -> int:
+        part = data[at : at + len(self._footer)]
+        if part != self._footer[: len(part)]:
+            raise BrokenBody("the upstream sent chunk data that does not end where its size says")
+        self._footer = self._footer[len(part) :]
+        return at + len(part)
+
+    def _trailers_at(self, data: bytes, at: int) -> int:
+        """Where the body ends, once its trailer section (maybe empty) is all here; else hold it and return the end."""
+        for empty in (b"\n", _CRLF):
+            if data.startswith(empty, at):
+                self.ended = True
+                return at + len(empty)
+        blank = _SECTION_END.search(data, at)
+        if blank is None:
+            self._hold(data[at:])
+            return len(data)
+        _check_trailers(data[at : blank.start()])
+        self.ended = True
+        return blank.end()
+
+
+def _check_trailers(section: bytes) -> None:
+    """Raise BrokenBody unless each line of a trailer section, folded lines joined, is a header field."""
+    fields: list[bytes] = []
+    for line in section.split(b"\n"):
+        line = line[:-1] if line.endswith(b"\r") else line
+        folded = _FOLDED.match(line)
+        if folded and fields:
+            fields[-1] += b" " + line[folded.end() :]
+        elif folded:
+            raise BrokenBody("the upstream began a trailer section with a continuation line")
         else:
-            size = _CHUNK_SIZE.fullmatch(line)
-            if size is None:
-                raise BrokenBody(f"the upstream sent an invalid chunk size: {line[:40]!r}")
-            self._left = int(size[1], 16)
-            self._in_trailers = not self._left
+            fields.append(line)
+    for field in fields:
+        if not _TRAILER_FIELD.fullmatch(field):
+            raise BrokenBody(f"the upstream sent an invalid trailer line: {field[:40]!r}")

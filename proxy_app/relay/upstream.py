@@ -2,7 +2,8 @@
 
 Built on http.client as it is, as urllib3 is, without urllib3's layers this proxy does not use (retries, redirects,
 proxies, content decoding, per-host pools, header-dict copies). http.client reads each answer's status line and header
-section; ``read_head`` then checks those fields and unfolds them for relaying. The connections wait for the first byte
+section, past any interim (1xx) answer (``_Answer``); ``read_head`` then checks those fields and unfolds them for
+relaying, and ``framing.check_framing`` the body framing they announce. The connections wait for the first byte
 of an answer in short polls, so a departed client is noticed (client_watch.py). This module does not read bodies
 (framing.py) or decide anything about a call (forward.py).
 """
@@ -22,6 +23,9 @@ from proxy_app.relay import framing
 from proxy_app.relay.client_watch import current_gone_check, wait_first_byte
 
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # no field value holds these (RFC 9110 5.5); HTAB it may
+# Why: servers send one or two interim answers (102, 103) before the final one; an endless run is an attack.
+MAX_INTERIM_ANSWERS = 10
 # How the email parser behind http.client notes a line that is no header field, instead of refusing it.
 _BAD_LINE_DEFECTS = (
     email.errors.MissingHeaderBodySeparatorDefect,  # no colon, or a name with a space: the head's rest becomes payload
@@ -64,7 +68,8 @@ class Head:
 
 def read_head(message: http.client.HTTPMessage) -> Head:
     """Check the header fields http.client parsed and return them as a ``Head``, each value trimmed and a folded one
-    (RFC 9112 5.2) joined with a space; raise HTTPException on a line that is no header field.
+    (RFC 9112 5.2) joined with a space, and no Content-Length beside a Transfer-Encoding (RFC 9112 6.3); raise
+    HTTPException on a line that is no header field or a value with a control character.
 
     http.client's email parser only notes such a line as a defect and drops the fields after it, which could hide
     the framing (Content-Length, Transfer-Encoding) of the body that follows.
@@ -76,7 +81,12 @@ def read_head(message: http.client.HTTPMessage) -> Head:
     for name, value in message.items():
         if not _FIELD_NAME.fullmatch(name):
             raise http.client.HTTPException(f"invalid header name from the upstream: {name[:60]!r}")
-        fields.append((name, _unfolded(value) if "\n" in value else value.strip(" \t")))
+        value = _unfolded(value) if "\n" in value else value.strip(" \t")
+        if _CONTROL.search(value):
+            raise http.client.HTTPException(f"a control character in the upstream's header {name[:60]!r}")
+        fields.append((name, value))
+    if "Transfer-Encoding" in message:  # the body is framed by its chunks, and no stale length reaches the client
+        fields = [(name, value) for name, value in fields if name.lower() != "content-length"]
     return Head(fields)
 
 
@@ -96,10 +106,32 @@ def _unfolded(value: str) -> str:
     return " ".join([first.rstrip("\r").strip(" \t"), *(line.strip() for line in more)])
 
 
+class _Answer(http.client.HTTPResponse):
+    """http.client's response, read past every interim (1xx) answer as http.client itself reads past 100 Continue.
+
+    The final answer follows an interim one (102 Processing, 103 Early Hints) on the same connection; left unread, it
+    would reach the next call. 101 switches the connection to another protocol, which the proxy does not relay (it
+    forwards no Upgrade): it is refused.
+    """
+
+    def begin(self) -> None:
+        super().begin()
+        for _ in range(MAX_INTERIM_ANSWERS):
+            if not 100 <= self.status < 200:
+                return
+            if self.status == 101:
+                raise http.client.HTTPException("the upstream switched protocols (101), which the proxy does not relay")
+            self.headers = None  # begin() reads a status line and head only while none has been read
+            super().begin()
+        if 100 <= self.status < 200:
+            raise http.client.HTTPException(f"the upstream sent more than {MAX_INTERIM_ANSWERS} interim answers")
+
+
 class _Timed:
     """Connection mixin: the connect timeout while connecting, then the read timeout; a watched wait for answers."""
 
     read_timeout: float | None
+    response_class = _Answer
 
     def connect(self) -> None:
         try:
@@ -147,18 +179,18 @@ class Pool:
             connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
             response.head = read_head(response.msg)
+            framing.check_framing(response, method)
         except BaseException:
             if response is not None:
                 response.close()
             connection.close()
             raise
-        if method != "HEAD":
-            framing.end_loose_length_at_close(response)
         response.connection = connection
         return response
 
     def release(self, response: http.client.HTTPResponse, reusable: bool = True) -> None:
-        """Take back a response's connection: kept for the next call if its body was read to the end, else closed."""
+        """Take back a response's connection: kept for the next call if its body was read to the end, else closed
+        (and always closed after an answer without a body: ``framing.check_framing``)."""
         connection = response.connection
         if reusable and not response.isclosed() and framing.has_no_body(response):
             response.close()  # HEAD, 204, 304: there was no body to read
