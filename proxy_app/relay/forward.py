@@ -21,6 +21,7 @@ from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
+from proxy_app.config import PREFIX
 from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
@@ -29,7 +30,7 @@ from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
-from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves
+from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves, make_host_rule
 from proxy_app.relay.request_body import is_blob_upload, read_request_body
 from proxy_app.relay.settle import outcome_of, settle
 from proxy_app.relay.upstream import Pool, Unreachable
@@ -60,7 +61,15 @@ def init_app(app: Flask) -> None:
     app.extensions.setdefault("call_sinks", [])
     app.extensions.setdefault("load_sampler", None)
     app.extensions.setdefault("before_relay", [])
-    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward)
+    host_rule = make_host_rule(config)
+    if not host_rule.checks_anything:
+        log.warning(
+            "HOST %r is not loopback and %sALLOWED_HOSTS is empty: any Host is accepted, as Ollama does on such an "
+            "address; list this proxy's names there to refuse DNS-rebound pages",
+            config["HOST"],
+            PREFIX,
+        )
+    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward, refuse, host_rule)
 
 
 def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
@@ -73,6 +82,13 @@ def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
     except BaseException:
         in_flight.leave()
         raise
+
+
+def refuse(app: Flask, req: Request, status: int, message: str) -> Response:
+    """Answer a relayed call ourselves before it reaches the upstream (a Host not allowed), and record it."""
+    call = _start_call(app, req)
+    call.concurrent_requests = app.extensions["in_flight"].enter()
+    return _refuse(app, call, status, message, "rejected")
 
 
 def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | RelayedAnswer:
