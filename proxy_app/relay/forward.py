@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 
 from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
@@ -179,7 +180,7 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
     body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
-    return RelayedAnswer(status_line(status, upstream.reason), headers, body)
+    return RelayedAnswer(status_line(status, upstream.reason), headers, body, partial(_abandon, app, call, upstream))
 
 
 def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
@@ -233,12 +234,7 @@ def _reason(exc: BaseException) -> str:
 def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
     """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
     call.ended = time.perf_counter()
-    try:  # an abandoned body must not go back to the pool, and Ollama must see the close
-        app.extensions["upstream_pool"].release(upstream, reusable=outcome is None)
-    except Exception:  # closing must never stop the accounting
-        log.exception("closing the upstream response failed")
-    finally:
-        app.extensions["gate"].leave()
+    _release(app, upstream, reusable=outcome is None)  # an abandoned body must not go back to the pool
     try:
         usage = meter.result()
     except Exception:  # as in _stream: the call is still recorded and counted out of flight
@@ -250,6 +246,23 @@ def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome
     outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
     call.sent_bytes, call.ttft_ms = sent_bytes, ttft
     settle(app, call, usage, outcome, error)
+
+
+def _release(app: Flask, upstream, reusable: bool) -> None:
+    """Give the upstream connection back (or close it, so Ollama sees the close) and free the call's slot."""
+    try:
+        app.extensions["upstream_pool"].release(upstream, reusable=reusable)
+    except Exception:  # closing must never stop the accounting
+        log.exception("closing the upstream response failed")
+    finally:
+        app.extensions["gate"].leave()
+
+
+def _abandon(app: Flask, call: CallInFlight, upstream, message: str) -> Response:
+    """Settle a relayed answer whose head the server would not send: 502 in the API's shape, recorded."""
+    call.ended = time.perf_counter()
+    _release(app, upstream, reusable=False)
+    return _refuse(app, call, 502, message, "upstream_error")
 
 
 def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:

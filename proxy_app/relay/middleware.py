@@ -107,14 +107,25 @@ class RelayedAnswer:
     """A relayed answer as a WSGI response: the upstream's status line and headers, and its body as it arrives.
 
     werkzeug's Response would check and copy every header once more. Closing the body before the server ever
-    iterated it still settles the call (no drifting counts).
+    iterated it still settles the call (no drifting counts). A head the server refuses to send (start_response
+    raises: a header value it will not write) is settled by ``abandon``, which frees the call's slot and upstream
+    connection, records it and returns the error to answer instead, in the API's shape.
     """
 
-    def __init__(self, status: str, headers: list[tuple[str, str]], generator: Iterator[bytes]) -> None:
-        self.status, self.headers, self._generator = status, headers, generator
+    def __init__(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        generator: Iterator[bytes],
+        abandon: Callable[[str], Response],
+    ) -> None:
+        self.status, self.headers, self._generator, self._abandon = status, headers, generator, abandon
 
     def __call__(self, environ: dict, start_response):
-        start_response(self.status, self.headers)
+        try:
+            start_response(self.status, self.headers)
+        except BaseException as exc:  # nothing was sent: the call is settled here, and answered if the server lets us
+            return self._answer_instead(environ, start_response, exc)
         return self
 
     def __iter__(self) -> Iterator[bytes]:
@@ -124,3 +135,14 @@ class RelayedAnswer:
         if inspect.getgeneratorstate(self._generator) == inspect.GEN_CREATED:
             next(self._generator, None)  # run up to the first yield so `finally` has a frame to run in
         self._generator.close()
+
+    def _answer_instead(self, environ: dict, start_response, exc: BaseException):
+        self._generator.close()  # never started, it holds nothing; closed, a later close() cannot start it
+        message = f"the server could not send the upstream's answer: {type(exc).__name__}: {exc}"
+        log.warning("%s", message)
+        error = self._abandon(message)
+        if not isinstance(exc, Exception):  # the worker is exiting (SystemExit, KeyboardInterrupt): let it
+            raise exc
+        caught = (type(exc), exc, exc.__traceback__)
+        # PEP 3333: start_response may be called again, with exc_info, as long as no header was sent
+        return error(environ, lambda status, headers, exc_info=None: start_response(status, headers, caught))
