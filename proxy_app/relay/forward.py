@@ -27,13 +27,13 @@ from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing
-from proxy_app.relay.client_watch import ClientLeft, watching
+from proxy_app.relay.client_watch import ClientLeft, client_gone_check, stream_wait, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
-from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves, make_host_rule
+from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
 from proxy_app.relay.request_body import is_blob_upload, read_request_body
-from proxy_app.relay.settle import outcome_of, settle
+from proxy_app.relay.settle import outcome_of, refuse_call, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def refuse(app: Flask, req: Request, status: int, message: str) -> Response:
     """Answer a relayed call ourselves before it reaches the upstream (a Host not allowed), and record it."""
     call = _start_call(app, req)
     call.concurrent_requests = app.extensions["in_flight"].enter()
-    return _refuse(app, call, status, message, "rejected")
+    return refuse_call(app, call, status, message, "rejected")
 
 
 def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | RelayedAnswer:
@@ -99,7 +99,7 @@ def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -
     waited = time.perf_counter()
     if not gate.enter(app.config["QUEUE_TIMEOUT"]):
         call.queue_time_ms = (time.perf_counter() - waited) * 1000
-        return _refuse(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
+        return refuse_call(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
     call.queue_time_ms = (time.perf_counter() - waited) * 1000
     try:
         return _open_upstream(app, req, call)
@@ -131,7 +131,7 @@ def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response |
     declared = req.content_length
     if declared is not None and declared > limit:
         message = f"request body of {declared} bytes exceeds the limit of {limit}"
-        return _refuse(app, call, 413, message, "rejected")
+        return refuse_call(app, call, 413, message, "rejected")
     return None
 
 
@@ -141,10 +141,10 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
         call.request_size_bytes = 0
-        return _refuse(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
+        return refuse_call(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
         app.extensions["gate"].leave()
-        return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
+        return refuse_call(app, call, 413, "request body exceeds the limit", "rejected")
     intake = intake_module.read_intake(call.endpoint, body if isinstance(body, bytes) else None)
     call.request_size_bytes = body_size
     call.intake = intake
@@ -179,15 +179,29 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
-    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
+    wait = _client_watch(app, req, upstream)
+    body = _stream(app, call, upstream, meter, stripper, "Content-Length" in upstream.head, wait)
     return RelayedAnswer(status_line(status, upstream.reason), headers, body, partial(_abandon, app, call, upstream))
 
 
-def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
-    """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens."""
+def _client_watch(app: Flask, req: Request, upstream):
+    """The wait that watches the client while the upstream is silent mid-body (client_watch.py), or None."""
+    is_gone = client_gone_check(req.environ)
+    if is_gone is None:  # a server that offers no way to tell: its next write notices
+        return None
+    return stream_wait(upstream.socket, app.config["READ_TIMEOUT"] or None, is_gone)
+
+
+def _stream(
+    app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool, wait
+) -> Iterator[bytes]:
+    """Yield the upstream body as it arrives; settle the call in ``finally`` whatever happens.
+
+    ``wait`` (client_watch.stream_wait) watches the client while the upstream is silent; it raises ClientLeft.
+    """
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
-        for chunk in framing.pieces(upstream, READ_SIZE):
+        for chunk in framing.pieces(upstream, READ_SIZE, wait):
             try:
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
@@ -209,6 +223,8 @@ def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, strippe
     except GeneratorExit:
         outcome = "client_gone"
         raise
+    except ClientLeft:  # left while the upstream was silent: end the body, nobody reads it
+        outcome = "client_gone"
     except (http.client.HTTPException, OSError) as exc:
         outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
         if has_length:
@@ -260,30 +276,15 @@ def _release(app: Flask, upstream, reusable: bool) -> None:
 
 def _abandon(app: Flask, call: CallInFlight, upstream, message: str) -> Response:
     """Settle a relayed answer whose head the server would not send: 502 in the API's shape, recorded."""
-    call.ended = time.perf_counter()
     _release(app, upstream, reusable=False)
-    return _refuse(app, call, 502, message, "upstream_error")
-
-
-def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:
-    """Answer a call ourselves (413, 503) in the error shape of its API, and record it."""
-    if call.intake is None:  # refused before its body was read
-        call.intake = intake_module.read_intake(call.endpoint, None)
-    if call.sent is None:
-        call.sent = time.perf_counter()
-    call.http_status = status
-    response = answer_ourselves(call.endpoint, status, message)
-    response.headers["X-Request-ID"] = call.request_id
-    call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
-    settle(app, call, Usage(), outcome, message)
-    return response
+    return refuse_call(app, call, 502, message, "upstream_error")
 
 
 def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
     """Answer and record a call that got no response: unreachable (502), silent (504), broken (502), client gone."""
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
-        return _refuse(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
+        return refuse_call(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
     if isinstance(exc, Unreachable):
         status, outcome, message = 502, "unreachable", f"cannot reach the Ollama upstream at {upstream}"
     elif isinstance(exc, TimeoutError):
@@ -293,4 +294,4 @@ def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
         status, outcome, message = 502, "upstream_error", f"the Ollama upstream at {upstream} gave no answer"
     message = f"{message}: {_reason(exc)}"
     log.warning("%s", message)
-    return _refuse(app, call, status, message, outcome)
+    return refuse_call(app, call, status, message, outcome)

@@ -145,6 +145,7 @@ class Pool:
         connection, response = self._take(), None
         try:
             connection.request(method, target, body=body, headers=headers)
+            sock = connection.sock  # http.client forgets it once an answer says the connection closes after it
             response = connection.getresponse()
             response.head = read_head(response.msg)
         except BaseException:
@@ -154,7 +155,7 @@ class Pool:
             raise
         if method != "HEAD":
             framing.end_loose_length_at_close(response)
-        response.connection = connection
+        response.connection, response.socket = connection, sock  # socket: for polls while the body is silent
         return response
 
     def release(self, response: http.client.HTTPResponse, reusable: bool = True) -> None:
