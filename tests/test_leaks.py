@@ -126,3 +126,23 @@ def test_leaks_gunicorn_refusing_a_head_answers_in_shape_and_frees_the_slot(raw,
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ollama-proxy.db")) as db:
         stored = db.execute("SELECT outcome, http_status FROM calls ORDER BY timestamp").fetchall()
     assert stored == [("upstream_error", 502)] * 3 + [("completed", 200)] * 3
+
+
+def test_leaks_server_failing_mid_body_then_closing_frees_the_slot(proxy, raw):
+    """A write that fails after the first piece (the server raises, then closes the body, as PEP 3333 has it)."""
+    app, recorder = proxy
+    line = b'{"model":"llama3.2","response":"a","done":false}\n'
+    raw.script = reply(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"%x\r\n%s\r\n" % (len(line), line), then_close=False)  # fmt: skip
+    for _ in range(3):
+        environ = EnvironBuilder(path="/api/generate", method="POST", json=GENERATE).get_environ()
+        body = app(environ, lambda status, headers, exc_info=None: None)
+        assert next(iter(body)) == line  # then the server's write of it fails, and it closes the body
+        body.close()
+    assert [(call.outcome, call.response_size_bytes) for call in recorder.wait_for(3)] == [
+        ("client_gone", len(line))
+    ] * 3
+    assert app.extensions["in_flight"].count == 0
+    wait_until(lambda: len(raw.closed_at) == 3, timeout=5, message="every upstream connection closed")
+    raw.script = reply(GOOD_REPLY)
+    assert app.test_client().post("/api/generate", json=GENERATE).status_code == 200
