@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,25 @@ def _networks(value: str) -> tuple:
     return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(",") if item.strip())
 
 
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+
+
+def _hosts(value: str) -> tuple[str, ...]:
+    entries = tuple(item.strip().lower() for item in value.split(",") if item.strip())
+    for entry in entries:
+        if entry != "*" and not _HOST_NAME.fullmatch(entry) and not _is_address(entry.strip("[]")):
+            raise ValueError(f"{entry[:60]!r} is not a host name, *.domain, IP address or * (give no scheme or port)")
+    return entries
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -105,6 +125,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
     Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
+    Setting(
+        "ALLOWED_HOSTS",
+        "",
+        _hosts,
+        "Comma-separated Host names (or *.domain, IPs, *) accepted besides local ones; on a loopback HOST only local "
+        "names and addresses are served (as Ollama does, against DNS rebinding); on another HOST an empty list "
+        "accepts any Host, as Ollama does",
+    ),
     Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
     Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),
     Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),

@@ -162,9 +162,9 @@ def test_bad_input_never_an_open_proxy(live_proxy, upstream, fake, evil):
     requests = {
         "absolute-form": b"GET http://%s/api/tags HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, target),
         "host-header": b"GET /api/tags HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % target,
-        "forwarded-headers": b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: %s\r\nForwarded: host=%s\r\n"
-                             b"Connection: close\r\n\r\n" % (target, target),
-        "scheme-relative-path": b"GET //%s/api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target,
+        "forwarded-headers": b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Host: %s\r\n"
+                             b"Forwarded: host=%s\r\nConnection: close\r\n\r\n" % (target, target),
+        "scheme-relative-path": b"GET //%s/api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % target,
         "connect": b"CONNECT %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, target),
     }  # fmt: skip
     answers = {name: raw_exchange(live_proxy.port, request).split(b"\r\n", 1)[0] for name, request in requests.items()}

@@ -40,7 +40,7 @@ GOOD_REPLY = response(b'{"model":"llama3.2","response":"ok","done":true,"eval_co
 
 def raw_post(path: str, body: bytes) -> bytes:
     """The bytes of a POST, for clients that write to a socket themselves."""
-    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
 
 
 @pytest.fixture
@@ -283,7 +283,7 @@ def test_faults_usage_parser_failure_never_costs_the_client_its_stream(proxy_for
 def test_faults_client_leaves_before_sending_the_body(proxy_for, upstream, fake, app):
     handle, proxy_app_, recorder = proxy_for(upstream.url)
     with socket.create_connection(("127.0.0.1", handle.port)) as sock:
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + GENERATE[:10])
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n" + GENERATE[:10])
     assert_still_serving(handle)
     assert [seen["path"] for seen in fake.seen] == ["/api/generate"]  # only the second call reached Ollama
     # waitress reads the whole body before it calls the app, so the first call never started: nothing to record.
@@ -387,12 +387,12 @@ def test_faults_500_idle_keepalive_connections(upstream, tmp_path):
     try:
         for _ in range(500):
             idle.append(socket.create_connection(("127.0.0.1", handle.port), timeout=10))
-            idle[-1].sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle[-1].sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
         for sock in idle:  # each answered with a length, so each connection stays open, idle
             assert b'"version"' in _read_response(sock)
         started = time.monotonic()
         assert post(handle.port)[0] == 200 and time.monotonic() - started < 2.0
-        idle[0].sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")  # an idle one is still usable
+        idle[0].sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")  # an idle one is still usable
         assert b'"version"' in _read_response(idle[0])
         wait_until(lambda: app.extensions["in_flight"].count == 0, timeout=5, message="no call in flight")
     finally:
@@ -464,10 +464,12 @@ def test_faults_gunicorn_notices_departed_clients(gunicorn_proxy, fake, tmp_path
     proxy = gunicorn_proxy(workers=1, threads=4)
     waiting = b"X-Fake-Load-Delay: 1.5\r\nX-Session-ID: left-while-loading\r\n"  # the fake "loads" for 1.5 s
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(raw_post("/api/generate", STREAM).replace(b"Host: x\r\n", b"Host: x\r\n" + waiting))
+        sock.sendall(
+            raw_post("/api/generate", STREAM).replace(b"Host: localhost\r\n", b"Host: localhost\r\n" + waiting)
+        )
         fake.wait_for(lambda: _sessions(fake) == ["left-while-loading"])  # the relay now waits for a first byte
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:  # leaves after 10 of 1000 body bytes
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nX-Session-ID: left-mid-body\r\n"
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nX-Session-ID: left-mid-body\r\n"
                      b"Content-Length: 1000\r\n\r\n" + STREAM[:10])  # fmt: skip
     assert post(proxy.port)[0] == 200  # and the proxy goes on serving
     assert proxy.stop() == 0

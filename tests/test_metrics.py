@@ -325,7 +325,7 @@ def leave_mid_stream(url: str, path: str, body: dict, **headers) -> None:
     data = json.dumps(body).encode()
     head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{head}"
                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
         received = b""
         while b"\n{" not in received:  # headers, then the first NDJSON line

@@ -99,7 +99,7 @@ def test_relay_headers_end_to_end_only(live_proxy, fake, upstream):
     connection = http.client.HTTPConnection("127.0.0.1", live_proxy.port, timeout=10)
     connection.putrequest("GET", "/api/tags?x=1&y=%20z", skip_host=True, skip_accept_encoding=True)
     for name, value in [
-        ("Host", "proxy.example.com"), ("Authorization", "Bearer secret-key"), ("X-Custom", "kept"),
+        ("Host", "localhost:11434"), ("Authorization", "Bearer secret-key"), ("X-Custom", "kept"),
         ("Connection", "keep-alive, X-Drop-Me"), ("X-Drop-Me", "1"), ("Keep-Alive", "timeout=5"),
         ("Accept-Encoding", "gzip"), ("User-Agent", "ollama-python/0.6.3 (x86_64 linux) Python/3.11.7"),
     ]:  # fmt: skip
@@ -330,7 +330,7 @@ def test_relay_client_disconnect_closes_upstream(live_proxy, fake, recorder, app
     fake.token_delay = 0.05
     with socket.create_connection(("127.0.0.1", live_proxy.port)) as sock:
         body = json.dumps({"model": "llama3.2", "prompt": "x"}).encode()
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         received = b""
         while received.count(b"\n") < 12:

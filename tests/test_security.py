@@ -22,6 +22,7 @@ import requests
 
 from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
+from proxy_app.ollama.hosts import HostRule, host_of
 from tests.fake_ollama import serve
 from tests.test_store import postgres_schema
 
@@ -311,3 +312,105 @@ def test_login_throttle_holds_under_concurrent_guesses(locked):
     finally:
         handle.close()
     assert set(answers) <= {401, 429} and answers.count(401) <= 5 and answers.count(429) >= 59
+
+
+# ---- DNS rebinding: the Host a request names (Ollama's allowedHostsMiddleware) ------------------------------------
+
+EVIL_HOST = "evil.example"
+
+
+def test_security_foreign_host_refused_in_each_apis_shape(live_proxy, fake, recorder):
+    """A page that re-points its name at 127.0.0.1 reads nothing: not the export, not Ollama, in each API's shape."""
+    with requests.Session() as session:
+        session.trust_env = False
+        session.headers["Host"] = EVIL_HOST
+        url = live_proxy.url
+        export = session.get(url + "/analytics/export.csv")
+        tags = session.get(url + "/api/tags")
+        chat = session.post(url + "/v1/chat/completions", json={"model": "llama3.2", "messages": []})
+        messages = session.post(url + "/v1/messages", json={"model": "llama3.2", "messages": [], "max_tokens": 5})
+        own_pages = [session.get(url + path).status_code for path in ("/health", "/test", "/metrics", "/analytics")]
+    message = f"the Host {EVIL_HOST!r} is not allowed here; to accept it, add it to OLLAMA_PROXY_ALLOWED_HOSTS"
+    assert (export.status_code, export.json()) == (403, {"error": message})
+    assert (tags.status_code, tags.json()) == (403, {"error": message})
+    openai_error = {"message": message, "type": "api_error", "param": None, "code": None}  # Ollama's type for 403
+    assert (chat.status_code, chat.json()) == (403, {"error": openai_error})
+    anthropic_error = {"type": "permission_error", "message": message}
+    assert (messages.status_code, messages.json()) == (403, {"type": "error", "error": anthropic_error})
+    assert own_pages == [403, 403, 403, 403]
+    assert fake.seen == []  # nothing reached Ollama
+    calls = recorder.wait_for(3)  # the refused relayed calls are still recorded
+    assert sorted((call.endpoint, call.http_status, call.outcome, call.error_message) for call in calls) == [
+        ("/api/tags", 403, "rejected", message), ("/v1/chat/completions", 403, "rejected", message),
+        ("/v1/messages", 403, "rejected", message),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost:11434", "localhost", "LocalHost:11434", "127.0.0.1", "127.0.0.1:11434", "127.1.2.3", "[::1]",
+     "[::1]:11434", "::1", "api.localhost", "api.localhost:8080", "printer.local", "db.internal", "0.0.0.0",
+     "10.1.2.3:11434", "192.168.1.20", "172.16.0.1", "[fd00::1]:11434", "[::ffff:127.0.0.1]", "", socket.gethostname()],
+)  # fmt: skip
+def test_security_local_hosts_allowed_on_a_loopback_bind(client, fake, host):
+    assert client.get("/api/version", headers={"Host": host}).status_code == 200
+    assert client.get("/health", headers={"Host": host}).status_code in (200, 503)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [EVIL_HOST, "evil.example:11434", "localhost.evil.example", "127.0.0.1.nip.io", "8.8.8.8", "[2001:4860::8888]",
+     "localhost.", "evillocalhost", "172.32.0.1", "xn--localhost", "local", "[::1"],
+)  # fmt: skip
+def test_security_foreign_hosts_refused_on_a_loopback_bind(client, fake, host):
+    assert client.get("/api/version", headers={"Host": host}).status_code == 403
+    assert client.get("/analytics/export.csv", headers={"Host": host}).status_code == 403
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    ("bind", "allowed", "expected"),
+    [("0.0.0.0", "ollama.example.com, *.corp.example", {"ollama.example.com": 200, "OLLAMA.example.com:443": 200,
+      "a.corp.example": 200, "corp.example": 403, EVIL_HOST: 403, "localhost:11434": 200, "127.0.0.1": 200}),
+     ("0.0.0.0", "", {EVIL_HOST: 200, "ollama.example.com": 200}),  # Ollama's own behaviour on such a bind
+     ("127.0.0.1", "ollama.example.com", {"ollama.example.com": 200, EVIL_HOST: 403, "localhost": 200}),  # nginx
+     ("::", "*", {EVIL_HOST: 200}), ("192.168.1.20", "203.0.113.9", {"203.0.113.9:11434": 200, EVIL_HOST: 403})],
+)  # fmt: skip
+def test_security_allowed_hosts_setting_is_honoured(settings, fake, bind, allowed, expected):
+    app = create_app({**settings, "HOST": bind, "ALLOWED_HOSTS": allowed}, environ={})
+    try:
+        client = app.test_client()
+        answers = {host: client.get("/api/version", headers={"Host": host}).status_code for host in expected}
+        assert answers == expected
+    finally:
+        shutdown(app)
+
+
+def test_security_open_bind_without_allowed_hosts_says_so(tmp_path, caplog):
+    app = create_app({"HOST": "0.0.0.0", "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", "ADMIN_TOKEN": "t"},
+                     environ={})  # fmt: skip
+    shutdown(app)
+    warnings = [record.getMessage() for record in caplog.records if "ALLOWED_HOSTS" in record.getMessage()]
+    assert len(warnings) == 1 and "any Host" in warnings[0]
+
+
+@pytest.mark.parametrize("value", ["http://ollama.example.com", "ollama.example.com:443", "a b", "*.", "ex*ample"])
+def test_security_allowed_hosts_bad_entry_names_the_setting(value):
+    with pytest.raises(config_module.SettingError, match="OLLAMA_PROXY_ALLOWED_HOSTS"):
+        config_module.load({"OLLAMA_PROXY_ALLOWED_HOSTS": value}, env_file=None)
+
+
+def test_security_host_rule_own_addresses_asked_only_for_other_ips():
+    asked = []
+
+    def local_addresses():
+        asked.append(1)
+        return ["127.0.0.1", "203.0.113.7", "2001:db8::7%eth0"]
+
+    rule = HostRule(checks_local=True, hostname="box", local_addresses=local_addresses)
+    assert [rule.allows(host) for host in ("box:11434", "BOX", "localhost", "10.0.0.1")] == [True] * 4
+    assert asked == []  # names, loopback and private addresses need no look-up
+    assert rule.allows("203.0.113.7:11434") and rule.allows("[2001:db8::7]") and not rule.allows("203.0.113.8")
+    assert len(asked) == 3
+    headers = ("[::1]:80", "Example.COM:8080", "::1", "[::1")
+    assert [host_of(header) for header in headers] == ["::1", "example.com", "::1", "[::1"]

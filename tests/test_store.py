@@ -170,7 +170,7 @@ def test_store_client_disconnect(live_proxy, app, fake, recorder):
     fake.token_delay = 0.02
     body = json.dumps({"model": "llama3.2", "prompt": "x"}).encode()
     with socket.create_connection(("127.0.0.1", live_proxy.port)) as sock:
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         received = b""
         while received.count(b"\n") < 10:

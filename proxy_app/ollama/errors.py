@@ -1,5 +1,6 @@
 """The error shapes the proxy answers in itself: Ollama's native ``{"error": …}``, the OpenAI shape under ``/v1``,
-and the last words of a stream cut short, in the stream's own shape (NDJSON line or SSE event).
+the Anthropic shape under ``/v1/messages``, and the last words of a stream cut short, in the stream's own shape
+(NDJSON line or SSE event).
 
 Pure functions over strings and bytes: no Flask, no I/O, nothing else of the proxy. It does not decide when an error
 is answered or how a call ends (relay/).
@@ -13,10 +14,20 @@ import json
 _COMPACT = (",", ":")
 # The OpenAI error type Ollama's /v1 layer gives each status; any other status is an api_error.
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+# The Anthropic error type Ollama's /v1/messages layer gives each status; any other status is an api_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error",
+}  # fmt: skip
+ANTHROPIC_PATH = "/v1/messages"
 
 
 def error_body(path: str, message: str, status: int) -> tuple[bytes, str]:
-    """Return (body, content type) for an error we raise, shaped like Ollama's native or /v1 errors."""
+    """Return (body, content type) for an error we raise, shaped like Ollama's native, /v1 or /v1/messages errors."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        kind = _ANTHROPIC_TYPES.get(status, "api_error")
+        document = {"type": "error", "error": {"type": kind, "message": message}}
+        return json.dumps(document, separators=_COMPACT).encode() + b"\n", "application/json"
     if path.startswith("/v1/"):
         kind = _OPENAI_TYPES.get(status, "api_error")
         document = {"error": {"message": message, "type": kind, "param": None, "code": None}}

@@ -1,10 +1,11 @@
-"""Noticing a client that has left while its thread still waits for the upstream's first byte.
+"""Noticing a client that has left while its thread waits for the upstream, at every point of a call.
 
 Ollama writes nothing until the model is loaded and the prompt evaluated (minutes on a cold start, or a whole
-``stream:false`` generation), and a thread blocked reading the upstream cannot see its client go. So the upstream
-connections (upstream.py) wait for that first byte in short polls, asking between polls whether the client is still
-there; a departed client raises ``ClientLeft`` out of ``Pool.request`` and the connection is closed, which makes
-Ollama stop. Once the answer has started, a departed client is noticed by the server at the next write instead.
+``stream:false`` generation), and it can fall silent mid-stream too (building a tool call, a long thought); a thread
+blocked reading the upstream cannot see its client go, and the server only notices at its next write. So the
+upstream connections (upstream.py) wait for the first byte in short polls, and the relay waits for each later piece
+the same way (``stream_wait``, when nothing is buffered), asking between polls whether the client is still there; a
+departed client raises ``ClientLeft`` and the relay closes the connection, which makes Ollama stop.
 This module does not relay, record or time anything.
 """
 
@@ -26,7 +27,7 @@ _waiting = threading.local()  # .is_gone: the check for the client whose call th
 
 
 class ClientLeft(Exception):
-    """The client closed its connection while the upstream had not answered yet."""
+    """The client closed its connection while the relay waited for the upstream."""
 
 
 def current_gone_check() -> Callable[[], bool] | None:
@@ -42,6 +43,26 @@ def wait_first_byte(sock, timeout: float | None, is_gone: Callable[[], bool]) ->
             raise ClientLeft
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("read timed out")
+
+
+def stream_wait(sock, timeout: float | None, is_gone: Callable[[], bool]) -> Callable[[], None]:
+    """Return ``wait()``, to call before reading ``sock`` when nothing is buffered: it returns once ``sock`` is
+    readable and raises as ``wait_first_byte`` does. The client is also asked at most every POLL_SECONDS while
+    pieces keep coming, since a server may notice a departure only a write or two later."""
+    next_check = time.monotonic() + POLL_SECONDS
+    pending = getattr(sock, "pending", None)  # a TLS socket: decrypted bytes that poll() cannot see
+
+    def wait() -> None:
+        nonlocal next_check
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + POLL_SECONDS
+            if is_gone():
+                raise ClientLeft
+        if pending is None or not pending():
+            wait_first_byte(sock, timeout, is_gone)
+
+    return wait
 
 
 @contextmanager

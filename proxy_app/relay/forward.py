@@ -16,22 +16,24 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 
 from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
+from proxy_app.config import PREFIX
 from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing
-from proxy_app.relay.client_watch import ClientLeft, watching
+from proxy_app.relay.client_watch import ClientLeft, client_gone_check, stream_wait, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
-from proxy_app.relay.middleware import Relay, RelayedAnswer, answer_ourselves
+from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
 from proxy_app.relay.request_body import InvalidBody, is_blob_upload, read_request_body
-from proxy_app.relay.settle import outcome_of, settle
+from proxy_app.relay.settle import outcome_of, refuse_call, settle
 from proxy_app.relay.upstream import Pool, Unreachable
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,15 @@ def init_app(app: Flask) -> None:
     app.extensions.setdefault("call_sinks", [])
     app.extensions.setdefault("load_sampler", None)
     app.extensions.setdefault("before_relay", [])
-    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward)
+    host_rule = make_host_rule(config)
+    if not host_rule.checks_anything:
+        log.warning(
+            "HOST %r is not loopback and %sALLOWED_HOSTS is empty: any Host is accepted, as Ollama does on such an "
+            "address; list this proxy's names there to refuse DNS-rebound pages",
+            config["HOST"],
+            PREFIX,
+        )
+    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward, refuse, host_rule)
 
 
 def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
@@ -75,6 +85,13 @@ def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
         raise
 
 
+def refuse(app: Flask, req: Request, status: int, message: str) -> Response:
+    """Answer a relayed call ourselves before it reaches the upstream (a Host not allowed), and record it."""
+    call = _start_call(app, req)
+    call.concurrent_requests = app.extensions["in_flight"].enter()
+    return refuse_call(app, call, status, message, "rejected")
+
+
 def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -> Response | RelayedAnswer:
     too_big = _check_body_size(app, req, call)
     if too_big is not None:
@@ -82,7 +99,7 @@ def _forward_in_slot(app: Flask, req: Request, call: CallInFlight, gate: Gate) -
     waited = time.perf_counter()
     if not gate.enter(app.config["QUEUE_TIMEOUT"]):
         call.queue_time_ms = (time.perf_counter() - waited) * 1000
-        return _refuse(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
+        return refuse_call(app, call, 503, "server busy, please try again.  proxy queue timeout exceeded", "rejected")
     call.queue_time_ms = (time.perf_counter() - waited) * 1000
     try:
         return _open_upstream(app, req, call)
@@ -114,7 +131,7 @@ def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response |
     declared = req.content_length
     if declared is not None and declared > limit:
         message = f"request body of {declared} bytes exceeds the limit of {limit}"
-        return _refuse(app, call, 413, message, "rejected")
+        return refuse_call(app, call, 413, message, "rejected")
     return None
 
 
@@ -123,14 +140,14 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
         body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
     except InvalidBody as exc:  # a chunked body with a bad size line, say
         app.extensions["gate"].leave()
-        return _refuse(app, call, 400, exc.description, "rejected")
+        return refuse_call(app, call, 400, exc.description, "rejected")
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
         app.extensions["gate"].leave()
         call.request_size_bytes = 0
-        return _refuse(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
+        return refuse_call(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
         app.extensions["gate"].leave()
-        return _refuse(app, call, 413, "request body exceeds the limit", "rejected")
+        return refuse_call(app, call, 413, "request body exceeds the limit", "rejected")
     intake = intake_module.read_intake(call.endpoint, body if isinstance(body, bytes) else None)
     call.request_size_bytes = body_size
     call.intake = intake
@@ -165,18 +182,32 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
-    body = _stream(app, call, upstream, meter, stripper, has_length="Content-Length" in upstream.head)
+    wait = _client_watch(app, req, upstream)
+    body = _stream(app, call, upstream, meter, stripper, "Content-Length" in upstream.head, wait)
     next(body)  # into its try: a body closed unread settles the call without reading the upstream
-    return RelayedAnswer(status_line(status, upstream.reason), headers, body)
+    return RelayedAnswer(status_line(status, upstream.reason), headers, body, partial(_abandon, app, call, upstream))
 
 
-def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool) -> Iterator[bytes]:
+def _client_watch(app: Flask, req: Request, upstream):
+    """The wait that watches the client while the upstream is silent mid-body (client_watch.py), or None."""
+    is_gone = client_gone_check(req.environ)
+    if is_gone is None:  # a server that offers no way to tell: its next write notices
+        return None
+    return stream_wait(upstream.socket, app.config["READ_TIMEOUT"] or None, is_gone)
+
+
+def _stream(
+    app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool, wait
+) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, after one empty piece for the caller; settle the call in ``finally``
-    whatever happens."""
+    whatever happens.
+
+    ``wait`` (client_watch.stream_wait) watches the client while the upstream is silent; it raises ClientLeft.
+    """
     sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
     try:
         yield b""
-        for chunk in framing.pieces(upstream, READ_SIZE):
+        for chunk in framing.pieces(upstream, READ_SIZE, wait):
             try:
                 meter.feed(chunk)
             except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
@@ -198,6 +229,8 @@ def _stream(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, strippe
     except GeneratorExit:
         outcome = "client_gone"
         raise
+    except ClientLeft:  # left while the upstream was silent: end the body, nobody reads it
+        outcome = "client_gone"
     except (http.client.HTTPException, OSError) as exc:
         outcome, error = "upstream_error", f"upstream connection lost: {_reason(exc)}"
         if has_length:
@@ -222,13 +255,10 @@ def _reason(exc: BaseException) -> str:
 
 def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome, error, sent_bytes: int, ttft) -> None:
     """Close the upstream (so Ollama stops generating), free the slot and hand the finished Call to the sinks."""
+    if call.abandoned:  # _abandon has released and recorded it already
+        return
     call.ended = time.perf_counter()
-    try:  # an abandoned body must not go back to the pool, and Ollama must see the close
-        app.extensions["upstream_pool"].release(upstream, reusable=outcome is None)
-    except Exception:  # closing must never stop the accounting
-        log.exception("closing the upstream response failed")
-    finally:
-        app.extensions["gate"].leave()
+    _release(app, upstream, reusable=outcome is None)  # an abandoned body must not go back to the pool
     try:
         usage = meter.result()
     except Exception:  # as in _stream: the call is still recorded and counted out of flight
@@ -242,27 +272,30 @@ def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome
     settle(app, call, usage, outcome, error)
 
 
-def _refuse(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:
-    """Answer a call ourselves (413, 503) in the error shape of its API, and record it."""
-    if call.intake is None:  # refused before its body was read
-        call.intake = intake_module.read_intake(call.endpoint, None)
-    if call.sent is None:
-        call.sent = time.perf_counter()
-    call.http_status = status
-    response = answer_ourselves(call.endpoint, status, message)
-    response.headers["X-Request-ID"] = call.request_id
-    call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
-    settle(app, call, Usage(), outcome, message)
-    return response
+def _release(app: Flask, upstream, reusable: bool) -> None:
+    """Give the upstream connection back (or close it, so Ollama sees the close) and free the call's slot."""
+    try:
+        app.extensions["upstream_pool"].release(upstream, reusable=reusable)
+    except Exception:  # closing must never stop the accounting
+        log.exception("closing the upstream response failed")
+    finally:
+        app.extensions["gate"].leave()
+
+
+def _abandon(app: Flask, call: CallInFlight, upstream, message: str) -> Response:
+    """Settle a relayed answer whose head the server would not send: 502 in the API's shape, recorded."""
+    call.abandoned = True
+    _release(app, upstream, reusable=False)
+    return refuse_call(app, call, 502, message, "upstream_error")
 
 
 def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
     """Answer and record a call that got no response: unreachable (502), silent (504), broken (502), client gone."""
     upstream = app.config["UPSTREAM"]
     if isinstance(exc, ClientLeft | ClientDisconnected):  # left while we waited, or in the middle of a blob upload
-        return _refuse(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
+        return refuse_call(app, call, CLIENT_GONE_STATUS, "request canceled", "client_gone")
     if isinstance(exc, InvalidBody):  # a blob upload whose chunked framing broke on the way
-        return _refuse(app, call, 400, exc.description, "rejected")
+        return refuse_call(app, call, 400, exc.description, "rejected")
     if isinstance(exc, Unreachable):
         status, outcome, message = 502, "unreachable", f"cannot reach the Ollama upstream at {upstream}"
     elif isinstance(exc, TimeoutError):
@@ -272,4 +305,4 @@ def _no_answer(app: Flask, call: CallInFlight, exc: BaseException) -> Response:
         status, outcome, message = 502, "upstream_error", f"the Ollama upstream at {upstream} gave no answer"
     message = f"{message}: {_reason(exc)}"
     log.warning("%s", message)
-    return _refuse(app, call, status, message, outcome)
+    return refuse_call(app, call, status, message, outcome)

@@ -33,19 +33,20 @@ class BrokenBody(http.client.HTTPException):
     data = b""  # chunk data that arrived before invalid framing, for the client still
 
 
-def pieces(response: http.client.HTTPResponse, size: int) -> Iterator[bytes]:
+def pieces(response: http.client.HTTPResponse, size: int, wait=None) -> Iterator[bytes]:
     """Yield the body of an http.client response whose head was read, until its end, up to ``size`` bytes a piece.
 
     A body cut short raises ``BrokenBody`` after everything that did arrive has been yielded. At the end the response
-    is closed; its connection can take the next request unless ``is_reusable`` says otherwise.
+    is closed; its connection can take the next request unless ``is_reusable`` says otherwise. ``wait``, if given, is
+    called before each read that finds nothing buffered (whatever it raises ends the body).
     """
     reader, is_chunked, length = _framing_of(response)
     if reader is None:  # no body, or it was closed already
         return
     if is_chunked:
-        leftover = yield from _dechunked(reader, size)
+        leftover = yield from _dechunked(reader, size, wait)
     else:
-        leftover = yield from _sized(reader, size, length)
+        leftover = yield from _sized(reader, size, length, wait)
     response.close()  # the body ended: http.client may send the next request on this connection
     if leftover:  # bytes after the end of the body: this connection is not fit for another request
         _keep_from_reuse(response)
@@ -111,9 +112,9 @@ def _coding_names(fields: list[str]) -> list[str]:
     return [name.strip(" \t").lower() for field in fields for name in field.split(",")]
 
 
-def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
+def _sized(reader, size: int, length: int | None, wait=None) -> Iterator[bytes]:
     """A body with a Content-Length (``length`` bytes), or one that ends when the upstream closes (None)."""
-    read = _reads(reader, size)
+    read = _reads(reader, size, wait)
     while length is None or length > 0:
         piece = read(size if length is None else min(size, length))
         if not piece:
@@ -126,12 +127,12 @@ def _sized(reader, size: int, length: int | None) -> Iterator[bytes]:
     return b""
 
 
-def _dechunked(reader, size: int) -> Iterator[bytes]:
+def _dechunked(reader, size: int, wait=None) -> Iterator[bytes]:
     """A chunked body: the data of every chunk that has arrived (whole or in part), framing removed.
 
     Returns whatever was read past the end of the body (nothing, from a well-behaved upstream).
     """
-    framing, read = Framing(), _reads(reader, size)
+    framing, read = Framing(), _reads(reader, size, wait)
     while not framing.ended:
         data = read(size)
         if not data:
@@ -147,8 +148,9 @@ def _dechunked(reader, size: int) -> Iterator[bytes]:
     return framing.rest
 
 
-def _reads(reader, size: int):
-    """Return ``read(n)``: like ``reader.read1(n)``, but into one buffer kept for the whole body.
+def _reads(reader, size: int, wait=None):
+    """Return ``read(n)``: like ``reader.read1(n)``, but into one buffer kept for the whole body; ``wait()`` first
+    when the last read came back short, which means it emptied the reader's buffer.
 
     ``read1`` allocates all ``n`` bytes for each read and then shrinks them to what arrived (a token line: about 100
     bytes); that allocate-and-shrink, once per piece, leaves freed holes all over glibc's heap. Here each piece is
@@ -157,9 +159,14 @@ def _reads(reader, size: int):
     # Never more than http.client's read buffer: asked for more, readinto1 copies out what is buffered and then also
     # waits in a raw read for the rest (read1 would return at once).
     view = memoryview(bytearray(min(size, io.DEFAULT_BUFFER_SIZE)))
+    drained = False  # unknown at first: the head's last read may have brought body bytes too
 
     def read(n: int) -> bytes:
+        nonlocal drained
+        if drained and wait is not None:
+            wait()
         count = reader.readinto1(view[:n])
+        drained = count < n
         return bytes(view[:count])
 
     return read

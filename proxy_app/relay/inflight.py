@@ -34,3 +34,4 @@ class CallInFlight:
     ttft_ms: float | None = None  # arrival -> the first piece with content
     sent_bytes: int = 0  # body bytes sent to the client
     ended: float = 0.0  # perf_counter at the end
+    abandoned: bool = False  # settled as refused by the server before its body ran: the body settles nothing

@@ -1,4 +1,5 @@
-"""Settling a finished call: its outcome, the ``Call`` record, and the hand-over to the sinks.
+"""Settling a finished call: its outcome, the ``Call`` record, and the hand-over to the sinks; and answering a call
+ourselves instead of the upstream (``refuse_call``).
 
 It relays nothing, stores nothing (the sinks: metrics, writer) and shapes no error (ollama/errors.py).
 """
@@ -6,12 +7,16 @@ It relays nothing, stores nothing (the sinks: metrics, writer) and shapes no err
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Flask
+from werkzeug.wrappers import Response
 
 from proxy_app.calls import Call
+from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.usage import Usage
 from proxy_app.relay.inflight import CallInFlight
+from proxy_app.relay.middleware import answer_ourselves
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,20 @@ def settle(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: st
             sink(finished)
         except Exception:
             log.exception("call sink %r failed", sink)
+
+
+def refuse_call(app: Flask, call: CallInFlight, status: int, message: str, outcome: str) -> Response:
+    """Answer a call ourselves (403, 413, 503, 502, ...) in the error shape of its API, and record it."""
+    if call.intake is None:  # refused before its body was read
+        call.intake = intake_module.read_intake(call.endpoint, None)
+    if call.sent is None:
+        call.sent = time.perf_counter()
+    call.http_status = status
+    response = answer_ourselves(call.endpoint, status, message)
+    response.headers["X-Request-ID"] = call.request_id
+    call.ended, call.sent_bytes, call.ttft_ms = time.perf_counter(), len(response.get_data()), None
+    settle(app, call, Usage(), outcome, message)
+    return response
 
 
 def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> Call:

@@ -177,6 +177,7 @@ class Pool:
         connection, response = self._take(), None
         try:
             connection.request(method, target, body=body, headers=headers)
+            sock = connection.sock  # http.client forgets it once an answer says the connection closes after it
             response = connection.getresponse()
             response.head = read_head(response.msg)
             framing.check_framing(response, method)
@@ -185,7 +186,7 @@ class Pool:
                 response.close()
             connection.close()
             raise
-        response.connection = connection
+        response.connection, response.socket = connection, sock  # socket: for polls while the body is silent
         return response
 
     def release(self, response: http.client.HTTPResponse, reusable: bool = True) -> None:
