@@ -93,6 +93,13 @@ def _capture(value: str) -> bool:
     return False if lowered in ("no_content", "event_only") else _bool(value)
 
 
+def _metrics_exporter(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("otlp", "none"):
+        raise ValueError("must be otlp or none")
+    return value
+
+
 def _queue_size(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -203,6 +210,13 @@ OTEL_STANDARD: tuple[Setting, ...] = (
         "false",
         _capture,
         "Export the prompt and the response preview in spans (only where CAPTURE_CONTENT keeps them)",
+        prefixed=False,
+    ),
+    Setting(
+        "OTEL_METRICS_EXPORTER",
+        "otlp",
+        _metrics_exporter,
+        "otlp, or none to send spans only (Langfuse takes no metrics)",
         prefixed=False,
     ),
     Setting(

@@ -369,6 +369,18 @@ def test_otel_content_only_with_both_opt_ins(upstream, tmp_path, receiver):
             ]
 
 
+def test_otel_metrics_exporter_none_sends_spans_only(upstream, tmp_path, receiver):
+    settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "OTEL": True,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_METRICS_EXPORTER": "none"}  # fmt: skip
+    app = create_app(settings, environ={})
+    try:
+        assert app.test_client().post("/api/generate", json={**GENERATE, "stream": False}).get_json()["done"]
+        app.extensions["otel"].flush()
+    finally:
+        shutdown(app)
+    assert len(receiver.wait_for_spans(1)) == 1 and receiver.metric_exports == []
+
+
 def test_otel_headers_reach_the_collector_and_stay_masked(upstream, tmp_path, receiver):
     headers = "Authorization=Basic%20cGs6c2s=,X-Scope=team a"
     settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "OTEL": True,
@@ -393,6 +405,7 @@ def test_otel_settings_checked_only_when_on():
     good = config.merge(environ={"OLLAMA_PROXY_OTEL": "1", "OTEL_SERVICE_NAME": "gpu-box"})
     assert (good["OTEL_SERVICE_NAME"], good["OTEL_EXPORTER_OTLP_ENDPOINT"]) == ("gpu-box", "http://localhost:4318")
     assert (good["OTEL_EXPORTER_OTLP_HEADERS"], good["OTEL_BSP_MAX_QUEUE_SIZE"]) == ({}, 2048)
+    assert good["OTEL_METRICS_EXPORTER"] == "otlp"
     assert good["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] is False
 
 

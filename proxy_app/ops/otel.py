@@ -216,8 +216,11 @@ class _Sdk:
         self.tracer_provider.add_span_processor(self.spans)
         self.tracer = self.tracer_provider.get_tracer("ollama-proxy", __version__)
         self.propagator = TraceContextTextMapPropagator()
-        reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics", headers=headers))
-        self.meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
+        readers = []
+        if config["OTEL_METRICS_EXPORTER"] == "otlp":
+            metric_exporter = OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics", headers=headers)
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
+        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         meter = self.meter_provider.get_meter("ollama-proxy", __version__)
         for attribute, (name, unit, description, buckets) in HISTOGRAMS.items():
             instrument = meter.create_histogram(name, unit, description, explicit_bucket_boundaries_advisory=buckets)
