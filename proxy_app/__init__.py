@@ -24,13 +24,14 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warn_if_exposed(settings)
 
-    from proxy_app.ops import health
+    from proxy_app.ops import health, otel
     from proxy_app.ops.sampler import LoadSampler
     from proxy_app.relay import forward
 
     app.extensions["load_sampler"] = LoadSampler(settings["SAMPLE_INTERVAL"])
     app.extensions["shutdown_hooks"] = [app.extensions["load_sampler"].stop]
     health.init_app(app)
+    otel.init_app(app)  # with OTEL: a call sink sending GenAI spans and metrics; shut down after the writer's flush
     from proxy_app.store import writer
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check

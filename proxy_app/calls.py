@@ -75,6 +75,10 @@ class Call:
     prompt: str | None
     response_preview: str | None
 
+    # Not a field, so never a column: the client's W3C trace headers (traceparent, tracestate) when it sent them,
+    # set by the relay for the tracing sink (ops/otel.py). None on every Call that has none.
+    trace_context = None
+
     def __post_init__(self) -> None:
         """Make every text field storable (see ``storable_text``): the one place the bounds are applied."""
         for name, limit in _TEXT_BOUNDS:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 PREFIX = "OLLAMA_PROXY_"
 
@@ -88,6 +88,45 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+def _endpoint(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:4318")
+    return value.strip().rstrip("/")
+
+
+def _headers(value: str) -> dict[str, str]:
+    """``key=value,key2=value2`` with URL-encoded values, the form OpenTelemetry's exporters read."""
+    headers = {}
+    for item in filter(None, (item.strip() for item in value.split(","))):
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise ValueError("must be key=value pairs separated by commas, e.g. Authorization=Basic%20abc")
+        headers[name.strip()] = unquote(text.strip())
+    return headers
+
+
+def _capture(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("span_only", "span_and_event"):  # the newer values; this proxy sends no events
+        return True
+    return False if lowered in ("no_content", "event_only") else _bool(value)
+
+
+def _metrics_exporter(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("otlp", "none"):
+        raise ValueError("must be otlp or none")
+    return value
+
+
+def _queue_size(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be 1 or more")
+    return number
+
+
 def _server(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "gunicorn", "waitress"):
@@ -104,6 +143,12 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    prefixed: bool = True  # False: a standard variable read under its own name (OTEL_STANDARD)
+
+    @property
+    def variable(self) -> str:
+        """The environment variable that sets it."""
+        return PREFIX + self.name if self.prefixed else self.name
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -135,6 +180,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
     Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),
+    Setting(
+        "OTEL",
+        "false",
+        _bool,
+        "Send each model call as an OpenTelemetry GenAI span, with GenAI metrics, over OTLP/HTTP (OTEL_* variables)",
+    ),
     Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),
     Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
     Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
@@ -158,6 +209,51 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLLAMA_BIN", "", _text, "Path to the ollama executable; empty searches PATH and the usual install places"),
     Setting("GRACE_SECONDS", "30", _seconds, "On shutdown, how long in-flight streams may run before they are cut"),
     Setting("LOG_LEVEL", "INFO", _text, "Python logging level"),
+)
+
+
+# The standard OpenTelemetry variables the OTEL setting uses, read under their own names (no prefix), parsed only
+# when OTEL is on. They pass through here rather than being left to the SDK so that .env and a test's settings
+# reach them too; the SDK still reads the other OTEL_* variables (timeout, compression, certificates, resource
+# attributes, sampler) from the process environment itself.
+OTEL_STANDARD: tuple[Setting, ...] = (
+    Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://localhost:4318",
+        _endpoint,
+        "OTLP/HTTP base URL; /v1/traces and /v1/metrics are added to it",
+        prefixed=False,
+    ),
+    Setting(
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "",
+        _headers,
+        "Headers sent with each export: key=value pairs, comma-separated, values URL-encoded",
+        secret=True,
+        prefixed=False,
+    ),
+    Setting("OTEL_SERVICE_NAME", "ollama-proxy", _text, "The service.name of spans and metrics", prefixed=False),
+    Setting(
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        "false",
+        _capture,
+        "Export the prompt and the response preview in spans (only where CAPTURE_CONTENT keeps them)",
+        prefixed=False,
+    ),
+    Setting(
+        "OTEL_METRICS_EXPORTER",
+        "otlp",
+        _metrics_exporter,
+        "otlp, or none to send spans only (Langfuse takes no metrics)",
+        prefixed=False,
+    ),
+    Setting(
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "2048",
+        _queue_size,
+        "Spans waiting for export in each process before new ones are dropped (and counted)",
+        prefixed=False,
+    ),
 )
 
 
@@ -190,9 +286,11 @@ def child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> dict:
     """Return every setting, typed, from defaults overlaid by ``.env`` and the environment; raise SettingError."""
     source = read_environ(environ, env_file)
-    return {
+    values = {
         setting.name: parse_setting(setting, source.get(PREFIX + setting.name, setting.default)) for setting in SETTINGS
     }
+    values.update({setting.name: source.get(setting.name, setting.default) for setting in OTEL_STANDARD})
+    return values
 
 
 def parse_setting(setting: Setting, raw: Any) -> Any:
@@ -203,7 +301,7 @@ def parse_setting(setting: Setting, raw: Any) -> Any:
         return setting.parse(raw)
     except ValueError as exc:
         shown = "***" if setting.secret else repr(raw)
-        raise SettingError(f"{PREFIX}{setting.name}={shown}: {exc}") from None
+        raise SettingError(f"{setting.variable}={shown}: {exc}") from None
 
 
 def merge(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> dict:
@@ -216,16 +314,19 @@ def merge(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str]
 
 
 def derive(values: dict) -> dict:
-    """Fill the settings whose defaults depend on others (paths under DATA_DIR)."""
+    """Fill the settings whose defaults depend on others (paths under DATA_DIR); parse OTEL_STANDARD if OTEL is on."""
     data_dir = Path(values["DATA_DIR"])
     values.setdefault("CSV_FILE", values["CSV_PATH"] or str(data_dir / "ollama-proxy.csv"))
     values.setdefault("DATABASE", values["DATABASE_URL"] or f"sqlite:///{data_dir / 'ollama-proxy.db'}")
+    if values.get("OTEL"):  # off, they stay as given: another program's OTEL_* values must not stop the proxy
+        for setting in OTEL_STANDARD:
+            values[setting.name] = parse_setting(setting, values.get(setting.name, setting.default))
     return values
 
 
 def masked(values: Mapping[str, Any]) -> dict:
     """Return the settings with secrets replaced by '***' (for `check` and logs)."""
-    secret = {setting.name for setting in SETTINGS if setting.secret}
+    secret = {setting.name for setting in (*SETTINGS, *OTEL_STANDARD) if setting.secret}
     return {name: ("***" if name in secret and values.get(name) else values.get(name)) for name in sorted(values)}
 
 

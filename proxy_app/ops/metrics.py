@@ -83,7 +83,7 @@ class ModelLabels:
 class Metrics:
     """Every metric of one app on one registry; ``observe`` is the relay's call sink, the rest feed gauges."""
 
-    def __init__(self, registry: CollectorRegistry, max_models: int, has_queue: bool) -> None:
+    def __init__(self, registry: CollectorRegistry, max_models: int, has_queue: bool, has_otel: bool = False) -> None:
         self.registry = registry
         self.models = ModelLabels(max_models)
         self._lock = threading.Lock()
@@ -91,6 +91,8 @@ class Metrics:
         self._children: dict[tuple, object] = {}  # (metric, label values) -> its series
         self._add_call_metrics(registry)
         self._add_proxy_metrics(registry, has_queue)
+        dropped = "ollama_proxy_otel_dropped_total", "Spans never delivered to the OTLP collector"
+        self.otel_dropped = Counter(*dropped, registry=registry) if has_otel else None
 
     def _add_call_metrics(self, registry: CollectorRegistry) -> None:
         counter, histogram = partial(Counter, registry=registry), partial(Histogram, registry=registry)
@@ -196,6 +198,11 @@ class Metrics:
         if depth is not None:
             self.analytics_depth.set(depth)
 
+    def copy_otel(self, otel) -> None:
+        """Copy the OpenTelemetry export's ``dropped`` total into metrics (None: OTEL is off)."""
+        if otel is not None and self.otel_dropped is not None:
+            self._count_since("otel_dropped", self.otel_dropped, otel.dropped)
+
     def _count_since(self, source: str, counter: Counter, total: float) -> None:
         """Add to ``counter`` what ``total`` grew by since last time in this process (a fresh process starts at 0)."""
         with self._lock:
@@ -214,10 +221,12 @@ def _read(source, name: str) -> float | None:
     return value if isinstance(value, int | float) else None
 
 
-def make_metrics(registry: CollectorRegistry = REGISTRY, max_models: int = 100, has_queue: bool = False) -> Metrics:
+def make_metrics(
+    registry: CollectorRegistry = REGISTRY, max_models: int = 100, has_queue: bool = False, has_otel: bool = False
+) -> Metrics:
     """Build every metric on ``registry`` (tests pass a fresh ``CollectorRegistry()``)."""
     disable_created_metrics()  # why: multiprocess mode cannot export *_created, so neither mode does
-    return Metrics(registry, max_models, has_queue)
+    return Metrics(registry, max_models, has_queue, has_otel)
 
 
 def is_multiprocess() -> bool:
@@ -254,6 +263,7 @@ def refresh(app) -> None:
     collected = app.extensions["metrics"]
     collected.sample_process()
     collected.copy_writer(app.extensions.get("writer"))
+    collected.copy_otel(app.extensions.get("otel"))
 
 
 def probe(app) -> None:
@@ -277,7 +287,7 @@ def init_app(app) -> None:
     config, gate = app.config, app.extensions["gate"]
     # Why a registry per app: tests build many apps in one process; in multiprocess mode the files count instead.
     registry = CollectorRegistry(auto_describe=True)
-    collected = make_metrics(registry, config["MAX_MODELS"], has_queue=bool(gate.limit))
+    collected = make_metrics(registry, config["MAX_MODELS"], has_queue=bool(gate.limit), has_otel=config["OTEL"])
     app.extensions["metrics"] = collected
     app.extensions["call_sinks"].insert(0, collected.observe)
     app.extensions["in_flight"].watcher = collected.active_requests.inc

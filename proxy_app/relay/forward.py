@@ -121,7 +121,15 @@ def _start_call(app: Flask, req: Request) -> CallInFlight:
         endpoint=req.path,
         session_id=environ.get("HTTP_X_SESSION_ID", ""),
         request_size_bytes=req.content_length or 0,
+        trace_context=_trace_context(environ),
     )
+
+
+def _trace_context(environ: dict) -> dict[str, str] | None:
+    """The client's W3C trace headers, which a span of this call continues; None when it sent no traceparent."""
+    if "HTTP_TRACEPARENT" not in environ:
+        return None
+    return {"traceparent": environ["HTTP_TRACEPARENT"], "tracestate": environ.get("HTTP_TRACESTATE", "")}
 
 
 def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response | None:

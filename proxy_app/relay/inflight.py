@@ -25,6 +25,7 @@ class CallInFlight:
     endpoint: str  # path without query
     session_id: str  # the client's X-Session-ID, or ""
     request_size_bytes: int  # as declared, until the body is read
+    trace_context: dict[str, str] | None = None  # the client's traceparent and tracestate headers, if it sent them
     concurrent_requests: int = 0  # calls in flight in this process, this one included
     queue_time_ms: float = 0.0
     intake: Intake | None = None  # what the request asked for, once its body was read (or the call refused)

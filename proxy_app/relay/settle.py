@@ -35,6 +35,7 @@ def settle(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: st
     app.extensions["in_flight"].leave()
     try:
         finished = _build_call(app, call, usage, outcome, error)
+        finished.trace_context = call.trace_context
     except Exception:  # raised from a generator's finally, it would cut the client's finished stream
         log.exception("building the record of call %s failed; it is not recorded", call.request_id)
         return
