@@ -256,7 +256,7 @@ def test_otel_client_that_leaves_is_an_error_span(live_proxy, app, recorder, rec
     fake.tokens, fake.token_delay = ["tok"] * 200, 0.05
     with socket.create_connection(("127.0.0.1", live_proxy.port)) as sock:
         body = json.dumps({**GENERATE, "stream": True}).encode()
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         received = b""
         while received.count(b"\n") < 12:

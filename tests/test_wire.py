@@ -224,7 +224,8 @@ BAD_SIZES = {"not-hex": b"zz", "space-in-size": b"5 5", "plus": b"+5"}
 
 def send_chunked(port: int, path: str, size_line: bytes) -> tuple[int, str, bytes]:
     """Send a chunked POST whose first size line is ``size_line``; return (status, content type, body)."""
-    head = b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head % path.encode() + size_line + b"\r\nhello\r\n0\r\n\r\n")
         answer = http.client.HTTPResponse(sock)
