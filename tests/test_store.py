@@ -20,11 +20,13 @@ import openai
 import psycopg2
 import pytest
 import requests
+from peewee import CharField, DataError, PostgresqlDatabase
+from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
 from proxy_app.store.csvlog import CsvLog
-from proxy_app.store.models import CallRow, create_tables, open_database
+from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
 from proxy_app.store.writer import Writer
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
 from tests.fake_ollama import MODEL_ERROR, serve
@@ -238,7 +240,7 @@ CSV_LITERAL = (
     "<timestamp>,<request_id>,127.0.0.1,store-test/1,POST,/api/generate,s-9,llama3.2,15,5,20,"
     '"{""num_ctx"":4096}",false,107,<response_size_bytes>,<queue_time_ms>,<processing_time_ms>,<total_time_ms>,200,,'
     "<system_load_cpu>,<system_load_memory>,1,completed,<ttft_ms>,100.0,1.0,15.0,50.0,stop,native,"
-    '"\'=why, is the ""sky"" blue",The sky is blue.\r\n'
+    '"\'=why, is the ""sky"" blue",The sky is blue.,,,\r\n'
 )
 VOLATILE = ("timestamp", "request_id", "response_size_bytes", "queue_time_ms", "processing_time_ms", "total_time_ms",
             "system_load_cpu", "system_load_memory", "ttft_ms")  # fmt: skip
@@ -468,4 +470,57 @@ def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_
     assert writer.flush(5) and (writer.written, writer.dropped) == (2, 0)
     writer.close()
     assert sorted(row.request_id for row in CallRow.select().execute(db)) == ["after", "before"]
+    db.close()
+
+
+# ---- schema version 1 to 2, in place ----------------------------------------------------------------------------
+
+ADDED_IN_2 = ("cached_input_tokens", "remote_model", "remote_host")
+V1_COLUMNS = COLUMNS[: -len(ADDED_IN_2)]
+
+
+def make_v1_store(db) -> None:
+    """Give ``db`` the tables as schema version 1 made them: no ``ADDED_IN_2`` columns, ``api`` a VARCHAR(8)."""
+    create_tables(db)
+    migrator = SchemaMigrator.from_database(db)
+    operations = [migrator.drop_column("calls", name) for name in ADDED_IN_2]
+    if isinstance(db, PostgresqlDatabase):
+        operations.append(migrator.alter_column_type("calls", "api", CharField(max_length=8)))
+    with db.atomic():
+        migrate(*operations)
+        SchemaVersion.update(version=1).execute(db)
+    assert [column.name for column in db.get_columns("calls")] == ["id", *V1_COLUMNS]
+
+
+def insert_v1_row(db, call) -> None:
+    """Insert a row as a version 1 proxy did: the first columns of the call only."""
+    names, marks = ", ".join(f'"{name}"' for name in V1_COLUMNS), ", ".join([db.param] * len(V1_COLUMNS))
+    with db.atomic():
+        db.execute_sql(f'INSERT INTO "calls" ({names}) VALUES ({marks})', row_of(call)[: len(V1_COLUMNS)])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_path, request, backend):
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'v1.db'}"
+    db = open_database(url)
+    make_v1_store(db)
+    insert_v1_row(db, sample_call(request_id="kept", api="openai", timestamp=datetime.now(UTC)))  # not yet expired
+    if backend == "postgresql":  # what version 2 widens: a VARCHAR(8) refuses "anthropic"
+        with pytest.raises(DataError, match="character varying\\(8\\)"), db.atomic():
+            insert_v1_row(db, sample_call(request_id="refused", api="anthropic"))
+    db.close()
+    app, proxy, recorder = proxy_with(DATABASE_URL=url)  # start-up migrates
+    answer = post(proxy.url, "/v1/messages", {"model": "llama3.2", "max_tokens": 64, "messages": MESSAGES},
+                  **{"X-Fake-Cached-Tokens": "4"})  # fmt: skip
+    assert answer.status_code == 200
+    old, new = stored(app, recorder, 1)
+    assert (old["request_id"], old["api"], old["input_tokens"]) == ("kept", "openai", 12)
+    assert [old[name] for name in ADDED_IN_2] == [None, None, None]
+    assert (new["api"], new["input_tokens"], new["cached_input_tokens"]) == ("anthropic", 15, 4)
+    db = open_database(url)
+    assert [column.name for column in db.get_columns("calls")] == ["id", *COLUMNS]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [2]
     db.close()
