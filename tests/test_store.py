@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import openai
@@ -98,7 +99,7 @@ def test_store_native_stream_row(live_proxy, app, fake, recorder):
     assert 0 < row["ttft_ms"] < row["processing_time_ms"] - 150  # the first token came at once
     assert (row["http_status"], row["error_message"], row["outcome"]) == (200, None, "completed")
     assert 0 < row["system_load_memory"] < 100 and row["concurrent_requests"] == 1
-    assert row["system_load_cpu"] is None or 0 <= row["system_load_cpu"] <= 100
+    assert 0 <= row["system_load_cpu"] <= 100  # the first call of the process carries one too
     assert (row["eval_duration_ms"], row["tokens_per_second"], row["load_duration_ms"]) == (250.0, 20.0, 1.0)
     assert row["prompt_eval_duration_ms"] == prompt_tokens * 1.0 and row["done_reason"] == "stop"
     assert (row["api"], row["prompt"], row["response_preview"]) == ("native", "why is the sky blue", "The sky is blue.")
@@ -262,6 +263,29 @@ def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
     csv.writer(normalised).writerows([header, line])
     assert normalised.getvalue() == CSV_LITERAL
     assert text.count("\r\n") == 2
+
+
+# ---- machine load on every row ----------------------------------------------------------------------------------
+
+
+def test_store_first_call_of_a_process_has_cpu_and_memory(proxy_with):
+    app, proxy, recorder = proxy_with(SAMPLE_INTERVAL="60")  # the second sample comes a minute later
+    assert requests.get(proxy.url + "/api/version", timeout=10).ok  # a call of a millisecond or two
+    [row] = stored(app, recorder, 1)
+    assert 0 <= row["system_load_cpu"] <= 100 and 0 < row["system_load_memory"] < 100
+
+
+def test_store_every_row_has_cpu_and_memory_from_each_workers_first_call(gunicorn_proxy, tmp_path):
+    proxy = gunicorn_proxy(workers=2, threads=8, OLLAMA_PROXY_SAMPLE_INTERVAL="60")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x",
+                                                                           "stream": False}), range(40)))  # fmt: skip
+    assert [answer.status_code for answer in answers] == [200] * 40
+    assert proxy.stop() == 0
+    db = open_database(f"sqlite:///{tmp_path / 'data' / 'ollama-proxy.db'}")
+    loads = [(row.system_load_cpu, row.system_load_memory) for row in CallRow.select().execute(db)]
+    db.close()
+    assert len(loads) == 40 and all(0 <= cpu <= 100 and 0 < memory < 100 for cpu, memory in loads), loads
 
 
 # ---- a database that is locked or gone ---------------------------------------------------------------------
