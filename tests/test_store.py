@@ -26,6 +26,7 @@ from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
+from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
 from proxy_app.store.writer import Writer
@@ -521,6 +522,14 @@ def insert_v1_row(db, call) -> None:
     names, marks = ", ".join(f'"{name}"' for name in V1_COLUMNS), ", ".join([db.param] * len(V1_COLUMNS))
     with db.atomic():
         db.execute_sql(f'INSERT INTO "calls" ({names}) VALUES ({marks})', row_of(call)[: len(V1_COLUMNS)])
+
+
+def test_store_create_tables_whatever_database_the_read_side_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(models.database, "obj", PostgresqlDatabase("unused"))  # as a PostgreSQL app leaves it
+    db = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    assert create_tables(db) == models.SCHEMA_VERSION  # not RETURNING on SQLite for PostgreSQL's sake
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    db.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -277,7 +277,9 @@ def create_tables(db: Database) -> int:
         if found is None:
             for model in MODELS:
                 SchemaManager(model, database=db).create_all(safe=True)
-            SchemaVersion.insert(version=SCHEMA_VERSION).execute(db)
+            # as_rowcount: peewee would ask for the new id back (RETURNING) whenever the read side's database
+            # (the proxy the model is bound to) supports it, whatever ``db`` is
+            SchemaVersion.insert(version=SCHEMA_VERSION).as_rowcount().execute(db)
             return SCHEMA_VERSION
         return _migrate(db, found)
 
