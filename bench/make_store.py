@@ -134,6 +134,9 @@ def make_row(rng: random.Random, moment: datetime, model: tuple, endpoint: tuple
         api,
         prompt,
         preview,
+        None,  # cached_input_tokens: not generated
+        None,  # remote_model
+        None,  # remote_host
     )
 
 

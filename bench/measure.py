@@ -217,7 +217,8 @@ def writer_rows(rows: int) -> dict:
             error_message=None, system_load_cpu=10.0, system_load_memory=20.0, concurrent_requests=1,
             outcome="completed", ttft_ms=0.5, tokens_per_second=100.0, load_duration_ms=1.0,
             prompt_eval_duration_ms=60.0, eval_duration_ms=50.0, done_reason="stop", api="native",
-            prompt="Why is the sky blue?", response_preview="tok tok tok tok tok",
+            prompt="Why is the sky blue?", response_preview="tok tok tok tok tok", cached_input_tokens=None,
+            remote_model=None, remote_host=None,
         )  # fmt: skip
 
     result = {}

@@ -24,12 +24,10 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warn_if_exposed(settings)
 
-    from proxy_app.ops import health, otel
-    from proxy_app.ops.sampler import LoadSampler
+    from proxy_app.ops import health, otel, sampler
     from proxy_app.relay import forward
 
-    app.extensions["load_sampler"] = LoadSampler(settings["SAMPLE_INTERVAL"])
-    app.extensions["shutdown_hooks"] = [app.extensions["load_sampler"].stop]
+    sampler.init_app(app)  # the CPU and memory load each row carries, sampled from a process's first call on
     health.init_app(app)
     otel.init_app(app)  # with OTEL: a call sink sending GenAI spans and metrics; shut down after the writer's flush
     from proxy_app.store import writer

@@ -30,9 +30,11 @@ TEXT_CHARS = {
     "error_message": 1024,
     "outcome": 16,
     "done_reason": 64,
-    "api": 8,
+    "api": 16,  # native, openai or anthropic
     "prompt": 1000,
     "response_preview": 200,
+    "remote_model": 200,  # a cloud model's name upstream, bounded like model
+    "remote_host": 256,  # a URL with scheme, host name and port
 }
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -71,9 +73,12 @@ class Call:
     prompt_eval_duration_ms: float | None
     eval_duration_ms: float | None
     done_reason: str | None
-    api: str  # native or openai
+    api: str  # native, openai or anthropic
     prompt: str | None
     response_preview: str | None
+    cached_input_tokens: int | None  # the part of input_tokens the upstream read from its prompt cache
+    remote_model: str | None  # a cloud model's name on the remote host, as its answer says
+    remote_host: str | None
 
     # Not a field, so never a column: the client's W3C trace headers (traceparent, tracestate) when it sent them,
     # set by the relay for the tracing sink (ops/otel.py). None on every Call that has none.

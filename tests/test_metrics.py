@@ -196,6 +196,24 @@ def test_metrics_observe_histograms_exactly():
     assert "ollama_queue_wait_seconds" not in text and "ollama_queue_depth" not in text  # no limit, no queue
 
 
+OBSERVED_CACHED = """\
+# HELP ollama_cached_prompt_tokens_total Cached input tokens
+# TYPE ollama_cached_prompt_tokens_total counter
+ollama_cached_prompt_tokens_total{endpoint="/v1/messages",model="llama3.2"} 1024.0
+ollama_cached_prompt_tokens_total{endpoint="/api/chat",model="llama3.2"} 0.0
+"""
+
+
+def test_metrics_cached_prompt_tokens_counted_only_where_the_answer_says():
+    text = observed(
+        make_call(endpoint="/v1/messages", api="anthropic", input_tokens=1040, cached_input_tokens=1024),
+        make_call(endpoint="/api/chat", input_tokens=20, cached_input_tokens=0),  # said: none came from the cache
+        make_call(endpoint="/v1/responses", api="openai", input_tokens=26),  # not said: no series
+    )
+    assert family(text, "ollama_cached_prompt_tokens_total") == OBSERVED_CACHED
+    assert samples(text, "ollama_prompt_tokens_total")['{endpoint="/v1/responses",model="llama3.2"}'] == 26.0
+
+
 def test_metrics_model_label_capped():
     calls = [make_call(model=name) for name in ("a", "b", "c", "a")]
     calls += [make_call(model="d", http_status=404, outcome="upstream_error"), make_call(model="x" * 201)]
@@ -219,8 +237,14 @@ def test_metrics_model_flood_of_failing_names_keeps_real_models():
 
 @pytest.mark.parametrize(
     ("path", "label"),
-    [("/api/chat", "/api/chat"), ("/", "/"), ("/v1/models/llama3.2", "/v1/models"),
-     ("/api/blobs/sha256:1", "/api/blobs"), ("/api/chat/", "other"), ("/wp-login.php", "other"),
+    [("/api/chat", "/api/chat"), ("/", "/"), ("/v1/models", "/v1/models"), ("/v1/models/llama3.2", "/v1/models/{id}"),
+     ("/v1/models/hf.co/org/m:Q4", "/v1/models/{id}"), ("/api/blobs/sha256:1", "/api/blobs"),
+     ("/v1/responses", "/v1/responses"), ("/v1/messages", "/v1/messages"),
+     ("/v1/audio/transcriptions", "/v1/audio/transcriptions"), ("/api/status", "/api/status"),
+     ("/api/me", "/api/me"), ("/api/signout", "/api/signout"),
+     ("/api/experimental/web_search", "/api/experimental/*"), ("/api/experimental/web_fetch", "/api/experimental/*"),
+     ("/api/experimental/model-recommendations", "/api/experimental/*"), ("/api/experimental", "other"),
+     ("/v1/messages/count_tokens", "other"), ("/api/chat/", "other"), ("/wp-login.php", "other"),
      ("/v1/chat/completions?x=1", "other")],
 )  # fmt: skip
 def test_metrics_endpoint_label_from_fixed_list(path, label):

@@ -14,17 +14,21 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import openai
 import psycopg2
 import pytest
 import requests
+from peewee import CharField, DataError, PostgresqlDatabase
+from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
+from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
-from proxy_app.store.models import CallRow, create_tables, open_database
+from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
 from proxy_app.store.writer import Writer
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
 from tests.fake_ollama import MODEL_ERROR, serve
@@ -96,7 +100,7 @@ def test_store_native_stream_row(live_proxy, app, fake, recorder):
     assert 0 < row["ttft_ms"] < row["processing_time_ms"] - 150  # the first token came at once
     assert (row["http_status"], row["error_message"], row["outcome"]) == (200, None, "completed")
     assert 0 < row["system_load_memory"] < 100 and row["concurrent_requests"] == 1
-    assert row["system_load_cpu"] is None or 0 <= row["system_load_cpu"] <= 100
+    assert 0 <= row["system_load_cpu"] <= 100  # the first call of the process carries one too
     assert (row["eval_duration_ms"], row["tokens_per_second"], row["load_duration_ms"]) == (250.0, 20.0, 1.0)
     assert row["prompt_eval_duration_ms"] == prompt_tokens * 1.0 and row["done_reason"] == "stop"
     assert (row["api"], row["prompt"], row["response_preview"]) == ("native", "why is the sky blue", "The sky is blue.")
@@ -238,7 +242,7 @@ CSV_LITERAL = (
     "<timestamp>,<request_id>,127.0.0.1,store-test/1,POST,/api/generate,s-9,llama3.2,15,5,20,"
     '"{""num_ctx"":4096}",false,107,<response_size_bytes>,<queue_time_ms>,<processing_time_ms>,<total_time_ms>,200,,'
     "<system_load_cpu>,<system_load_memory>,1,completed,<ttft_ms>,100.0,1.0,15.0,50.0,stop,native,"
-    '"\'=why, is the ""sky"" blue",The sky is blue.\r\n'
+    '"\'=why, is the ""sky"" blue",The sky is blue.,,,\r\n'
 )
 VOLATILE = ("timestamp", "request_id", "response_size_bytes", "queue_time_ms", "processing_time_ms", "total_time_ms",
             "system_load_cpu", "system_load_memory", "ttft_ms")  # fmt: skip
@@ -260,6 +264,29 @@ def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
     csv.writer(normalised).writerows([header, line])
     assert normalised.getvalue() == CSV_LITERAL
     assert text.count("\r\n") == 2
+
+
+# ---- machine load on every row ----------------------------------------------------------------------------------
+
+
+def test_store_first_call_of_a_process_has_cpu_and_memory(proxy_with):
+    app, proxy, recorder = proxy_with(SAMPLE_INTERVAL="60")  # the second sample comes a minute later
+    assert requests.get(proxy.url + "/api/version", timeout=10).ok  # a call of a millisecond or two
+    [row] = stored(app, recorder, 1)
+    assert 0 <= row["system_load_cpu"] <= 100 and 0 < row["system_load_memory"] < 100
+
+
+def test_store_every_row_has_cpu_and_memory_from_each_workers_first_call(gunicorn_proxy, tmp_path):
+    proxy = gunicorn_proxy(workers=2, threads=8, OLLAMA_PROXY_SAMPLE_INTERVAL="60")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x",
+                                                                           "stream": False}), range(40)))  # fmt: skip
+    assert [answer.status_code for answer in answers] == [200] * 40
+    assert proxy.stop() == 0
+    db = open_database(f"sqlite:///{tmp_path / 'data' / 'ollama-proxy.db'}")
+    loads = [(row.system_load_cpu, row.system_load_memory) for row in CallRow.select().execute(db)]
+    db.close()
+    assert len(loads) == 40 and all(0 <= cpu <= 100 and 0 < memory < 100 for cpu, memory in loads), loads
 
 
 # ---- a database that is locked or gone ---------------------------------------------------------------------
@@ -468,4 +495,65 @@ def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_
     assert writer.flush(5) and (writer.written, writer.dropped) == (2, 0)
     writer.close()
     assert sorted(row.request_id for row in CallRow.select().execute(db)) == ["after", "before"]
+    db.close()
+
+
+# ---- schema version 1 to 2, in place ----------------------------------------------------------------------------
+
+ADDED_IN_2 = ("cached_input_tokens", "remote_model", "remote_host")
+V1_COLUMNS = COLUMNS[: -len(ADDED_IN_2)]
+
+
+def make_v1_store(db) -> None:
+    """Give ``db`` the tables as schema version 1 made them: no ``ADDED_IN_2`` columns, ``api`` a VARCHAR(8)."""
+    create_tables(db)
+    migrator = SchemaMigrator.from_database(db)
+    operations = [migrator.drop_column("calls", name) for name in ADDED_IN_2]
+    if isinstance(db, PostgresqlDatabase):
+        operations.append(migrator.alter_column_type("calls", "api", CharField(max_length=8)))
+    with db.atomic():
+        migrate(*operations)
+        SchemaVersion.update(version=1).execute(db)
+    assert [column.name for column in db.get_columns("calls")] == ["id", *V1_COLUMNS]
+
+
+def insert_v1_row(db, call) -> None:
+    """Insert a row as a version 1 proxy did: the first columns of the call only."""
+    names, marks = ", ".join(f'"{name}"' for name in V1_COLUMNS), ", ".join([db.param] * len(V1_COLUMNS))
+    with db.atomic():
+        db.execute_sql(f'INSERT INTO "calls" ({names}) VALUES ({marks})', row_of(call)[: len(V1_COLUMNS)])
+
+
+def test_store_create_tables_whatever_database_the_read_side_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(models.database, "obj", PostgresqlDatabase("unused"))  # as a PostgreSQL app leaves it
+    db = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    assert create_tables(db) == models.SCHEMA_VERSION  # not RETURNING on SQLite for PostgreSQL's sake
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_path, request, backend):
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'v1.db'}"
+    db = open_database(url)
+    make_v1_store(db)
+    insert_v1_row(db, sample_call(request_id="kept", api="openai", timestamp=datetime.now(UTC)))  # not yet expired
+    if backend == "postgresql":  # what version 2 widens: a VARCHAR(8) refuses "anthropic"
+        with pytest.raises(DataError, match="character varying\\(8\\)"), db.atomic():
+            insert_v1_row(db, sample_call(request_id="refused", api="anthropic"))
+    db.close()
+    app, proxy, recorder = proxy_with(DATABASE_URL=url)  # start-up migrates
+    answer = post(proxy.url, "/v1/messages", {"model": "llama3.2", "max_tokens": 64, "messages": MESSAGES},
+                  **{"X-Fake-Cached-Tokens": "4"})  # fmt: skip
+    assert answer.status_code == 200
+    old, new = stored(app, recorder, 1)
+    assert (old["request_id"], old["api"], old["input_tokens"]) == ("kept", "openai", 12)
+    assert [old[name] for name in ADDED_IN_2] == [None, None, None]
+    assert (new["api"], new["input_tokens"], new["cached_input_tokens"]) == ("anthropic", 15, 4)
+    db = open_database(url)
+    assert [column.name for column in db.get_columns("calls")] == ["id", *COLUMNS]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [2]
     db.close()

@@ -56,6 +56,7 @@ HUGE = {
     "endpoint": "/api/" + "p" * 20_000, "session_id": "s" * 10_000, "model": "m\ud800" * 500_000,
     "model_parameters": '{"stop":["' + "x" * 2_000_000 + '"]}', "error_message": "e" * 100_000,
     "done_reason": "r" * 5000, "prompt": "q\x00" * 5000, "response_preview": "\udc00a" * 5000,
+    "remote_model": "c" * 5000, "remote_host": "https://" + "h" * 5000,
 }  # fmt: skip
 
 

@@ -29,7 +29,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one 
 class Intake:
     """What a call asked for. None where the body does not say."""
 
-    api: str  # native or openai
+    api: str  # native, openai or anthropic
     model: str | None = None
     stream_mode: bool = False
     model_parameters: str | None = None
@@ -39,7 +39,7 @@ class Intake:
 
 def read_intake(path: str, body: bytes | None) -> Intake:
     """Return what the client asked for; never raises, whatever the body holds."""
-    api = "openai" if path.startswith("/v1/") else "native"
+    api = "anthropic" if path == "/v1/messages" else "openai" if path.startswith("/v1/") else "native"
     document = _decode(body)
     if not isinstance(document, dict):
         return Intake(api=api, stream_mode=path in NATIVE_STREAMING, model=_model_from_path(path))

@@ -34,13 +34,16 @@ CALL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 TOKEN_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000)
 SPEED_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 500)  # output tokens per second of decode
-# Why: the label set stays fixed whatever paths clients invent; the prefixes fold one id-bearing path each.
+# Why: the label set stays fixed whatever paths clients invent: Ollama's routes (server/routes.go), each prefix
+# below as one label for the paths under it (an id or an experimental tool), and OTHER for the rest.
 ENDPOINTS = frozenset(
     {"/", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
-     "/api/version", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs",
-     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"}
+     "/api/version", "/api/status", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
+     "/api/blobs", "/api/me", "/api/signout", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+     "/v1/models", "/v1/responses", "/v1/messages", "/v1/audio/transcriptions"}
 )  # fmt: skip
-FOLDED_PREFIXES = ("/api/blobs/", "/v1/models/")
+FOLDED_PREFIXES = (("/api/blobs/", "/api/blobs"), ("/v1/models/", "/v1/models/{id}"),
+                   ("/api/experimental/", "/api/experimental/*"))  # fmt: skip
 OTHER = "other"
 NO_MODEL = "none"  # calls that name no model (/api/tags, /api/version, ...)
 MAX_MODEL_CHARS = 200  # longer "model names" are junk; they must not bloat every series
@@ -48,12 +51,12 @@ FIRST_PROBE_WAIT = 2.5  # seconds the first scrape in a process waits for the fi
 
 
 def endpoint_label(path: str) -> str:
-    """Return the ``endpoint`` label for a request path: a known Ollama endpoint, or "other"."""
+    """Return the ``endpoint`` label for a request path: a known Ollama endpoint, a folded prefix's label, or other."""
     if path in ENDPOINTS:
         return path
-    for prefix in FOLDED_PREFIXES:
+    for prefix, label in FOLDED_PREFIXES:
         if path.startswith(prefix):
-            return prefix.rstrip("/")
+            return label
     return OTHER
 
 
@@ -110,6 +113,7 @@ class Metrics:
         self.tokens_per_second = histogram("ollama_tokens_per_second", "Decode speed", by_model, buckets=SPEED_BUCKETS)
         self.prompt_tokens = counter("ollama_prompt_tokens_total", "Input tokens", by_call)
         self.completion_tokens = counter("ollama_completion_tokens_total", "Output tokens", by_call)
+        self.cached_prompt_tokens = counter("ollama_cached_prompt_tokens_total", "Cached input tokens", by_call)
         self.load_duration = histogram(
             "ollama_load_duration_seconds", "Model load time, as Ollama reports it", by_model, buckets=STEP_BUCKETS
         )
@@ -152,6 +156,8 @@ class Metrics:
         self._observe_ms(self.prompt_eval_duration, (model,), call.prompt_eval_duration_ms)
         if call.input_tokens is not None:
             series(self.prompt_tokens, model, endpoint).inc(call.input_tokens)
+        if call.cached_input_tokens is not None:  # absent unless the answer says: a series only where it does
+            series(self.cached_prompt_tokens, model, endpoint).inc(call.cached_input_tokens)
         if call.output_tokens is not None:
             series(self.completion_tokens, model, endpoint).inc(call.output_tokens)
             series(self.tokens_generated, model).observe(call.output_tokens)

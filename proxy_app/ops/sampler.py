@@ -9,6 +9,12 @@ import psutil
 
 from proxy_app.ticker import Ticker
 
+# Why: a CPU percentage needs two readings of the CPU times. A process's first figure comes from two readings this far
+# apart, taken in the sampling thread (psutil keeps each thread's last reading), so a row never waits a whole interval.
+FIRST_CPU_SECONDS = 0.1
+# Why: the first call of a process may end before that first figure exists; it waits this long at most for it.
+FIRST_SAMPLE_WAIT = 1.0
+
 
 class LoadSampler:
     """Keeps the latest (cpu_percent, memory_percent); the thread starts on first use in each process (fork-safe)."""
@@ -16,20 +22,37 @@ class LoadSampler:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._latest: tuple[float | None, float | None] = (None, None)
-        self._ticker = Ticker("load-sampler", self._sample, interval, first_delay=interval, on_start=self._baseline)
+        self._is_first = True  # the next run is the first of its thread, which has no earlier CPU reading
+        self._ticker = Ticker("load-sampler", self._sample, interval, on_start=self._begin)
+
+    def start(self) -> None:
+        """Start this process's sampling thread unless it runs; cheap enough for every call, as the call arrives."""
+        self._ticker.ensure()
 
     def latest(self) -> tuple[float | None, float | None]:
-        """Return the last sample; (None, None) until the first one is taken (always, with an interval of 0)."""
-        self._ticker.ensure()
+        """Return the last sample, waiting (at most FIRST_SAMPLE_WAIT) for this process's first; (None, None) with an
+        interval of 0."""
+        self._ticker.ensure(wait=FIRST_SAMPLE_WAIT if self._latest[0] is None else 0.0)
         return self._latest
 
-    def _baseline(self) -> None:
-        psutil.cpu_percent(interval=None)  # the first reading is meaningless; it sets the baseline
-        self._latest = (None, psutil.virtual_memory().percent)
+    def _begin(self) -> None:
+        """Before each new thread: its first run measures afresh; memory needs one reading, so it is there at once."""
+        self._is_first = True
+        self._latest = (self._latest[0], psutil.virtual_memory().percent)
 
     def _sample(self) -> None:
-        self._latest = (psutil.cpu_percent(interval=None), psutil.virtual_memory().percent)
+        is_first, self._is_first = self._is_first, False
+        cpu = psutil.cpu_percent(interval=FIRST_CPU_SECONDS if is_first else None)
+        self._latest = (cpu, psutil.virtual_memory().percent)
 
     def stop(self) -> None:
         """Stop the sampling thread (tests, shutdown)."""
         self._ticker.stop()
+
+
+def init_app(app) -> None:
+    """Give the app its load sampler, started as each relayed call arrives and stopped at shutdown."""
+    sampler = LoadSampler(app.config["SAMPLE_INTERVAL"])
+    app.extensions["load_sampler"] = sampler
+    app.extensions.setdefault("shutdown_hooks", []).append(sampler.stop)
+    app.extensions.setdefault("before_relay", []).append(sampler.start)

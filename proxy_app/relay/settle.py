@@ -99,6 +99,9 @@ def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, erro
         api=intake.api,
         prompt=intake.prompt if capture else None,
         response_preview=(usage.response_preview or None) if capture else None,
+        cached_input_tokens=usage.cached_input_tokens,
+        remote_model=usage.remote_model,
+        remote_host=usage.remote_host,
     )
 
 

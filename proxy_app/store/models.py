@@ -34,7 +34,7 @@ from peewee import (
     fn,
 )
 from playhouse import db_url
-from playhouse.migrate import SchemaMigrator, migrate
+from playhouse.migrate import SchemaMigrator, SqliteMigrator, migrate
 
 from proxy_app.calls import COLUMNS, TEXT_CHARS, Call, values_of
 
@@ -124,6 +124,9 @@ class CallRow(BaseModel):
     api = CharField(max_length=TEXT_CHARS["api"])
     prompt = TextField(null=True)
     response_preview = TextField(null=True)
+    cached_input_tokens = IntegerField(null=True)
+    remote_model = TextField(null=True)
+    remote_host = TextField(null=True)
 
     class Meta:
         table_name = CALLS_TABLE
@@ -246,8 +249,24 @@ def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:
 
 # Version N's migration takes a database at N - 1 to N. A new column is added here *and* on CallRow (and COLUMNS),
 # e.g. ``3: lambda m: [m.add_column("calls", "gpu_name", TextField(null=True))]``. Version 1 is the first schema.
-MIGRATIONS: dict[int, Callable[[SchemaMigrator], list]] = {}
-SCHEMA_VERSION = 1
+# Each migration spells out its fields rather than taking CallRow's, so it stays what it was when a later version
+# changes a column.
+
+
+def _add_cache_and_cloud_columns(migrator: SchemaMigrator) -> list:
+    """Version 2: cached_input_tokens, remote_model and remote_host; ``api`` widens to hold ``anthropic``."""
+    operations = [
+        migrator.add_column(CALLS_TABLE, "cached_input_tokens", IntegerField(null=True)),
+        migrator.add_column(CALLS_TABLE, "remote_model", TextField(null=True)),
+        migrator.add_column(CALLS_TABLE, "remote_host", TextField(null=True)),
+    ]
+    if not isinstance(migrator, SqliteMigrator):  # SQLite does not enforce a VARCHAR's length; PostgreSQL does
+        operations.append(migrator.alter_column_type(CALLS_TABLE, "api", CharField(max_length=16)))
+    return operations
+
+
+MIGRATIONS: dict[int, Callable[[SchemaMigrator], list]] = {2: _add_cache_and_cloud_columns}
+SCHEMA_VERSION = 2
 
 
 def create_tables(db: Database) -> int:
@@ -258,7 +277,9 @@ def create_tables(db: Database) -> int:
         if found is None:
             for model in MODELS:
                 SchemaManager(model, database=db).create_all(safe=True)
-            SchemaVersion.insert(version=SCHEMA_VERSION).execute(db)
+            # as_rowcount: peewee would ask for the new id back (RETURNING) whenever the read side's database
+            # (the proxy the model is bound to) supports it, whatever ``db`` is
+            SchemaVersion.insert(version=SCHEMA_VERSION).as_rowcount().execute(db)
             return SCHEMA_VERSION
         return _migrate(db, found)
 
