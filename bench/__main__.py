@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from proxy_app import breakdown, load, measure, soak, targets
+from bench import breakdown, load, measure, soak, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from proxy_app import client, targets
+from bench import client, targets
 
 CALLS = 2000
 

@@ -22,7 +22,7 @@ import threading
 
 import psutil
 
-from proxy_app import client, targets
+from bench import client, targets
 
 from .breakdown import call_app
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy_app import client
+from bench import client
 
 WRK = shutil.which("wrk")
 SCRIPT = """wrk.method = "POST"

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from proxy_app import client, load
+from bench import client, load
 
 MB = 1024 * 1024
 

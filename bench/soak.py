@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from proxy_app import client, targets
+from bench import client, targets
 
 CLIENTS = 64
 STREAM_SHARE = 0.25  # a quarter of the calls stream 20 tokens at 10 ms each; the rest are short stream:false calls
