@@ -184,19 +184,30 @@ def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int, wor
         process = subprocess.Popen(command, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_listening(port, process)
     if server == "gunicorn":
-        wait_workers_ready(data_dir / "prometheus", workers, process)
+        wait_workers_ready(workers, process)
     return Target(server, f"http://127.0.0.1:{port}", process, data_dir=data_dir)
 
 
-def wait_workers_ready(metrics_dir: Path, workers: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Return once every gunicorn worker has loaded the app (each writes its own Prometheus counter file then).
+def wait_workers_ready(workers: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Return once every gunicorn worker has loaded the app (each holds its own Prometheus counter file open then).
 
     gunicorn listens before its workers have loaded the app; clients that connect in that gap all go to the first
     worker ready, and keep-alive keeps them there (a soak once ran on 43 / 39 / 4 threads' worth of connections).
     """
     deadline = time.monotonic() + timeout
-    while len(list(metrics_dir.glob("counter_*.db"))) < workers:
+    while _ready_workers(process.pid) < workers:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{workers} gunicorn workers were not ready after {timeout} s")
         time.sleep(0.05)
     time.sleep(0.2)  # from loading the app to polling the listener
+
+
+def _ready_workers(serve_pid: int) -> int:
+    """How many processes under ``serve_pid`` hold a Prometheus counter file open (gunicorn workers with the app)."""
+    ready = 0
+    for proc in psutil.Process(serve_pid).children(recursive=True):
+        try:
+            ready += any(Path(opened.path).name.startswith("counter_") for opened in proc.open_files())
+        except psutil.Error:
+            pass
+    return ready

@@ -10,14 +10,21 @@ import re
 from pathlib import Path
 
 from proxy_app import config as _config
+from proxy_app.service import metrics_dir as _metrics_dirs
 
 _settings = _config.load()
 
 # Prometheus multiprocess mode (wsgi-stack.md rule 11). prometheus_client chooses file-backed values when it is first
 # imported, so the variable is set here, in the arbiter, before any worker loads the app. A directory exported by the
-# launcher wins; otherwise it lives under DATA_DIR. on_starting empties it, child_exit marks dead workers.
-_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(_settings["DATA_DIR"]) / "prometheus")))
-_metrics_dir.mkdir(parents=True, exist_ok=True)
+# launcher wins (on_starting empties it); otherwise each run makes its own on a tmpfs, off the data disk, whose
+# filling would kill the workers (metrics_dir.py), and on_exit removes it. child_exit marks dead workers.
+_launcher_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _launcher_metrics_dir:
+    _metrics_dir = Path(_launcher_metrics_dir)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+else:
+    _metrics_dir = _metrics_dirs.create_run_dir(os.environ, _settings["DATA_DIR"])
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 _METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")  # prometheus_client's names only
 
 from proxy_app.relay import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
@@ -39,6 +46,12 @@ def on_starting(server):
     for path in _metrics_dir.iterdir():
         if _METRICS_FILE.fullmatch(path.name):
             path.unlink()
+
+
+def on_exit(server):
+    """Remove this run's metric files, unless a re-executed arbiter (USR2) goes on with them."""
+    if not _launcher_metrics_dir and not server.reexec_pid:
+        _metrics_dirs.remove_run_dir(_metrics_dir)
 
 
 def child_exit(server, worker):
