@@ -105,6 +105,26 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
     Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
+    Setting(
+        "MAX_CONNECTIONS_PER_CLIENT",
+        "256",
+        _positive_int,
+        "Open connections one client address may hold per server process; more get 429 and are closed. 0 means no "
+        "limit; TRUSTED_PROXIES are exempt",
+    ),
+    Setting(
+        "HEADER_TIMEOUT",
+        "10",
+        _seconds,
+        "Seconds a client has to send a request's headers, from connecting or from the next request's first byte; "
+        "then the connection is closed. 0 waits for ever",
+    ),
+    Setting(
+        "BODY_TIMEOUT",
+        "60",
+        _seconds,
+        "Longest silence (s) while a client sends a request body; then the connection is closed. 0 waits for ever",
+    ),
     Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
     Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),
     Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),

@@ -25,7 +25,8 @@ NEW_MODELS = 24  # each a new label on every per-model series, so new pages in e
 def test_disk_full_gunicorn_workers_keep_relaying_and_health_says_degraded(tiny_disk, gunicorn_proxy, fake):
     for number in range(NEW_MODELS):
         fake.models[f"model{number}:latest"] = dict(CATALOG["llama3.2:latest"])
-    proxy = gunicorn_proxy(workers=2, threads=8, OLLAMA_PROXY_DATA_DIR=str(tiny_disk))
+    proxy = gunicorn_proxy(workers=2, threads=8, OLLAMA_PROXY_DATA_DIR=str(tiny_disk),
+                           OLLAMA_PROXY_WRITER_RETRY_SECONDS="1")  # fmt: skip
     arbiter = psutil.Process(proxy.process.pid)
     assert _generate(proxy.url, "llama3.2") == 200
     workers = {child.pid for child in arbiter.children()}

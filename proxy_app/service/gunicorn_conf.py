@@ -1,8 +1,10 @@
 """gunicorn settings for the proxy: ``gunicorn -c python:proxy_app.service.gunicorn_conf 'proxy_app:create_app()'``.
 
-gthread workers hold one thread per concurrent stream, and no setting here can cut a long generation: the worker
-``timeout`` is a heartbeat between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1).
-Bind address, workers and threads come from the same OLLAMA_PROXY_* settings as everything else.
+Each worker is a FrontWorker (worker.py): waitress's event loop reads whole requests, so a slow or silent client holds
+a socket rather than a thread, with a per-address cap and header and body deadlines (front.py). A call in progress
+holds one of THREADS threads, and no setting here can cut a long generation: the worker ``timeout`` is a heartbeat
+between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1). Bind address, workers and threads
+come from the same OLLAMA_PROXY_* settings as everything else.
 """
 
 import os
@@ -28,12 +30,14 @@ else:
 _METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")  # prometheus_client's names only
 
 from proxy_app.relay import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
+from proxy_app.service import front as _front  # noqa: E402
 
 bind = f"{_settings['HOST']}:{_settings['PORT']}"
-worker_class = "gthread"
+worker_class = "proxy_app.service.worker.FrontWorker"
 workers = _settings["WORKERS"]
 threads = _settings["THREADS"]
-timeout = 120  # heartbeat only under gthread: a busy stream never trips it
+worker_connections = _front.POSIX_CONNECTION_LIMIT  # per worker; every stream is one, idle keep-alive ones too
+timeout = 120  # heartbeat only: the worker's loop turns every second whatever its threads do
 # On SIGTERM streams may finish for GRACE_SECONDS; then each worker cuts the rest itself (post_worker_init) and
 # stores their rows (worker_exit) before the arbiter's hard kill at graceful_timeout.
 graceful_timeout = max(int(_settings["GRACE_SECONDS"] + _drain.SETTLE_SECONDS), 1)
