@@ -170,16 +170,24 @@ def start_hello(server: str, threads: int = 64) -> Target:
     return Target(f"{server}-hello", f"http://127.0.0.1:{port}", process)
 
 
-def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int, workers: int = 1,
+def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int | None, workers: int | None = 1,
                 extra_env: dict | None = None) -> Target:  # fmt: skip
-    """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir."""
+    """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir.
+
+    ``threads`` and ``workers`` None leave those settings at their defaults.
+    """
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=work_dir))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_PROXY_", "PROMETHEUS_"))}
     env.update(OLLAMA_PROXY_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **(extra_env or {}))
     command = [sys.executable, "-m", "proxy_app", "serve", "--server", server, "--port", str(port),
-               "--upstream", upstream.url, "--data-dir", str(data_dir), "--threads", str(threads),
-               "--workers", str(workers)]  # fmt: skip
+               "--upstream", upstream.url, "--data-dir", str(data_dir)]  # fmt: skip
+    command += ["--threads", str(threads)] if threads is not None else []
+    command += ["--workers", str(workers)] if workers is not None else []
+    if workers is None:
+        from proxy_app import config
+
+        workers = config.load(environ=env, env_file=None)["WORKERS"]
     with open(data_dir / "serve.log", "ab") as log:  # cwd is not the repo, so no .env there changes the settings
         process = subprocess.Popen(command, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_listening(port, process)

@@ -98,8 +98,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "Longest silence (s) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
     ),
-    Setting("THREADS", "64", _positive_int, "Server threads per process: the number of calls served at once"),
-    Setting("WORKERS", "1", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
+    Setting(
+        "THREADS",
+        "1024",
+        _positive_int,
+        "Server threads per process: the calls served at once (a client still sending its request holds none)",
+    ),
+    Setting("WORKERS", "2", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
     Setting(
         "MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
     ),

@@ -36,6 +36,9 @@ MAX_BODY_BYTES = 64 * 1024**3
 # clients (issue 7: 500 of them) never lock new ones out.
 WINDOWS_CONNECTION_LIMIT = 500
 POSIX_CONNECTION_LIMIT = 2000
+# Why: a call in progress holds a thread, so THREADS runs to a thousand; Python code needs little C stack, and 1,000
+# threads at the platform's 8 MB each would reserve 8 GB, which a host with strict overcommit refuses.
+THREAD_STACK_BYTES = 512 * 1024
 OPTIONS = {
     "ident": "ollama-proxy",
     "clear_untrusted_proxy_headers": False,  # the relay decides whom to believe (TRUSTED_PROXIES)
@@ -135,14 +138,14 @@ class GuardedChannel(HTTPChannel):
         """Parse ``data`` as waitress does; a request begun here gets its header deadline, a finished one loses it."""
         now = self.guard.clock()
         self.last_heard = now
-        before = self.request
+        before, queued = self.request, len(self.requests)
         if before is None and self.header_deadline is None:
             self.header_deadline = self._deadline(now)  # a kept-alive connection's next request starts now
         result = super().received(data)
         if self.request is None:
             self.header_deadline = None  # nothing half-read: idle, or answering (channel_timeout covers idling)
-        elif self.request is not before:
-            self.header_deadline = self._deadline(now)  # a pipelined request began in this read
+        elif self.request is not before and (before is not None or len(self.requests) > queued):
+            self.header_deadline = self._deadline(now)  # a request finished in this read and the next one began
         return result
 
     def del_channel(self, map=None) -> None:
@@ -258,7 +261,11 @@ class Front:
     def __init__(self, app, limits: Limits, **options) -> None:
         self.map: dict = {}
         self.guard = Guard(limits)
-        self.server = waitress.create_server(app, map=self.map, **{**OPTIONS, **options})
+        previous = threading.stack_size(THREAD_STACK_BYTES)  # waitress starts its threads in create_server
+        try:
+            self.server = waitress.create_server(app, map=self.map, **{**OPTIONS, **options})
+        finally:
+            threading.stack_size(previous)
         listeners = [item for item in self.map.values() if isinstance(item, BaseWSGIServer)]
         channel_class = make_channel_class(self.guard)
         self.acceptors = []
