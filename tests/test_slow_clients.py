@@ -13,12 +13,14 @@ import ipaddress
 import json
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from proxy_app import config
@@ -304,3 +306,34 @@ def test_slow_clients_body_silence_closes_the_connection(front_for):
     assert closed_within(slow, 3) == b""  # then 60 bytes never come: closed once the body is silent for 1 s
     slow.close()
     assert served.guard.closed_slow == 1 and not served.guard.open
+
+
+def test_slow_clients_gunicorn_hup_replaces_workers_and_no_call_fails(gunicorn_proxy):
+    """A reload (HUP) under the front worker: new workers start, the old ones finish what they accepted."""
+    proxy = gunicorn_proxy(workers=2, threads=8)
+    arbiter = psutil.Process(proxy.process.pid)
+    old = {child.pid for child in arbiter.children()}
+    results: list = []
+    stop = threading.Event()
+
+    def calls() -> None:
+        while not stop.is_set() and len(results) < 2000:
+            results.append(call(proxy.port)[0])  # a fresh connection each: some land on a worker as it stops
+
+    threads = [threading.Thread(target=calls) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(results) >= 20, timeout=10, message="calls before the reload")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: not old & {child.pid for child in arbiter.children()}, timeout=20, message="old workers gone"
+        )
+        counted = len(results)
+        wait_until(lambda: len(results) >= counted + 20, timeout=10, message="calls after the reload")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert len({child.pid for child in arbiter.children()}) == 2
+    assert [status for status in results if status != 200] == []

@@ -123,6 +123,7 @@ class GuardedChannel(HTTPChannel):
     """waitress's channel, with the times the guard needs: when the headers are due, when a byte last came."""
 
     guard: Guard  # set on the per-front subclass (make_channel_class)
+    has_asked = False  # True once a whole request has come in on this connection
 
     def __init__(self, server, sock, addr, adj, map=None) -> None:
         super().__init__(server, sock, addr, adj, map)
@@ -142,6 +143,7 @@ class GuardedChannel(HTTPChannel):
         if before is None and self.header_deadline is None:
             self.header_deadline = self._deadline(now)  # a kept-alive connection's next request starts now
         result = super().received(data)
+        self.has_asked = self.has_asked or self.request is None or (before is not None and self.request is not before)
         if self.request is None:
             self.header_deadline = None  # nothing half-read: idle, or answering (channel_timeout covers idling)
         elif self.request is not before and (before is not None or len(self.requests) > queued):
@@ -287,9 +289,15 @@ class Front:
         """The open client connections."""
         return [item for item in list(self.map.values()) if isinstance(item, HTTPChannel)]
 
-    def is_busy(self) -> bool:
-        """True while a request is being answered or an answer is still being written."""
-        return any(channel.requests or channel.total_outbufs_len for channel in self.channels())
+    def is_busy(self, fresh_too: bool = False) -> bool:
+        """True while a request is being read or answered or an answer written; with ``fresh_too``, also while a
+        connection has not sent its first request yet (at a stop: it may be on its way)."""
+        for channel in self.channels():
+            if channel.requests or channel.total_outbufs_len or channel.request is not None:
+                return True
+            if fresh_too and not getattr(channel, "has_asked", True):
+                return True
+        return False
 
     def close_connections(self) -> None:
         """Close every client connection (on the loop's thread)."""

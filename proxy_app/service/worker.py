@@ -20,6 +20,8 @@ from . import front
 
 LOOP_SECONDS = 1.0  # longest wait for an event: how often the heartbeat and the stop flag are looked at
 THREAD_STOP_SECONDS = 2.0  # after the last answer, how long the threads get to end before the process moves on
+# Why: a connection accepted just before a stop (TERM, HUP) may have its request on the way; it is served, not cut.
+STOP_LINGER_SECONDS = 2.0
 
 
 class FrontWorker(Worker):
@@ -50,8 +52,9 @@ class FrontWorker(Worker):
     def stop_gracefully(self, deadline: float) -> None:
         """Close the listeners; serve what is in progress until ``deadline``; then close every connection."""
         self.front.stop_accepting()
-        while self.front.is_busy() and time.monotonic() < deadline:  # the drain cuts streams before the deadline
-            self.notify()
+        linger = time.monotonic() + STOP_LINGER_SECONDS
+        while time.monotonic() < deadline and self.front.is_busy(fresh_too=time.monotonic() < linger):
+            self.notify()  # the drain cuts streams before the deadline
             self.front.poll(0.1)
         self.front.close_connections()
         self.front.task_dispatcher.shutdown(timeout=THREAD_STOP_SECONDS)
