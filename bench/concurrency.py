@@ -4,8 +4,9 @@ connections drip headers or sit silent.
 Streams: 1,000 clients each stream 20 tokens 50 ms apart (the upstream needs 1.0 s per stream, 1.05 s for all, as the
 start is spread over one token interval), connecting from eight loopback addresses (125 each, under the per-address
 cap), as clients on several hosts would. Reported per target: streams complete, wall time, each stream's duration
-(request written to last byte) against the upstream's 1.0 s, and resident memory and threads per serving process.
-``direct`` (the upstream alone, same client) shows what the client itself costs.
+(request written to last byte) against the upstream's 1.0 s, CPU seconds of the serving processes and of the client,
+and resident memory and threads per serving process. ``direct`` (the upstream alone, same client) shows what the
+client itself costs.
 
 Slow clients: from 127.0.0.2, 1,000 connections, half dripping a header line every 2 s and half silent, for
 ATTACK_SECONDS; meanwhile a fresh connection from 127.0.0.1 makes one call every 0.25 s. Reported: the fresh calls'
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import resource
 import select
 import socket
@@ -64,14 +66,17 @@ def streams(target, rounds: int) -> dict:
     runs = []
     idle = {pid: rss / MB for pid, rss in target.rss_bytes().items()}
     for _ in range(rounds):
+        cpu_target, cpu_client, load = target.cpu_seconds(), time.process_time(), os.getloadavg()[0]
         with RssWatch(target) as watch:
             started = time.perf_counter()
             replies = asyncio.run(client.concurrent(target.url, STREAMS, 1, True, TOKENS, DELAY, spread_s=DELAY,
                                                     sources=SOURCES))  # fmt: skip
             wall = time.perf_counter() - started
+        cpu_target, cpu_client = target.cpu_seconds() - cpu_target, time.process_time() - cpu_client
         complete = [reply for reply in replies if client.is_complete(reply, TOKENS)]
         durations = [(reply.ended_ns - reply.started_ns) / 1e9 for reply in complete]
-        runs.append({"complete": len(complete), "wall_s": wall, "durations": durations,
+        runs.append({"complete": len(complete), "wall_s": wall, "durations": durations, "load_average_1m": load,
+                     "cpu_s_serving": cpu_target, "cpu_s_client": cpu_client,
                      "rss_peak_process_mb": watch.peak_process / MB,
                      "rss_peak_total_mb": watch.peak_total / MB})  # fmt: skip
     durations = [seconds for one in runs for seconds in one["durations"]]
@@ -86,6 +91,8 @@ def streams(target, rounds: int) -> dict:
         "stream_s_max": worst,
         "stream_late_s_max": None if worst is None else worst - STREAM_SECONDS,  # over the upstream's own time
         "all_within_upstream_plus_0_5_s": worst is not None and worst <= STREAM_SECONDS + 0.5,
+        "cpu_s_serving_per_round": [round(one["cpu_s_serving"], 2) for one in runs],  # the whole process tree
+        "cpu_s_client_per_round": [round(one["cpu_s_client"], 2) for one in runs],
         "rss_idle_mb_by_process": [round(value, 1) for value in idle.values()],
         "rss_peak_process_mb": max(one["rss_peak_process_mb"] for one in runs),
         "rss_peak_total_mb": max(one["rss_peak_total_mb"] for one in runs),
