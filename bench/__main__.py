@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import breakdown, load, measure, soak, targets
+from bench import breakdown, concurrency, load, measure, soak, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,7 +33,9 @@ PLANS = {
     "full": {"latency": (6, 1000), "throughput": (3, 6), "tokens": (3, 800), "streams": 2, "ttfb": (6, 200),
              "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 600, "breakdown_calls": 3000},
 }  # fmt: skip
-FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown", "server")
+SHARED_TARGETS = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer")  # one set of targets
+FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown", "server",
+           "concurrency")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,11 +79,12 @@ def run(args: argparse.Namespace) -> dict:
                 "settings": {"gunicorn_workers": args.workers, "threads": args.threads, "generator": load.WRK or
                              "python (wrk not found)"}, "figures": {}}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="ollama-proxy-bench-"))
-    started = start_all(work, args.workers, args.threads)
+    started = start_all(work, args.workers, args.threads) if wanted & set(SHARED_TARGETS) else []
     everyone, proxies = started, [t for t in started if t.name in ("gunicorn", "waitress")]
     figures = document["figures"]
     try:
-        step("idle memory", lambda: figures.__setitem__("idle_memory", measure.idle_memory(everyone)))
+        if everyone:
+            step("idle memory", lambda: figures.__setitem__("idle_memory", measure.idle_memory(everyone)))
         if "latency" in wanted:
             step("latency c1", lambda: figures.__setitem__(
                 "latency_c1", measure.latency_c1(everyone, *plan["latency"])))  # fmt: skip
@@ -106,7 +109,10 @@ def run(args: argparse.Namespace) -> dict:
             step("writer rows/s", lambda: figures.__setitem__("writer", measure.writer_rows(plan["writer_rows"])))
     finally:
         stop_all(started)
-    document["rows_stored"] = {t.name: soak.count_rows(t.data_dir) for t in proxies}  # after SIGTERM's flush
+    if proxies:
+        document["rows_stored"] = {t.name: soak.count_rows(t.data_dir) for t in proxies}  # after SIGTERM's flush
+    if "concurrency" in wanted:  # its own targets: serve with default settings
+        step("1,000 streams and slow clients", lambda: figures.update(concurrency.run(work, plan["streams"] + 1)))
     if "server" in wanted:
         step("servers alone", lambda: figures.__setitem__("server_only", servers_alone(plan)))
     if "breakdown" in wanted:

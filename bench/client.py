@@ -42,9 +42,10 @@ class Reply:
 class Connection:
     """One keep-alive connection to ``base_url``; reopens by itself after the server closes it."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, source: str | None = None) -> None:
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname, parts.port
+        self.source = None if source is None else (source, 0)  # a loopback address of its own: another client host
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -52,7 +53,8 @@ class Connection:
                       stamps: bool = False) -> Reply:  # fmt: skip
         """Send one request and read the whole answer; ``stamps`` collects each line's transit delay."""
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22,
+                                                                     local_addr=self.source)  # fmt: skip
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n{extra}\r\n").encode()  # fmt: skip
@@ -144,15 +146,16 @@ async def sequential(base_url: str, count: int, stream: bool, tokens: int = 5) -
 
 
 async def concurrent(base_url: str, clients: int, calls_each: int, stream: bool, tokens: int, delay: float = 0.0,
-                     stamps: bool = False, spread_s: float = 0.0) -> list[Reply]:  # fmt: skip
+                     stamps: bool = False, spread_s: float = 0.0, sources: tuple = ()) -> list[Reply]:  # fmt: skip
     """``clients`` connections at once, each making ``calls_each`` calls in turn; every reply is returned.
 
-    ``spread_s`` starts the clients evenly over that many seconds instead of all in the same instant.
+    ``spread_s`` starts the clients evenly over that many seconds instead of all in the same instant; ``sources``
+    are loopback addresses the clients connect from in turn (127.0.0.2, ...), as clients on several hosts would.
     """
     body, headers = generate_body(stream), knobs(tokens, delay)
 
     async def one_client(number: int) -> list[Reply]:
-        connection, replies = Connection(base_url), []
+        connection, replies = Connection(base_url, sources[number % len(sources)] if sources else None), []
         await asyncio.sleep(spread_s * number / clients)
         try:
             for _ in range(calls_each):

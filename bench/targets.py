@@ -170,33 +170,52 @@ def start_hello(server: str, threads: int = 64) -> Target:
     return Target(f"{server}-hello", f"http://127.0.0.1:{port}", process)
 
 
-def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int, workers: int = 1,
+def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int | None, workers: int | None = 1,
                 extra_env: dict | None = None) -> Target:  # fmt: skip
-    """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir."""
+    """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir.
+
+    ``threads`` and ``workers`` None leave those settings at their defaults.
+    """
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=work_dir))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_PROXY_", "PROMETHEUS_"))}
     env.update(OLLAMA_PROXY_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **(extra_env or {}))
     command = [sys.executable, "-m", "proxy_app", "serve", "--server", server, "--port", str(port),
-               "--upstream", upstream.url, "--data-dir", str(data_dir), "--threads", str(threads),
-               "--workers", str(workers)]  # fmt: skip
+               "--upstream", upstream.url, "--data-dir", str(data_dir)]  # fmt: skip
+    command += ["--threads", str(threads)] if threads is not None else []
+    command += ["--workers", str(workers)] if workers is not None else []
+    if workers is None:
+        from proxy_app import config
+
+        workers = config.load(environ=env, env_file=None)["WORKERS"]
     with open(data_dir / "serve.log", "ab") as log:  # cwd is not the repo, so no .env there changes the settings
         process = subprocess.Popen(command, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_listening(port, process)
     if server == "gunicorn":
-        wait_workers_ready(data_dir / "prometheus", workers, process)
+        wait_workers_ready(workers, process)
     return Target(server, f"http://127.0.0.1:{port}", process, data_dir=data_dir)
 
 
-def wait_workers_ready(metrics_dir: Path, workers: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Return once every gunicorn worker has loaded the app (each writes its own Prometheus counter file then).
+def wait_workers_ready(workers: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Return once every gunicorn worker has loaded the app (each holds its own Prometheus counter file open then).
 
     gunicorn listens before its workers have loaded the app; clients that connect in that gap all go to the first
     worker ready, and keep-alive keeps them there (a soak once ran on 43 / 39 / 4 threads' worth of connections).
     """
     deadline = time.monotonic() + timeout
-    while len(list(metrics_dir.glob("counter_*.db"))) < workers:
+    while _ready_workers(process.pid) < workers:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{workers} gunicorn workers were not ready after {timeout} s")
         time.sleep(0.05)
     time.sleep(0.2)  # from loading the app to polling the listener
+
+
+def _ready_workers(serve_pid: int) -> int:
+    """How many processes under ``serve_pid`` hold a Prometheus counter file open (gunicorn workers with the app)."""
+    ready = 0
+    for proc in psutil.Process(serve_pid).children(recursive=True):
+        try:
+            ready += any(Path(opened.path).name.startswith("counter_") for opened in proc.open_files())
+        except psutil.Error:
+            pass
+    return ready

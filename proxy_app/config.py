@@ -163,8 +163,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "Longest silence (s) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
     ),
-    Setting("THREADS", "64", _positive_int, "Server threads per process: the number of calls served at once"),
-    Setting("WORKERS", "1", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
+    Setting(
+        "THREADS",
+        "1024",
+        _positive_int,
+        "Server threads per process: the calls served at once (a client still sending its request holds none)",
+    ),
+    Setting("WORKERS", "2", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
     Setting(
         "MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
     ),
@@ -177,6 +182,26 @@ SETTINGS: tuple[Setting, ...] = (
         "Comma-separated Host names (or *.domain, IPs, *) accepted besides local ones; on a loopback HOST only local "
         "names and addresses are served (as Ollama does, against DNS rebinding); on another HOST an empty list "
         "accepts any Host, as Ollama does",
+    ),
+    Setting(
+        "MAX_CONNECTIONS_PER_CLIENT",
+        "256",
+        _positive_int,
+        "Open connections one client address may hold per server process; more get 429 and are closed. 0 means no "
+        "limit; TRUSTED_PROXIES are exempt",
+    ),
+    Setting(
+        "HEADER_TIMEOUT",
+        "10",
+        _seconds,
+        "Seconds a client has to send a request's headers, from connecting or from the next request's first byte; "
+        "then the connection is closed. 0 waits for ever",
+    ),
+    Setting(
+        "BODY_TIMEOUT",
+        "60",
+        _seconds,
+        "Longest silence (s) while a client sends a request body; then the connection is closed. 0 waits for ever",
     ),
     Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
     Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),

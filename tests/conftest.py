@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -148,6 +149,15 @@ class GunicornProxy:
                 time.sleep(0.05)
         raise RuntimeError("gunicorn did not answer in time")
 
+    @property
+    def metrics_dir(self) -> Path:
+        """The directory of the workers' Prometheus files (the arbiter chooses it): where they hold them open."""
+        for worker in psutil.Process(self.process.pid).children():
+            for opened in worker.open_files():
+                if Path(opened.path).name.startswith("counter_"):
+                    return Path(opened.path).parent
+        raise AssertionError("no worker holds a Prometheus counter file open")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the arbiter and wait for it to exit; return its exit code."""
         if self.process.poll() is None:
@@ -188,3 +198,25 @@ def closing():
     yield register
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs mounted for the test (a data disk to fill); needs mount rights, as CI has."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    need(mounted.returncode == 0, f"a full disk is a 1 MB tmpfs, which needs mount rights: {mounted.stderr!r}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> int:
+    """Take every byte left on ``directory``'s file system; return how many were written."""
+    written = 0
+    with open(directory / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                written += filler.write(b"\0" * 65536)
+        except OSError:  # no space left
+            return written

@@ -476,8 +476,10 @@ def test_faults_gunicorn_notices_departed_clients(gunicorn_proxy, fake, tmp_path
     rows = {row[1]: row[2:] for row in _stored(tmp_path / "data")}
     outcome, status, total_ms = rows["left-while-loading"]
     assert (outcome, status) == ("client_gone", 499) and total_ms < 1000  # noticed before the 1.5 s load ended
-    assert rows["left-mid-body"][:2] == ("client_gone", 499)
-    assert _sessions(fake) == ["left-while-loading"]  # the short body never went upstream
+    # The worker reads a body whole before the app sees the call (as waitress does): a client gone mid-body never
+    # started a call, so there is nothing to record, and the short body never went upstream.
+    assert "left-mid-body" not in rows
+    assert _sessions(fake) == ["left-while-loading"]
 
 
 def _sessions(fake) -> list:

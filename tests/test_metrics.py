@@ -524,7 +524,7 @@ def test_metrics_grafana_panels_query_exported_metrics(proxy_factory, fake):
 
 def test_metrics_gunicorn_four_workers_count_every_call(gunicorn_proxy, tmp_path):
     proxy = gunicorn_proxy(workers=4, threads=16)
-    metric_files = tmp_path / "data" / "prometheus"
+    metric_files = proxy.metrics_dir
 
     def calls(worker: int) -> int:
         """50 calls on one keep-alive connection (http.client: the client must not be the bottleneck)."""

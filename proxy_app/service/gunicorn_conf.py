@@ -1,8 +1,10 @@
 """gunicorn settings for the proxy: ``gunicorn -c python:proxy_app.service.gunicorn_conf 'proxy_app:create_app()'``.
 
-gthread workers hold one thread per concurrent stream, and no setting here can cut a long generation: the worker
-``timeout`` is a heartbeat between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1).
-Bind address, workers and threads come from the same OLLAMA_PROXY_* settings as everything else.
+Each worker is a FrontWorker (worker.py): waitress's event loop reads whole requests, so a slow or silent client holds
+a socket rather than a thread, with a per-address cap and header and body deadlines (front.py). A call in progress
+holds one of THREADS threads, and no setting here can cut a long generation: the worker ``timeout`` is a heartbeat
+between the worker and the arbiter, not a limit on a request (wsgi-stack.md 2.1). Bind address, workers and threads
+come from the same OLLAMA_PROXY_* settings as everything else.
 """
 
 import os
@@ -10,23 +12,32 @@ import re
 from pathlib import Path
 
 from proxy_app import config as _config
+from proxy_app.service import metrics_dir as _metrics_dirs
 
 _settings = _config.load()
 
 # Prometheus multiprocess mode (wsgi-stack.md rule 11). prometheus_client chooses file-backed values when it is first
 # imported, so the variable is set here, in the arbiter, before any worker loads the app. A directory exported by the
-# launcher wins; otherwise it lives under DATA_DIR. on_starting empties it, child_exit marks dead workers.
-_metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(_settings["DATA_DIR"]) / "prometheus")))
-_metrics_dir.mkdir(parents=True, exist_ok=True)
+# launcher wins (on_starting empties it); otherwise each run makes its own on a tmpfs, off the data disk, whose
+# filling would kill the workers (metrics_dir.py), and on_exit removes it. child_exit marks dead workers.
+_launcher_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _launcher_metrics_dir:
+    _metrics_dir = Path(_launcher_metrics_dir)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+else:
+    _metrics_dir = _metrics_dirs.create_run_dir(os.environ, _settings["DATA_DIR"])
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 _METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")  # prometheus_client's names only
 
 from proxy_app.relay import drain as _drain  # noqa: E402  (only now: the app's modules may import prometheus_client)
+from proxy_app.service import front as _front  # noqa: E402
 
 bind = f"{_settings['HOST']}:{_settings['PORT']}"
-worker_class = "gthread"
+worker_class = "proxy_app.service.worker.FrontWorker"
 workers = _settings["WORKERS"]
 threads = _settings["THREADS"]
-timeout = 120  # heartbeat only under gthread: a busy stream never trips it
+worker_connections = _front.POSIX_CONNECTION_LIMIT  # per worker; every stream is one, idle keep-alive ones too
+timeout = 120  # heartbeat only: the worker's loop turns every second whatever its threads do
 # On SIGTERM streams may finish for GRACE_SECONDS; then each worker cuts the rest itself (post_worker_init) and
 # stores their rows (worker_exit) before the arbiter's hard kill at graceful_timeout.
 graceful_timeout = max(int(_settings["GRACE_SECONDS"] + _drain.SETTLE_SECONDS), 1)
@@ -39,6 +50,12 @@ def on_starting(server):
     for path in _metrics_dir.iterdir():
         if _METRICS_FILE.fullmatch(path.name):
             path.unlink()
+
+
+def on_exit(server):
+    """Remove this run's metric files, unless a re-executed arbiter (USR2) goes on with them."""
+    if not _launcher_metrics_dir and not server.reexec_pid:
+        _metrics_dirs.remove_run_dir(_metrics_dir)
 
 
 def child_exit(server, worker):

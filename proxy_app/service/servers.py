@@ -38,13 +38,7 @@ log = logging.getLogger(__name__)
 GUNICORN_CONF = "python:proxy_app.service.gunicorn_conf"  # the settings ship in the package
 # The folder that holds the proxy_app package (site-packages, or a checkout), for children started from elsewhere.
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-# Model blobs (POST /api/blobs, many GB) must pass; waitress spools request bodies to a temporary file first.
-WAITRESS_MAX_BODY_BYTES = 64 * 1024**3
 WAITRESS_CHANNEL_TIMEOUT = 300  # idle keep-alive connections only: waitress never cuts a running request
-# Why: select() on Windows handles about 512 sockets; elsewhere poll() has no such limit, so idle keep-alive
-# clients (issue 7: 500 of them) never lock new ones out.
-WINDOWS_CONNECTION_LIMIT = 500
-POSIX_CONNECTION_LIMIT = 2000
 THREAD_STOP_SECONDS = 2.0  # after the drain, how long waitress's threads get before the process moves on
 START_TIMEOUT_SECONDS = 90.0  # a background `serve` may first have to start Ollama (READY_TIMEOUT is 60 s)
 
@@ -143,39 +137,18 @@ def run_gunicorn(environ: Mapping[str, str]) -> int:
     return child.wait()
 
 
-def _connection_options(threads: int) -> dict:
-    """waitress's connection limit and poller for this platform."""
-    if sys.platform == "win32":
-        return {"connection_limit": min(threads + 100, WINDOWS_CONNECTION_LIMIT)}
-    _raise_file_limit(POSIX_CONNECTION_LIMIT + 100)
-    return {"connection_limit": max(threads + 100, POSIX_CONNECTION_LIMIT), "asyncore_use_poll": True}
-
-
-def _raise_file_limit(wanted: int) -> None:
-    """Raise this process's open-file soft limit (often 1024) towards ``wanted`` so the connection limit holds."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 class WaitressService:
     """The proxy under waitress in this process. ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, app) -> None:
-        import waitress
+        from . import front  # waitress's server, guarded against slow clients and per-address floods
 
         config = app.config
         self.app = app
-        self.server = waitress.create_server(
-            app, host=config["HOST"], port=config["PORT"], threads=config["THREADS"], ident="ollama-proxy",
-            clear_untrusted_proxy_headers=False,  # the relay decides whom to believe (TRUSTED_PROXIES)
-            max_request_body_size=WAITRESS_MAX_BODY_BYTES, channel_timeout=WAITRESS_CHANNEL_TIMEOUT,
-            channel_request_lookahead=1,  # lets waitress see a departed client at once (wsgi-stack.md 1.5)
-            **_connection_options(config["THREADS"]),
-        )  # fmt: skip
+        self.front = front.Front(app, front.Limits.from_settings(config), host=config["HOST"], port=config["PORT"],
+                                 threads=config["THREADS"], channel_timeout=WAITRESS_CHANNEL_TIMEOUT,
+                                 **front.connection_options(config["THREADS"]))  # fmt: skip
+        self.server = self.front.server
         self.url = f"http://{self.server.effective_host}:{self.server.effective_port}"
         self._stopping = threading.Event()
         self._stopped = threading.Event()

@@ -1,0 +1,305 @@
+"""The HTTP front of one server process, under waitress and under gunicorn alike: slow clients cost no thread.
+
+waitress reads each request whole in its event loop before a thread takes it, so a client that drips its headers
+or sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that
+refuses connections beyond MAX_CONNECTIONS_PER_CLIENT per client address (TRUSTED_PROXIES exempt) and accepts in
+batches, and channels that are closed when their headers take longer than HEADER_TIMEOUT or their body falls silent
+for BODY_TIMEOUT. Everything else (parsing, threads, keep-alive, writing answers) is waitress's own, reached through
+its public classes. The acceptor takes the listener's place in the loop's map under the same socket, so whatever
+closes the server's listener also takes the acceptor out. It does not run the loop (servers.py, worker.py do).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+
+log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 256  # connections accepted per wake-up: a burst of clients is in within a few loop turns
+CHECK_SECONDS = 0.5  # how often deadlines are checked: a slow client is closed at most this late
+REFUSAL_LOG_SECONDS = 60.0  # at most one warning a minute about refused connections
+# Model blobs (POST /api/blobs, many GB) must pass; waitress spools request bodies to a temporary file first.
+MAX_BODY_BYTES = 64 * 1024**3
+# Why: select() on Windows handles about 512 sockets; elsewhere poll() has no such limit, so idle keep-alive
+# clients (issue 7: 500 of them) never lock new ones out.
+WINDOWS_CONNECTION_LIMIT = 500
+POSIX_CONNECTION_LIMIT = 2000
+# Why: a call in progress holds a thread, so THREADS runs to a thousand; Python code needs little C stack, and 1,000
+# threads at the platform's 8 MB each would reserve 8 GB, which a host with strict overcommit refuses.
+THREAD_STACK_BYTES = 512 * 1024
+OPTIONS = {
+    "ident": "ollama-proxy",
+    "clear_untrusted_proxy_headers": False,  # the relay decides whom to believe (TRUSTED_PROXIES)
+    "max_request_body_size": MAX_BODY_BYTES,
+    "channel_request_lookahead": 1,  # lets waitress see a departed client at once (wsgi-stack.md 1.5)
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold: connections per address (0: no cap), and how slowly it may send a request."""
+
+    per_client: int = 0
+    header_seconds: float = 0.0  # 0: no deadline
+    body_seconds: float = 0.0  # 0: no deadline
+    exempt: tuple = ()  # networks whose connections are not capped (a reverse proxy speaks for many clients)
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        """The limits set by MAX_CONNECTIONS_PER_CLIENT, HEADER_TIMEOUT, BODY_TIMEOUT and TRUSTED_PROXIES."""
+        return cls(settings["MAX_CONNECTIONS_PER_CLIENT"], settings["HEADER_TIMEOUT"], settings["BODY_TIMEOUT"],
+                   tuple(settings["TRUSTED_PROXIES"]))  # fmt: skip
+
+    def is_capped(self, host: str) -> bool:
+        """True when connections from ``host`` count against the per-client cap."""
+        if not self.per_client:
+            return False
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return True
+        return not any(address in network for network in self.exempt)
+
+
+class Guard:
+    """Open connections by client address, and the deadlines of each channel; shared by a front's channels."""
+
+    def __init__(self, limits: Limits, clock=time.monotonic) -> None:
+        self.limits, self.clock = limits, clock
+        self.open: Counter = Counter()
+        self.refused = 0
+        self.closed_slow = 0
+        self._lock = threading.Lock()
+        self._next_log = 0.0
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from ``host``; False (and nothing counted) when it is over the cap."""
+        with self._lock:
+            if self.limits.is_capped(host) and self.open[host] >= self.limits.per_client:
+                self.refused += 1
+                self._log_refusal(host)
+                return False
+            self.open[host] += 1
+            return True
+
+    def release(self, host: str) -> None:
+        """Forget a closed connection from ``host``."""
+        with self._lock:
+            self.open[host] -= 1
+            if self.open[host] <= 0:
+                del self.open[host]
+
+    def _log_refusal(self, host: str) -> None:
+        now = self.clock()
+        if now >= self._next_log:
+            self._next_log = now + REFUSAL_LOG_SECONDS
+            log.warning("refused a connection from %s, which holds %d already (MAX_CONNECTIONS_PER_CLIENT); "
+                        "%d refused so far", host, self.limits.per_client, self.refused)  # fmt: skip
+
+    def is_overdue(self, channel: GuardedChannel, now: float) -> bool:
+        """True when ``channel``'s headers are late or its body has been silent too long."""
+        request = channel.request
+        if channel.will_close:
+            return False  # already on its way out
+        if request is None or not request.headers_finished:
+            return channel.header_deadline is not None and now > channel.header_deadline
+        body_seconds = self.limits.body_seconds
+        return bool(body_seconds) and not request.completed and now - channel.last_heard > body_seconds
+
+
+class GuardedChannel(HTTPChannel):
+    """waitress's channel, with the times the guard needs: when the headers are due, when a byte last came."""
+
+    guard: Guard  # set on the per-front subclass (make_channel_class)
+    has_asked = False  # True once a whole request has come in on this connection
+
+    def __init__(self, server, sock, addr, adj, map=None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.last_heard = self.guard.clock()
+        self.header_deadline = self._deadline(self.last_heard)  # a new connection owes a request at once
+        self.host = addr[0] if isinstance(addr, tuple) else str(addr)
+
+    def _deadline(self, now: float) -> float | None:
+        seconds = self.guard.limits.header_seconds
+        return now + seconds if seconds else None
+
+    def received(self, data: bytes) -> bool:
+        """Parse ``data`` as waitress does; a request begun here gets its header deadline, a finished one loses it."""
+        now = self.guard.clock()
+        self.last_heard = now
+        before, queued = self.request, len(self.requests)
+        if before is None and self.header_deadline is None:
+            self.header_deadline = self._deadline(now)  # a kept-alive connection's next request starts now
+        result = super().received(data)
+        self.has_asked = self.has_asked or self.request is None or (before is not None and self.request is not before)
+        if self.request is None:
+            self.header_deadline = None  # nothing half-read: idle, or answering (channel_timeout covers idling)
+        elif self.request is not before and (before is not None or len(self.requests) > queued):
+            self.header_deadline = self._deadline(now)  # a request finished in this read and the next one began
+        return result
+
+    def del_channel(self, map=None) -> None:
+        """Leave the loop, and the guard's count (once, however often the channel is closed)."""
+        host, self.host = getattr(self, "host", None), None
+        super().del_channel(map)
+        if host is not None:
+            self.guard.release(host)
+
+
+def make_channel_class(guard: Guard) -> type[GuardedChannel]:
+    """A channel class bound to one front's guard (waitress creates channels from the class alone)."""
+    return type("GuardedChannel", (GuardedChannel,), {"guard": guard})
+
+
+class Acceptor(wasyncore.dispatcher):
+    """Accepts on ``server``'s listening socket in its place: in batches, refusing clients over the cap."""
+
+    def __init__(self, server: BaseWSGIServer, guard: Guard, loop_map: dict) -> None:
+        super().__init__(server.socket, map=loop_map)  # same socket, same key: it replaces the server in the map
+        self.server, self.guard, self.loop_map = server, guard, loop_map
+        self.accepting = True
+        self._next_check = 0.0
+        self._next_maintenance = 0.0
+        self._full = False
+
+    def readable(self) -> bool:
+        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached."""
+        now = self.guard.clock()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_SECONDS
+            self.close_overdue(now)
+        if now >= self._next_maintenance:  # waitress's own: closes kept-alive connections idle for channel_timeout
+            self._next_maintenance = now + self.server.adj.cleanup_interval
+            self.server.maintenance(time.time())
+        full = len(self.loop_map) >= self.server.adj.connection_limit
+        if full != self._full:
+            self._full = full
+            log.warning("%d open connections: %s", len(self.loop_map),
+                        "connection limit reached, not accepting" if full else "accepting again")  # fmt: skip
+        return not full
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_accept(self) -> None:
+        """Accept what waits (up to ACCEPT_BATCH): a channel each, or a 429 and a close for a client over the cap."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                pair = self.accept()
+            except OSError as exc:  # out of file descriptors, say: keep listening, try again next turn
+                log.warning("accept() failed: %s", exc)
+                return
+            if pair is None:
+                return
+            sock, addr = pair
+            host = addr[0] if isinstance(addr, tuple) else str(addr)
+            if not self.guard.admit(host):
+                _refuse(sock, self.guard.limits.per_client)
+                continue
+            try:
+                self.server.set_socket_options(sock)
+                self.server.channel_class(self.server, sock, self.server.fix_addr(addr), self.server.adj,
+                                          map=self.loop_map)  # fmt: skip
+            except OSError:  # the client left before we could set it up
+                self.guard.release(host)
+                sock.close()
+
+    def close_overdue(self, now: float) -> int:
+        """Close every channel whose headers are late or whose body stalled; return how many."""
+        overdue = [channel for channel in list(self.server.active_channels.values())
+                   if isinstance(channel, GuardedChannel) and self.guard.is_overdue(channel, now)]  # fmt: skip
+        for channel in overdue:
+            channel.will_close = True  # the loop closes it at its next turn (writable() sees will_close)
+        self.guard.closed_slow += len(overdue)
+        return len(overdue)
+
+
+def _refuse(sock, per_client: int) -> None:
+    """Best effort: tell the client why (Ollama's error shape) and close; never wait for a slow one."""
+    body = json.dumps({"error": f"too many connections from this address (at most {per_client})"}).encode()
+    head = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    try:
+        sock.setblocking(False)
+        sock.send(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    except OSError:
+        pass
+    sock.close()
+
+
+def connection_options(threads: int, limit: int = POSIX_CONNECTION_LIMIT) -> dict:
+    """waitress's connection limit and poller for this platform (and the open-file limit they need)."""
+    if sys.platform == "win32":
+        return {"connection_limit": min(threads + 100, WINDOWS_CONNECTION_LIMIT)}
+    limit = max(threads + 100, limit)
+    raise_file_limit(2 * limit + 100)  # a relayed call holds two sockets: its client's and its upstream's
+    return {"connection_limit": limit, "asyncore_use_poll": True}
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Raise this process's open-file soft limit (often 1024) towards ``wanted`` so the connection limit holds."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class Front:
+    """waitress's server for ``app`` with a guarded acceptor on each listener; ``map`` is the loop's socket map."""
+
+    def __init__(self, app, limits: Limits, **options) -> None:
+        self.map: dict = {}
+        self.guard = Guard(limits)
+        previous = threading.stack_size(THREAD_STACK_BYTES)  # waitress starts its threads in create_server
+        try:
+            self.server = waitress.create_server(app, map=self.map, **{**OPTIONS, **options})
+        finally:
+            threading.stack_size(previous)
+        listeners = [item for item in self.map.values() if isinstance(item, BaseWSGIServer)]
+        channel_class = make_channel_class(self.guard)
+        self.acceptors = []
+        for listener in listeners:
+            listener.channel_class = channel_class
+            self.acceptors.append(Acceptor(listener, self.guard, self.map))
+        self.task_dispatcher = self.server.task_dispatcher
+
+    def poll(self, timeout: float) -> None:
+        """One turn of the event loop (what waitress's ``run`` repeats)."""
+        wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already open go on."""
+        for acceptor in self.acceptors:
+            acceptor.close()
+
+    def channels(self) -> list[HTTPChannel]:
+        """The open client connections."""
+        return [item for item in list(self.map.values()) if isinstance(item, HTTPChannel)]
+
+    def is_busy(self, fresh_too: bool = False) -> bool:
+        """True while a request is being read or answered or an answer written; with ``fresh_too``, also while a
+        connection has not sent its first request yet (at a stop: it may be on its way)."""
+        for channel in self.channels():
+            if channel.requests or channel.total_outbufs_len or channel.request is not None:
+                return True
+            if fresh_too and not getattr(channel, "has_asked", True):
+                return True
+        return False
+
+    def close_connections(self) -> None:
+        """Close every client connection (on the loop's thread)."""
+        for channel in self.channels():
+            channel.handle_close()
