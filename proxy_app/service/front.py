@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
+from waitress.utilities import RequestEntityTooLarge
+
+from proxy_app.dashboard.views import OWN_BODY_BYTES
+from proxy_app.relay.middleware import is_reserved
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +124,33 @@ class Guard:
         return bool(body_seconds) and not request.completed and now - channel.last_heard > body_seconds
 
 
+class OwnRoutesParser(HTTPRequestParser):
+    """waitress's request parser, refusing at once a body too big for the proxy's own routes.
+
+    waitress reads a body whole before the app runs, and its own limit must let model blobs through; so a 600 MB form
+    posted to /analytics/login would be read to the end before Flask's 64 KiB limit could answer 413.
+    """
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.content_length > OWN_BODY_BYTES and is_reserved(self.path):  # announced: refused before it is sent
+            self._refuse_body()
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.body_bytes_received > OWN_BODY_BYTES and not self.completed and is_reserved(self.path):  # chunked
+            self._refuse_body()
+        return consumed
+
+    def _refuse_body(self) -> None:
+        self.error = RequestEntityTooLarge(f"a body of at most {OWN_BODY_BYTES} bytes is accepted here")
+        self.completed = True
+
+
 class GuardedChannel(HTTPChannel):
     """waitress's channel, with the times the guard needs: when the headers are due, when a byte last came."""
 
+    parser_class = OwnRoutesParser
     guard: Guard  # set on the per-front subclass (make_channel_class)
     has_asked = False  # True once a whole request has come in on this connection
 
