@@ -20,6 +20,7 @@ from itertools import accumulate
 
 VALUE_BYTES = 64 * 1024  # a value this small is parsed whole
 SLICE_BYTES = 64 * 1024  # the most bytes examined by one C call while locating a large value
+FIRST_WINDOW = 256  # bytes examined first when locating an array or an object
 MAX_DEPTH = 10_000  # Go's scanner refuses a document nested deeper (encoding/json maxNestingDepth)
 KEY_BYTES = 4096  # a longer key matches no field of Ollama's and is not decoded
 TEXT_ESCAPE_BYTES = 12  # the most bytes one character takes in a JSON string (a surrogate pair as two escapes)
@@ -27,9 +28,10 @@ TEXT_ESCAPE_BYTES = 12  # the most bytes one character takes in a JSON string (a
 _STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')
 _LITERAL = re.compile(rb"[-+.0-9A-Za-z]*")
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
+_BRACKET = re.compile(rb"[\[\]{}]")
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _DELTA = bytes(1 if byte in b"[{" else 255 if byte in b"]}" else 0 for byte in range(256))  # 255 is -1 as a signed byte
-_REDUCE_PASSES = 16  # inner pairs removed before counting bracket by bracket
+_REDUCE_PASSES = 4  # inner pairs removed before counting bracket by bracket (deep nesting is counted)
 
 
 class Invalid(ValueError):
@@ -143,7 +145,10 @@ def document_start(data: bytes) -> int:
 def load(data: bytes, start: int, end: int, depth: int):
     """Return the value in ``data[start:end]``: parsed if small, else a ``Big`` span of it."""
     if end - start > VALUE_BYTES:
-        return Big(data, start, end, depth)
+        if data[start] in b'"[{':
+            return Big(data, start, end, depth)
+        if end - start > SLICE_BYTES:
+            return UNREADABLE  # a number of that many digits: Go cannot hold it either and refuses the request
     try:
         value, stop = _DECODER.raw_decode(data[start:end].decode("utf-8", "surrogateescape"))
     except RecursionError:
@@ -171,10 +176,11 @@ def value_end(data: bytes, pos: int, depth: int) -> int:
 
 
 def _load_text(data: bytes, start: int, end: int) -> str:
-    text = load(data, start, end, 0)
-    if not isinstance(text, str):
-        raise Invalid("an object key must be a string")
-    return text
+    """Return a key (a string no longer than ``KEY_BYTES``)."""
+    try:
+        return json.loads(data[start:end].decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def _after_item(data: bytes, end: int, closer: bytes) -> int:
@@ -211,8 +217,10 @@ def _container_end(data: bytes, pos: int, depth: int) -> int:
     """Return the position after the bracket that closes the array or object at ``pos``."""
     size, open_count, pos = len(data), 1, pos + 1
     room = MAX_DEPTH - depth  # containers this value may still open inside the document
+    window = FIRST_WINDOW  # small values are common: look a little ahead first, then further
     while True:
-        stop = min(pos + SLICE_BYTES, size)
+        stop = min(pos + window, size)
+        window = min(2 * window, SLICE_BYTES)
         quote = data.find(b'"', pos, stop)
         cut = stop if quote < 0 else quote
         closed_at, open_count = _brackets(data[pos:cut], open_count, room)
@@ -233,14 +241,18 @@ def _brackets(segment: bytes, open_count: int, room: int) -> tuple[int, int]:
     if closes < open_count and open_count + opens <= room:
         return -1, open_count + opens - closes
     reduced = segment.translate(None, _NOT_BRACKETS)
-    for _ in range(_REDUCE_PASSES):  # removing inner pairs leaves closers then openers
+    for passes in range(_REDUCE_PASSES):  # removing inner pairs leaves closers then openers
         shorter = reduced.replace(b"[]", b"").replace(b"{}", b"").replace(b"[}", b"").replace(b"{]", b"")
         if shorter == reduced:
             leading = len(reduced) - len(reduced.lstrip(b"]}"))
-            if leading < open_count and open_count + opens <= room:
+            # Unmatched closers all come before unmatched openers; pairs removed in k passes nest k deep.
+            deepest = max(open_count, open_count - leading + len(reduced) - leading) + passes
+            if leading < open_count and deepest <= room:
                 return -1, open_count + opens - closes
             break
         reduced = shorter
+    if len(segment) <= FIRST_WINDOW:
+        return _brackets_one_by_one(segment, open_count, room)
     counts = list(accumulate(array("b", segment.translate(_DELTA)), initial=open_count))
     try:
         closed_at = counts.index(0)
@@ -249,3 +261,13 @@ def _brackets(segment: bytes, open_count: int, room: int) -> tuple[int, int]:
     if max(counts[:closed_at]) > room:
         raise Invalid("nested too deeply")
     return (closed_at - 1, 0) if closed_at < len(counts) else (-1, counts[-1])
+
+
+def _brackets_one_by_one(segment: bytes, open_count: int, room: int) -> tuple[int, int]:
+    for match in _BRACKET.finditer(segment):
+        open_count += 1 if segment[match.start()] in b"[{" else -1
+        if open_count == 0:
+            return match.start(), 0
+        if open_count > room:
+            raise Invalid("nested too deeply")
+    return -1, open_count
