@@ -90,21 +90,25 @@ def with_usage_requested(body: bytes) -> bytes:
     Go decodes every key that folds to stream_options into one struct in order, so this last one sets include_usage
     whatever came before; bytes after the object, which Go ignores, stay where they are.
     """
-    reader = jsonscan.ObjectReader(body, jsonscan.document_start(body))
-    members = iter(reader)
-    has_members = next(members, None) is not None
-    for _ in members:  # read to the end of the object, where the key goes
-        pass
-    closing = reader.end - 1
+    start = jsonscan.skip_space(body)
+    whole = jsonscan.parse_small(body, start, 0)
+    if whole is None:
+        reader = jsonscan.ObjectReader(body, start)
+        for _ in reader:  # read to the end of the object, where the key goes
+            pass
+        whole = None, reader.end
+    closing = whole[1] - 1
+    has_members = jsonscan.skip_space(body, start + 1) != closing
     return body[:closing] + (b"," if has_members else b"") + USAGE_KEY + body[closing:]
 
 
 def _read_request(path: str, data: bytes) -> gojson.Request | None:
     """Decode the first JSON value of the body as Ollama's request struct; None when it is not an object."""
-    start = jsonscan.document_start(data)
+    start = jsonscan.skip_space(data)
     if data[start : start + 1] != b"{":
         return None  # not an object: Go refuses it
-    return gojson.read_request(path, jsonscan.ObjectReader(data, start))
+    whole = jsonscan.parse_small(data, start, 0)
+    return gojson.read_request(path, whole[0] if whole is not None else jsonscan.ObjectReader(data, start))
 
 
 def _is_streaming(path: str, value) -> bool:

@@ -23,6 +23,7 @@ SLICE_BYTES = 64 * 1024  # the most bytes examined by one C call while locating 
 FIRST_WINDOW = 256  # bytes examined first when locating an array or an object
 MAX_DEPTH = 10_000  # Go's scanner refuses a document nested deeper (encoding/json maxNestingDepth)
 KEY_BYTES = 4096  # a longer key matches no field of Ollama's and is not decoded
+_PARSER_DEPTH = 1000  # Python's parser stops with RecursionError before nesting this deep
 TEXT_ESCAPE_BYTES = 12  # the most bytes one character takes in a JSON string (a surrogate pair as two escapes)
 
 _STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')
@@ -94,8 +95,8 @@ class Big:
         if self.data[pos : pos + 1] == b"]":
             return
         while True:
-            end = value_end(self.data, pos, self.depth + 1)
-            yield load(self.data, pos, end, self.depth + 1)
+            value, end = read_value(self.data, pos, self.depth + 1)
+            yield value
             pos = _after_item(self.data, end, b"]")
             if pos < 0:
                 return
@@ -129,17 +130,54 @@ class ObjectReader:
             if data[pos : pos + 1] != b":":
                 raise Invalid("':' expected after an object key")
             pos = _skip_space(data, pos + 1)
-            end = value_end(data, pos, depth)
-            yield key, load(data, pos, end, depth)
+            value, end = read_value(data, pos, depth)
+            yield key, value
             pos = _after_item(data, end, b"}")
             if pos < 0:
                 self.end = -pos
                 return
 
 
-def document_start(data: bytes) -> int:
-    """Return where the first value of the body begins (Go skips leading whitespace only)."""
-    return _skip_space(data, 0)
+def skip_space(data: bytes, pos: int = 0) -> int:
+    """Return where the next token at or after ``pos`` begins (JSON whitespace skipped)."""
+    return _skip_space(data, pos)
+
+
+def read_value(data: bytes, pos: int, depth: int) -> tuple[object, int]:
+    """Return the value starting at ``pos`` (parsed if small, else a ``Big`` span) and where it ends."""
+    found = parse_small(data, pos, depth)
+    if found is not None:
+        return found
+    end = value_end(data, pos, depth)
+    return load(data, pos, end, depth), end
+
+
+def parse_small(data: bytes, pos: int, depth: int) -> tuple[object, int] | None:
+    """Return (value, end) when the value at ``pos`` is valid and ends within ``VALUE_BYTES``, else None.
+
+    The value is parsed straight from a window of the body at C speed; a larger or invalid one is left to the
+    piece-by-piece reading.
+    """
+    if depth + _PARSER_DEPTH >= MAX_DEPTH:  # a parse that succeeds must not be nested past Go's limit
+        return None
+    for window in (FIRST_WINDOW, VALUE_BYTES):
+        found = _parse_within(data, pos, min(pos + window, len(data)))
+        if found is not None:
+            return found
+    return None
+
+
+def _parse_within(data: bytes, pos: int, stop: int) -> tuple[object, int] | None:
+    """Return (value, end) when the value at ``pos`` parses and surely ends before ``stop``, else None."""
+    text = data[pos:stop].decode("utf-8", "surrogateescape")
+    try:
+        value, size = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    end = pos + (size if text.isascii() else len(text[:size].encode("utf-8", "surrogateescape")))
+    if end == stop and stop < len(data) and data[pos] not in b'"[{':
+        return None  # a number cut by the window parses as a shorter one
+    return value, end
 
 
 def load(data: bytes, start: int, end: int, depth: int):
