@@ -156,6 +156,16 @@ def test_intake_usage_injection_follows_go_keys(body, injected):
         assert with_usage_requested(body).endswith(b',"stream_options":{"include_usage":true}}')
 
 
+@pytest.mark.parametrize(
+    ("path", "prompt"),
+    [("/api/generate", "run this"), ("/api/chat", "recorded"), ("/api/embed", "embed this"), ("/x", "recorded")],
+)
+def test_intake_prompt_from_the_field_the_route_reads(path, prompt):
+    # GenerateRequest has no messages and ChatRequest no prompt: Go ignores what the route's struct lacks.
+    body = {"prompt": "run this", "input": "embed this", "messages": [{"role": "user", "content": "recorded"}]}
+    assert read_intake(path, json.dumps(body).encode()).prompt == prompt
+
+
 def test_intake_options_merge_with_exact_keys_and_parameters_fold():
     body = b'{"options":{"temperature":1},"OPTIONS":{"seed":2},"options":{"Temperature":3},"\\u212aeep_alive":"5m"}'
     intake = read_intake("/api/generate", body)

@@ -21,6 +21,10 @@ NATIVE_STREAMING = frozenset({"/api/generate", "/api/chat", "/api/pull", "/api/p
 # Top-level request keys that shape generation; stored with `options` as model_parameters.
 GENERATION_KEYS = gojson.REPLACED[1:]  # all but input
 
+# Where each route's request struct holds the prompt; a key the struct lacks is ignored by Ollama, and so here.
+PROMPT_FIELDS = {"/api/generate": "prompt", "/api/embeddings": "prompt", "/v1/completions": "prompt",
+                 "/api/embed": "input", "/v1/embeddings": "input", "/v1/responses": "input",
+                 "/api/chat": "messages", "/v1/chat/completions": "messages", "/v1/messages": "messages"}  # fmt: skip
 PROMPT_CHARS = gojson.TEXT_CHARS  # issue 3: the prompt is cut to 1000 characters (not bytes)
 USAGE_KEY = b'"stream_options":{"include_usage":true}'
 _SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one (a valid pair is one character)
@@ -67,7 +71,7 @@ def read_intake(
         model=as_go_text(_model(path, request)),
         stream_mode=stream,
         model_parameters=as_go_text(_parameters(request)),
-        prompt=as_go_text(_prompt(request)),
+        prompt=as_go_text(_prompt(path, request)),
         # A compressed body is relayed as it came: no key can be spliced into it.
         wants_usage_injected=stream and path == "/v1/chat/completions" and not request.include_usage and data is body,
     )
@@ -144,7 +148,10 @@ def _parameters(request: gojson.Request) -> str | None:
         return None
 
 
-def _prompt(request: gojson.Request) -> str | None:
-    if request.messages.length is not None:
+def _prompt(path: str, request: gojson.Request) -> str | None:
+    field = PROMPT_FIELDS.get(path)
+    if field == "messages" or (field is None and request.messages.length is not None):
         return request.messages.last_user_text()
+    if field is not None:
+        return gojson.text_of(request.values.get(field))
     return gojson.text_of(request.values.get("prompt", request.values.get("input")))
