@@ -63,6 +63,8 @@ MESSAGE_FIELDS = Fields(("role", "content"))
 STREAM_OPTION_FIELDS = Fields(("include_usage",))
 # Go types of stream: *bool in native requests and /v1/responses (null clears it), bool elsewhere (null is ignored).
 STREAM_IS_POINTER_PATHS = frozenset({"/v1/responses"})
+# Routes whose message type has its own UnmarshalJSON (Anthropic's MessageParam), so each element is built afresh.
+REBUILT_MESSAGE_PATHS = frozenset({"/v1/messages"})
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Request:
 
 def read_request(path: str, members: Iterable[tuple[str | None, object]]) -> Request:
     """Decode the top-level members of a request body into the fields the proxy reads, as Go would."""
-    request = Request(messages=Messages(reuse=path.startswith("/v1/")))
+    request = Request(messages=Messages(reuse=path.startswith("/v1/") and path not in REBUILT_MESSAGE_PATHS))
     stream_is_pointer = not path.startswith("/v1/") or path in STREAM_IS_POINTER_PATHS
     for key, value in members:
         name = TOP_FIELDS.find(key)
