@@ -127,6 +127,11 @@ def test_intake_chat_and_invalid_utf8_read_as_in_go():
             ("m", None, True),
         ),  # fmt: skip
         (
+            "/v1/messages",  # Anthropic's MessageParam has its own UnmarshalJSON: each element is built afresh
+            b'{"model":"m","messages":[{"role":"user","content":"a"}],"MESSAGES":[{"content":"b"}]}',
+            ("m", None, False),
+        ),
+        (
             "/v1/chat/completions",
             b'{"messages":[{"role":"user","content":"a"}],"messages":[],"messages":[{}]}',
             (None, None, False),
