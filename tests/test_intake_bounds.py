@@ -98,3 +98,12 @@ def test_intake_hostile_body_leaves_other_calls_answered(gunicorn_proxy, fake):
     sender.join()
     assert answers == [405]  # the fake's answer to POST /api/ps, relayed
     assert slowest < 1.0
+
+
+def test_intake_large_parameters_recorded_cut_but_valid():
+    schema = {"type": "object", "description": "d" * 3_000_000}
+    body = {"model": "m", "format": schema, "options": {"stop": ["x"] * 10**6}}
+    parameters = read_intake("/api/generate", json.dumps(body).encode()).model_parameters
+    recorded = json.loads(parameters)  # still JSON: strings are cut and items dropped, never the syntax
+    assert recorded["format"]["type"] == "object" and recorded["format"]["description"].startswith("ddd")
+    assert len(parameters) < 4200 and recorded["stop"] == []  # the room ran out before the options

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from proxy_app.ollama.jsonscan import Big, Pairs
+from proxy_app.ollama.jsonscan import Big, Pairs, Unreadable
 
 TEXT_CHARS = 1000  # the most characters of a text field kept (a prompt is cut to this anyway)
 MESSAGES_KEPT = 1000  # elements of a messages array remembered for a later array with the same key
 MESSAGES_READ = 100_000  # past this many elements the prompt is not looked for (the rest is only located)
 OPTIONS_KEPT = 256  # distinct options recorded; Ollama knows a few dozen
+PARAMETER_CHARS = 4096  # text rendered into model_parameters at most: the record keeps no more of it
 _UNSET = object()
 
 _FOLD = {ord("\u017f"): "S", ord("\u212a"): "K"}  # the only non-ASCII runes whose fold orbit holds an ASCII letter
@@ -195,13 +196,28 @@ def text_of(value) -> str | None:
     return "\n".join(parts)[:TEXT_CHARS] or None
 
 
-def plain(value):
-    """Return a parsed value as Go's `any` holds it (objects as dicts, the last duplicate key winning); Big: None."""
-    if isinstance(value, Pairs):
-        return {key: plain(item) for key, item in value}
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return None if isinstance(value, Big) else value
+def bounded(value, room: list[int]):
+    """Return a value as Go's `any` holds it (objects as dicts, the last duplicate key winning), cut to fit ``room``.
+
+    ``room`` holds the characters still to spend, shared by the values of one record: strings are cut and items
+    dropped once it runs out, so a parameter of any size costs bounded memory and still renders as valid JSON.
+    """
+    if isinstance(value, str) or (isinstance(value, Big) and value.kind == '"'):
+        text = value[: max(room[0], 0)] if isinstance(value, str) else value.text(max(room[0], 0)) or ""
+        room[0] -= len(text) + 2
+        return text
+    if _is_array(value) or _is_object(value):
+        room[0] -= 2
+        pairs = _members(value) if _is_object(value) else enumerate(_items(value))
+        kept = {}
+        for key, item in pairs:
+            if room[0] <= 0:
+                break
+            room[0] -= len(key) + 3 if isinstance(key, str) else 1
+            kept[key] = bounded(item, room)
+        return kept if _is_object(value) else list(kept.values())
+    room[0] -= 8
+    return None if isinstance(value, Big | Unreadable) else value
 
 
 def _merge_map(current: dict | None, value) -> dict | None:
@@ -211,8 +227,8 @@ def _merge_map(current: dict | None, value) -> dict | None:
         return current
     merged = {} if current is None else current
     for key, item in _members(value):
-        if key is not None and not isinstance(item, Big) and (key in merged or len(merged) < OPTIONS_KEPT):
-            merged[key] = plain(item)
+        if key is not None and (key in merged or len(merged) < OPTIONS_KEPT):
+            merged[key] = item  # rendered within the record's room by bounded()
     return merged
 
 

@@ -137,9 +137,10 @@ def _model_from_path(path: str) -> str | None:
 
 
 def _parameters(request: gojson.Request) -> str | None:
-    chosen = {key: gojson.plain(request.values[key]) for key in GENERATION_KEYS if key in request.values}
+    room = [gojson.PARAMETER_CHARS]
+    chosen = {key: gojson.bounded(request.values[key], room) for key in GENERATION_KEYS if key in request.values}
     if request.options is not None:
-        chosen.update(request.options)
+        chosen.update((key, gojson.bounded(value, room)) for key, value in request.options.items())
     if not chosen:
         return None
     try:  # strict JSON: a number too big for a float (1e999) would otherwise be stored as Infinity
