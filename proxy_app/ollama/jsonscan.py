@@ -1,8 +1,9 @@
 """Pure: a JSON request body read in bounded memory and time, whatever it holds.
 
-A value up to ``VALUE_BYTES`` is parsed whole (Python's objects cost at most about 32 times the bytes of their JSON);
-a larger one is only located, in slices of ``SLICE_BYTES`` between which other threads get the GIL, and stays a
-``Big`` span that is read on demand: its members, its items, or the first characters of a string. Objects come back
+A value that ends within ``VALUE_BYTES`` is parsed whole at C speed from a window of the body (Python's objects cost
+at most about 32 times the bytes of their JSON); a larger one is only located, in slices of at most ``SLICE_BYTES``
+between which other threads get the GIL, and stays a ``Big`` span that is read on demand: its members, its items,
+or the first characters of a string. Objects come back
 as ``Pairs`` (every key in order, duplicates kept) so that Go's key rules can be applied (gojson.py).
 
 Like Go's ``json.Decoder`` it reads the first value and ignores what follows; it refuses what Go's scanner refuses
