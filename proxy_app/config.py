@@ -170,8 +170,10 @@ SETTINGS: tuple[Setting, ...] = (
         "Server threads per process: the calls served at once (a client still sending its request holds none)",
     ),
     Setting("WORKERS", "2", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
+    # Each call in flight holds its whole body in memory (THREADS of them per process); 64 MiB still carries a
+    # dozen multi-megabyte images in one chat. Blob uploads stream past it.
     Setting(
-        "MAX_BODY_BYTES", str(512 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
+        "MAX_BODY_BYTES", str(64 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
     ),
     Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
     Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),

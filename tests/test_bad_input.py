@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy_app import create_app, shutdown
+from proxy_app.ollama import jsonscan
 from proxy_app.ollama.intake import read_intake, with_usage_requested
 from proxy_app.relay.headers import client_address
 from tests.conftest import CallRecorder
@@ -230,3 +231,18 @@ def test_bad_input_fuzz_client_address(forwarded, peer, trusted):
     assert isinstance(address, str) and len(address) <= max(64, len(peer))
     if not networks:
         assert address == peer  # X-Forwarded-For is never believed unless the peer is trusted
+
+
+@settings(max_examples=150, deadline=None)
+@given(path=PATHS, document=DOCUMENTS, stream=st.sampled_from([None, True, False]), keys=st.lists(KEYS, max_size=3))
+def test_bad_input_fuzz_large_values_read_like_small_ones(path, document, stream, keys):
+    """Every string, array and object read piece by piece (as a large one is) gives what a whole parse gives."""
+    if stream is not None:
+        document["stream"] = stream
+    body = json.dumps(document).encode()
+    for key in keys:  # a duplicate key in another case, which Go also reads
+        body = body[:-1] + (b"," if len(body) > 2 else b"") + json.dumps({key.upper(): document}).encode()[1:]
+    whole = read_intake(path, body)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jsonscan, "VALUE_BYTES", 0)
+        assert read_intake(path, body) == whole

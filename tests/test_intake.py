@@ -70,9 +70,9 @@ def test_intake_garbage_never_raises(body):
 def test_intake_with_usage_requested_appends_last_key():
     spliced = with_usage_requested(b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}\n')
     original, added = b'{"model":"m","stream":true,"stream_options":{"include_usage":false}', b'"include_usage":true}}'
-    assert spliced == original + b',"stream_options":{' + added
+    assert spliced == original + b',"stream_options":{' + added + b"\n"
     assert json.loads(spliced)["stream_options"] == {"include_usage": True}  # the last duplicate wins, as in Go
-    assert with_usage_requested(b"{ }") == b'{"stream_options":{"include_usage":true}}'
+    assert with_usage_requested(b"{ }") == b'{ "stream_options":{"include_usage":true}}'
 
 
 def test_intake_model_from_v1_models_path():
@@ -99,4 +99,88 @@ def test_intake_chat_and_invalid_utf8_read_as_in_go():
     assert (
         read_intake("/api/generate", b'{"prompt":"a\xe2\x82b\xf0\x9f\x98"}').prompt
         == "a\ufffd\ufffdb\ufffd\ufffd\ufffd"
+    )
+
+
+# ---- finding 15: keys read as Go's encoding/json reads them ---------------------------------------------------
+# Go matches a key to a field exactly, else case-insensitively (ASCII letters, long s with s, the Kelvin sign with k),
+# and decodes every key that reaches a field in order: the last wins, null leaves a string or a bool as it is, an
+# object merges into a map or a struct pointer, and an openai message merges into the element an earlier array left.
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/api/generate", b'{"model":"a","MODEL":"b","prompt":"x","PROMPT":"y"}', ("b", "y", True)),
+        ("/api/generate", b'{"Model":"a","model":"b","\\u017ftream":false}', ("b", None, False)),  # long s
+        ("/api/generate", b'{"model":"a","model":null,"Stream":null}', ("a", None, True)),  # null: string kept
+        ("/api/chat", b'{"model":"m","Messages":[{"ROLE":"USER","Content":"hi"}]}', ("m", "hi", True)),
+        ("/v1/chat/completions", b'{"model":"m","stream":true,"STREAM":null,"messages":[]}', ("m", None, True)),
+        (
+            "/v1/chat/completions",
+            b'{"model":"m","messages":[{"role":"user","content":"a"}],"MESSAGES":[{"content":"b"}]}',
+            ("m", "b", False),
+        ),  # fmt: skip
+        (
+            "/api/chat",
+            b'{"model":"m","messages":[{"role":"user","content":"a"}],"MESSAGES":[{"content":"b"}]}',
+            ("m", None, True),
+        ),  # fmt: skip
+        (
+            "/v1/messages",  # Anthropic's MessageParam has its own UnmarshalJSON: each element is built afresh
+            b'{"model":"m","messages":[{"role":"user","content":"a"}],"MESSAGES":[{"content":"b"}]}',
+            ("m", None, False),
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages":[{"role":"user","content":"a"}],"messages":[],"messages":[{}]}',
+            (None, None, False),
+        ),  # fmt: skip
+        ("/api/generate", b'{"model":"a","prompt":"x"} {"model":"b"}', ("a", "x", True)),  # Go reads the first value
+    ],
+)
+def test_intake_keys_read_as_go_reads_them(path, body, expected):
+    intake = read_intake(path, body)
+    assert (intake.model, intake.prompt, intake.stream_mode) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "injected"),
+    [
+        (b'{"model":"m","Stream":true,"messages":[]}', True),
+        (b'{"model":"m","stream":true,"Stream_Options":{"Include_Usage":true}}', False),
+        (b'{"model":"m","stream":true,"stream_options":{"include_usage":true},"stream_options":{}}', False),  # merged
+        (b'{"model":"m","stream":true,"stream_options":{"include_usage":true},"stream_options":null}', True),
+        (b'{"model":"m","stream":true,"stream_options":{"include_usage":true,"include_usage":null}}', False),
+    ],
+)
+def test_intake_usage_injection_follows_go_keys(body, injected):
+    intake = read_intake("/v1/chat/completions", body)
+    assert intake.wants_usage_injected is injected
+    if injected:  # the spliced key is the last one folding to stream_options: Go sets include_usage from it
+        assert with_usage_requested(body).endswith(b',"stream_options":{"include_usage":true}}')
+
+
+@pytest.mark.parametrize(
+    ("path", "prompt"),
+    [("/api/generate", "run this"), ("/api/chat", "recorded"), ("/api/embed", "embed this"), ("/x", "recorded")],
+)
+def test_intake_prompt_from_the_field_the_route_reads(path, prompt):
+    # GenerateRequest has no messages and ChatRequest no prompt: Go ignores what the route's struct lacks.
+    body = {"prompt": "run this", "input": "embed this", "messages": [{"role": "user", "content": "recorded"}]}
+    assert read_intake(path, json.dumps(body).encode()).prompt == prompt
+
+
+def test_intake_options_merge_with_exact_keys_and_parameters_fold():
+    body = b'{"options":{"temperature":1},"OPTIONS":{"seed":2},"options":{"Temperature":3},"\\u212aeep_alive":"5m"}'
+    intake = read_intake("/api/generate", body)
+    assert intake.model_parameters == '{"keep_alive":"5m","temperature":1,"seed":2,"Temperature":3}'
+
+
+def test_intake_with_usage_requested_keeps_bytes_after_the_object():
+    body = b'{"model":"m","stream":true} trailing {"stream_options":{}}'
+    assert read_intake("/v1/chat/completions", body).wants_usage_injected is True
+    spliced = with_usage_requested(body)
+    assert (
+        spliced == b'{"model":"m","stream":true,"stream_options":{"include_usage":true}} trailing {"stream_options":{}}'
     )

@@ -1,7 +1,10 @@
 """Pure: what the client asked for (model, effective stream mode, parameters, prompt), read from the request body.
 
-It never changes the body, except ``with_usage_requested``, which splices one key onto the end of a /v1 chat request
-so the proxy can count tokens of clients that did not ask for usage. No Flask, no I/O.
+The body is read as Ollama's Go code reads it (gojson.py): keys matched to fields case-insensitively, the last of
+several winning, trailing bytes after the first value ignored, zstd decompressed where Ollama does (bodies.py). The
+reading costs bounded memory and time whatever the body holds (jsonscan.py). It never changes the body, except
+``with_usage_requested``, which splices one key onto the end of a /v1 chat request so the proxy can count tokens of
+clients that did not ask for usage. No Flask, no I/O.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ import json
 import re
 from dataclasses import dataclass
 
+from proxy_app.ollama import bodies, gojson, jsonscan
+
 # Why: Ollama streams these unless the body says "stream": false (absent, null or true all stream).
 NATIVE_STREAMING = frozenset({"/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create"})
 
 # Top-level request keys that shape generation; stored with `options` as model_parameters.
-GENERATION_KEYS = (
-    "format", "keep_alive", "think", "raw", "truncate", "shift", "dimensions", "logprobs", "top_logprobs",
-    "temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "max_completion_tokens", "frequency_penalty",
-    "presence_penalty", "response_format", "reasoning_effort", "n", "suffix",
-)  # fmt: skip
+GENERATION_KEYS = gojson.REPLACED[1:]  # all but input
 
-PROMPT_CHARS = 1000  # issue 3: the prompt is cut to 1000 characters (not bytes)
-USAGE_SUFFIX = b',"stream_options":{"include_usage":true}}'
+# Where each route's request struct holds the prompt; a key the struct lacks is ignored by Ollama, and so here.
+PROMPT_FIELDS = {"/api/generate": "prompt", "/api/embeddings": "prompt", "/v1/completions": "prompt",
+                 "/api/embed": "input", "/v1/embeddings": "input", "/v1/responses": "input",
+                 "/api/chat": "messages", "/v1/chat/completions": "messages", "/v1/messages": "messages"}  # fmt: skip
+PROMPT_CHARS = gojson.TEXT_CHARS  # issue 3: the prompt is cut to 1000 characters (not bytes)
+USAGE_KEY = b'"stream_options":{"include_usage":true}'
 _SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one (a valid pair is one character)
 
 
@@ -37,20 +42,38 @@ class Intake:
     wants_usage_injected: bool = False  # a /v1 chat stream without include_usage
 
 
-def read_intake(path: str, body: bytes | None) -> Intake:
-    """Return what the client asked for; never raises, whatever the body holds."""
+def read_intake(
+    path: str,
+    body: bytes | None,
+    content_encoding: str | None = None,
+    content_type: str | None = None,
+    query: str | bytes | None = None,
+) -> Intake:
+    """Return what the client asked for; never raises, whatever the body holds.
+
+    ``content_encoding`` (zstd is decompressed where Ollama does), ``content_type`` and ``query`` (for the multipart
+    form of audio transcriptions) are the request's; a body that cannot be read gives an Intake without its fields.
+    """
     api = "anthropic" if path == "/v1/messages" else "openai" if path.startswith("/v1/") else "native"
-    document = _decode(body)
-    if not isinstance(document, dict):
-        return Intake(api=api, stream_mode=path in NATIVE_STREAMING, model=_model_from_path(path))
-    stream = _is_streaming(path, document.get("stream"))
+    unread = Intake(api=api, stream_mode=path in NATIVE_STREAMING, model=_model_from_path(path))
+    if path in bodies.FORM_PATHS:
+        return Intake(api=api, model=as_go_text(bodies.form_model(body or b"", content_type, query)))
+    try:
+        data = bodies.decoded(path, body or b"", content_encoding)
+        request = _read_request(path, data)
+    except ValueError:  # jsonscan.Invalid, bodies.Undecodable: Ollama refuses the body too
+        return unread
+    if request is None:
+        return unread
+    stream = _is_streaming(path, request.stream if request.has_stream() else None)
     return Intake(
         api=api,
-        model=as_go_text(_model(path, document)),
+        model=as_go_text(_model(path, request)),
         stream_mode=stream,
-        model_parameters=as_go_text(_parameters(document)),
-        prompt=as_go_text(_prompt(path, document)),
-        wants_usage_injected=stream and path == "/v1/chat/completions" and not _asked_usage(document),
+        model_parameters=as_go_text(_parameters(request)),
+        prompt=as_go_text(_prompt(path, request)),
+        # A compressed body is relayed as it came: no key can be spliced into it.
+        wants_usage_injected=stream and path == "/v1/chat/completions" and not request.include_usage and data is body,
     )
 
 
@@ -66,30 +89,30 @@ def as_go_text(text: str | None) -> str | None:
 
 
 def with_usage_requested(body: bytes) -> bytes:
-    """Return the body with ``stream_options.include_usage`` set, by appending a key (the last duplicate wins in Go)."""
-    head = body.rstrip()[:-1].rstrip()  # only called for a JSON object, so this drops its closing brace
-    return head + (USAGE_SUFFIX[1:] if head.endswith(b"{") else USAGE_SUFFIX)
+    """Return the body with ``stream_options.include_usage`` set by a key spliced in as the object's last.
 
-
-def _decode(body: bytes | None):
-    """Decode like Go's encoding/json: a BOM, UTF-16, NaN and Infinity are errors.
-
-    Each byte that is not UTF-8 stays in the document as a lone surrogate (surrogateescape), as does a lone surrogate
-    escape; ``as_go_text`` makes each of them U+FFFD in the fields the call record keeps, as Go does (one per byte).
+    Go decodes every key that folds to stream_options into one struct in order, so this last one sets include_usage
+    whatever came before; bytes after the object, which Go ignores, stay where they are.
     """
-    if not body:
-        return None
-    try:
-        return _DECODER.decode(body.decode("utf-8", "surrogateescape"))
-    except (ValueError, RecursionError):
-        return None
+    start = jsonscan.skip_space(body)
+    whole = jsonscan.parse_small(body, start, 0)
+    if whole is None:
+        reader = jsonscan.ObjectReader(body, start)
+        for _ in reader:  # read to the end of the object, where the key goes
+            pass
+        whole = None, reader.end
+    closing = whole[1] - 1
+    has_members = jsonscan.skip_space(body, start + 1) != closing
+    return body[:closing] + (b"," if has_members else b"") + USAGE_KEY + body[closing:]
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one for all calls: json.loads would build one each
+def _read_request(path: str, data: bytes) -> gojson.Request | None:
+    """Decode the first JSON value of the body as Ollama's request struct; None when it is not an object."""
+    start = jsonscan.skip_space(data)
+    if data[start : start + 1] != b"{":
+        return None  # not an object: Go refuses it
+    whole = jsonscan.parse_small(data, start, 0)
+    return gojson.read_request(path, whole[0] if whole is not None else jsonscan.ObjectReader(data, start))
 
 
 def _is_streaming(path: str, value) -> bool:
@@ -100,10 +123,9 @@ def _is_streaming(path: str, value) -> bool:
     return False
 
 
-def _model(path: str, document: dict) -> str | None:
+def _model(path: str, request: gojson.Request) -> str | None:
     for key in ("model", "name", "source"):
-        value = document.get(key)
-        if isinstance(value, str) and value:
+        if value := gojson.string_of(request.values.get(key)):
             return value
     return _model_from_path(path)
 
@@ -114,11 +136,11 @@ def _model_from_path(path: str) -> str | None:
     return None
 
 
-def _parameters(document: dict) -> str | None:
-    chosen = {key: document[key] for key in GENERATION_KEYS if key in document}
-    options = document.get("options")
-    if isinstance(options, dict):
-        chosen.update(options)
+def _parameters(request: gojson.Request) -> str | None:
+    room = [gojson.PARAMETER_CHARS]
+    chosen = {key: gojson.bounded(request.values[key], room) for key in GENERATION_KEYS if key in request.values}
+    if request.options is not None:
+        chosen.update((key, gojson.bounded(value, room)) for key, value in request.options.items())
     if not chosen:
         return None
     try:  # strict JSON: a number too big for a float (1e999) would otherwise be stored as Infinity
@@ -127,31 +149,10 @@ def _parameters(document: dict) -> str | None:
         return None
 
 
-def _prompt(path: str, document: dict) -> str | None:
-    messages = document.get("messages")
-    if isinstance(messages, list):
-        text = _last_user_text(messages)
-    else:
-        text = _text_of(document.get("prompt", document.get("input")))
-    return text[:PROMPT_CHARS] if text else None
-
-
-def _last_user_text(messages: list) -> str | None:
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return _text_of(message.get("content"))
-    return None
-
-
-def _text_of(value) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # /v1 content parts, or a list of inputs
-        parts = [item if isinstance(item, str) else item.get("text") for item in value if isinstance(item, str | dict)]
-        return "\n".join(part for part in parts if isinstance(part, str)) or None
-    return None
-
-
-def _asked_usage(document: dict) -> bool:
-    options = document.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+def _prompt(path: str, request: gojson.Request) -> str | None:
+    field = PROMPT_FIELDS.get(path)
+    if field == "messages" or (field is None and request.messages.length is not None):
+        return request.messages.last_user_text()
+    if field is not None:
+        return gojson.text_of(request.values.get(field))
+    return gojson.text_of(request.values.get("prompt", request.values.get("input")))

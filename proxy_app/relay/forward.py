@@ -156,7 +156,10 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     if body_size < 0:
         app.extensions["gate"].leave()
         return refuse_call(app, call, 413, "request body exceeds the limit", "rejected")
-    intake = intake_module.read_intake(call.endpoint, body if isinstance(body, bytes) else None)
+    intake = intake_module.read_intake(
+        call.endpoint, body if isinstance(body, bytes) else None, req.headers.get("Content-Encoding"),
+        req.headers.get("Content-Type"), req.query_string,
+    )  # fmt: skip
     call.request_size_bytes = body_size
     call.intake = intake
     if intake.wants_usage_injected:
