@@ -25,9 +25,11 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
+from waitress.task import ErrorTask
 from waitress.utilities import RequestEntityTooLarge
 
 from proxy_app.dashboard.views import OWN_BODY_BYTES
+from proxy_app.ollama.errors import error_body
 from proxy_app.relay.middleware import is_reserved
 
 log = logging.getLogger(__name__)
@@ -147,10 +149,26 @@ class OwnRoutesParser(HTTPRequestParser):
         self.completed = True
 
 
+class ShapedErrorTask(ErrorTask):
+    """waitress's answer to a request it could not read (bad chunk framing, a body too big), in the error shape of
+    the API the path belongs to (Ollama's, OpenAI's or Anthropic's) instead of waitress's plain text."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        message = f"{error.reason.lower()}: {error.body}"
+        body, content_type = error_body(self.request.path or "/", message, error.code)
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", content_type))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class GuardedChannel(HTTPChannel):
     """waitress's channel, with the times the guard needs: when the headers are due, when a byte last came."""
 
     parser_class = OwnRoutesParser
+    error_task_class = ShapedErrorTask
     guard: Guard  # set on the per-front subclass (make_channel_class)
     has_asked = False  # True once a whole request has come in on this connection
 
