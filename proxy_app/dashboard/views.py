@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
 from proxy_app import access
-from proxy_app.calls import COLUMNS, OUTCOMES
+from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
 from proxy_app.dashboard import charts, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.store import export, models
@@ -226,6 +226,24 @@ def search():
     with _db().connection_context():
         found = queries.search(_db(), filters)
     return _json({**found, "filters": filters.describe()})
+
+
+@bp.route("/models")
+def models_view():
+    """JSON: {"loaded": the models loaded now by the stored events, "events": load/unload events in the range}."""
+    filters = queries.parse_filters(request.args)
+    with _db().connection_context():
+        loaded = list(models.loaded_models(_db()).values())
+        events = models.model_events(_db(), since=filters.since)
+    return _json({"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events],
+                  "filters": filters.describe()})  # fmt: skip
+
+
+def _event_json(row: dict) -> dict:
+    """One model event as JSON: its time in ISO 8601 UTC, no database id."""
+    document = {key: value for key, value in row.items() if key != "id"}
+    document["timestamp"] = format_timestamp(models.to_datetime(row["timestamp"]))
+    return document
 
 
 @bp.route("/calls/<path:request_id>")
