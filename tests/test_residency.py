@@ -193,3 +193,28 @@ def test_residency_events_deleted_with_the_calls_retention(tmp_path):
     assert [row.model for row in ModelEvent.select().execute(db)] == [QWEN]
     assert list(store.loaded()) == [QWEN]
     db.close()
+
+
+def test_residency_under_gunicorn_one_worker_records(gunicorn_proxy, fake, tmp_path):
+    fake.set_loaded("llama3.2")
+    proxy = gunicorn_proxy(workers=3, OLLAMA_PROXY_PS_INTERVAL="0.1")  # every worker ticks; one polls and records
+    for _ in range(30):  # calls reach every worker, each of which starts its poller
+        assert requests.get(proxy.url + "/api/version", timeout=10).status_code == 200
+    db = open_database(f"sqlite:///{tmp_path / 'data' / 'ollama-proxy.db'}")
+
+    def stored() -> list[tuple]:
+        with db.connection_context():
+            return [(row.event, row.model) for row in ModelEvent.select().order_by(ModelEvent.id).execute(db)]
+
+    wait_until(lambda: stored())
+    fake.set_loaded("qwen3")
+    wait_until(lambda: len(stored()) >= 3)
+    for _ in range(10):  # more polls by whichever worker records: still no duplicates
+        requests.get(proxy.url + "/api/version", timeout=10)
+    time.sleep(0.5)  # several poll intervals: a second recording worker would add rows now
+    assert stored() == [("load", LLAMA), ("unload", LLAMA), ("load", QWEN)]
+    assert metric_lines(proxy, "ollama_model_loaded") == [
+        f'ollama_model_loaded{{model="{LLAMA}"}} 0.0',
+        f'ollama_model_loaded{{model="{QWEN}"}} 1.0',
+    ]
+    db.close()
