@@ -146,6 +146,12 @@ def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
     assert metric_lines(handle, "ollama_model_load_seconds_count") == [
         'ollama_model_load_seconds_count{model="llama3.2"} 1.0'
     ]
+    document = requests.get(handle.url + "/analytics/models", timeout=10).json()
+    assert document["cold_starts"] == [{"model": "llama3.2", "cold_starts": 1, "load_duration_ms_p50": 300.0}]
+    assert [(row["model"], row["request_id"]) for row in document["loaded"]] == [(LLAMA, cold.headers["X-Request-ID"])]
+    page = requests.get(handle.url + "/analytics", timeout=10).text
+    panel = page[page.index('id="loaded-now"') :]
+    assert f"<td>{LLAMA}</td>" in panel and '<td>llama3.2</td><td class="num">1</td><td class="num">300' in panel
 
 
 def test_residency_failing_ps_backs_off_and_calls_go_on(proxy_with, fake):

@@ -196,6 +196,7 @@ def index():
         figures = stats.stats(db, filters)
         found = queries.search(db, filters)
         suggestions = stats.choices(db, filters)
+        residency = _residency(db, filters) if not _wants_json(False) else None  # the page's panel only
     document = {
         "stats": figures,
         "search": found,
@@ -207,7 +208,12 @@ def index():
     if _wants_json(False):
         return _json(document)
     return render_template(
-        "dashboard.html", page="index", charts=charts.make_charts(figures), query=filters, **document
+        "dashboard.html",
+        page="index",
+        charts=charts.make_charts(figures),
+        query=filters,
+        residency=residency,
+        **document,
     )
 
 
@@ -233,10 +239,15 @@ def models_view():
     """JSON: {"loaded": the models loaded now by the stored events, "events": load/unload events in the range}."""
     filters = queries.parse_filters(request.args)
     with _db().connection_context():
-        loaded = list(models.loaded_models(_db()).values())
-        events = models.model_events(_db(), since=filters.since)
-    return _json({"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events],
-                  "filters": filters.describe()})  # fmt: skip
+        return _json({**_residency(_db(), filters), "filters": filters.describe()})
+
+
+def _residency(db, filters) -> dict:
+    """The loaded models, the load/unload events in the range and the cold starts per model, from the store."""
+    loaded = list(models.loaded_models(db).values())
+    events = models.model_events(db, since=filters.since)
+    return {"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events],
+            "cold_starts": models.cold_starts(db, filters.since, filters.until)}  # fmt: skip
 
 
 def _event_json(row: dict) -> dict:

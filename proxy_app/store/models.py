@@ -297,6 +297,27 @@ def loaded_models(db: Database) -> dict[str, dict]:
     return {row["model"]: row for row in rows if row["event"] == "load"}
 
 
+COLD_SAMPLE_ROWS = 20_000  # the newest cold calls a p50 is taken over, per request
+
+
+def cold_starts(db: Database, since: datetime | None = None, until: datetime | None = None) -> list[dict]:
+    """Return per model the calls marked cold_start in the range and their p50 load_duration_ms (nearest rank)."""
+    query = CallRow.select(CallRow.model, CallRow.load_duration_ms).where(CallRow.cold_start == True)  # noqa: E712
+    if since is not None:
+        query = query.where(CallRow.timestamp >= since)
+    if until is not None:
+        query = query.where(CallRow.timestamp < until)
+    durations: dict[str, list[float]] = {}
+    for model, load_ms in query.order_by(CallRow.id.desc()).limit(COLD_SAMPLE_ROWS).tuples().execute(db):
+        durations.setdefault(model or "", []).append(load_ms)
+    rows = []
+    for model, values in sorted(durations.items()):
+        values.sort()
+        p50 = values[(len(values) - 1) // 2]
+        rows.append({"model": model, "cold_starts": len(values), "load_duration_ms_p50": p50})
+    return rows
+
+
 def model_events(db: Database, since: datetime | None = None, limit: int = 1000) -> list[dict]:
     """Return the newest ``limit`` events (since ``since`` when given), oldest first."""
     query = ModelEvent.select()
