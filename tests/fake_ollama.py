@@ -252,7 +252,8 @@ class FakeOllama:
     For tests: `seen` (a dict per request), counters `completed`, `cancelled` (client left), `aborted` (cut),
     `wait_for(predicate)`, and the expected_* token helpers. State: `models`, `loaded` (/api/ps), `blobs`.
     /api/ps knobs (attributes only): `set_loaded(*names)` replaces the loaded list, `ps_fail_status` answers /api/ps
-    with that status, `ps_omit` drops those fields from each entry (an older Ollama).
+    with that status, `ps_omit` drops those fields from each entry (an older Ollama); `ps_polls` counts the proxy's
+    residency polls, which stay out of `seen`.
     """
 
     def __init__(self):
@@ -272,7 +273,7 @@ class FakeOllama:
         self.models = {name: dict(info) for name, info in CATALOG.items()}
         self.loaded, self.blobs, self.seen = {}, set(), []
         self.completed = self.cancelled = self.aborted = 0
-        self.ps_fail_status, self.ps_omit = None, ()
+        self.ps_fail_status, self.ps_omit, self.ps_polls = None, (), 0
 
     # -- expected counts, for tests ---------------------------------------------------------------
     @staticmethod
@@ -342,7 +343,10 @@ class FakeOllama:
             "body": req.body if len(req.body) < SEEN_BODY_LIMIT else None,
         }
         with self._changed:
-            self.seen.append(entry)
+            if req.path == "/api/ps" and headers.get("User-Agent", "").startswith("ollama-proxy-residency/"):
+                self.ps_polls += 1  # the proxy's own poller, kept out of `seen` (tests read it as the relayed calls)
+            else:
+                self.seen.append(entry)
             self._changed.notify_all()
         return entry
 

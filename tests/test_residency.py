@@ -94,6 +94,7 @@ def test_residency_poller_records_loads_unloads_and_gauges(proxy_with, fake, bac
         residency.poll()
         assert events_of(app) == [("load", LLAMA, LLAMA_SIZE, LLAMA_SIZE, 4096, None)]
         residency.poll()  # nothing changed: nothing recorded
+        assert fake.ps_polls == 2 and not [entry for entry in fake.seen if entry["path"] == "/api/ps"]
         fake.set_loaded("qwen3")
         residency.poll()
         assert events_of(app)[1:] == [("unload", LLAMA, LLAMA_SIZE, LLAMA_SIZE, 4096, None),

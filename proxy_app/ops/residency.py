@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 
+from proxy_app import __version__
 from proxy_app.calls import Call
 from proxy_app.ops.probe import open_session
 from proxy_app.ticker import Ticker
@@ -35,6 +36,7 @@ PS_TIMEOUT = 5.0  # seconds an /api/ps answer may take
 MAX_BACKOFF_SECONDS = 300.0  # a failing /api/ps is retried after interval * 2**failures, at most this
 MAX_PENDING = 100  # loads reported by calls and not yet seen in /api/ps; an upstream that never shows them is bounded
 LOCK_FILE = "residency.lock"
+USER_AGENT = f"ollama-proxy-residency/{__version__}"  # names the poller's requests in the upstream's logs
 
 
 class Residency:
@@ -123,6 +125,7 @@ class Residency:
         """Return name -> entry from /api/ps; raise ValueError when the answer lacks the fields residency needs."""
         if self._session is None:
             self._session = open_session()
+            self._session.headers["User-Agent"] = USER_AGENT
         answer = self._session.get(self.upstream + "/api/ps", timeout=PS_TIMEOUT)
         answer.raise_for_status()
         document = answer.json()
