@@ -128,10 +128,10 @@ def test_residency_poller_records_loads_unloads_and_gauges(proxy_with, fake, bac
 
 
 def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
-    app, handle, recorder = proxy_with(PS_INTERVAL=3600)  # after the first poll, only a cold call triggers one
+    app, handle, recorder = proxy_with(PS_INTERVAL=3600)  # only a cold call makes the poller read /api/ps
     residency = app.extensions["residency"]
     assert requests.get(handle.url + "/api/version", timeout=10).status_code == 200  # starts the poller
-    wait_until(lambda: residency.polled_at)
+    assert residency._ticker.thread.is_alive() and residency.polled_at is None and fake.ps_polls == 0
     body = {"model": "llama3.2", "prompt": "hi", "stream": False}
     cold = requests.post(handle.url + "/api/generate", json=body, headers={"X-Fake-Load-Delay": "0.3"}, timeout=10)
     warm = requests.post(handle.url + "/api/generate", json=body, timeout=10)

@@ -1,7 +1,8 @@
 """Model residency: which models the upstream holds in memory, read from its ``/api/ps`` by a background poller.
 
-Each process runs a ``Ticker`` that wakes every TICK_SECONDS and polls when PS_INTERVAL has passed, or at once after
-a call of this process reported a load (``cold_start``). Only one process of a deployment polls and records: the one
+Each process runs a ``Ticker`` (started by its first call or scrape) that wakes every TICK_SECONDS and polls when
+PS_INTERVAL has passed since the last poll (or the start), or at once after a call of this process reported a load
+(``cold_start``). Only one process of a deployment polls and records: the one
 holding an exclusive lock on ``DATA_DIR/residency.lock`` (each gunicorn worker tries at each tick; when the holder
 dies the lock frees and another worker takes over). That process sets the residency gauges and stores load and
 unload events through ``store`` (found by diffing successive answers against the models the stored events say are
@@ -57,7 +58,7 @@ class Residency:
         self._session: requests.Session | None = None
         self._mutex = threading.Lock()
         self._ticker = Ticker("residency-poller", self._tick, TICK_SECONDS if interval else 0,
-                              after_fork=self._forget_parent)  # fmt: skip
+                              on_start=self._begin, after_fork=self._forget_parent)  # fmt: skip
 
     def start(self) -> None:
         """Start this process's poller unless it runs; cheap enough for every call."""
@@ -88,6 +89,11 @@ class Residency:
         return {"ok": True, "interval_seconds": self.interval, "recording": self._lock_file is not None,
                 "polled_at": self.polled_at.isoformat() if self.polled_at else None, "error": self.error,
                 "failures": self.failures, "loaded": sorted(self.loaded)}  # fmt: skip
+
+    def _begin(self) -> None:
+        """Before each new thread: the first poll comes an interval later, or as soon as a call reports a load (so
+        a process's first calls never share the upstream with a poll)."""
+        self._due = max(self._due, time.monotonic() + self.interval)
 
     def _tick(self) -> None:
         if time.monotonic() < self._due:
