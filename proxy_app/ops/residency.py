@@ -116,7 +116,7 @@ class Residency:
             self.failures += 1
             self.error = f"{type(exc).__name__}: {exc}"
             backoff = min(self.interval * 2**self.failures, MAX_BACKOFF_SECONDS)
-            log.warning("reading the upstream's /api/ps failed (%s); next try in %.0f s", self.error, backoff)
+            log.warning("the residency poll failed (%s); next try in %.0f s", self.error, backoff)
             self._due = time.monotonic() + backoff
             return
         for event in events:
