@@ -40,6 +40,10 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     from proxy_app.ops import metrics
 
     metrics.init_app(app)  # after the relay, whose in-flight count and queue it watches; it adds no route
+    from proxy_app.ops import residency
+    from proxy_app.store import models
+
+    residency.init_app(app, models.ModelEventStore())  # /api/ps poller: gauges, and load/unload events stored
     from proxy_app.relay import drain
     from proxy_app.service import supervisor
 

@@ -36,6 +36,9 @@ TEXT_CHARS = {
     "remote_model": 200,  # a cloud model's name upstream, bounded like model
     "remote_host": 256,  # a URL with scheme, host name and port
 }
+# Why: a warm call's load_duration is Ollama's check that the model is still resident, a few to some tens of ms;
+# loading even a small model from a fast disk takes several hundred ms. Above this a call paid a load.
+COLD_START_MS = 250.0
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -79,6 +82,7 @@ class Call:
     cached_input_tokens: int | None  # the part of input_tokens the upstream read from its prompt cache
     remote_model: str | None  # a cloud model's name on the remote host, as its answer says
     remote_host: str | None
+    cold_start: bool | None = None  # the call paid a model load (``is_cold_start``); None when no load_duration
 
     # Not a field, so never a column: the client's W3C trace headers (traceparent, tracestate) when it sent them,
     # set by the relay for the tracing sink (ops/otel.py). None on every Call that has none.
@@ -111,6 +115,11 @@ def storable_text(text: str, limit: int) -> str:
     if "\x00" in text:
         text = text.replace("\x00", "")
     return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def is_cold_start(load_duration_ms: float | None) -> bool | None:
+    """True when a call's ``load_duration`` says it loaded its model (over COLD_START_MS); None when unknown."""
+    return None if load_duration_ms is None else load_duration_ms > COLD_START_MS
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -229,6 +229,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
     Setting("PROBE_INTERVAL", "15", _seconds, "Seconds between background upstream health probes"),
     Setting("SAMPLE_INTERVAL", "5", _seconds, "Seconds between CPU/memory samples"),
+    Setting("PS_INTERVAL", "10", _seconds, "Seconds between reads of the upstream's /api/ps (loaded models); 0: off"),
     Setting(
         "SERVER", "auto", _server, "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress"
     ),

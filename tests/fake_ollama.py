@@ -251,6 +251,9 @@ class FakeOllama:
                         cached-token usage fields of /v1 chat, Responses and Anthropic; None = a server without them
     For tests: `seen` (a dict per request), counters `completed`, `cancelled` (client left), `aborted` (cut),
     `wait_for(predicate)`, and the expected_* token helpers. State: `models`, `loaded` (/api/ps), `blobs`.
+    /api/ps knobs (attributes only): `set_loaded(*names)` replaces the loaded list, `ps_fail_status` answers /api/ps
+    with that status, `ps_omit` drops those fields from each entry (an older Ollama); `ps_polls` counts the proxy's
+    residency polls, which stay out of `seen`.
     """
 
     def __init__(self):
@@ -270,6 +273,7 @@ class FakeOllama:
         self.models = {name: dict(info) for name, info in CATALOG.items()}
         self.loaded, self.blobs, self.seen = {}, set(), []
         self.completed = self.cancelled = self.aborted = 0
+        self.ps_fail_status, self.ps_omit, self.ps_polls = None, (), 0
 
     # -- expected counts, for tests ---------------------------------------------------------------
     @staticmethod
@@ -339,7 +343,10 @@ class FakeOllama:
             "body": req.body if len(req.body) < SEEN_BODY_LIMIT else None,
         }
         with self._changed:
-            self.seen.append(entry)
+            if req.path == "/api/ps" and headers.get("User-Agent", "").startswith("ollama-proxy-residency/"):
+                self.ps_polls += 1  # the proxy's own poller, kept out of `seen` (tests read it as the relayed calls)
+            else:
+                self.seen.append(entry)
             self._changed.notify_all()
         return entry
 
@@ -572,7 +579,15 @@ class FakeOllama:
             "details": _details(info),
         }
 
+    def set_loaded(self, *names: str, seconds: float = 300.0) -> None:
+        """Make /api/ps list exactly these installed models, each expiring ``seconds`` from now."""
+        self.loaded = {normalize(name): time.time_ns() + int(seconds * 1e9) for name in names}
+
     def _ps(self, req):
+        # Like server/routes.go PsHandler: the scheduler's loaded runners as api.ProcessModelResponse entries (name,
+        # model, size, digest, details, expires_at, size_vram, context_length), those not yet expired.
+        if self.ps_fail_status:
+            return _Reply(self.ps_fail_status, JSON_UTF8, go_json({"error": "ps failed"}))
         now, models = time.time_ns(), []
         for name, expires in list(self.loaded.items()):
             if expires > now and name in self.models:
@@ -589,6 +604,7 @@ class FakeOllama:
                         "context_length": 4096,
                     }
                 )
+        models = [{key: value for key, value in entry.items() if key not in self.ps_omit} for entry in models]
         return _Reply(200, JSON_UTF8, go_json({"models": models}))
 
     def _show(self, req):

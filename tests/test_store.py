@@ -242,7 +242,7 @@ CSV_LITERAL = (
     "<timestamp>,<request_id>,127.0.0.1,store-test/1,POST,/api/generate,s-9,llama3.2,15,5,20,"
     '"{""num_ctx"":4096}",false,107,<response_size_bytes>,<queue_time_ms>,<processing_time_ms>,<total_time_ms>,200,,'
     "<system_load_cpu>,<system_load_memory>,1,completed,<ttft_ms>,100.0,1.0,15.0,50.0,stop,native,"
-    '"\'=why, is the ""sky"" blue",The sky is blue.,,,\r\n'
+    '"\'=why, is the ""sky"" blue",The sky is blue.,,,,false\r\n'
 )
 VOLATILE = ("timestamp", "request_id", "response_size_bytes", "queue_time_ms", "processing_time_ms", "total_time_ms",
             "system_load_cpu", "system_load_memory", "ttft_ms")  # fmt: skip
@@ -501,14 +501,15 @@ def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_
 # ---- schema version 1 to 2, in place ----------------------------------------------------------------------------
 
 ADDED_IN_2 = ("cached_input_tokens", "remote_model", "remote_host")
-V1_COLUMNS = COLUMNS[: -len(ADDED_IN_2)]
+ADDED_IN_3 = ("cold_start",)
+V1_COLUMNS = COLUMNS[: -len(ADDED_IN_2 + ADDED_IN_3)]
 
 
 def make_v1_store(db) -> None:
     """Give ``db`` the tables as schema version 1 made them: no ``ADDED_IN_2`` columns, ``api`` a VARCHAR(8)."""
     create_tables(db)
     migrator = SchemaMigrator.from_database(db)
-    operations = [migrator.drop_column("calls", name) for name in ADDED_IN_2]
+    operations = [migrator.drop_column("calls", name) for name in ADDED_IN_2 + ADDED_IN_3]
     if isinstance(db, PostgresqlDatabase):
         operations.append(migrator.alter_column_type("calls", "api", CharField(max_length=8)))
     with db.atomic():
@@ -555,5 +556,5 @@ def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_pat
     assert (new["api"], new["input_tokens"], new["cached_input_tokens"]) == ("anthropic", 15, 4)
     db = open_database(url)
     assert [column.name for column in db.get_columns("calls")] == ["id", *COLUMNS]
-    assert [row.version for row in SchemaVersion.select().execute(db)] == [2]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
     db.close()

@@ -266,6 +266,8 @@ def row_dict(values, columns: tuple[str, ...] = COLUMNS) -> dict:
     row["timestamp"] = format_timestamp(to_datetime(row["timestamp"]))
     if "stream_mode" in row:
         row["stream_mode"] = bool(row["stream_mode"])
+    if row.get("cold_start") is not None:  # SQLite hands back 0 or 1
+        row["cold_start"] = bool(row["cold_start"])
     return row
 
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
 from proxy_app import access
-from proxy_app.calls import COLUMNS, OUTCOMES
+from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
 from proxy_app.dashboard import charts, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.store import export, models
@@ -196,6 +196,7 @@ def index():
         figures = stats.stats(db, filters)
         found = queries.search(db, filters)
         suggestions = stats.choices(db, filters)
+        residency = _residency(db, filters) if not _wants_json(False) else None  # the page's panel only
     document = {
         "stats": figures,
         "search": found,
@@ -207,7 +208,12 @@ def index():
     if _wants_json(False):
         return _json(document)
     return render_template(
-        "dashboard.html", page="index", charts=charts.make_charts(figures), query=filters, **document
+        "dashboard.html",
+        page="index",
+        charts=charts.make_charts(figures),
+        query=filters,
+        residency=residency,
+        **document,
     )
 
 
@@ -226,6 +232,29 @@ def search():
     with _db().connection_context():
         found = queries.search(_db(), filters)
     return _json({**found, "filters": filters.describe()})
+
+
+@bp.route("/models")
+def models_view():
+    """JSON: {"loaded": the models loaded now by the stored events, "events": load/unload events in the range}."""
+    filters = queries.parse_filters(request.args)
+    with _db().connection_context():
+        return _json({**_residency(_db(), filters), "filters": filters.describe()})
+
+
+def _residency(db, filters) -> dict:
+    """The loaded models, the load/unload events in the range and the cold starts per model, from the store."""
+    loaded = list(models.loaded_models(db).values())
+    events = models.model_events(db, since=filters.since)
+    return {"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events],
+            "cold_starts": models.cold_starts(db, filters.since, filters.until)}  # fmt: skip
+
+
+def _event_json(row: dict) -> dict:
+    """One model event as JSON: its time in ISO 8601 UTC, no database id."""
+    document = {key: value for key, value in row.items() if key != "id"}
+    document["timestamp"] = format_timestamp(models.to_datetime(row["timestamp"]))
+    return document
 
 
 @bp.route("/calls/<path:request_id>")

@@ -94,6 +94,7 @@ class Metrics:
         self._children: dict[tuple, object] = {}  # (metric, label values) -> its series
         self._add_call_metrics(registry)
         self._add_proxy_metrics(registry, has_queue)
+        self._add_residency_metrics(registry)
         dropped = "ollama_proxy_otel_dropped_total", "Spans never delivered to the OTLP collector"
         self.otel_dropped = Counter(*dropped, registry=registry) if has_otel else None
 
@@ -143,6 +144,44 @@ class Metrics:
         self.resident_memory = live_sum("ollama_proxy_process_resident_memory_bytes", "Resident memory")
         build = gauge("ollama_proxy_build_info", "Proxy version", ("version", "python"), multiprocess_mode="livemax")
         build.labels(__version__, platform.python_version()).set(1)
+
+    def _add_residency_metrics(self, registry: CollectorRegistry) -> None:
+        # Why livemostrecent: one process polls /api/ps and sets these (residency.py); its latest value is the
+        # deployment's, and a dead poller's values go with it (the next one sets its own).
+        gauge = partial(Gauge, labelnames=("model",), registry=registry, multiprocess_mode="livemostrecent")
+        self.model_loaded = gauge("ollama_model_loaded", "1 while the upstream holds the model in memory, else 0")
+        self.model_size = gauge("ollama_model_size_bytes", "Memory a loaded model takes, as /api/ps says")
+        self.model_vram = gauge("ollama_model_vram_bytes", "The part of it in VRAM, as /api/ps says")
+        self.model_context = gauge("ollama_model_context_length", "Context length the model is loaded with")
+        self.model_loads = Counter("ollama_model_loads_total", "Model loads seen in /api/ps", ("model",),
+                                   registry=registry)  # fmt: skip
+        self.model_load_seconds = Histogram(
+            "ollama_model_load_seconds", "load_duration of calls that loaded their model (cold_start)", ("model",),
+            buckets=STEP_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def set_residency(self, loaded: dict[str, dict], gone: list[str]) -> None:
+        """Set the residency gauges from one /api/ps answer: ``loaded`` name -> entry, ``gone`` names now unloaded."""
+        for name, entry in loaded.items():
+            model = self.models.label(name, True)
+            self.model_loaded.labels(model).set(1)
+            for gauge, key in ((self.model_size, "size_bytes"), (self.model_vram, "vram_bytes"),
+                               (self.model_context, "context_length")):  # fmt: skip
+                if entry.get(key) is not None:
+                    gauge.labels(model).set(entry[key])
+        for name in gone:
+            model = self.models.label(name, True)
+            if model not in {self.models.label(other, True) for other in loaded}:  # 'other' may still hold one
+                for gauge in (self.model_loaded, self.model_size, self.model_vram):
+                    gauge.labels(model).set(0)
+
+    def count_load(self, name: str) -> None:
+        """Count one load of ``name`` seen in /api/ps."""
+        self.model_loads.labels(self.models.label(name, True)).inc()
+
+    def observe_load(self, name: str, seconds: float) -> None:
+        """Observe the load time a call paid (its load_duration)."""
+        self._series(self.model_load_seconds, self.models.label(name, True)).observe(seconds)
 
     def observe(self, call: Call) -> None:
         """Count one finished call: totals, durations, tokens and Ollama's own timings (unknown values are skipped)."""

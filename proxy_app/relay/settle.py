@@ -12,7 +12,7 @@ import time
 from flask import Flask
 from werkzeug.wrappers import Response
 
-from proxy_app.calls import Call
+from proxy_app.calls import Call, is_cold_start
 from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.usage import Usage
 from proxy_app.relay.inflight import CallInFlight
@@ -102,6 +102,7 @@ def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, erro
         cached_input_tokens=usage.cached_input_tokens,
         remote_model=usage.remote_model,
         remote_host=usage.remote_host,
+        cold_start=is_cold_start(_ms(usage.load_duration_ns)),
     )
 
 

@@ -35,6 +35,7 @@ _INVISIBLE = "\u00ad\u061c\u180e\ufeff" + "".join(
 _FORMULA = re.compile(f"[\t\r]|[{re.escape(_SPACES + _INVISIBLE)}]*[{re.escape(FORMULA_SIGNS)}]")
 _MAY_START_FORMULA = frozenset(FORMULA_SIGNS + _SPACES + _INVISIBLE)  # a cheap first look before the pattern
 STREAM_AT = COLUMNS.index("stream_mode")
+COLD_AT = COLUMNS.index("cold_start")  # a boolean that may be unknown (an empty cell)
 TEXT_AT = tuple(  # the text columns: only text can start a formula
     index
     for index, (name, hint) in enumerate(typing.get_type_hints(Call).items())
@@ -74,6 +75,8 @@ def values_cells(values: Sequence) -> list:
     row = list(values)
     row[0] = _timestamp(row[0])
     row[STREAM_AT] = "true" if row[STREAM_AT] else "false"
+    if row[COLD_AT] is not None:
+        row[COLD_AT] = "true" if row[COLD_AT] else "false"
     for index in TEXT_AT:
         text = row[index]
         if text and text[0] in _MAY_START_FORMULA and _FORMULA.match(text):

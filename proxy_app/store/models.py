@@ -1,4 +1,5 @@
-"""Peewee models: the ``calls`` table (one row per finished call, a column per ``COLUMNS`` entry) and its version.
+"""Peewee models: the ``calls`` table (one row per finished call, a column per ``COLUMNS`` entry), its version, and
+``model_events`` (models the upstream loaded and unloaded, as its ``/api/ps`` showed).
 
 ``open_database(url)`` opens SQLite (the default, in WAL mode) or PostgreSQL from a URL; ``create_tables`` creates or
 migrates the schema. Nothing here runs at import, and nothing here writes rows on the request path: the writer
@@ -45,6 +46,7 @@ database = DatabaseProxy()
 # The tables' names, also used where SQL is written by hand (the batched insert) or a table is looked for.
 CALLS_TABLE = "calls"
 SCHEMA_VERSION_TABLE = "schema_version"
+MODEL_EVENTS_TABLE = "model_events"
 
 # Why: WAL lets the dashboard read while the writer writes; NORMAL is durable across crashes of the process (not of
 # the OS) at a fraction of FULL's cost; the busy timeout covers the other gunicorn workers' short write transactions
@@ -127,6 +129,7 @@ class CallRow(BaseModel):
     cached_input_tokens = IntegerField(null=True)
     remote_model = TextField(null=True)
     remote_host = TextField(null=True)
+    cold_start = BooleanField(null=True)
 
     class Meta:
         table_name = CALLS_TABLE
@@ -141,6 +144,24 @@ class SchemaVersion(BaseModel):
 
     class Meta:
         table_name = SCHEMA_VERSION_TABLE
+
+
+class ModelEvent(BaseModel):
+    """A model the upstream loaded or unloaded: ``event`` is ``load`` or ``unload``, with the model's size, VRAM and
+    context length from ``/api/ps`` and, for a load, the request_id of the call that paid it when this process saw it.
+    """
+
+    id = BigAutoField()
+    timestamp = UTCDateTimeField(index=True)
+    event = CharField(max_length=8)
+    model = TextField()
+    size_bytes = BigIntegerField(null=True)
+    vram_bytes = BigIntegerField(null=True)
+    context_length = IntegerField(null=True)
+    request_id = CharField(max_length=TEXT_CHARS["request_id"], null=True)
+
+    class Meta:
+        table_name = MODEL_EVENTS_TABLE
 
 
 MODELS = (CallRow, SchemaVersion)
@@ -238,11 +259,72 @@ def cap_cutoff(db: Database, max_rows: int) -> tuple[datetime, int] | None:
     return first_kept.scalar(db), beyond
 
 
-def delete_older_than(db: Database, cutoff: datetime, limit: int) -> int:
-    """Delete at most ``limit`` rows that arrived before ``cutoff``, in one short transaction; return how many."""
-    oldest = CallRow.select(CallRow.id).where(CallRow.timestamp < cutoff).order_by(CallRow.id).limit(limit)
+def delete_older_than(db: Database, cutoff: datetime, limit: int, table: type[Model] = CallRow) -> int:
+    """Delete at most ``limit`` rows (calls, or ``table``'s) older than ``cutoff`` in one short transaction; return
+    how many."""
+    oldest = table.select(table.id).where(table.timestamp < cutoff).order_by(table.id).limit(limit)
     with db.atomic():
-        return CallRow.delete().where(CallRow.id.in_(oldest)).execute(db)
+        return table.delete().where(table.id.in_(oldest)).execute(db)
+
+
+# ---- model residency --------------------------------------------------------------------------------------------
+
+EVENT_FIELDS = ("timestamp", "event", "model", "size_bytes", "vram_bytes", "context_length", "request_id")
+
+
+class ModelEventStore:
+    """The residency poller's view of ``model_events``: what is loaded by the last events, and new events to add."""
+
+    def __init__(self, db: Database | DatabaseProxy = database) -> None:
+        self.db = db
+
+    def loaded(self) -> dict[str, dict]:
+        """Return model -> its last load event, for every model whose last event is a load."""
+        with self.db.connection_context():
+            return loaded_models(self.db)
+
+    def record(self, events: list[dict]) -> None:
+        """Insert events (dicts with EVENT_FIELDS) in one transaction; raises whatever the database raises."""
+        with self.db.connection_context(), self.db.atomic():
+            for event in events:
+                ModelEvent.insert(**{name: event.get(name) for name in EVENT_FIELDS}).as_rowcount().execute(self.db)
+
+
+def loaded_models(db: Database) -> dict[str, dict]:
+    """Return model -> its last event as a dict, for the models whose last event is a load (loaded now)."""
+    latest = ModelEvent.select(fn.MAX(ModelEvent.id)).group_by(ModelEvent.model)
+    rows = ModelEvent.select().where(ModelEvent.id.in_(latest)).order_by(ModelEvent.model).dicts().execute(db)
+    return {row["model"]: row for row in rows if row["event"] == "load"}
+
+
+COLD_SAMPLE_ROWS = 20_000  # the newest cold calls a p50 is taken over, per request
+
+
+def cold_starts(db: Database, since: datetime | None = None, until: datetime | None = None) -> list[dict]:
+    """Return per model the calls marked cold_start in the range and their p50 load_duration_ms (nearest rank)."""
+    query = CallRow.select(CallRow.model, CallRow.load_duration_ms).where(CallRow.cold_start == True)  # noqa: E712
+    if since is not None:
+        query = query.where(CallRow.timestamp >= since)
+    if until is not None:
+        query = query.where(CallRow.timestamp < until)
+    durations: dict[str, list[float]] = {}
+    for model, load_ms in query.order_by(CallRow.id.desc()).limit(COLD_SAMPLE_ROWS).tuples().execute(db):
+        durations.setdefault(model or "", []).append(load_ms)
+    rows = []
+    for model, values in sorted(durations.items()):
+        values.sort()
+        p50 = values[(len(values) - 1) // 2]
+        rows.append({"model": model, "cold_starts": len(values), "load_duration_ms_p50": p50})
+    return rows
+
+
+def model_events(db: Database, since: datetime | None = None, limit: int = 1000) -> list[dict]:
+    """Return the newest ``limit`` events (since ``since`` when given), oldest first."""
+    query = ModelEvent.select()
+    if since is not None:
+        query = query.where(ModelEvent.timestamp >= since)
+    rows = list(query.order_by(ModelEvent.id.desc()).limit(limit).dicts().execute(db))
+    return rows[::-1]
 
 
 # ---- schema versions and migrations ----------------------------------------------------------------------------
@@ -265,8 +347,13 @@ def _add_cache_and_cloud_columns(migrator: SchemaMigrator) -> list:
     return operations
 
 
-MIGRATIONS: dict[int, Callable[[SchemaMigrator], list]] = {2: _add_cache_and_cloud_columns}
-SCHEMA_VERSION = 2
+def _add_cold_start(migrator: SchemaMigrator) -> list:
+    """Version 3: cold_start (the model_events table has its own step: create_tables makes it when missing)."""
+    return [migrator.add_column(CALLS_TABLE, "cold_start", BooleanField(null=True))]
+
+
+MIGRATIONS: dict[int, Callable[[SchemaMigrator], list]] = {2: _add_cache_and_cloud_columns, 3: _add_cold_start}
+SCHEMA_VERSION = 3
 
 
 def create_tables(db: Database) -> int:
@@ -274,6 +361,7 @@ def create_tables(db: Database) -> int:
     with db.atomic():
         _lock_schema(db)
         found = _stored_version(db)
+        SchemaManager(ModelEvent, database=db).create_all(safe=True)  # its own step, whatever the version
         if found is None:
             for model in MODELS:
                 SchemaManager(model, database=db).create_all(safe=True)

@@ -1,5 +1,5 @@
-"""Retention: rows older than the retention period, then the oldest rows beyond the row cap, are deleted a small
-batch at a time, and rotated CSV files older than the period go too.
+"""Retention: rows older than the retention period (calls, then model events), then the oldest calls beyond the row
+cap, are deleted a small batch at a time, and rotated CSV files older than the period go too.
 
 The writer thread calls ``step`` between batches of new rows, so deleting never runs on the request path and never
 holds the write lock for long. A pass starts at the first step of a process and then every ``EVERY_SECONDS``; in
@@ -70,13 +70,16 @@ class Retention:
         self._due = time.monotonic() + EVERY_SECONDS
 
     def _expire_a_batch(self) -> bool:
-        """Delete a batch of rows older than the retention period; True while there may be more."""
+        """Delete a batch of calls, else of model events, older than the retention period; True while there may be
+        more."""
         if not self.retention_days:
             return False
         cutoff = self.clock() - timedelta(days=self.retention_days)
         deleted = models.delete_older_than(self.database, cutoff, BATCH_ROWS)
         self.expired += deleted
         if deleted == BATCH_ROWS:
+            return True
+        if models.delete_older_than(self.database, cutoff, BATCH_ROWS, models.ModelEvent) == BATCH_ROWS:
             return True
         if self.csv_log is not None:
             self.csv_log.prune(cutoff)
