@@ -215,8 +215,8 @@ def insert_calls(db: Database, calls: list[Call]) -> None:
 
 
 def _insert_rows(db: Database, rows: list[tuple]) -> None:
-    # Why: one prepared INSERT run by executemany costs about a tenth of peewee's insert_many, which builds the SQL
-    # anew for every batch (bench: 217 -> 26 µs a row); row_of put the values through each field's db_value.
+    # Why: one prepared INSERT run by executemany costs a fraction of peewee's insert_many, which builds the SQL anew
+    # for every batch; row_of put the values through each field's db_value.
     with db.atomic():
         db.cursor().executemany(_insert_sql(db), rows)
 

@@ -32,8 +32,8 @@ from proxy_app.ticker import Ticker
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 500  # most calls per transaction: enough to amortise a commit, few enough to keep the lock short
-# Why: a transaction and a CSV append cost about 180 µs whatever their size, a row about 40 µs; at low load each call
-# would pay for both alone. Waiting this long once for a batch to fill costs nothing the client sees.
+# Why: a transaction and a CSV append cost several times a row, whatever their size; at low load each call would pay
+# for both alone. Waiting this long once for a batch to fill costs nothing the client sees (docs/design.md).
 LINGER_SECONDS = 0.02
 TICK_SECONDS = 1.0  # an idle writer wakes this often to see whether retention is due
 RETRY_SECONDS = 60.0  # how long a refused batch is tried again before it is dropped (a locked or restarting database)
