@@ -44,26 +44,6 @@ def raw_post(path: str, body: bytes) -> bytes:
 
 
 @pytest.fixture
-def proxy_for(tmp_path):
-    """Factory: our app (with a CallRecorder) under waitress, in front of ``url``; all stopped after the test."""
-    started: list = []
-
-    def start(url: str, **settings):
-        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", **settings}, environ={})
-        recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
-        handle = serve(app, threads=16)
-        started.append((handle, app))
-        return handle, app, recorder
-
-    start.started = started  # a test that must stop its proxies early pops them from here
-    yield start
-    for handle, app in started:
-        handle.close()
-        shutdown(app)
-
-
-@pytest.fixture
 def raw():
     """A scripted raw-socket upstream (by default it accepts and never answers)."""
     upstream = RawUpstream()

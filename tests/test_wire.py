@@ -19,7 +19,6 @@ from werkzeug.test import EnvironBuilder
 from proxy_app import create_app, shutdown
 from proxy_app.service.servers import WaitressService
 from tests.conftest import CallRecorder
-from tests.fake_ollama import serve
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
 
@@ -28,25 +27,6 @@ CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content":
 GOOD_REPLY = response(b'{"model":"llama3.2","response":"ok","done":true,"eval_count":1}')
 NDJSON = "application/x-ndjson"
 TOKEN = b'{"model":"llama3.2","response":"x","done":false}\n'
-
-
-@pytest.fixture
-def proxy_for(tmp_path):
-    """Factory: our app (with a CallRecorder) under waitress in front of ``url``; everything stopped after the test."""
-    started: list = []
-
-    def start(url: str, **settings):
-        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "CRITICAL", **settings}, environ={})
-        recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
-        handle = serve(app, threads=8)
-        started.append((handle, app))
-        return handle, app, recorder
-
-    yield start
-    for handle, app in started:
-        handle.close()
-        shutdown(app)
 
 
 @pytest.fixture
