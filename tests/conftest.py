@@ -207,6 +207,26 @@ def proxy_for(tmp_path):
 
 
 @pytest.fixture
+def proxy_with(upstream, tmp_path):
+    """Factory: our app with extra settings, served on a real port; returns (app, handle, recorder)."""
+    started = []
+
+    def start(**overrides):
+        settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path / f"data{len(started)}"), "LOG_LEVEL": "WARNING"}
+        app = create_app({**settings, **overrides}, environ={})
+        recorder = CallRecorder()
+        app.extensions["call_sinks"].append(recorder)
+        handle = serve(app)
+        started.append((app, handle))
+        return app, handle, recorder
+
+    yield start
+    for app, handle in started:
+        handle.close()
+        shutdown(app)
+
+
+@pytest.fixture
 def closing():
     """Register API clients (ollama, openai) to be closed after the test, so no socket leaks into the next one."""
     opened: list = []

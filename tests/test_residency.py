@@ -9,36 +9,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
-from proxy_app import create_app, shutdown
 from proxy_app.store import models
 from proxy_app.store.models import CallRow, ModelEvent, open_database
 from proxy_app.store.retention import Retention
-from tests.conftest import CallRecorder
-from tests.fake_ollama import serve
 from tests.test_store import postgres_schema
 
 LLAMA, QWEN = "llama3.2:latest", "qwen3:latest"
 LLAMA_SIZE, QWEN_SIZE = 2019393189, 5225388164  # the fake's catalogue sizes
-
-
-@pytest.fixture
-def proxy_with(upstream, tmp_path):
-    """Factory: our app with extra settings on a real port; returns (app, handle, recorder)."""
-    started = []
-
-    def start(**overrides):
-        settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path / f"data{len(started)}"), "LOG_LEVEL": "WARNING"}
-        app = create_app({**settings, **overrides}, environ={})
-        recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
-        handle = serve(app)
-        started.append((app, handle))
-        return app, handle, recorder
-
-    yield start
-    for app, handle in started:
-        handle.close()
-        shutdown(app)
 
 
 def events_of(app) -> list[tuple]:

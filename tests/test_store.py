@@ -24,14 +24,13 @@ import requests
 from peewee import CharField, DataError, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator, migrate
 
-from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
 from proxy_app.store.writer import Writer
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
-from tests.fake_ollama import MODEL_ERROR, serve
+from tests.fake_ollama import MODEL_ERROR
 from tests.test_csvlog import sample_call
 
 # The README's test server; another can be named for a run (the tests add a throwaway schema to it).
@@ -50,26 +49,6 @@ def stored(app, recorder: CallRecorder, count: int) -> list[dict]:
 def csv_rows(app) -> list[dict]:
     with open(app.config["CSV_FILE"], newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-@pytest.fixture
-def proxy_with(upstream, tmp_path):
-    """Factory: our app with extra settings, served on a real port; returns (app, handle, recorder)."""
-    started = []
-
-    def start(**overrides):
-        settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path / f"data{len(started)}"), "LOG_LEVEL": "WARNING"}
-        app = create_app({**settings, **overrides}, environ={})
-        recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
-        handle = serve(app)
-        started.append((app, handle))
-        return app, handle, recorder
-
-    yield start
-    for app, handle in started:
-        handle.close()
-        shutdown(app)
 
 
 def post(url: str, path: str, document: dict, **headers) -> requests.Response:
