@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from bench import client, targets
+from proxy_app.state import state_of
 
 CALLS = 2000
 
@@ -44,7 +45,7 @@ def _cpu_per_call(app, body: bytes, calls: int) -> tuple[float, float]:
     """(calling thread µs, whole process µs incl. the writer's flush) per call."""
     for _ in range(50):
         call_app(app, body)
-    writer = app.extensions.get("writer")
+    writer = state_of(app).writer
     if writer is not None:
         writer.flush(30)
     thread, process = time.thread_time(), time.process_time()
@@ -69,17 +70,17 @@ def run(calls: int = CALLS, rounds: int = 3) -> dict:
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING"}, environ={})
-            sinks, relay = list(app.extensions["call_sinks"]), app.extensions["relay"]
-            no_writer = [sink for sink in sinks if getattr(sink, "__self__", None) is not app.extensions["writer"]]
+            sinks, relay = list(state_of(app).call_sinks), state_of(app).relay
+            no_writer = [sink for sink in sinks if getattr(sink, "__self__", None) is not state_of(app).writer]
             for _ in range(rounds):
                 for name, chosen in (("full_analytics", sinks), ("no_writer", no_writer), ("relay_only", [])):
-                    app.extensions["call_sinks"][:] = chosen
+                    state_of(app).call_sinks[:] = chosen
                     samples.setdefault(name, []).append(_cpu_per_call(app, body, calls))
                 relay.forward = lambda app, req: Response(b"x" * 500, content_type="application/json")
                 samples.setdefault("dispatch_only", []).append(_cpu_per_call(app, body, calls))
                 relay.forward = forward
                 samples.setdefault("upstream_round_trip_only", []).append(_round_trip_only(app, body, calls))
-            app.extensions["call_sinks"][:] = sinks
+            state_of(app).call_sinks[:] = sinks
             shutdown(app)
     finally:
         upstream.stop()
@@ -89,7 +90,7 @@ def run(calls: int = CALLS, rounds: int = 3) -> dict:
 
 
 def _round_trip_only(app, body: bytes, calls: int) -> tuple[float, float]:
-    pool, headers = app.extensions["upstream_pool"], {**client.knobs(5), "Content-Length": str(len(body))}
+    pool, headers = state_of(app).upstream_pool, {**client.knobs(5), "Content-Length": str(len(body))}
     thread, process = time.thread_time(), time.process_time()
     for _ in range(calls):
         answer = pool.request("POST", client.GENERATE, body, headers)

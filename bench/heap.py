@@ -23,6 +23,7 @@ import threading
 import psutil
 
 from bench import client, targets
+from proxy_app.state import state_of
 
 from .breakdown import call_app
 
@@ -93,10 +94,10 @@ def run(calls: int) -> list[dict]:
                     thread.start()
                 for thread in threads:
                     thread.join()
-                app.extensions["writer"].flush(60)
+                state_of(app).writer.flush(60)
                 points.append({"calls": tenth * step * THREADS, **snapshot(libc, sqlite)})
                 print(json.dumps(points[-1]), file=sys.stderr, flush=True)
-            points.append({"rows_dropped": app.extensions["writer"].dropped})
+            points.append({"rows_dropped": state_of(app).writer.dropped})
             shutdown(app)
     finally:
         upstream.stop()

@@ -8,6 +8,7 @@ from pathlib import Path
 from flask import Flask
 
 from proxy_app import config as config_module
+from proxy_app import state as state_module
 from proxy_app.access import is_loopback
 
 # Our own routes. Everything else (/, /api/*, /v1/*, any future path) belongs to Ollama and is relayed.
@@ -21,6 +22,7 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     settings = config_module.merge(overrides, environ)
     app = Flask(__name__, template_folder=str(templates_folder()), static_folder=None)
     app.config.update(settings)
+    app.extensions[state_module.KEY] = state_module.ProxyState()  # each part's init_app below sets its field
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warn_if_exposed(settings)
 
@@ -74,5 +76,6 @@ def warn_if_exposed(settings) -> str | None:
 
 def shutdown(app: Flask) -> None:
     """Run every part's shutdown hook (flush the writer, stop background threads); safe to call twice."""
-    for hook in reversed(app.extensions.get("shutdown_hooks", [])):
+    state = app.extensions.get(state_module.KEY)
+    for hook in reversed(state.shutdown_hooks if state is not None else []):
         hook()

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from proxy_app import create_app, shutdown
+from proxy_app.state import state_of
 from tests.fake_ollama import FakeOllama, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def app(settings):
 def recorder(app) -> CallRecorder:
     """Collects every Call the app finishes."""
     sink = CallRecorder()
-    app.extensions["call_sinks"].append(sink)
+    state_of(app).call_sinks.append(sink)
     return sink
 
 
@@ -194,7 +195,7 @@ def proxy_for(tmp_path):
     def start(url: str, **settings):
         app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", **settings}, environ={})
         recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
+        state_of(app).call_sinks.append(recorder)
         handle = serve(app, threads=16)
         started.append((handle, app))
         return handle, app, recorder
@@ -215,7 +216,7 @@ def proxy_with(upstream, tmp_path):
         settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path / f"data{len(started)}"), "LOG_LEVEL": "WARNING"}
         app = create_app({**settings, **overrides}, environ={})
         recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
+        state_of(app).call_sinks.append(recorder)
         handle = serve(app)
         started.append((app, handle))
         return app, handle, recorder

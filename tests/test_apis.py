@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from proxy_app.calls import COLUMNS
+from proxy_app.state import state_of
 from proxy_app.store.csvlog import iter_csv
 from proxy_app.store.models import CallRow, open_database
 
@@ -66,7 +67,7 @@ def both(upstream, live_proxy, closing):
 def accounted(app, recorder):
     """The one Call the proxy finished, once its stored row and CSV mirror line are checked to hold it whole."""
     [call] = recorder.wait_for(1)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10)
     row = CallRow.select().where(CallRow.request_id == call.request_id).dicts().execute(writer.database)[0]
     assert {name: row[name] for name in COLUMNS} == call.as_dict()

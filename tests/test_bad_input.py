@@ -22,6 +22,7 @@ from proxy_app import create_app, shutdown
 from proxy_app.ollama import jsonscan
 from proxy_app.ollama.intake import read_intake, with_usage_requested
 from proxy_app.relay.headers import client_address
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder
 from tests.fake_ollama import serve
 from tests.raw_upstream import RawUpstream
@@ -85,7 +86,7 @@ def small_limit_proxy(upstream, tmp_path):
     app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR",
                       "MAX_BODY_BYTES": 1000}, environ={})  # fmt: skip
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     handle = serve(app, threads=8)
     yield handle, recorder
     handle.close()

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from proxy_app.state import state_of
 from proxy_app.store import models
 from tests.conftest import ROOT, need
 from tests.fake_ollama import serve
@@ -42,7 +43,7 @@ def browser():
 @pytest.fixture
 def served(app):
     """Our app with known_calls() stored, on a real port."""
-    models.insert_calls(app.extensions["dashboard"]["db"], known_calls(datetime.now(UTC)))
+    models.insert_calls(state_of(app).dashboard["db"], known_calls(datetime.now(UTC)))
     handle = serve(app, threads=8)
     yield handle
     handle.close()

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from proxy_app.calls import COLUMNS
 from proxy_app.service.cli import cli
 from proxy_app.service.supervisor import is_listening
+from proxy_app.state import state_of
 from tests.conftest import free_port
 from tests.processes import ROOT, fake_ollama_env, records
 
@@ -123,7 +124,7 @@ def test_cli_init_db_and_export_csv(app, client, tmp_path):
     result = CliRunner().invoke(cli, ["init-db"], env=env)
     assert result.output == f"database sqlite:///{tmp_path}/ollama-proxy.db is ready (schema version 3)\n"
     assert client.get("/api/tags").status_code == 200
-    assert app.extensions["writer"].flush(5)
+    assert state_of(app).writer.flush(5)
     out = tmp_path / "calls.csv"
     result = CliRunner().invoke(cli, ["export-csv", "--days", "1", "--output", str(out)], env=env)
     assert result.exit_code == 0, result.output

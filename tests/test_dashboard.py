@@ -19,6 +19,7 @@ from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
 from proxy_app.dashboard import queries
 from proxy_app.dashboard.queries import parse_filters
+from proxy_app.state import state_of
 from proxy_app.store import csvlog, export, models
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
@@ -29,7 +30,7 @@ ESCAPED_XSS = "explain &lt;img src=x onerror=alert(1)&gt;"
 
 
 def store_of(app):
-    return app.extensions["dashboard"]["db"]
+    return state_of(app).dashboard["db"]
 
 
 def started_app(data_dir, **settings):

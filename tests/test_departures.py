@@ -21,6 +21,7 @@ from proxy_app import create_app
 from proxy_app.relay import framing
 from proxy_app.relay.client_watch import POLL_SECONDS
 from proxy_app.service.servers import WaitressService
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder, GunicornProxy
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, reply, response
@@ -62,7 +63,7 @@ def assert_upstream_closed_soon(raw: RawUpstream, left: float) -> None:
 def test_departures_waitress_closes_the_upstream_when_the_client_leaves_mid_stream(raw, tmp_path):
     app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0}, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     service = WaitressService(app)
     threading.Thread(target=service.serve_forever, daemon=True).start()
     try:
@@ -71,7 +72,7 @@ def test_departures_waitress_closes_the_upstream_when_the_client_leaves_mid_stre
         assert_upstream_closed_soon(raw, left)
         call = recorder.wait_for(1)[0]
         assert (call.outcome, call.http_status, call.response_size_bytes) == ("client_gone", 200, len(FIRST_LINE))
-        assert app.extensions["in_flight"].count == 0
+        assert state_of(app).in_flight.count == 0
     finally:
         assert service.stop(wait=10)
 

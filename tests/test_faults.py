@@ -28,6 +28,7 @@ import requests
 from proxy_app import create_app, shutdown
 from proxy_app.ollama import usage as usage_module
 from proxy_app.service.servers import WaitressService
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import FakeOllama, serve
 from tests.processes import wait_until
@@ -254,7 +255,7 @@ def test_faults_usage_parser_failure_never_costs_the_client_its_stream(proxy_for
         assert status == 200 and len(body.splitlines()) == len(direct.splitlines())  # the whole stream
     calls = recorder.wait_for(2)
     assert [(call.http_status, call.output_tokens) for call in calls] == [(200, None)] * 2  # recorded, no counts
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
 
 
 # ---- the client misbehaves ------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def test_faults_client_leaves_while_upstream_loads(proxy_for, upstream, fake, ra
     call = recorder.wait_for(1, timeout=1.0)[0]  # before the load ends
     noticed = time.monotonic() - left
     assert (call.outcome, call.http_status) == ("client_gone", 499) and noticed < 1.0
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
     # The upstream connection is closed too, which is what makes Ollama stop (seen here on a raw upstream).
     handle2, app2, recorder2 = proxy_for(raw.url)
     with socket.create_connection(("127.0.0.1", handle2.port)) as sock:
@@ -306,7 +307,7 @@ def test_faults_waitress_service_notices_a_client_leaving_while_upstream_loads(r
     settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     service = WaitressService(app)
     threading.Thread(target=service.serve_forever, daemon=True).start()
     try:
@@ -332,7 +333,7 @@ def test_faults_client_leaves_mid_stream_noticed_at_next_token(proxy_for, upstre
     left = time.monotonic()
     call = recorder.wait_for(1, timeout=3)[0]
     assert call.outcome == "client_gone" and time.monotonic() - left < 1.0  # a token or two later
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
 
 
 def test_faults_slow_reader_gets_everything_and_blocks_no_one(proxy_for, upstream, fake):
@@ -374,7 +375,7 @@ def test_faults_500_idle_keepalive_connections(upstream, tmp_path):
         assert post(handle.port)[0] == 200 and time.monotonic() - started < 2.0
         idle[0].sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")  # an idle one is still usable
         assert b'"version"' in _read_response(idle[0])
-        wait_until(lambda: app.extensions["in_flight"].count == 0, timeout=5, message="no call in flight")
+        wait_until(lambda: state_of(app).in_flight.count == 0, timeout=5, message="no call in flight")
     finally:
         for sock in idle:
             sock.close()
@@ -405,7 +406,7 @@ def test_faults_disk_full_calls_succeed_and_drops_are_counted(proxy_for, upstrea
         pytest.skip(f"a full disk is simulated with a 1 MB tmpfs, which needs mount rights: {mounted.stderr!r}")
     try:
         handle, app, recorder = proxy_for(upstream.url, DATA_DIR=str(small), WRITER_RETRY_SECONDS="1")
-        writer = app.extensions["writer"]
+        writer = state_of(app).writer
         assert post(handle.port)[0] == 200 and recorder.wait_for(1) and writer.flush(10) and writer.written == 1
         with open(small / "filler", "wb") as filler:  # take every byte that is left
             with contextlib.suppress(OSError):

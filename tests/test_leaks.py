@@ -17,6 +17,7 @@ import requests
 from werkzeug.test import EnvironBuilder
 
 from proxy_app import create_app, shutdown
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder, GunicornProxy
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, reply, response
@@ -57,7 +58,7 @@ def proxy(raw, tmp_path):
                 "QUEUE_TIMEOUT": 0.5}  # fmt: skip
     app = create_app(settings, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     yield app, recorder
     shutdown(app)
 
@@ -86,7 +87,7 @@ def test_leaks_start_response_raising_answers_in_shape_and_frees_the_slot(proxy,
     assert [(call.outcome, call.http_status, call.error_message) for call in calls] == [
         ("upstream_error", 502, message)
     ] * 3
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
     wait_until(lambda: len(raw.closed_at) == 3, timeout=5, message="every upstream connection closed")
     raw.script = reply(GOOD_REPLY)
     assert app.test_client().post("/api/generate", json=GENERATE).status_code == 200  # both slots are free
@@ -99,7 +100,7 @@ def test_leaks_start_response_always_raising_still_frees_the_slot(proxy, raw):
         with pytest.raises(ValueError, match="invalid header value"):
             call_with(app, RefusingServer(accepts_exc_info=False))
     assert [call.outcome for call in recorder.wait_for(3)] == ["upstream_error"] * 3
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
     wait_until(lambda: len(raw.closed_at) == 3, timeout=5, message="every upstream connection closed")
     raw.script = reply(GOOD_REPLY)
     assert app.test_client().post("/api/generate", json=GENERATE).status_code == 200
@@ -143,7 +144,7 @@ def test_leaks_server_failing_mid_body_then_closing_frees_the_slot(proxy, raw):
     assert [(call.outcome, call.response_size_bytes) for call in recorder.wait_for(3)] == [
         ("client_gone", len(line))
     ] * 3
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
     wait_until(lambda: len(raw.closed_at) == 3, timeout=5, message="every upstream connection closed")
     raw.script = reply(GOOD_REPLY)
     assert app.test_client().post("/api/generate", json=GENERATE).status_code == 200

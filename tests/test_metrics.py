@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from proxy_app import access, create_app, shutdown
 from proxy_app.calls import Call
 from proxy_app.ops import metrics
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder, free_port, need
 from tests.fake_ollama import serve
 
@@ -312,7 +313,7 @@ class Proxy:
     def __init__(self, settings: dict, **overrides) -> None:
         self.app = create_app({**settings, **overrides}, environ={})
         self.recorder = CallRecorder()
-        self.app.extensions["call_sinks"].append(self.recorder)
+        state_of(self.app).call_sinks.append(self.recorder)
         self.handle = serve(self.app, threads=16)
         self.url = self.handle.url
 

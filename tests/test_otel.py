@@ -26,6 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from proxy_app import config, create_app, shutdown
 from proxy_app.ops import otel
+from proxy_app.state import state_of
 from tests.conftest import free_port
 from tests.fake_ollama import serve
 from tests.test_metrics import make_call, samples
@@ -162,7 +163,7 @@ def settings(upstream, tmp_path, receiver) -> dict:
 
 def exported(app, receiver: OtlpReceiver, count: int) -> dict[str, SimpleNamespace]:
     """Flush this process's spans and metrics; return the spans by the request id they carry."""
-    app.extensions["otel"].flush()
+    state_of(app).otel.flush()
     spans = receiver.wait_for_spans(count)
     assert len(spans) == count, [span.name for span in spans]
     return {span.attributes["ollama_proxy.request_id"]: span for span in spans}
@@ -292,7 +293,7 @@ def test_otel_other_calls_make_no_span(live_proxy, app, recorder, receiver):
 @pytest.mark.parametrize("endpoint", ["/v1/messages", "/v1/responses"])
 def test_otel_messages_and_responses_are_chat(app, receiver, endpoint):
     # The fake serves neither API yet; the sink maps them by the Call's endpoint.
-    app.extensions["otel"].submit(make_call(endpoint=endpoint, api="openai", input_tokens=3, output_tokens=4))
+    state_of(app).otel.submit(make_call(endpoint=endpoint, api="openai", input_tokens=3, output_tokens=4))
     (span,) = exported(app, receiver, 1).values()
     assert span.name == "chat llama3.2" and span.attributes["gen_ai.operation.name"] == "chat"
 
@@ -350,7 +351,7 @@ def test_otel_content_only_with_both_opt_ins(upstream, tmp_path, receiver):
         try:
             response = app.test_client().post("/api/chat", json={**CHAT, "stream": False})
             assert response.status_code == 200 and response.get_json()["done"] is True
-            app.extensions["otel"].flush()
+            state_of(app).otel.flush()
         finally:
             shutdown(app)
         attributes = receiver.wait_for_spans(count)[-1].attributes
@@ -375,7 +376,7 @@ def test_otel_metrics_exporter_none_sends_spans_only(upstream, tmp_path, receive
     app = create_app(settings, environ={})
     try:
         assert app.test_client().post("/api/generate", json={**GENERATE, "stream": False}).get_json()["done"]
-        app.extensions["otel"].flush()
+        state_of(app).otel.flush()
     finally:
         shutdown(app)
     assert len(receiver.wait_for_spans(1)) == 1 and receiver.metric_exports == []
@@ -388,7 +389,7 @@ def test_otel_headers_reach_the_collector_and_stay_masked(upstream, tmp_path, re
     app = create_app(settings, environ={})
     try:
         assert app.test_client().post("/api/generate", json={**GENERATE, "stream": False}).get_json()["done"]
-        app.extensions["otel"].flush()
+        state_of(app).otel.flush()
     finally:
         shutdown(app)
     sent = receiver.headers[0]
@@ -412,7 +413,7 @@ def test_otel_settings_checked_only_when_on():
 def test_otel_off_adds_no_sink_and_no_counter(upstream, tmp_path):
     app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path)}, environ={})
     try:
-        assert "otel" not in app.extensions
+        assert state_of(app).otel is None
         assert "ollama_proxy_otel" not in app.test_client().get("/metrics").get_data(as_text=True)
     finally:
         shutdown(app)
@@ -432,7 +433,7 @@ def test_otel_dead_collector_leaves_calls_whole_and_counts_drops(upstream, tmp_p
             assert response.status_code == 200 and response.text.count("\n") == 6
         scraped = samples(app.test_client().get("/metrics").get_data(as_text=True), "ollama_proxy_otel_dropped_total")
         assert scraped[""] >= 2  # two may wait in the queue and two in the exporter's hands; the rest are refused
-        export = app.extensions["otel"]
+        export = state_of(app).otel
         export.shutdown_seconds = 0.5  # the collector is dead: give up on it at once
     finally:
         proxy.close()

@@ -15,6 +15,7 @@ import pytest
 
 from proxy_app import create_app, shutdown
 from proxy_app.relay import forward, headers
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder, free_port
 from tests.fake_ollama import serve
 from tests.raw_upstream import TLS, chunked, response, tls_upstream
@@ -55,7 +56,7 @@ def relay_of(replay: Replay, tmp_path) -> tuple:
     upstream = serve(replay)
     app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"}, environ={})
     seen: list = []
-    app.extensions["call_sinks"].append(seen.append)
+    state_of(app).call_sinks.append(seen.append)
     return upstream, serve(app), seen
 
 
@@ -272,7 +273,7 @@ def test_relay_upstream_unreachable_native_and_openai(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     app = create_app({"UPSTREAM": dead, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
     seen: list = []
-    app.extensions["call_sinks"].append(seen.append)
+    state_of(app).call_sinks.append(seen.append)
     client = app.test_client()
     native = client.post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
     assert native.status_code == 502 and native.content_type == "application/json; charset=utf-8"
@@ -284,7 +285,7 @@ def test_relay_upstream_unreachable_native_and_openai(tmp_path):
         ("unreachable", 502, "llama3.2"),
         ("unreachable", 502, "llama3.2"),
     ]
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
 
 
 def test_relay_upstream_dies_mid_stream(live_proxy, fake, recorder, closing):
@@ -341,7 +342,7 @@ def test_relay_client_disconnect_closes_upstream(live_proxy, fake, recorder, app
     while fake.cancelled < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert fake.cancelled == 1  # Ollama saw the close and would stop generating
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
 
 
 def test_relay_64_concurrent_streams_take_about_one_second(live_proxy, fake, recorder):
@@ -368,7 +369,7 @@ def test_relay_64_concurrent_streams_take_about_one_second(live_proxy, fake, rec
 def test_relay_body_over_limit_gets_413(tmp_path, upstream):
     app = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "MAX_BODY_BYTES": 100}, environ={})
     seen: list = []
-    app.extensions["call_sinks"].append(seen.append)
+    state_of(app).call_sinks.append(seen.append)
     response = app.test_client().post("/api/generate", data=b"{" + b" " * 200 + b"}")
     assert response.status_code == 413 and "exceeds" in response.get_json()["error"]
     assert seen[0].outcome == "rejected"
@@ -379,7 +380,7 @@ def test_relay_queue_limit_rejects_in_ollama_shape(tmp_path, upstream, fake):
     settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "MAX_CONCURRENT": 1, "QUEUE_TIMEOUT": 0.2}
     app = create_app(settings, environ={})
     seen: list = []
-    app.extensions["call_sinks"].append(seen.append)
+    state_of(app).call_sinks.append(seen.append)
     proxy = serve(app)
     try:
         slow = open_stream(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
@@ -462,7 +463,7 @@ def test_relay_refuses_methods_ollama_has_no_use_for_in_its_error_shape(client, 
 
 
 def test_relay_a_bug_of_ours_still_answers_in_ollamas_shape_and_the_proxy_goes_on(app, client, caplog):
-    relay_app = app.extensions["relay"]
+    relay_app = state_of(app).relay
 
     def broken(app, req):
         raise RuntimeError("a bug")
@@ -485,7 +486,7 @@ def test_relay_https_upstream_end_to_end(tmp_path, monkeypatch):
     with tls_upstream(answer) as url:
         app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path)}, environ={})
         recorder = CallRecorder()
-        app.extensions["call_sinks"].append(recorder)
+        state_of(app).call_sinks.append(recorder)
         reply = app.test_client().post("/api/generate", json={"model": "llama3.2", "prompt": "x"})
         assert reply.status_code == 200 and reply.data == b"".join(lines)
     call = recorder.wait_for(1)[0]

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.models import CallRow, ModelEvent, open_database
 from proxy_app.store.retention import Retention
@@ -19,7 +20,7 @@ LLAMA_SIZE, QWEN_SIZE = 2019393189, 5225388164  # the fake's catalogue sizes
 
 
 def events_of(app) -> list[tuple]:
-    db = app.extensions["writer"].database
+    db = state_of(app).writer.database
     with db.connection_context():
         rows = ModelEvent.select().order_by(ModelEvent.id).execute(db)
         return [(row.event, row.model, row.size_bytes, row.vram_bytes, row.context_length, row.request_id)
@@ -66,7 +67,7 @@ def test_residency_poller_records_loads_unloads_and_gauges(proxy_with, fake, bac
         overrides["DATABASE_URL"] = schema.__enter__()
     try:
         app, handle, _ = proxy_with(**overrides)
-        residency = app.extensions["residency"]
+        residency = state_of(app).residency
         fake.set_loaded("llama3.2")
         residency.poll()
         assert events_of(app) == [("load", LLAMA, LLAMA_SIZE, LLAMA_SIZE, 4096, None)]
@@ -97,8 +98,8 @@ def test_residency_poller_records_loads_unloads_and_gauges(proxy_with, fake, bac
         assert document["events"][0]["timestamp"].endswith("Z")
         # a restarted proxy (or another process taking over) reads the stored state and adds no duplicate
         again, _, _ = proxy_with(**{**overrides, "DATABASE_URL": app.config["DATABASE"]})
-        again.extensions["residency"].poll()
-        assert len(events_of(app)) == 3 and again.extensions["residency"].loaded.keys() == {QWEN}
+        state_of(again).residency.poll()
+        assert len(events_of(app)) == 3 and state_of(again).residency.loaded.keys() == {QWEN}
     finally:
         if backend == "postgresql":
             schema.__exit__(None, None, None)
@@ -106,7 +107,7 @@ def test_residency_poller_records_loads_unloads_and_gauges(proxy_with, fake, bac
 
 def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
     app, handle, recorder = proxy_with(PS_INTERVAL=3600)  # only a cold call makes the poller read /api/ps
-    residency = app.extensions["residency"]
+    residency = state_of(app).residency
     assert requests.get(handle.url + "/api/version", timeout=10).status_code == 200  # starts the poller
     assert residency._ticker.thread.is_alive() and residency.polled_at is None and fake.ps_polls == 0
     body = {"model": "llama3.2", "prompt": "hi", "stream": False}
@@ -114,8 +115,8 @@ def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
     warm = requests.post(handle.url + "/api/generate", json=body, timeout=10)
     assert cold.status_code == warm.status_code == 200
     recorder.wait_for(3)
-    assert app.extensions["writer"].flush(10)
-    db = app.extensions["writer"].database
+    assert state_of(app).writer.flush(10)
+    db = state_of(app).writer.database
     with db.connection_context():
         rows = {row.request_id: row.cold_start for row in CallRow.select().execute(db)}
     assert rows[cold.headers["X-Request-ID"]] is True and rows[warm.headers["X-Request-ID"]] is False
@@ -134,7 +135,7 @@ def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
 
 def test_residency_failing_ps_backs_off_and_calls_go_on(proxy_with, fake):
     app, handle, recorder = proxy_with(PS_INTERVAL=0)
-    residency = app.extensions["residency"]
+    residency = state_of(app).residency
     fake.ps_fail_status = 500
     residency.poll()
     residency.poll()
@@ -155,7 +156,7 @@ def test_residency_failing_ps_backs_off_and_calls_go_on(proxy_with, fake):
 
 def test_residency_poller_backoff_grows_and_is_capped(proxy_with, fake):
     app, _, _ = proxy_with(PS_INTERVAL=0)
-    residency = app.extensions["residency"]
+    residency = state_of(app).residency
     residency.interval = 10
     fake.ps_fail_status = 503
     waits = []

@@ -23,6 +23,7 @@ import requests
 from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
 from proxy_app.ollama.hosts import HostRule, host_of
+from proxy_app.state import state_of
 from tests.fake_ollama import serve
 from tests.test_store import postgres_schema
 
@@ -58,7 +59,7 @@ def test_security_secrets_never_in_rows_csv_logs_or_metrics(app, live_proxy, fak
     client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True)
     recorder.wait_for(5)
     assert fake.seen[0]["headers"]["Authorization"] == SECRETS["authorization"]  # still relayed: Ollama may need it
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10)
     places = {
         "rows": "\n".join(repr(row) for row in _rows(app)),
@@ -197,7 +198,7 @@ def is_signed_in(app, cookie: str) -> bool:
 
 def test_login_guessing_is_throttled_then_the_right_token_works(locked):
     app = locked()
-    clock = app.extensions["dashboard"]["clock"] = FakeClock()
+    clock = state_of(app).dashboard["clock"] = FakeClock()
     client = app.test_client()
     for number in range(5):  # one guess a second
         assert sign_in(client, f"guess-{number}").status_code == 401
@@ -220,7 +221,7 @@ def test_login_guessing_is_throttled_then_the_right_token_works(locked):
 
 def test_login_throttle_counts_per_client_address(locked):
     app = locked(TRUSTED_PROXIES="127.0.0.1/32")
-    app.extensions["dashboard"]["clock"] = FakeClock()
+    state_of(app).dashboard["clock"] = FakeClock()
     client = app.test_client()
     for _ in range(5):
         assert sign_in(client, "guess", **{"X-Forwarded-For": "203.0.113.9"}).status_code == 401
@@ -231,7 +232,7 @@ def test_login_throttle_counts_per_client_address(locked):
 
 def test_login_throttle_ignores_forwarded_for_from_an_untrusted_peer(locked):
     app = locked()  # no TRUSTED_PROXIES: X-Forwarded-For is the client's own word, and changing it gains nothing
-    app.extensions["dashboard"]["clock"] = FakeClock()
+    state_of(app).dashboard["clock"] = FakeClock()
     client = app.test_client()
     answers = [sign_in(client, "guess", **{"X-Forwarded-For": f"203.0.113.{n}"}).status_code for n in range(8)]
     assert answers == [401] * 5 + [429] * 3
@@ -268,7 +269,7 @@ def test_login_state_is_shared_by_every_worker_of_a_store(locked, tmp_path, stor
         database = stack.enter_context(postgres_schema("test_login")) if store == "postgresql" else ""
         one, two = locked(database=database), locked(database=database)
         clock = FakeClock()
-        one.extensions["dashboard"]["clock"] = two.extensions["dashboard"]["clock"] = clock
+        state_of(one).dashboard["clock"] = state_of(two).dashboard["clock"] = clock
         answers = [sign_in((one if n % 2 else two).test_client(), "guess").status_code for n in range(7)]
         assert answers == [401] * 5 + [429] * 2
         clock.now += 61

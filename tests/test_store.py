@@ -25,6 +25,7 @@ from peewee import CharField, DataError, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app.calls import COLUMNS
+from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
@@ -41,7 +42,7 @@ MESSAGES = [{"role": "user", "content": "why is the sky blue"}]
 def stored(app, recorder: CallRecorder, count: int) -> list[dict]:
     """The stored rows, oldest first, once ``count`` calls have finished and the writer has caught up."""
     recorder.wait_for(count)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10)
     return list(CallRow.select().order_by(CallRow.id).dicts().execute(writer.database))
 
@@ -161,7 +162,7 @@ def test_store_client_disconnect(live_proxy, app, fake, recorder):
     [row] = stored(app, recorder, 1)
     assert (row["outcome"], row["http_status"], row["output_tokens"]) == ("client_gone", 200, None)
     assert 0 < row["response_size_bytes"] < 200 * 80 and row["total_time_ms"] < 200 * 20
-    assert app.extensions["in_flight"].count == 0
+    assert state_of(app).in_flight.count == 0
 
 
 def test_store_queue_time_and_rejection(proxy_with, fake):
@@ -282,7 +283,7 @@ def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_wit
         assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
         sent += 1
         time.sleep(0.25)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.written == 0 and writer.dropped == 0 and writer.retries > 0  # held and tried again, not dropped
     assert requests.get(proxy.url + "/health").json()["writer"]["error"].endswith("database is locked")
     release(holder)
@@ -299,7 +300,7 @@ def test_store_locked_database_past_the_retry_window_drops_and_counts(proxy_with
         response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
         assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
     recorder.wait_for(5)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10)
     assert (writer.written, writer.dropped) == (0, 5)
     health = requests.get(proxy.url + "/health")
@@ -321,7 +322,7 @@ def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
     for _ in range(3):
         assert post(proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES}).status_code == 200
     recorder.wait_for(3)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10) and (writer.written, writer.dropped) == (0, 3)
     assert requests.get(proxy.url + "/health").json()["writer"]["error"]
 

@@ -18,6 +18,7 @@ import requests
 from proxy_app import calls, config
 from proxy_app.calls import COLUMNS, Call
 from proxy_app.dashboard import queries
+from proxy_app.state import state_of
 from proxy_app.store import export, models, retention
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow
@@ -100,7 +101,7 @@ def test_store_huge_client_values_bounded_alike_through_the_proxy(live_proxy, ap
     assert answer.status_code == 404  # the fake knows no such model; the call is recorded all the same
     assert requests.get(live_proxy.url + "/api/" + "x" * 6000).status_code == 404
     recorder.wait_for(2)
-    writer = app.extensions["writer"]
+    writer = state_of(app).writer
     assert writer.flush(10) and (writer.written, writer.dropped) == (2, 0)
     db = writer.database
     stored = list(CallRow.select().order_by(CallRow.id).dicts().execute(db))
@@ -246,7 +247,7 @@ def test_store_max_rows_setting():
 
 
 def test_store_max_rows_reaches_the_writer(app):
-    assert app.extensions["writer"].retention.max_rows == app.config["MAX_ROWS"] == 5_000_000
+    assert state_of(app).writer.retention.max_rows == app.config["MAX_ROWS"] == 5_000_000
 
 
 def aged(count: int, prefix: str, first_second: int = 0) -> list:

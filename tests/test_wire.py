@@ -18,6 +18,7 @@ from werkzeug.test import EnvironBuilder
 
 from proxy_app import create_app, shutdown
 from proxy_app.service.servers import WaitressService
+from proxy_app.state import state_of
 from tests.conftest import CallRecorder
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, chunked, read_request, reply, response
@@ -145,12 +146,12 @@ def test_wire_control_character_in_upstream_header_in_process(raw, tmp_path):
     raw.script = reply(BAD_HEADS["control-character"][0], then_close=False)
     app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "CRITICAL"}, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     try:
         answer = app.test_client().post("/api/generate", data=GENERATE)
         assert answer.status_code == 502 and "control character" in answer.get_json()["error"]
         assert "X-Bad" not in answer.headers
-        assert (recorder.wait_for(1)[0].outcome, app.extensions["in_flight"].count) == ("upstream_error", 0)
+        assert (recorder.wait_for(1)[0].outcome, state_of(app).in_flight.count) == ("upstream_error", 0)
         wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
     finally:
         shutdown(app)
@@ -183,7 +184,7 @@ def test_wire_closing_an_unread_relayed_answer_never_waits_for_the_upstream(raw,
     settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "CRITICAL", "READ_TIMEOUT": 30}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     try:
         environ = EnvironBuilder(path="/api/generate", method="POST", data=GENERATE).get_environ()
         answer = app(environ, lambda status, headers, exc_info=None: None)
@@ -191,7 +192,7 @@ def test_wire_closing_an_unread_relayed_answer_never_waits_for_the_upstream(raw,
         threading.Thread(target=lambda: (answer.close(), closed.set()), daemon=True).start()
         assert closed.wait(10)  # a server closing a body it never sent does not wait out the 30 s read timeout
         call = recorder.wait_for(1, timeout=1)[0]
-        assert (call.outcome, app.extensions["in_flight"].count) == ("client_gone", 0)
+        assert (call.outcome, state_of(app).in_flight.count) == ("client_gone", 0)
         wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
     finally:
         shutdown(app)
@@ -236,7 +237,7 @@ def test_wire_bad_chunk_size_from_the_client_under_waitress_gets_400(upstream, f
     settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "CRITICAL", "PORT": 0}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
-    app.extensions["call_sinks"].append(recorder)
+    state_of(app).call_sinks.append(recorder)
     service = WaitressService(app)
     threading.Thread(target=service.serve_forever, daemon=True).start()
     port = service.server.effective_port

@@ -22,6 +22,7 @@ from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
 from proxy_app.dashboard import charts, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
+from proxy_app.state import state_of
 from proxy_app.store import export, models
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def init_app(app: Flask) -> None:
     app.config["MAX_CONTENT_LENGTH"] = OWN_BODY_BYTES
     db = models.database.obj or models.open_database(app.config["DATABASE"])
     refresher = readmodel.Refresher(db)
-    app.extensions["dashboard"] = {"db": db, "refresher": refresher, "clock": time.time, "sessions_ready": False}
-    app.extensions.setdefault("shutdown_hooks", []).append(refresher.stop)
+    state_of(app).dashboard = {"db": db, "refresher": refresher, "clock": time.time, "sessions_ready": False}
+    state_of(app).shutdown_hooks.append(refresher.stop)
     try:
         refresher.ready = readmodel.ensure_read_model(db)
     except Exception as exc:  # a locked or unreachable database: the refresher tries again on first use
@@ -54,7 +55,7 @@ def init_app(app: Flask) -> None:
     try:
         if app.config["ADMIN_TOKEN"]:
             sessions.ensure_tables(db)
-            app.extensions["dashboard"]["sessions_ready"] = True
+            state_of(app).dashboard["sessions_ready"] = True
     except Exception as exc:  # as above: the first sign-in tries again
         log.warning("cannot prepare the dashboard's sign-in tables yet: %s", exc)
     finally:
@@ -65,7 +66,7 @@ def init_app(app: Flask) -> None:
 
 
 def _db():
-    return current_app.extensions["dashboard"]["db"]
+    return state_of(current_app).dashboard["db"]
 
 
 # ---- access and headers ------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def _cookie_value(token: str) -> str:
 @contextlib.contextmanager
 def _signin_store():
     """The store, connected, with the sign-in tables made (once per process)."""
-    state = current_app.extensions["dashboard"]
+    state = state_of(current_app).dashboard
     with state["db"].connection_context():
         if not state["sessions_ready"]:
             sessions.ensure_tables(state["db"])
@@ -99,7 +100,7 @@ def is_authorized(token: str) -> bool:
 def _guard():
     g.csp_nonce = secrets.token_urlsafe(16)
     if request.endpoint in OPEN_ENDPOINTS or is_authorized(current_app.config["ADMIN_TOKEN"]):
-        current_app.extensions["dashboard"]["refresher"].ensure_running()
+        state_of(current_app).dashboard["refresher"].ensure_running()
         return None
     if _wants_json(default=request.endpoint != "dashboard.index"):
         response = _json({"error": "unauthorized"}, 401)
@@ -294,7 +295,7 @@ def login():
     forwarded, trusted = request.headers.get("X-Forwarded-For"), current_app.config["TRUSTED_PROXIES"]
     address = sessions.client_address(request.remote_addr or "", forwarded, trusted)
     with _signin_store() as db:
-        wait = sessions.admit(db, address, current_app.extensions["dashboard"]["clock"]())
+        wait = sessions.admit(db, address, state_of(current_app).dashboard["clock"]())
         if wait:
             message = f"Too many failed sign-ins from your address; try again in {wait} s."
             return _login_page(target, message, 429, {"Retry-After": str(wait)})

@@ -1,7 +1,7 @@
 """Operational endpoints: ``/health`` (is the upstream reachable, are our parts alive), ``/test`` (connectivity)
 and ``/metrics`` (Prometheus).
 
-Other modules add their own checks to ``app.extensions["health_checks"]`` (name -> callable returning a dict with
+Other modules add their own checks to ``state_of(app).health_checks`` (name -> callable returning a dict with
 an ``ok`` key). With ADMIN_TOKEN or METRICS_TOKEN set, ``/health`` and ``/test`` answer anyone with a bare status
 and keep the details (the upstream's address and version, the parts' errors) for a caller with either token. This
 module does not relay anything.
@@ -15,6 +15,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from proxy_app.access import is_authorized
 from proxy_app.ops import metrics as metrics_module
 from proxy_app.ops.probe import PROBE_TIMEOUT, open_session, probe_upstream
+from proxy_app.state import state_of
 
 bp = Blueprint("ops", __name__)
 
@@ -22,17 +23,16 @@ bp = Blueprint("ops", __name__)
 def init_app(app: Flask) -> None:
     """Register the blueprint and the requests session used for probes."""
     session = open_session()
-    app.extensions["probe_session"] = session
-    app.extensions.setdefault("shutdown_hooks", []).append(session.close)
-    app.extensions.setdefault("health_checks", {})
+    state_of(app).probe_session = session
+    state_of(app).shutdown_hooks.append(session.close)
     app.register_blueprint(bp)
 
 
 @bp.route("/health", methods=["GET"])
 def health():
     """200 when the upstream answers and every registered part is alive, else 503; HEAD works too."""
-    upstream = probe_upstream(current_app.config["UPSTREAM"], current_app.extensions["probe_session"])
-    checks = {name: check() for name, check in current_app.extensions["health_checks"].items()}
+    upstream = probe_upstream(current_app.config["UPSTREAM"], state_of(current_app).probe_session)
+    checks = {name: check() for name, check in state_of(current_app).health_checks.items()}
     healthy = upstream["reachable"] and all(check.get("ok", True) for check in checks.values())
     document = {"status": "ok" if healthy else "degraded", "proxy": "up", "upstream": upstream, **checks}
     return jsonify(document if _may_see_details() else {"status": document["status"]}), 200 if healthy else 503
@@ -41,7 +41,7 @@ def health():
 @bp.route("/test", methods=["GET"])
 def connectivity_test():
     """Call the upstream and list its models: a one-click check that the proxy can talk to Ollama."""
-    session = current_app.extensions["probe_session"]
+    session = state_of(current_app).probe_session
     upstream = probe_upstream(current_app.config["UPSTREAM"], session)
     document = {"upstream": upstream, "models": []}
     if upstream["reachable"]:

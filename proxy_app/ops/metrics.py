@@ -24,6 +24,7 @@ from prometheus_client.metrics import disable_created_metrics
 from proxy_app import __version__
 from proxy_app.calls import Call
 from proxy_app.ops.probe import probe_upstream
+from proxy_app.state import state_of
 from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -305,45 +306,45 @@ def make_ticker(name: str, task: Callable[[], None], interval: float) -> Ticker:
 
 def refresh(app) -> None:
     """Sample this process and copy the writer's counts now (each scrape, and every SAMPLE_INTERVAL)."""
-    collected = app.extensions["metrics"]
+    collected = state_of(app).metrics
     collected.sample_process()
-    collected.copy_writer(app.extensions.get("writer"))
-    collected.copy_otel(app.extensions.get("otel"))
+    collected.copy_writer(state_of(app).writer)
+    collected.copy_otel(state_of(app).otel)
 
 
 def probe(app) -> None:
     """Probe the upstream once and record whether it answered and how long the probe took."""
     started = time.perf_counter()
-    result = probe_upstream(app.config["UPSTREAM"], app.extensions["probe_session"])
-    app.extensions["metrics"].record_probe(result["reachable"], time.perf_counter() - started)
+    result = probe_upstream(app.config["UPSTREAM"], state_of(app).probe_session)
+    state_of(app).metrics.record_probe(result["reachable"], time.perf_counter() - started)
 
 
 def scrape(app, accept: str | None = None) -> tuple[bytes, str]:
     """Answer a scrape: make sure this process samples and probes, refresh it now, then render."""
-    sampler, prober = app.extensions["metrics_tickers"]
+    sampler, prober = state_of(app).metrics_tickers
     sampler.ensure()
     prober.ensure(wait=FIRST_PROBE_WAIT)
     refresh(app)
-    return expose(app.extensions["metrics"].registry, accept)
+    return expose(state_of(app).metrics.registry, accept)
 
 
 def init_app(app) -> None:
     """Build this app's metrics, hook them to the relay's counts and sinks, and time our own endpoints."""
-    config, gate = app.config, app.extensions["gate"]
+    config, gate = app.config, state_of(app).gate
     # Why a registry per app: tests build many apps in one process; in multiprocess mode the files count instead.
     registry = CollectorRegistry(auto_describe=True)
     collected = make_metrics(registry, config["MAX_MODELS"], has_queue=bool(gate.limit), has_otel=config["OTEL"])
-    app.extensions["metrics"] = collected
-    app.extensions["call_sinks"].insert(0, collected.observe)
-    app.extensions["in_flight"].watcher = collected.active_requests.inc
+    state_of(app).metrics = collected
+    state_of(app).call_sinks.insert(0, collected.observe)
+    state_of(app).in_flight.watcher = collected.active_requests.inc
     if collected.queue_depth is not None:
         gate.depth_watcher = collected.queue_depth.inc
     sampler = make_ticker("metrics-sampler", lambda: refresh(app), config["SAMPLE_INTERVAL"])
     prober = make_ticker("upstream-prober", lambda: probe(app), config["PROBE_INTERVAL"])
-    app.extensions["metrics_tickers"] = (sampler, prober)
-    app.extensions["shutdown_hooks"].extend([sampler.stop, prober.stop])
+    state_of(app).metrics_tickers = (sampler, prober)
+    state_of(app).shutdown_hooks.extend([sampler.stop, prober.stop])
     app.before_request(sampler.ensure)  # our own routes; returns None, so the request goes on
-    app.extensions["before_relay"].append(sampler.ensure)  # relayed calls, which Flask does not see
+    state_of(app).before_relay.append(sampler.ensure)  # relayed calls, which Flask does not see
     _time_own_endpoints(app, registry)
 
 
@@ -351,6 +352,6 @@ def _time_own_endpoints(app, registry: CollectorRegistry) -> None:
     """prometheus-flask-exporter's per-endpoint HTTP metrics for our routes (relayed calls never reach Flask)."""
     from prometheus_flask_exporter import PrometheusMetrics
 
-    app.extensions["http_metrics"] = PrometheusMetrics(
+    state_of(app).http_metrics = PrometheusMetrics(
         app, path=None, registry=registry, group_by="endpoint", defaults_prefix="ollama_proxy"
     )

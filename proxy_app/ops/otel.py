@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from proxy_app import __version__
 from proxy_app.calls import Call
 from proxy_app.ops.metrics import ModelLabels
+from proxy_app.state import state_of
 
 # gen_ai.operation.name by path: the GenAI conventions' names for what each Ollama endpoint does.
 OPERATIONS = {
@@ -64,9 +65,9 @@ def init_app(app) -> None:
     if not app.config["OTEL"]:
         return
     export = OtelExport(app.config)
-    app.extensions["otel"] = export
-    app.extensions.setdefault("call_sinks", []).append(export.submit)
-    app.extensions.setdefault("shutdown_hooks", []).append(export.shutdown)
+    state_of(app).otel = export
+    state_of(app).call_sinks.append(export.submit)
+    state_of(app).shutdown_hooks.append(export.shutdown)
 
 
 class OtelExport:

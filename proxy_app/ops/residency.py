@@ -23,6 +23,7 @@ import requests
 from proxy_app import __version__
 from proxy_app.calls import Call
 from proxy_app.ops.probe import open_session
+from proxy_app.state import state_of
 from proxy_app.ticker import Ticker
 
 try:
@@ -205,10 +206,10 @@ def init_app(app, store) -> None:
     config = app.config
     lock_path = Path(config["DATA_DIR"]) / LOCK_FILE
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    residency = Residency(config["UPSTREAM"], config["PS_INTERVAL"], app.extensions["metrics"], store, lock_path)
-    app.extensions["residency"] = residency
-    app.extensions["call_sinks"].append(residency.observe)
-    app.extensions["shutdown_hooks"].append(residency.stop)
-    app.extensions["health_checks"]["residency"] = residency.health
-    app.extensions["before_relay"].append(residency.start)
+    residency = Residency(config["UPSTREAM"], config["PS_INTERVAL"], state_of(app).metrics, store, lock_path)
+    state_of(app).residency = residency
+    state_of(app).call_sinks.append(residency.observe)
+    state_of(app).shutdown_hooks.append(residency.stop)
+    state_of(app).health_checks["residency"] = residency.health
+    state_of(app).before_relay.append(residency.start)
     app.before_request(residency.start)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import psutil
 
+from proxy_app.state import state_of
 from proxy_app.ticker import Ticker
 
 # Why: a CPU percentage needs two readings of the CPU times. A process's first figure comes from two readings this far
@@ -53,6 +54,6 @@ class LoadSampler:
 def init_app(app) -> None:
     """Give the app its load sampler, started as each relayed call arrives and stopped at shutdown."""
     sampler = LoadSampler(app.config["SAMPLE_INTERVAL"])
-    app.extensions["load_sampler"] = sampler
-    app.extensions.setdefault("shutdown_hooks", []).append(sampler.stop)
-    app.extensions.setdefault("before_relay", []).append(sampler.start)
+    state_of(app).load_sampler = sampler
+    state_of(app).shutdown_hooks.append(sampler.stop)
+    state_of(app).before_relay.append(sampler.start)

@@ -16,6 +16,7 @@ import time
 
 from proxy_app.ollama.errors import error_tail  # the same last line the relay sends when the upstream breaks
 from proxy_app.relay.forward import STREAM_TYPES
+from proxy_app.state import KEY, state_of
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,15 @@ POLL_SECONDS = 0.05
 
 def init_app(app) -> None:
     """Wrap the app so that its streams can be cut at shutdown (a no-op until then)."""
-    drain = Drain(app.extensions["in_flight"], app.config["GRACE_SECONDS"])
-    app.extensions["drain"] = drain
+    drain = Drain(state_of(app).in_flight, app.config["GRACE_SECONDS"])
+    state_of(app).drain = drain
     app.wsgi_app = drain.wrap(app.wsgi_app)
 
 
 def arm(app) -> None:
     """In a gunicorn worker: on SIGTERM, start the drain, then let gunicorn's own handler stop accepting."""
-    drain = getattr(app, "extensions", {}).get("drain")
+    state = getattr(app, "extensions", {}).get(KEY)
+    drain = state.drain if state is not None else None
     if drain is None:  # not our app (the gunicorn settings used for something else): leave gunicorn's handling alone
         return
     previous = signal.getsignal(signal.SIGTERM)

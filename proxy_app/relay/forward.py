@@ -2,7 +2,7 @@
 
 Bodies are relayed byte for byte as they arrive, each piece whatever has arrived so far (framing.py); a copy of each
 piece feeds a ``UsageMeter``. When the call ends (normally, on a client disconnect, or on an upstream failure) its
-``CallInFlight`` is settled: one ``Call`` is built and handed to the sinks in ``app.extensions["call_sinks"]``
+``CallInFlight`` is settled: one ``Call`` is built and handed to the sinks in ``state_of(app).call_sinks``
 (settle.py). This module does not choose which paths are relayed (middleware.py), read the request body
 (request_body.py), store, count or render anything, nor decide which headers, target or status line cross the wire
 (headers.py).
@@ -35,6 +35,7 @@ from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
 from proxy_app.relay.request_body import InvalidBody, is_blob_upload, read_request_body
 from proxy_app.relay.settle import outcome_of, refuse_call, settle
 from proxy_app.relay.upstream import Pool, Unreachable
+from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,10 @@ def init_app(app: Flask) -> None:
     config = app.config
     read_timeout = config["READ_TIMEOUT"] or None
     pool = Pool(config["UPSTREAM"], config["CONNECT_TIMEOUT"], read_timeout, keep=max(config["THREADS"], 10))
-    app.extensions["upstream_pool"] = pool
-    app.extensions.setdefault("shutdown_hooks", []).append(pool.close)
-    app.extensions["gate"] = Gate(config["MAX_CONCURRENT"])
-    app.extensions["in_flight"] = InFlight()
-    app.extensions.setdefault("call_sinks", [])
-    app.extensions.setdefault("load_sampler", None)
-    app.extensions.setdefault("before_relay", [])
+    state_of(app).upstream_pool = pool
+    state_of(app).shutdown_hooks.append(pool.close)
+    state_of(app).gate = Gate(config["MAX_CONCURRENT"])
+    state_of(app).in_flight = InFlight()
     host_rule = make_host_rule(config)
     if not host_rule.checks_anything:
         log.warning(
@@ -70,13 +68,13 @@ def init_app(app: Flask) -> None:
             config["HOST"],
             PREFIX,
         )
-    app.extensions["relay"] = app.wsgi_app = Relay(app, app.wsgi_app, forward, refuse, host_rule)
+    state_of(app).relay = app.wsgi_app = Relay(app, app.wsgi_app, forward, refuse, host_rule)
 
 
 def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
     """Relay this request to the upstream and stream its answer back."""
     call = _start_call(app, req)
-    gate, in_flight = app.extensions["gate"], app.extensions["in_flight"]
+    gate, in_flight = state_of(app).gate, state_of(app).in_flight
     call.concurrent_requests = in_flight.enter()
     try:
         return _forward_in_slot(app, req, call, gate)
@@ -88,7 +86,7 @@ def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
 def refuse(app: Flask, req: Request, status: int, message: str) -> Response:
     """Answer a relayed call ourselves before it reaches the upstream (a Host not allowed), and record it."""
     call = _start_call(app, req)
-    call.concurrent_requests = app.extensions["in_flight"].enter()
+    call.concurrent_requests = state_of(app).in_flight.enter()
     return refuse_call(app, call, status, message, "rejected")
 
 
@@ -147,14 +145,14 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     try:
         body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
     except InvalidBody as exc:  # a chunked body with a bad size line, say
-        app.extensions["gate"].leave()
+        state_of(app).gate.leave()
         return refuse_call(app, call, 400, exc.description, "rejected")
     except (OSError, ClientDisconnected) as exc:  # gunicorn: the client left before sending the whole body
-        app.extensions["gate"].leave()
+        state_of(app).gate.leave()
         call.request_size_bytes = 0
         return refuse_call(app, call, CLIENT_GONE_STATUS, f"request canceled: {_reason(exc)}", "client_gone")
     if body_size < 0:
-        app.extensions["gate"].leave()
+        state_of(app).gate.leave()
         return refuse_call(app, call, 413, "request body exceeds the limit", "rejected")
     intake = intake_module.read_intake(
         call.endpoint, body if isinstance(body, bytes) else None, req.headers.get("Content-Encoding"),
@@ -169,9 +167,9 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     call.sent = time.perf_counter()
     try:
         with watching(req.environ):  # a client leaving while Ollama is silent raises ClientLeft (client_watch.py)
-            upstream = app.extensions["upstream_pool"].request(req.method, target, body or None, headers)
+            upstream = state_of(app).upstream_pool.request(req.method, target, body or None, headers)
     except (http.client.HTTPException, OSError, ClientLeft, ClientDisconnected, InvalidBody) as exc:
-        app.extensions["gate"].leave()
+        state_of(app).gate.leave()
         return _no_answer(app, call, exc)
     return _relay_response(app, req, call, upstream)
 
@@ -286,11 +284,11 @@ def _finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome
 def _release(app: Flask, upstream, reusable: bool) -> None:
     """Give the upstream connection back (or close it, so Ollama sees the close) and free the call's slot."""
     try:
-        app.extensions["upstream_pool"].release(upstream, reusable=reusable)
+        state_of(app).upstream_pool.release(upstream, reusable=reusable)
     except Exception:  # closing must never stop the accounting
         log.exception("closing the upstream response failed")
     finally:
-        app.extensions["gate"].leave()
+        state_of(app).gate.leave()
 
 
 def _abandon(app: Flask, call: CallInFlight, upstream, message: str) -> Response:

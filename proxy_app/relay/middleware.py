@@ -21,6 +21,7 @@ from proxy_app import RESERVED_PATHS
 from proxy_app.config import PREFIX
 from proxy_app.ollama.errors import error_body
 from proxy_app.ollama.hosts import HostRule, host_of, is_loopback_bind, normalised_entry
+from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Relay:
             response = answer_ourselves(req.path, 405, f"method {req.method[:20]!r} is not allowed")
             response.headers["Allow"] = ", ".join(METHODS)
             return response
-        for hook in self.app.extensions["before_relay"]:
+        for hook in state_of(self.app).before_relay:
             hook()
         try:
             return self.forward(self.app, req)

@@ -17,6 +17,7 @@ from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.usage import Usage
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.middleware import answer_ourselves
+from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ def outcome_of(status: int, usage: Usage, is_stream: bool) -> str:
 
 def settle(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> None:
     """Build the Call, lower the in-flight count and hand the Call to every sink (a failing sink is only logged)."""
-    app.extensions["in_flight"].leave()
+    state_of(app).in_flight.leave()
     try:
         finished = _build_call(app, call, usage, outcome, error)
         finished.trace_context = call.trace_context
     except Exception:  # raised from a generator's finally, it would cut the client's finished stream
         log.exception("building the record of call %s failed; it is not recorded", call.request_id)
         return
-    for sink in app.extensions["call_sinks"]:
+    for sink in state_of(app).call_sinks:
         try:
             sink(finished)
         except Exception:
@@ -62,7 +63,7 @@ def refuse_call(app: Flask, call: CallInFlight, status: int, message: str, outco
 
 def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> Call:
     intake, status = call.intake, call.http_status
-    sampler = app.extensions.get("load_sampler")
+    sampler = state_of(app).load_sampler
     cpu, memory = sampler.latest() if sampler is not None else (None, None)
     capture = app.config["CAPTURE_CONTENT"]
     return Call(

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from proxy_app import config as config_module
 from proxy_app.access import is_loopback
+from proxy_app.state import state_of
 
 from .supervisor import (
     Supervisor,
@@ -178,7 +179,7 @@ class WaitressService:
     def stop(self, wait: float | None = None) -> bool:
         """Start the graceful stop (once; a second call cuts streams now); optionally wait for it to finish."""
         if self._stopping.is_set():
-            self.app.extensions["drain"].cut()
+            state_of(self.app).drain.cut()
         else:
             self._stopping.set()
             self._drainer.start()
@@ -186,9 +187,9 @@ class WaitressService:
 
     def _drain(self) -> None:
         log.info("stopping: no new connections; waiting up to %g s for %d call(s) in flight",
-                 self.app.config["GRACE_SECONDS"], self.app.extensions["in_flight"].count)  # fmt: skip
+                 self.app.config["GRACE_SECONDS"], state_of(self.app).in_flight.count)  # fmt: skip
         self._in_loop(self._close_listener)
-        left = self.app.extensions["drain"].run()
+        left = state_of(self.app).drain.run()
         if left:
             log.warning("%d call(s) still open after the cut; closing their connections", left)
         self._in_loop(self._close_connections)  # empties the loop's map, so server.run() returns

@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from proxy_app.ops.probe import probe_upstream
+from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def init_app(app) -> None:
     """Show the supervisor's state in /health when `serve` supervises Ollama (WITH_OLLAMA)."""
     if app.config["WITH_OLLAMA"]:
         path = state_path(app.config["DATA_DIR"])
-        app.extensions["health_checks"]["ollama_supervisor"] = lambda: read_state(path)
+        state_of(app).health_checks["ollama_supervisor"] = lambda: read_state(path)
 
 
 class Supervisor:

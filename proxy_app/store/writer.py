@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from flask import Flask
 from peewee import Database
 
+from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.retention import Retention
@@ -316,10 +317,10 @@ def init_app(app: Flask) -> None:
     writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"],
                     retry_seconds=config["WRITER_RETRY_SECONDS"], max_rows=config["MAX_ROWS"])  # fmt: skip
     writer.schema_ready = _create_tables(db)
-    app.extensions["writer"] = writer
-    app.extensions.setdefault("call_sinks", []).append(writer.submit)
-    app.extensions.setdefault("shutdown_hooks", []).append(writer.close)
-    app.extensions.setdefault("health_checks", {})["writer"] = writer.health
+    state_of(app).writer = writer
+    state_of(app).call_sinks.append(writer.submit)
+    state_of(app).shutdown_hooks.append(writer.close)
+    state_of(app).health_checks["writer"] = writer.health
     atexit.register(_close_at_exit, weakref.ref(writer))  # e.g. waitress-serve stopped with Ctrl-C
 
 
