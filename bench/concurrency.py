@@ -151,19 +151,22 @@ def summary(calls: list[tuple]) -> dict:
 
 
 class Attack:
-    """``count`` connections from ATTACK_FROM: even ones drip a header line every DRIP_SECONDS, odd ones say nothing.
+    """``count`` connections from ATTACK_FROM: even ones drip a header line every DRIP_SECONDS, odd ones stay silent.
 
-    A thread sends the drips and notes when the server closes each connection; ``stop`` ends it and closes them all.
+    A thread sends the drips and notes when the server closes each connection (EOF or reset); ``stop`` ends it.
     """
 
     def __init__(self, port: int, count: int) -> None:
-        self.sockets, self.opened, self.closed, self._sent = [], {}, {}, {}
+        self.sockets: list[socket.socket] = []
+        self.opened: dict[int, float] = {}
+        self.closed: dict[int, float] = {}  # fileno -> when the server closed it
+        self._sent: dict[int, int] = {}
         self._stop = threading.Event()
         for _ in range(count):
             sock = socket.socket()
             sock.setblocking(False)
             sock.bind((ATTACK_FROM, 0))
-            sock.connect_ex(("127.0.0.1", port))
+            sock.connect_ex(("127.0.0.1", port))  # EINPROGRESS: the handshake completes in the kernel
             self.sockets.append(sock)
             self.opened[sock.fileno()] = time.monotonic()
         self._by_fileno = {sock.fileno(): sock for sock in self.sockets}
@@ -177,29 +180,33 @@ class Attack:
                 next_drip = time.monotonic() + DRIP_SECONDS
                 for sock in self.sockets[::2]:
                     self._drip(sock)
-            self._note_closed()
+            self._note_closed(timeout=0.1)
 
     def _drip(self, sock: socket.socket) -> None:
-        sent = self._sent.get(sock.fileno(), 0)
         if sock.fileno() in self.closed:
             return
+        sent = self._sent.get(sock.fileno(), 0)
+        line = b"GET /api/version HTTP/1.1\r\n" if sent == 0 else b"X-Drip-%d: x\r\n" % sent
         try:
-            sock.send(b"GET /api/version HTTP/1.1\r\n" if not sent else b"X-Drip-%d: x\r\n" % sent)
+            sock.send(line)
             self._sent[sock.fileno()] = sent + 1
-        except OSError:
-            pass  # not connected yet (the server has not accepted it), or closed: the poll below tells
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # reset, or not connected yet because the server never accepted
+            if sent:
+                self.closed.setdefault(sock.fileno(), time.monotonic())
 
-    def _note_closed(self) -> None:
+    def _note_closed(self, timeout: float) -> None:
         poller = select.poll()
         for sock in self.sockets:
             if sock.fileno() not in self.closed:
                 poller.register(sock, select.POLLIN)
-        for fileno, _ in poller.poll(100):
+        for fileno, _ in poller.poll(timeout * 1000):
             try:
-                data = self._by_fileno[fileno].recv(4096)
+                data = self._by_fileno[fileno].recv(4096)  # an answer (a refused one gets a 429), then EOF
             except BlockingIOError:
                 continue
-            except OSError:
+            except OSError:  # reset
                 data = b""
             if not data:
                 self.closed.setdefault(fileno, time.monotonic())

@@ -12,7 +12,6 @@ import http.client
 import ipaddress
 import json
 import resource
-import select
 import signal
 import socket
 import subprocess
@@ -23,14 +22,13 @@ import time
 import psutil
 import pytest
 
+from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack
 from proxy_app import config
 from proxy_app.service.front import Front, Limits
 from tests.conftest import free_port
 from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_until
 
 ATTACKERS = 1000
-ATTACK_FROM, CALLS_FROM = "127.0.0.2", "127.0.0.1"
-DRIP_SECONDS = 2.0  # one more header line per dripping connection this often
 CALL_EVERY_SECONDS = 0.25
 SETTING = {setting.name: setting for setting in config.SETTINGS}
 HEADER_TIMEOUT = config.parse_setting(SETTING["HEADER_TIMEOUT"], SETTING["HEADER_TIMEOUT"].default)
@@ -80,74 +78,6 @@ def proxy(request, upstream, tmp_path):
     started.processes = 1 if "waitress" in request.param else WORKERS
     yield started
     assert started.stop() == 0
-
-
-class Attack:
-    """``count`` connections from ATTACK_FROM: even ones drip a header line every DRIP_SECONDS, odd ones stay silent.
-
-    A thread sends the drips and notes when the server closes each connection (EOF or reset); ``stop`` ends it.
-    """
-
-    def __init__(self, port: int, count: int) -> None:
-        self.sockets: list[socket.socket] = []
-        self.opened: dict[int, float] = {}
-        self.closed: dict[int, float] = {}  # fileno -> when the server closed it
-        self._sent: dict[int, int] = {}
-        self._stop = threading.Event()
-        for _ in range(count):
-            sock = socket.socket()
-            sock.setblocking(False)
-            sock.bind((ATTACK_FROM, 0))
-            sock.connect_ex(("127.0.0.1", port))  # EINPROGRESS: the handshake completes in the kernel
-            self.sockets.append(sock)
-            self.opened[sock.fileno()] = time.monotonic()
-        self._by_fileno = {sock.fileno(): sock for sock in self.sockets}
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        next_drip = 0.0
-        while not self._stop.is_set():
-            if time.monotonic() >= next_drip:
-                next_drip = time.monotonic() + DRIP_SECONDS
-                for sock in self.sockets[::2]:
-                    self._drip(sock)
-            self._note_closed(timeout=0.1)
-
-    def _drip(self, sock: socket.socket) -> None:
-        if sock.fileno() in self.closed:
-            return
-        sent = self._sent.get(sock.fileno(), 0)
-        line = b"GET /api/version HTTP/1.1\r\n" if sent == 0 else b"X-Drip-%d: x\r\n" % sent
-        try:
-            sock.send(line)
-            self._sent[sock.fileno()] = sent + 1
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:  # reset, or not connected yet because the server never accepted
-            if sent:
-                self.closed.setdefault(sock.fileno(), time.monotonic())
-
-    def _note_closed(self, timeout: float) -> None:
-        poller = select.poll()
-        for sock in self.sockets:
-            if sock.fileno() not in self.closed:
-                poller.register(sock, select.POLLIN)
-        for fileno, _ in poller.poll(timeout * 1000):
-            try:
-                data = self._by_fileno[fileno].recv(4096)  # an answer (a refused one gets a 429), then EOF
-            except BlockingIOError:
-                continue
-            except OSError:  # reset
-                data = b""
-            if not data:
-                self.closed.setdefault(fileno, time.monotonic())
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for sock in self.sockets:
-            sock.close()
 
 
 def call(port: int) -> tuple[int | str, float]:
