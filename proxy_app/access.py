@@ -1,5 +1,6 @@
-"""Who may reach the proxy's own pages: the bearer-token check that ``/metrics`` and ``/analytics`` share, and
-whether an address is loopback (the start-up warning, the supervised Ollama's address).
+"""Who may reach the proxy's own pages: the bearer-token check that ``/metrics`` and ``/analytics`` share, whether
+an address is loopback (the start-up warning, the supervised Ollama's address), and who a client is
+(``client_address``, which the relay's records and the dashboard's sign-in throttle share).
 
 It reads no request and no setting: callers pass the header, the token and the host.
 """
@@ -25,3 +26,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def client_address(peer: str, forwarded: str | None, trusted: tuple) -> str:
+    """Return the client's IP: the peer's, or from ``forwarded`` (X-Forwarded-For) only when the peer is trusted."""
+    if not forwarded or not trusted:
+        return peer
+    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + [peer]
+    for hop in reversed(chain):  # walk back from the peer, skipping our own trusted proxies
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop[:64]
+        if not any(address in network for network in trusted):
+            return hop
+    return chain[0]

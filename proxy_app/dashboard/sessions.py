@@ -7,15 +7,14 @@
   LOGIN_WINDOW_SECONDS old. An address with LOGIN_FAILURES of them is refused, without its token being looked at,
   until the oldest leaves the window.
 
-No Flask here (views.py reads the request, answers, and sets the cookie). ``client_address`` follows the relay's
-rule for X-Forwarded-For, so that a sign-in and a relayed call name the same client.
+No Flask here (views.py reads the request, answers, and sets the cookie, naming the client by
+``access.client_address``, the relay's rule, so that a sign-in and a relayed call name the same client).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import math
 import secrets
 
@@ -126,17 +125,3 @@ def _wait(db: Database, address: str, now: float, allowed: int) -> int:
     if len(times) < allowed:
         return 0
     return max(1, math.ceil(times[-1] + LOGIN_WINDOW_SECONDS - now))
-
-
-def client_address(peer: str, forwarded: str | None, trusted: tuple) -> str:
-    """Return the client's IP by the relay's rule: X-Forwarded-For is believed only from TRUSTED_PROXIES."""
-    if not forwarded or not trusted:
-        return peer
-    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + [peer]
-    for hop in reversed(chain):  # walk back from the peer, skipping our own trusted proxies
-        try:
-            if not any(ipaddress.ip_address(hop) in network for network in trusted):
-                return hop
-        except ValueError:
-            return hop[:64]
-    return chain[0]

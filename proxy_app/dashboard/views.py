@@ -293,7 +293,7 @@ def login():
     if request.method != "POST" or not token:
         return _login_page(target, "", 401 if request.method == "POST" else 200)
     forwarded, trusted = request.headers.get("X-Forwarded-For"), current_app.config["TRUSTED_PROXIES"]
-    address = sessions.client_address(request.remote_addr or "", forwarded, trusted)
+    address = access.client_address(request.remote_addr or "", forwarded, trusted)
     with _signin_store() as db:
         wait = sessions.admit(db, address, state_of(current_app).dashboard["clock"]())
         if wait:

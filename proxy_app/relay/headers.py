@@ -4,11 +4,12 @@ the status line. No I/O, no Flask, no state; forward.py decides when each is use
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from urllib.parse import quote
 
 from werkzeug.http import HTTP_STATUS_CODES
+
+from proxy_app import access
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those the WSGI servers set themselves (waitress 500s on the former).
 HOP_BY_HOP = frozenset(
@@ -24,19 +25,7 @@ _QUERY_SAFE = _PATH_SAFE + "?%"
 
 def client_address(environ: dict, trusted: tuple) -> str:
     """Return the client's IP; X-Forwarded-For is believed only when the peer is a trusted proxy."""
-    peer = environ.get("REMOTE_ADDR") or ""
-    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    if not forwarded or not trusted:
-        return peer
-    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + [peer]
-    for hop in reversed(chain):  # walk back from the peer, skipping our own trusted proxies
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return hop[:64]
-        if not any(address in network for network in trusted):
-            return hop
-    return chain[0]
+    return access.client_address(environ.get("REMOTE_ADDR") or "", environ.get("HTTP_X_FORWARDED_FOR"), trusted)
 
 
 def request_target(environ: dict, path: str) -> str:
