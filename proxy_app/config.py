@@ -227,6 +227,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_MODELS", "100", _positive_int, "Distinct model names used as metric labels; more become 'other'"),
     Setting("METRICS_TOKEN", "", _text, "When set, /metrics needs it as a bearer token", secret=True),
     Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
+    Setting("REQUIRE_KEY", "false", _bool, "Refuse relayed calls without a valid API key (`ollama-proxy keys`)"),
     Setting("PROBE_INTERVAL", "15", _seconds, "Seconds between background upstream health probes"),
     Setting("SAMPLE_INTERVAL", "5", _seconds, "Seconds between CPU/memory samples"),
     Setting("PS_INTERVAL", "10", _seconds, "Seconds between reads of the upstream's /api/ps (loaded models); 0: off"),

@@ -26,7 +26,7 @@ from proxy_app.config import PREFIX
 from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
-from proxy_app.relay import framing
+from proxy_app.relay import framing, keycheck
 from proxy_app.relay.client_watch import ClientLeft, client_gone_check, stream_wait, watching
 from proxy_app.relay.gate import Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
@@ -44,6 +44,7 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # buffer of this size per body and copies out each piece at the size that arrived: about 100 bytes for a token line).
 READ_SIZE = 8 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
+MODEL_LIST_BYTES = 16 * 1024 * 1024  # the most of a model list read to show a key only its models
 CLIENT_GONE_STATUS = 499  # Ollama's (and nginx's) status for "the client closed the connection first"
 
 
@@ -77,6 +78,10 @@ def forward(app: Flask, req: Request) -> Response | RelayedAnswer:
     gate, in_flight = state_of(app).gate, state_of(app).in_flight
     call.concurrent_requests = in_flight.enter()
     try:
+        verdict = keycheck.identify(app, req.environ)
+        call.key = verdict.policy
+        if verdict.status:
+            return _refuse_key(app, call, verdict)
         return _forward_in_slot(app, req, call, gate)
     except BaseException:
         in_flight.leave()
@@ -160,6 +165,12 @@ def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | R
     )  # fmt: skip
     call.request_size_bytes = body_size
     call.intake = intake
+    if call.key is not None:
+        verdict = keycheck.admit(app, call.key, intake.model)
+        if verdict is not None:
+            state_of(app).gate.leave()
+            return _refuse_key(app, call, verdict)
+        call.key_admitted = True
     if intake.wants_usage_injected:
         body = intake_module.with_usage_requested(body)
     target = request_target(req.environ, req.path)
@@ -191,10 +202,35 @@ def _relay_response(app: Flask, req: Request, call: CallInFlight, upstream) -> R
     if req.method == "HEAD" or status in NO_BODY_STATUSES or 100 <= status < 200:
         _finish(app, call, upstream, meter, outcome=None, error=None, sent_bytes=0, ttft=None)
         return Response(b"", status=status, headers=headers)
+    if status == 200 and keycheck.filters_models(call.key, req.method, req.path):
+        return _model_list(app, call, upstream, meter, headers)
     wait = _client_watch(app, req, upstream)
     body = _stream(app, call, upstream, meter, stripper, "Content-Length" in upstream.head, wait)
     next(body)  # into its try: a body closed unread settles the call without reading the upstream
     return RelayedAnswer(status_line(status, upstream.reason), headers, body, partial(_abandon, app, call, upstream))
+
+
+def _refuse_key(app: Flask, call: CallInFlight, verdict: keycheck.Verdict) -> Response:
+    """Answer a call its key may not make (401, 403, 429 with Retry-After, 503), and record it."""
+    response = refuse_call(app, call, verdict.status, verdict.message, "rejected")
+    if verdict.retry_after is not None:
+        response.headers["Retry-After"] = str(verdict.retry_after)
+    return response
+
+
+def _model_list(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, headers: list) -> Response:
+    """A model list for a key limited to some models: read whole, answered with only those."""
+    try:
+        whole = upstream.read(MODEL_LIST_BYTES + 1)
+    except (http.client.HTTPException, OSError) as exc:
+        return _abandon(app, call, upstream, f"upstream connection lost: {_reason(exc)}")
+    body = keycheck.allowed_list(call.key, call.endpoint, whole) if len(whole) <= MODEL_LIST_BYTES else None
+    if body is None:
+        return _abandon(app, call, upstream, "the upstream's model list could not be read")
+    meter.feed(body)
+    headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+    _finish(app, call, upstream, meter, None, None, len(body), None)
+    return Response(body, status=200, headers=headers)
 
 
 def _client_watch(app: Flask, req: Request, upstream):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from proxy_app.apikeys import Policy
 from proxy_app.ollama.intake import Intake
 
 
@@ -35,4 +36,6 @@ class CallInFlight:
     ttft_ms: float | None = None  # arrival -> the first piece with content
     sent_bytes: int = 0  # body bytes sent to the client
     ended: float = 0.0  # perf_counter at the end
+    key: Policy | None = None  # the API key it presented, when valid
+    key_admitted: bool = False  # its key's limits admitted it: its stream and tokens are settled at the end
     abandoned: bool = False  # settled as refused by the server before its body ran: the body settles nothing

@@ -15,6 +15,7 @@ from werkzeug.wrappers import Response
 from proxy_app.calls import Call, is_cold_start
 from proxy_app.ollama import intake as intake_module
 from proxy_app.ollama.usage import Usage
+from proxy_app.relay import keycheck
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.middleware import answer_ourselves
 from proxy_app.state import state_of
@@ -34,6 +35,8 @@ def outcome_of(status: int, usage: Usage, is_stream: bool) -> str:
 def settle(app: Flask, call: CallInFlight, usage: Usage, outcome: str, error: str | None) -> None:
     """Build the Call, lower the in-flight count and hand the Call to every sink (a failing sink is only logged)."""
     state_of(app).in_flight.leave()
+    if call.key_admitted:
+        keycheck.settle_key(app, call.key, (usage.input_tokens or 0) + (usage.output_tokens or 0))
     try:
         finished = _build_call(app, call, usage, outcome, error)
         finished.trace_context = call.trace_context

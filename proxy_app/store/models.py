@@ -174,12 +174,14 @@ _COLUMN_PLAN = tuple(
 )  # a model's attribute is its Field
 
 
-def open_database(url: str) -> Database:
-    """Return a Database for ``url`` (SQLite gets WAL, a busy timeout and IMMEDIATE writes); not yet connected."""
+def open_database(url: str, **options) -> Database:
+    """Return a Database for ``url`` (SQLite gets WAL, a busy timeout and IMMEDIATE writes); not yet connected.
+
+    ``options`` go to peewee's Database (e.g. ``thread_safe=False`` for a connection threads share under a lock)."""
     scheme = urlsplit(url).scheme
     given = parse_qs(urlsplit(url).query)
     defaults = SQLITE_DEFAULTS if scheme.startswith("sqlite") else POSTGRES_DEFAULTS if "postgres" in scheme else {}
-    db = db_url.connect(url, **{key: value for key, value in defaults.items() if key not in given})
+    db = db_url.connect(url, **{key: value for key, value in defaults.items() if key not in given}, **options)
     if isinstance(db, SqliteDatabase) and db.database != ":memory:":
         Path(db.database).parent.mkdir(parents=True, exist_ok=True)
     return db

@@ -1,0 +1,455 @@
+"""Per-key limits that hold across threads, gunicorn workers and proxy instances sharing one database, with no
+other server: the counters live in the analytics database (``key_usage``, ``key_streams``) and every process
+takes its share through short transactions on them.
+
+- Requests per minute: a process takes a *lease*, a number of requests granted at once by one transaction that
+  never grants past the limit, and admits that many calls with no database round trip. A lease is a sixteenth of
+  what remains of the minute (at most LEASE_MAX), so it shrinks to one request as the minute fills up: the
+  database never grants more than the limit, and with a limit under 2 × LEASE_SHARE every call asks it.
+- Tokens per minute, day and month: checked before a call (refused once spent) and charged when it ends. A process
+  admits without asking the database while its view of the counters is under VIEW_SECONDS old and every limit has
+  more than ``margin`` tokens left; nearer a limit it reads the counters before each call and writes each charge at
+  once, so the limit is overshot by at most the tokens of the calls in flight when it was reached.
+- Streams (calls in flight at once): one transaction when a call starts and one when it ends; a process that dies
+  holding some stops counting after STREAM_STALE_SECONDS without its heartbeat.
+
+Windows are UTC: the minute, the day from midnight, the month from its first day.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from calendar import monthrange
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from peewee import BigIntegerField, CharField, CompositeKey, Database, Model, SchemaManager, fn
+
+from proxy_app.apikeys import Policy
+from proxy_app.state import state_of
+from proxy_app.store import models
+from proxy_app.store.keys import ApiKey, KeyRing
+from proxy_app.ticker import Ticker
+
+log = logging.getLogger(__name__)
+
+MINUTE, DAY, MONTH = "minute", "day", "month"
+LEASE_SHARE = 16
+LEASE_MAX = 64
+VIEW_SECONDS = 1.0
+MIN_MARGIN_TOKENS = 1000  # the margin is this, or four times the largest call of the key seen here if larger
+FLUSH_SECONDS = 0.1  # charges far from every limit are written in batches this often
+HEARTBEAT_SECONDS = 10.0
+STREAM_STALE_SECONDS = 60.0
+PRUNE_SECONDS = 3600.0
+KEEP_SECONDS = {MINUTE: 3600, DAY: 40 * 86400, MONTH: 400 * 86400}  # counters older than this are deleted
+_PERIOD_WORDS = {MINUTE: "minute", DAY: "day", MONTH: "month"}
+
+
+class KeyUsage(Model):
+    """Requests and tokens one key used in one window (``start``: the window's first second, UTC epoch)."""
+
+    key_name = CharField(max_length=64)
+    period = CharField(max_length=8)
+    start = BigIntegerField()
+    requests = BigIntegerField(default=0)
+    tokens = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "key_usage"
+        primary_key = CompositeKey("key_name", "period", "start")
+
+
+class KeyStream(Model):
+    """The calls of one key one process has in flight, and when that process last said so (UTC epoch)."""
+
+    key_name = CharField(max_length=64)
+    holder = CharField(max_length=200)  # instance, process id and a random part: one per process
+    streams = BigIntegerField(default=0)
+    seen = BigIntegerField()
+
+    class Meta:
+        table_name = "key_streams"
+        primary_key = CompositeKey("key_name", "holder")
+
+
+def create_tables(db: Database) -> None:
+    for model in (ApiKey, KeyUsage, KeyStream):
+        SchemaManager(model, database=db).create_all(safe=True)
+
+
+def window_start(period: str, now: float) -> int:
+    moment = datetime.fromtimestamp(now, UTC)
+    if period == MINUTE:
+        return int(now // 60 * 60)
+    first = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == MONTH:
+        first = first.replace(day=1)
+    return int(first.timestamp())
+
+
+def window_end(period: str, start: int) -> int:
+    if period == MINUTE:
+        return start + 60
+    if period == DAY:
+        return start + 86400
+    moment = datetime.fromtimestamp(start, UTC)
+    return start + monthrange(moment.year, moment.month)[1] * 86400
+
+
+def lease_size(remaining: int) -> int:
+    return max(1, min(LEASE_MAX, remaining // LEASE_SHARE))
+
+
+def token_limits(policy: Policy) -> list[tuple[str, int]]:
+    """(period, limit) of each token limit the key has."""
+    limits = ((MINUTE, policy.tpm), (DAY, policy.tokens_per_day), (MONTH, policy.tokens_per_month))
+    return [(period, limit) for period, limit in limits if limit]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call is not admitted: its status (429), the message and the seconds until it may be tried again."""
+
+    status: int
+    message: str
+    retry_after: int
+
+
+class OneConnection:
+    """One database connection per process, shared by its threads one at a time (``with connection as db``).
+
+    A gunicorn worker opens its own after the fork; the parent's is never used by a child.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.RLock()
+        self._db: Database | None = None
+        self._pid = 0
+
+    def __enter__(self) -> Database:
+        if self._pid != os.getpid():  # a new process: a lock a parent thread held at the fork is never released
+            self._lock, self._db, self._pid = threading.RLock(), None, os.getpid()
+        self._lock.acquire()
+        if self._db is None:
+            options = {"check_same_thread": False} if self.url.startswith("sqlite") else {}
+            self._db = models.open_database(self.url, thread_safe=False, **options)
+        return self._db
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def close(self) -> None:
+        with self as db:
+            db.close()
+
+
+@dataclass
+class _KeyState:
+    """What one process knows of one key's counters."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    minute: int = 0  # the minute of the lease
+    lease_left: int = 0  # requests granted and not yet used
+    minute_full: bool = False  # the database granted every request of this minute
+    view: dict = field(default_factory=dict)  # period -> (window start, tokens in the database when read)
+    view_at: float = -math.inf  # monotonic time of that read
+    pending: dict = field(default_factory=dict)  # (period, window start) -> tokens charged, not yet written
+    biggest: int = 0  # the most tokens one call of this key used in this process
+    streams: int = 0  # calls of this key in flight in this process, with a stream limit
+
+
+class Limiter:
+    """Admits, refuses and charges the calls of limited keys (see the module's docstring for how)."""
+
+    def __init__(self, connection: OneConnection, instance: str) -> None:
+        self.connection, self.instance = connection, instance
+        self._states: dict[str, _KeyState] = {}
+        self._states_lock = threading.Lock()
+        self._holder, self._holder_pid = "", 0
+        self._last_heartbeat = self._last_prune = 0.0
+        self.ticker = Ticker("key-limits", self.flush, FLUSH_SECONDS)
+
+    # ---- on the request path ------------------------------------------------------------------------------------
+
+    def admit(self, policy: Policy) -> Refusal | None:
+        """Take what a call of ``policy`` needs (a request, a stream) or say why not; None admits it."""
+        state, now = self._state(policy.name), time.time()
+        with state.lock:
+            refusal = self._check_tokens(policy, state, now) if policy.counts_tokens else None
+            if refusal is None and policy.max_streams:
+                refusal = self._enter_stream(policy, state, now)
+            if refusal is None and policy.rpm:
+                refusal = self._take_request(policy, state, now)
+                if refusal is not None and policy.max_streams:
+                    self._leave_stream(policy, state)
+        return refusal
+
+    def leave(self, policy: Policy) -> None:
+        """An admitted call ended: free its stream."""
+        if policy.max_streams:
+            state = self._state(policy.name)
+            with state.lock:
+                self._leave_stream(policy, state)
+
+    def charge(self, policy: Policy, tokens: int) -> None:
+        """Count the tokens of an ended call against the key's token limits."""
+        if not policy.counts_tokens or tokens <= 0:
+            return
+        state, now = self._state(policy.name), time.time()
+        with state.lock:
+            state.biggest = max(state.biggest, tokens)
+            for period, _limit in token_limits(policy):
+                window = (period, window_start(period, now))
+                state.pending[window] = state.pending.get(window, 0) + tokens
+            if self._is_far(policy, state, now):
+                self.ticker.ensure()
+            else:
+                self._write_charges(policy.name, state)
+
+    # ---- requests per minute ----------------------------------------------------------------------------------
+
+    def _take_request(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
+        minute = window_start(MINUTE, now)
+        if state.minute != minute:
+            state.minute, state.lease_left, state.minute_full = minute, 0, False
+        if not state.lease_left and not state.minute_full:
+            state.lease_left = self._grant_requests(policy.name, minute, policy.rpm)
+            state.minute_full = not state.lease_left
+        if state.lease_left:
+            state.lease_left -= 1
+            return None
+        return _over(f"{policy.rpm} requests per minute", window_end(MINUTE, minute) - now)
+
+    def _grant_requests(self, name: str, minute: int, limit: int) -> int:
+        where = (KeyUsage.key_name == name) & (KeyUsage.period == MINUTE) & (KeyUsage.start == minute)
+        with self.connection as db, db.atomic():
+            KeyUsage.insert(key_name=name, period=MINUTE, start=minute).on_conflict_ignore().execute(db)
+            query = KeyUsage.select(KeyUsage.requests).where(where)
+            used = (query.for_update() if db.for_update else query).scalar(db)
+            grant = min(limit - used, lease_size(limit - used)) if used < limit else 0
+            if grant:
+                KeyUsage.update(requests=KeyUsage.requests + grant).where(where).execute(db)
+        return grant
+
+    # ---- tokens -------------------------------------------------------------------------------------------------
+
+    def _check_tokens(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
+        if not self._is_far(policy, state, now):
+            self._read_view(policy, state, now)
+        for period, limit in token_limits(policy):
+            if self._spent(state, period, now) >= limit:
+                start = window_start(period, now)
+                return _over(f"{limit} tokens per {_PERIOD_WORDS[period]}", window_end(period, start) - now)
+        return None
+
+    def _is_far(self, policy: Policy, state: _KeyState, now: float) -> bool:
+        """True when the view is fresh and every token limit has more than the margin left."""
+        if time.monotonic() - state.view_at >= VIEW_SECONDS:
+            return False
+        margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
+        return all(limit - self._spent(state, period, now) > margin for period, limit in token_limits(policy))
+
+    @staticmethod
+    def _spent(state: _KeyState, period: str, now: float) -> int:
+        start = window_start(period, now)
+        seen_start, seen = state.view.get(period, (start, 0))
+        return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
+
+    def _read_view(self, policy: Policy, state: _KeyState, now: float) -> None:
+        starts = {period: window_start(period, now) for period, _limit in token_limits(policy)}
+        with self.connection as db:
+            rows = KeyUsage.select(KeyUsage.period, KeyUsage.start, KeyUsage.tokens).where(
+                KeyUsage.key_name == policy.name, KeyUsage.period.in_(list(starts))
+            ).execute(db)  # fmt: skip
+            found = {(row.period, row.start): row.tokens for row in rows}
+        state.view = {period: (start, found.get((period, start), 0)) for period, start in starts.items()}
+        state.view_at = time.monotonic()
+
+    def _write_charges(self, name: str, state: _KeyState) -> None:
+        """Add the key's pending charges to the database (the caller holds ``state.lock``)."""
+        if not state.pending:
+            return
+        try:
+            with self.connection as db, db.atomic():
+                for (period, start), tokens in state.pending.items():
+                    KeyUsage.insert(key_name=name, period=period, start=start, tokens=tokens).on_conflict(
+                        conflict_target=[KeyUsage.key_name, KeyUsage.period, KeyUsage.start],
+                        update={KeyUsage.tokens: KeyUsage.tokens + tokens},
+                    ).execute(db)  # fmt: skip
+        except Exception:
+            log.warning("cannot write the token charges of key %r; they are kept and tried again", name, exc_info=True)
+            return
+        # what was pending is in the database now: the view counts it (others' charges come with the next read)
+        for (period, start), tokens in state.pending.items():
+            seen_start, seen = state.view.get(period, (start, 0))
+            state.view[period] = (start, (seen if seen_start == start else 0) + tokens)
+        state.pending.clear()
+
+    # ---- streams ------------------------------------------------------------------------------------------------
+
+    def _enter_stream(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
+        with self.connection as db, db.atomic():
+            lock = ApiKey.select(ApiKey.id).where(ApiKey.name == policy.name)  # one key's streams at a time
+            list((lock.for_update() if db.for_update else lock).execute(db))
+            live = KeyStream.select(fn.COALESCE(fn.SUM(KeyStream.streams), 0)).where(
+                KeyStream.key_name == policy.name,
+                KeyStream.holder != self.holder,
+                KeyStream.seen >= int(now - STREAM_STALE_SECONDS),
+            ).scalar(db)  # fmt: skip
+            if live + state.streams >= policy.max_streams:
+                return _over(f"{policy.max_streams} calls at once", 1)
+            self._set_streams(db, policy.name, state.streams + 1, now)
+        state.streams += 1
+        self.ticker.ensure()  # the heartbeat that keeps these streams counted
+        return None
+
+    def _leave_stream(self, policy: Policy, state: _KeyState) -> None:
+        state.streams = max(0, state.streams - 1)
+        try:
+            with self.connection as db:
+                self._set_streams(db, policy.name, state.streams, time.time())
+        except Exception:  # the heartbeat writes the right count again
+            log.warning("cannot free a stream of key %r now; the next heartbeat will", policy.name, exc_info=True)
+
+    def _set_streams(self, db: Database, name: str, streams: int, now: float) -> None:
+        KeyStream.insert(key_name=name, holder=self.holder, streams=streams, seen=int(now)).on_conflict(
+            conflict_target=[KeyStream.key_name, KeyStream.holder],
+            update={KeyStream.streams: streams, KeyStream.seen: int(now)},
+        ).execute(db)  # fmt: skip
+
+    @property
+    def holder(self) -> str:
+        """This process's name in ``key_streams``: a new one after a fork."""
+        if self._holder_pid != os.getpid():
+            self._holder = f"{self.instance}:{os.getpid()}:{secrets.token_hex(4)}"[-200:]
+            self._holder_pid = os.getpid()
+        return self._holder
+
+    # ---- in the background --------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """The ticker's task: write pending charges, say which streams are still running, delete old counters."""
+        now = time.time()
+        for name, state in list(self._states.items()):
+            with state.lock:
+                self._write_charges(name, state)
+        if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
+            self._last_heartbeat = now
+            self._heartbeat(now)
+        if now - self._last_prune >= PRUNE_SECONDS:
+            self._last_prune = now
+            self._prune(now)
+
+    def _heartbeat(self, now: float) -> None:
+        with self.connection as db:
+            for name, state in list(self._states.items()):
+                if state.streams:
+                    self._set_streams(db, name, state.streams, now)
+
+    def _prune(self, now: float) -> None:
+        with self.connection as db:
+            for period, keep in KEEP_SECONDS.items():
+                KeyUsage.delete().where(KeyUsage.period == period, KeyUsage.start < int(now - keep)).execute(db)
+            KeyStream.delete().where(KeyStream.seen < int(now - STREAM_STALE_SECONDS)).execute(db)
+
+    def close(self) -> None:
+        """At shutdown: write pending charges, give back unused requests, and drop this process's stream counts."""
+        now = time.time()
+        try:
+            with self.connection as db:
+                for name, state in list(self._states.items()):
+                    with state.lock:
+                        self._write_charges(name, state)
+                        if state.lease_left and state.minute == window_start(MINUTE, now):
+                            where = (KeyUsage.key_name == name) & (KeyUsage.period == MINUTE)
+                            KeyUsage.update(requests=KeyUsage.requests - state.lease_left).where(
+                                where & (KeyUsage.start == state.minute)
+                            ).execute(db)  # fmt: skip
+                            state.lease_left = 0
+                KeyStream.delete().where(KeyStream.holder == self.holder).execute(db)
+        except Exception:
+            log.warning("cannot settle the key counters at shutdown", exc_info=True)
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+
+    def usage(self, policy: Policy) -> dict:
+        """Each limit of the key: the limit, what is used, what remains and when its window ends (UTC epoch).
+
+        Requests count as used when granted to a process (a lease's unused part included); tokens include the charges
+        this process has not written yet."""
+        now = time.time()
+        starts = {period: window_start(period, now) for period in (MINUTE, DAY, MONTH)}
+        with self.connection as db:
+            rows = KeyUsage.select().where(
+                KeyUsage.key_name == policy.name, KeyUsage.start.in_(list(starts.values()))
+            ).execute(db)  # fmt: skip
+            counters = {(row.period, row.start): row for row in rows}
+            streams = KeyStream.select(fn.COALESCE(fn.SUM(KeyStream.streams), 0)).where(
+                KeyStream.key_name == policy.name, KeyStream.seen >= int(now - STREAM_STALE_SECONDS)
+            ).scalar(db)  # fmt: skip
+        pending = self._state(policy.name).pending
+        result = {}
+        for name, period, unit in _USAGE:
+            limit = getattr(policy, name)
+            if limit:
+                window = (period, starts[period])
+                row = counters.get(window)
+                used = (getattr(row, unit) if row is not None else 0) + (
+                    pending.get(window, 0) if unit == "tokens" else 0
+                )
+                result[name] = _spend(limit, used, window_end(period, starts[period]))
+        if policy.max_streams:
+            result["max_streams"] = _spend(policy.max_streams, streams, None)
+        return result
+
+    def _state(self, name: str) -> _KeyState:
+        state = self._states.get(name)
+        if state is None:
+            with self._states_lock:
+                state = self._states.setdefault(name, _KeyState())
+        return state
+
+
+_USAGE = (  # limit, its window, what it counts
+    ("rpm", MINUTE, "requests"), ("tpm", MINUTE, "tokens"), ("tokens_per_day", DAY, "tokens"),
+    ("tokens_per_month", MONTH, "tokens"),
+)  # fmt: skip
+
+
+def _spend(limit: int, used: int, resets_at: int | None) -> dict:
+    return {"limit": limit, "used": used, "remaining": max(0, limit - used), "resets_at": resets_at}
+
+
+def _over(what: str, seconds: float) -> Refusal:
+    return Refusal(429, f"rate limit: this API key may use {what}; try again later", max(1, math.ceil(seconds)))
+
+
+@dataclass
+class Keys:
+    """The API keys of one app: the ring the relay looks keys up in, and the limiter of their counters."""
+
+    ring: KeyRing
+    limiter: Limiter
+    connection: OneConnection
+
+
+def init_app(app) -> None:
+    """Create the key tables and put the keys in ``state_of(app).keys`` (the relay reads them there)."""
+    connection = OneConnection(app.config["DATABASE"])
+    try:
+        with connection as db:
+            create_tables(db)
+    except Exception:
+        log.exception("cannot prepare the API key tables; keyed calls are refused until the database answers")
+    finally:
+        connection.close()  # never carry a connection across gunicorn's fork
+    keys = Keys(KeyRing(connection), Limiter(connection, app.config.get("INSTANCE") or "proxy"), connection)
+    state_of(app).keys = keys
+    state_of(app).shutdown_hooks.append(keys.limiter.close)

@@ -1,0 +1,232 @@
+"""API keys on the relay: who a call is from, what it may do, and its limits, through real sockets and a real store.
+
+The limits' exactness across processes and instances is tests/test_keys_shared.py's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+
+from proxy_app.apikeys import SECRET_PREFIX
+from proxy_app.state import state_of
+from proxy_app.store import limits
+from proxy_app.store.keys import KeyChange, KeyTable
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+def make_key(app, name: str = "team", **limits_) -> str:
+    """Create a key in the app's store and make the app see it at once; return its secret."""
+    keys = state_of(app).keys
+    with keys.connection as db:
+        secret = KeyTable(db).create(name, KeyChange(**limits_))
+    keys.ring.refresh()
+    return secret
+
+
+def in_one_minute() -> None:
+    """Wait, if needed, so that a test counting one minute's requests runs inside one minute (windows are UTC)."""
+    if time.time() % 60 > 40:
+        time.sleep(60.5 - time.time() % 60)
+
+
+def bearer(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def keyed(proxy_with):
+    """An app on a real port with its recorder; keys are created with make_key."""
+    app, handle, recorder = proxy_with()
+    return app, handle, recorder
+
+
+def test_keys_no_key_stored_leaves_every_authorization_untouched(keyed, fake):
+    app, handle, recorder = keyed
+    made_up = SECRET_PREFIX + "x" * 43
+    answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(made_up), timeout=10)
+    assert answer.status_code == 200
+    assert fake.seen[-1]["headers"]["Authorization"] == f"Bearer {made_up}"
+
+
+def test_keys_proxy_key_is_removed_and_other_authorization_passes(keyed, fake):
+    app, handle, recorder = keyed
+    secret = make_key(app)
+    answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10)
+    assert answer.status_code == 200
+    assert "Authorization" not in fake.seen[-1]["headers"]
+    answer = requests.post(f"{handle.url}/v1/messages", json={**CHAT, "max_tokens": 5}, timeout=10,
+                           headers={"X-API-Key": secret, "Authorization": "Bearer cloud-key"})  # fmt: skip
+    assert answer.status_code == 200
+    assert fake.seen[-1]["headers"]["Authorization"] == "Bearer cloud-key"
+    assert "X-Api-Key" not in fake.seen[-1]["headers"]
+    cloud = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer("cloud-key"), timeout=10)
+    assert cloud.status_code == 200  # not ours, and keys are not required: anonymous
+    assert fake.seen[-1]["headers"]["Authorization"] == "Bearer cloud-key"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "shape"),
+    [
+        ("/api/chat", CHAT, lambda doc: doc["error"]),
+        ("/v1/chat/completions", CHAT, lambda doc: doc["error"]["message"]),
+        ("/v1/messages", {**CHAT, "max_tokens": 5}, lambda doc: doc["type"] == "error" and doc["error"]["message"]),
+    ],
+)
+def test_keys_required_refuses_a_call_without_one_in_its_api_shape(proxy_with, fake, path, body, shape):
+    app, handle, recorder = proxy_with(REQUIRE_KEY=True)
+    answer = requests.post(f"{handle.url}{path}", json=body, timeout=10)
+    assert answer.status_code == 401
+    assert "API key" in shape(answer.json())
+    assert fake.seen == []
+    (call,) = recorder.wait_for(1)
+    assert (call.outcome, call.http_status, call.endpoint) == ("rejected", 401, path)
+    secret = make_key(app)
+    assert requests.post(f"{handle.url}{path}", json=body, headers=bearer(secret), timeout=10).status_code == 200
+
+
+def test_keys_revoked_expired_or_unknown_key_is_refused_even_when_not_required(keyed, fake):
+    app, handle, recorder = keyed
+    revoked, expired = make_key(app, "gone"), make_key(app, "old", expires=datetime.now(UTC) - timedelta(days=1))
+    with state_of(app).keys.connection as db:
+        KeyTable(db).revoke("gone")
+    state_of(app).keys.ring.refresh()
+    for secret, words in ((revoked, "revoked"), (expired, "expired"), (SECRET_PREFIX + "y" * 43, "not valid")):
+        answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10)
+        assert answer.status_code == 401 and words in answer.json()["error"]
+    assert fake.seen == []
+    assert [call.outcome for call in recorder.wait_for(3)] == ["rejected"] * 3
+
+
+def test_keys_model_list_and_model_use_follow_the_key(keyed, fake):
+    app, handle, recorder = keyed
+    secret = make_key(app, models="llama3.2,all-minilm:latest")
+    tags = requests.get(f"{handle.url}/api/tags", headers=bearer(secret), timeout=10)
+    assert tags.status_code == 200
+    assert sorted(model["name"] for model in tags.json()["models"]) == ["all-minilm:latest", "llama3.2:latest"]
+    assert int(tags.headers["Content-Length"]) == len(tags.content)
+    listed = requests.get(f"{handle.url}/v1/models", headers=bearer(secret), timeout=10).json()
+    assert sorted(model["id"] for model in listed["data"]) == ["all-minilm:latest", "llama3.2:latest"]
+    everything = requests.get(f"{handle.url}/api/tags", timeout=10).json()  # anonymous: the whole list
+    assert len(everything["models"]) > 2
+    other = {**CHAT, "model": "qwen3"}
+    refused = requests.post(f"{handle.url}/api/chat", json=other, headers=bearer(secret), timeout=10)
+    assert refused.status_code == 403 and "qwen3" in refused.json()["error"]
+    assert not any(seen["path"] == "/api/chat" for seen in fake.seen)
+    assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10).status_code == 200
+
+
+def test_keys_requests_per_minute_refuses_past_the_limit_with_retry_after(keyed, fake):
+    app, handle, recorder = keyed
+    secret = make_key(app, rpm=3)
+    in_one_minute()
+    statuses = [
+        requests.post(f"{handle.url}/v1/chat/completions", json=CHAT, headers=bearer(secret), timeout=10)
+        for _ in range(5)
+    ]
+    assert [answer.status_code for answer in statuses] == [200, 200, 200, 429, 429]
+    refused = statuses[3]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    error = refused.json()["error"]
+    assert error["type"] == "api_error" and "3 requests per minute" in error["message"]
+    assert len([seen for seen in fake.seen if seen["path"] == "/v1/chat/completions"]) == 3
+    calls = recorder.wait_for(5)
+    assert [call.outcome for call in calls].count("rejected") == 2
+
+
+def test_keys_token_limit_is_overshot_by_at_most_the_calls_in_flight(keyed, fake):
+    app, handle, recorder = keyed
+    fake.tokens = ["w "] * 10  # ten output tokens a call, plus the prompt's
+    secret = make_key(app, tokens_per_day=100)
+    per_call = fake.expected_chat_prompt_tokens(CHAT["messages"]) + 10
+    admitted = 0
+    for _ in range(40):
+        answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10)
+        if answer.status_code == 429:
+            break
+        admitted += 1
+        recorder.wait_for(admitted)  # settled, so charged: the next call sees it
+    assert admitted == -(-100 // per_call)  # sequential: one call in flight, so it stops at the first over 100
+    usage = state_of(app).keys.limiter.usage(state_of(app).keys.ring.by_name("team"))["tokens_per_day"]
+    assert usage["used"] == admitted * per_call
+    assert usage["used"] - 100 < per_call  # the overshoot is within the one call in flight
+
+
+def test_keys_concurrent_calls_past_a_token_limit_are_bounded_by_those_in_flight(keyed, fake):
+    app, handle, recorder = keyed
+    fake.tokens, fake.token_delay = ["w "] * 5, 0.05
+    secret = make_key(app, tokens_per_day=30)
+    per_call = fake.expected_chat_prompt_tokens(CHAT["messages"]) + 5
+    results, start = [], threading.Barrier(8)
+
+    def one() -> None:
+        start.wait()
+        answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=30)
+        results.append(answer.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    recorder.wait_for(8)  # every call settled: charged
+    used = state_of(app).keys.limiter.usage(state_of(app).keys.ring.by_name("team"))["tokens_per_day"]["used"]
+    admitted = results.count(200)
+    assert admitted + results.count(429) == 8
+    assert used == admitted * per_call
+    assert used - 30 < 8 * per_call  # never more than the calls that were in flight together
+    after = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10)
+    assert after.status_code == 429 and int(after.headers["Retry-After"]) > 60  # until the next UTC day
+
+
+def test_keys_streams_at_once_are_limited_and_freed(keyed, fake):
+    app, handle, recorder = keyed
+    secret = make_key(app, max_streams=2)
+    fake.token_delay = 0.2
+    body = {**CHAT, "stream": True}
+    with requests.Session() as one, requests.Session() as two:
+        first = one.post(f"{handle.url}/api/chat", json=body, headers=bearer(secret), stream=True, timeout=10)
+        second = two.post(f"{handle.url}/api/chat", json=body, headers=bearer(secret), stream=True, timeout=10)
+        third = requests.post(f"{handle.url}/api/chat", json=body, headers=bearer(secret), timeout=10)
+        assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+        first.content, second.content  # noqa: B018 - read to the end: both calls end
+    fake.token_delay = 0.0
+    recorder.wait_for(3)
+    deadline = time.monotonic() + 5
+    while state_of(app).keys.limiter.usage(state_of(app).keys.ring.by_name("team"))["max_streams"]["used"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10).status_code == 200
+
+
+def test_keys_request_leases_never_grant_past_the_limit_across_limiters(tmp_path):
+    """Four limiters (four processes' worth, each with its own connection) on one SQLite file, 16 threads."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    connection = limits.OneConnection(url)
+    with connection as db:
+        limits.create_tables(db)
+        KeyTable(db).create("shared", KeyChange(rpm=250))
+    policy = limits.KeyRing(connection)
+    policy.refresh()
+    shared = policy.by_name("shared")
+    limiters = [limits.Limiter(limits.OneConnection(url), f"instance{n}") for n in range(4)]
+    admitted, lock = [], threading.Lock()
+    in_one_minute()
+
+    def take(limiter) -> None:
+        for _ in range(100):
+            if limiter.admit(shared) is None:
+                with lock:
+                    admitted.append(1)
+
+    threads = [threading.Thread(target=take, args=(limiters[n % 4],)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(admitted) == 250  # every limiter kept asking, so no lease was left unused
