@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 SECRET_PREFIX = "opk_"
 # The headers a key may come in: what the openai and ollama clients send, and what the anthropic client sends.
@@ -90,8 +90,3 @@ class Policy:
         if self.expires is not None and now >= self.expires:
             return f"the API key {self.name!r} expired at {self.expires:%Y-%m-%d %H:%M} UTC"
         return None
-
-
-def utc(moment: datetime) -> datetime:
-    """A datetime as aware UTC (a naive one is taken to be UTC, as the database returns it)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -230,3 +230,14 @@ def test_keys_request_leases_never_grant_past_the_limit_across_limiters(tmp_path
     for thread in threads:
         thread.join(60)
     assert len(admitted) == 250  # every limiter kept asking, so no lease was left unused
+
+
+def test_keys_database_down_at_start_refuses_keyed_calls_and_serves_the_rest(proxy_with, fake):
+    from tests.conftest import free_port
+
+    app, handle, recorder = proxy_with(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    keyed = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(SECRET_PREFIX + "z" * 43), timeout=20)
+    assert keyed.status_code == 503 and "cannot be checked" in keyed.json()["error"]
+    assert requests.post(f"{handle.url}/api/chat", json=CHAT, timeout=20).status_code == 200
+    assert [seen["path"] for seen in fake.seen] == ["/api/chat"]
+    assert "Authorization" not in fake.seen[0]["headers"]

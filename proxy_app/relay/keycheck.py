@@ -38,7 +38,7 @@ ANONYMOUS = Verdict()
 def identify(app, environ: dict) -> Verdict:
     """Who the call is from; a presented proxy key is removed from ``environ`` so that it is not sent upstream."""
     keys, required = state_of(app).keys, app.config["REQUIRE_KEY"]
-    if keys is None or (not required and keys.ring.is_empty):
+    if keys is None or (not required and keys.ring.is_empty and keys.ring.loaded):
         return ANONYMOUS
     found = apikeys.presented(environ)
     if found is None:
@@ -47,6 +47,8 @@ def identify(app, environ: dict) -> Verdict:
         return ANONYMOUS
     secret, header = found
     del environ[header]
+    if not keys.ring.loaded:  # the database has not answered since start-up: no key can be judged
+        return Verdict(None, 503, f"API keys cannot be checked now ({PREFIX}DATABASE_URL does not answer)")
     policy = keys.ring.lookup(secret)
     if policy is None:
         return Verdict(None, 401, "the API key is not valid")

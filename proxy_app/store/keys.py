@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from peewee import BigIntegerField, BooleanField, CharField, Database, DateTimeField, Model, SchemaManager, TextField
+from peewee import BigIntegerField, BooleanField, CharField, Database, Model, SchemaManager, TextField
 
 from proxy_app import apikeys
 from proxy_app.apikeys import Policy
+from proxy_app.store.models import UTCDateTimeField
 from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ class ApiKey(Model):
     name = CharField(max_length=NAME_CHARS, unique=True)
     secret_hash = CharField(max_length=64, unique=True)
     hint = CharField(max_length=16)  # the prefix and the first 4 characters of the secret
-    created = DateTimeField()
-    expires = DateTimeField(null=True)
-    revoked = DateTimeField(null=True)
+    created = UTCDateTimeField()
+    expires = UTCDateTimeField(null=True)
+    revoked = UTCDateTimeField(null=True)
     models = TextField(default="")  # comma-separated model names (apikeys.model_name); empty: every model
     rpm = BigIntegerField(default=0)
     tpm = BigIntegerField(default=0)
@@ -61,7 +62,7 @@ class ApiKey(Model):
             tokens_per_month=self.tokens_per_month,
             max_streams=self.max_streams,
             capture=self.capture,
-            expires=None if self.expires is None else apikeys.utc(self.expires),
+            expires=self.expires,
             revoked=self.revoked is not None,
         )
 
@@ -153,6 +154,7 @@ class KeyRing:
         self._by_hash: dict[str, Policy] = {}
         self._by_name: dict[str, Policy] = {}
         self._read_at = 0.0
+        self.loaded = False  # the table was read at least once: until then no key can be judged
         self._miss_lock = threading.Lock()
         self.ticker = Ticker("api-keys", self._refresh_task, REFRESH_SECONDS)
 
@@ -187,6 +189,7 @@ class KeyRing:
             return
         self._by_hash = {row.secret_hash: row.policy() for row in rows}
         self._by_name = {policy.name: policy for policy in self._by_hash.values()}
+        self.loaded = True
 
     def _refresh_task(self) -> None:
         self.refresh()

@@ -361,6 +361,7 @@ class Limiter:
 
     def close(self) -> None:
         """At shutdown: write pending charges, give back unused requests, and drop this process's stream counts."""
+        self.ticker.stop()
         now = time.time()
         try:
             with self.connection as db:
@@ -452,4 +453,5 @@ def init_app(app) -> None:
         connection.close()  # never carry a connection across gunicorn's fork
     keys = Keys(KeyRing(connection), Limiter(connection, app.config.get("INSTANCE") or "proxy"), connection)
     state_of(app).keys = keys
+    state_of(app).shutdown_hooks.append(keys.ring.ticker.stop)
     state_of(app).shutdown_hooks.append(keys.limiter.close)
