@@ -226,14 +226,14 @@ def test_wire_bad_chunk_size_from_the_client_under_gunicorn_gets_400_in_the_api_
     relayed = [seen["path"] for seen in fake.seen if seen["path"] != "/api/version"]  # (/health asks for the version)
     assert relayed == ["/api/generate"]  # no bad body reached Ollama
     assert proxy.stop() == 0
-    # The front (waitress's event loop, in every gunicorn worker) refuses the body before the app runs: no row.
-    assert stored(tmp_path / "data") == [("completed", 200)]
+    # The front (waitress's event loop, in every gunicorn worker) refuses the body before the app runs; each is a row.
+    assert sorted(stored(tmp_path / "data")) == sorted([("completed", 200)] + [("rejected", 400)] * len(BAD_SIZES))
     assert b"Traceback" not in proxy.process.stderr.read()
 
 
 def test_wire_bad_chunk_size_from_the_client_under_waitress_gets_400(upstream, fake, tmp_path):
     """waitress decodes the body before the app runs and answers a bad size line itself: a 400 in the API's shape,
-    and the call is not recorded, as for every request waitress refuses."""
+    and the call is recorded as refused."""
     settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "CRITICAL", "PORT": 0}
     app = create_app(settings, environ={})
     recorder = CallRecorder()
@@ -246,6 +246,11 @@ def test_wire_bad_chunk_size_from_the_client_under_waitress_gets_400(upstream, f
             status, content_type, body = send_chunked(port, "/api/generate", size_line)
             assert status == 400 and content_type.startswith("application/json") and b"Invalid chunk size" in body
         assert post(port)[0] == 200 and fake.seen[-1]["path"] == "/api/generate" and len(fake.seen) == 1
-        assert [call.outcome for call in recorder.wait_for(1)] == ["completed"]
+        calls = recorder.wait_for(len(BAD_SIZES) + 1)
+        assert [(call.outcome, call.http_status) for call in calls] == [("rejected", 400)] * len(BAD_SIZES) + [
+            ("completed", 200)
+        ]
+        assert {call.endpoint for call in calls} == {"/api/generate"}
+        assert "invalid chunk size" in calls[0].error_message.lower()
     finally:
         assert service.stop(wait=10)

@@ -75,6 +75,11 @@ class Relay:
             response = self._relay(Request(environ))
         return response(environ, start_response)
 
+    def refuse_unread(self, environ: dict, status: int, message: str) -> None:
+        """Record a relayed call the server refused before any app ran (a body it could not read); the server
+        answers it."""
+        self.refuse(self.app, Request(environ), status, message)
+
     def _refuse_host(self, environ: dict, path: str, host: str) -> Response:
         """403 in the API's shape; a refused relayed call is recorded like any other."""
         message = f"the Host {host_of(host)[:100]!r} is not allowed here; to accept it, add it to {PREFIX}ALLOWED_HOSTS"

@@ -11,6 +11,7 @@ closes the server's listener also takes the acceptor out. It does not run the lo
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
@@ -25,12 +26,13 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import RequestEntityTooLarge
 
 from proxy_app.dashboard.views import OWN_BODY_BYTES
 from proxy_app.ollama.errors import error_body
 from proxy_app.relay.middleware import is_reserved
+from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +153,31 @@ class OwnRoutesParser(HTTPRequestParser):
 
 class ShapedErrorTask(ErrorTask):
     """waitress's answer to a request it could not read (bad chunk framing, a body too big), in the error shape of
-    the API the path belongs to (Ollama's, OpenAI's or Anthropic's) instead of waitress's plain text."""
+    the API the path belongs to (Ollama's, OpenAI's or Anthropic's) instead of waitress's plain text; on a relayed
+    path the call is recorded as refused, like every call the relay refuses."""
 
     def execute(self) -> None:
         error = self.request.error
         message = f"{error.reason.lower()}: {error.body}"
+        self._record(error.code, message)
         body, content_type = error_body(self.request.path or "/", message, error.code)
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", content_type))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+
+    def _record(self, status: int, message: str) -> None:
+        extensions = getattr(self.channel.server.application, "extensions", None)  # the Flask app, under both servers
+        relay = state_of(self.channel.server.application).relay if extensions else None
+        if relay is None or is_reserved(self.request.path or "/"):
+            return
+        environ = WSGITask(self.channel, self.request).get_environment()  # the environ the app would have had
+        environ.update({"wsgi.input": io.BytesIO(), "CONTENT_LENGTH": "0"})  # the body is what could not be read
+        try:
+            relay.refuse_unread(environ, status, message)
+        except Exception:  # recording must not cost the client its answer
+            log.exception("recording a request the server could not read failed")
 
 
 class GuardedChannel(HTTPChannel):
