@@ -175,6 +175,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MAX_BODY_BYTES", str(64 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
     ),
+    Setting(
+        "BODY_MEMORY_BYTES",
+        str(1024**3),
+        _positive_int,
+        "Request bodies held in memory at once per process; a call past it gets 503 at once; 0 means no limit",
+    ),  # fmt: skip
     Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
     Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
     Setting(

@@ -28,6 +28,7 @@ class ProxyState:
     upstream_pool: Any = None  # relay.upstream.Pool
     gate: Any = None  # relay.gate.Gate
     in_flight: Any = None  # relay.gate.InFlight
+    body_budget: Any = None  # relay.gate.ByteBudget: request-body bytes in memory
     relay: Any = None  # relay.middleware.Relay, in front of Flask
     metrics: Any = None  # ops.metrics.Metrics
     metrics_tickers: Any = None  # the metrics' background samplers

@@ -107,3 +107,33 @@ def test_intake_large_parameters_recorded_cut_but_valid():
     recorded = json.loads(parameters)  # still JSON: strings are cut and items dropped, never the syntax
     assert recorded["format"]["type"] == "object" and recorded["format"]["description"].startswith("ddd")
     assert len(parameters) < 4200 and recorded["stop"] == []  # the room ran out before the options
+
+
+def test_intake_bodies_in_memory_stay_within_the_process_budget(proxy_for):
+    """However many threads the server runs, the bodies read into memory at once stay under BODY_MEMORY_BYTES: a call
+    whose body does not fit gets 503 in the API's shape at once, and is recorded. The upstream here never reads, so
+    the first call holds its 30 MB body while the second arrives."""
+    import socket
+
+    from proxy_app.state import state_of
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts in the kernel's backlog only: nothing is ever read
+    port = listener.getsockname()[1]
+    handle, app, recorder = proxy_for(f"http://127.0.0.1:{port}", MAX_BODY_BYTES=32 << 20, BODY_MEMORY_BYTES=48 << 20)
+    body = b'{"model":"m","prompt":"' + b"x" * (30 << 20) + b'"}'
+    budget = state_of(app).body_budget
+    first = threading.Thread(target=lambda: requests.post(f"{handle.url}/api/generate", data=body, timeout=60))
+    first.start()
+    deadline = time.monotonic() + 30
+    while budget.held < len(body):
+        assert time.monotonic() < deadline, "the first body was never held"
+        time.sleep(0.05)
+    second = requests.post(f"{handle.url}/v1/completions", data=body, timeout=60)
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+    assert "server busy" in second.json()["error"]["message"]
+    listener.close()  # the first call's upstream goes away: it ends, and gives its bytes back
+    first.join(60)
+    assert budget.held == 0
+    calls = recorder.wait_for(2)
+    refused = [call for call in calls if call.http_status == 503]
+    assert [(call.outcome, call.endpoint) for call in refused] == [("rejected", "/v1/completions")]

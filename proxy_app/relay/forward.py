@@ -28,7 +28,7 @@ from proxy_app.ollama.errors import error_tail
 from proxy_app.ollama.usage import Usage, UsageMeter, UsageStripper
 from proxy_app.relay import framing, keycheck
 from proxy_app.relay.client_watch import ClientLeft, client_gone_check, stream_wait, watching
-from proxy_app.relay.gate import Gate, InFlight
+from proxy_app.relay.gate import ByteBudget, Gate, InFlight
 from proxy_app.relay.headers import client_address, client_headers, request_target, status_line, upstream_headers
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
@@ -61,6 +61,7 @@ def init_app(app: Flask) -> None:
     state_of(app).shutdown_hooks.append(pool.close)
     state_of(app).gate = Gate(config["MAX_CONCURRENT"])
     state_of(app).in_flight = InFlight()
+    state_of(app).body_budget = ByteBudget(config["BODY_MEMORY_BYTES"])
     host_rule = make_host_rule(config)
     if not host_rule.checks_anything:
         log.warning(
@@ -147,6 +148,23 @@ def _check_body_size(app: Flask, req: Request, call: CallInFlight) -> Response |
 
 
 def _open_upstream(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAnswer:
+    """Hold the body's bytes in the process's budget while it is read and sent (503 when they do not fit)."""
+    limit, declared = app.config["MAX_BODY_BYTES"], req.content_length
+    size = 0 if is_blob_upload(req.method, req.path) else declared if declared is not None else limit
+    budget = state_of(app).body_budget
+    if not budget.take(size):
+        state_of(app).gate.leave()
+        message = f"server busy: request bodies in memory would pass {app.config['BODY_MEMORY_BYTES']} bytes"
+        response = refuse_call(app, call, 503, f"{message}; please try again", "rejected")
+        response.headers["Retry-After"] = "1"
+        return response
+    try:
+        return _send(app, req, call)
+    finally:
+        budget.give(size)
+
+
+def _send(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAnswer:
     try:
         body, body_size = read_request_body(req, app.config["MAX_BODY_BYTES"])
     except InvalidBody as exc:  # a chunked body with a bad size line, say

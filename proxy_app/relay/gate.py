@@ -1,4 +1,5 @@
-"""Concurrency bookkeeping for the relay: the in-flight count and the optional first-come-first-served slot gate.
+"""Concurrency bookkeeping for the relay: the in-flight count, the optional first-come-first-served slot gate, and
+the budget of request-body bytes held in memory.
 
 Both are per process and thread-safe. They do not know about Flask or HTTP.
 """
@@ -85,3 +86,29 @@ class Gate:
     def _depth_changed(self, delta: int) -> None:
         if self.depth_watcher is not None:
             self.depth_watcher(delta)
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held by all calls together (0 = no limit). It never waits: a call that does not fit
+    is refused, so memory stays bounded however many threads the server runs."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit; False (nothing held) if not."""
+        if not self.limit or not size:
+            return True
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        """Give back what ``take`` held."""
+        if self.limit and size:
+            with self._lock:
+                self.held -= size
