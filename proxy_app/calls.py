@@ -35,6 +35,9 @@ TEXT_CHARS = {
     "response_preview": 200,
     "remote_model": 200,  # a cloud model's name upstream, bounded like model
     "remote_host": 256,  # a URL with scheme, host name and port
+    "key_name": 64,  # an API key's name, chosen by the admin who created it
+    "instance": 128,  # a host name fits (at most 253 in DNS, far shorter in practice)
+    "upstream": 256,  # a URL with scheme, host name and port, like remote_host
 }
 # Why: a warm call's load_duration is Ollama's check that the model is still resident, a few to some tens of ms;
 # loading even a small model from a fast disk takes several hundred ms. Above this a call paid a load.
@@ -83,6 +86,9 @@ class Call:
     remote_model: str | None  # a cloud model's name on the remote host, as its answer says
     remote_host: str | None
     cold_start: bool | None = None  # the call paid a model load (``is_cold_start``); None when no load_duration
+    key_name: str = ""  # the name of the API key the call carried; "" for an anonymous call
+    instance: str = ""  # the proxy instance that relayed the call (INSTANCE)
+    upstream: str = ""  # the upstream URL the call went to (UPSTREAM)
 
     # Not a field, so never a column: the client's W3C trace headers (traceparent, tracestate) when it sent them,
     # set by the relay for the tracing sink (ops/otel.py). None on every Call that has none.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Send each model call as an OpenTelemetry GenAI span, with GenAI metrics, over OTLP/HTTP (OTEL_* variables)",
     ),
     Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),
+    Setting("INSTANCE", "", _text, "This proxy's name in each call's instance column; empty means the host name"),
     Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
     Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
     Setting("RETENTION_DAYS", "7", _positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
@@ -349,8 +351,10 @@ def merge(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str]
 
 
 def derive(values: dict) -> dict:
-    """Fill the settings whose defaults depend on others (paths under DATA_DIR); parse OTEL_STANDARD if OTEL is on."""
+    """Fill the settings whose defaults depend on others (paths under DATA_DIR) or on the machine (INSTANCE); parse
+    OTEL_STANDARD if OTEL is on."""
     data_dir = Path(values["DATA_DIR"])
+    values["INSTANCE"] = values["INSTANCE"] or socket.gethostname()
     values.setdefault("CSV_FILE", values["CSV_PATH"] or str(data_dir / "ollama-proxy.csv"))
     values.setdefault("DATABASE", values["DATABASE_URL"] or f"sqlite:///{data_dir / 'ollama-proxy.db'}")
     if values.get("OTEL"):  # off, they stay as given: another program's OTEL_* values must not stop the proxy

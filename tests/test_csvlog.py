@@ -32,7 +32,7 @@ def sample_call(**changes) -> Call:
         prompt_eval_duration_ms=12.0, eval_duration_ms=250.0, done_reason="stop", api="native",
         prompt='say "hi", then\nstop', response_preview="The sky is blue.", cached_input_tokens=8, remote_model=None,
         remote_host=None,
-        cold_start=False,
+        cold_start=False, key_name="team-a", instance="gpu-1", upstream="http://127.0.0.1:11435",
     )  # fmt: skip
     return replace(call, **changes)
 
@@ -51,13 +51,16 @@ def test_csvlog_known_call_whole_text(tmp_path):
         "total_tokens,model_parameters,stream_mode,request_size_bytes,response_size_bytes,queue_time_ms,"
         "processing_time_ms,total_time_ms,http_status,error_message,system_load_cpu,system_load_memory,"
         "concurrent_requests,outcome,ttft_ms,tokens_per_second,load_duration_ms,prompt_eval_duration_ms,"
-        "eval_duration_ms,done_reason,api,prompt,response_preview,cached_input_tokens,remote_model,remote_host,cold_start\r\n"
+        "eval_duration_ms,done_reason,api,prompt,response_preview,cached_input_tokens,remote_model,remote_host,"
+        "cold_start,key_name,instance,upstream\r\n"
         "2025-05-01T12:30:45.123Z,0f1e2d3c4b5a69788796a5b4c3d2e1f0,192.0.2.7,ollama-python/0.6.3,POST,/api/chat,s-1,"
         'llama3.2,12,5,17,"{""temperature"":0.2,""num_ctx"":4096}",true,120,1043,0.0,250.5,251.25,200,,12.5,40.0,3,'
-        'completed,12.75,20.0,1.0,12.0,250.0,stop,native,"say ""hi"", then\nstop",The sky is blue.,8,,,false\r\n'
+        'completed,12.75,20.0,1.0,12.0,250.0,stop,native,"say ""hi"", then\nstop",The sky is blue.,8,,,false,team-a,'
+        "gpu-1,http://127.0.0.1:11435\r\n"
         "2025-05-01T12:30:45.123Z,0f1e2d3c4b5a69788796a5b4c3d2e1f0,192.0.2.7,ollama-python/0.6.3,POST,/api/chat,s-1,"
         'llama3.2,,,,"{""temperature"":0.2,""num_ctx"":4096}",false,120,1043,0.0,250.5,251.25,200,"boom, ""quoted""",'
-        "12.5,40.0,3,completed,12.75,20.0,1.0,12.0,250.0,stop,native,,The sky is blue.,8,,,false\r\n"
+        "12.5,40.0,3,completed,12.75,20.0,1.0,12.0,250.0,stop,native,,The sky is blue.,8,,,false,team-a,gpu-1,"
+        "http://127.0.0.1:11435\r\n"
     )
     assert (tmp_path / "calls.csv").read_bytes().decode() == expected
     rows = parse((tmp_path / "calls.csv").read_text())
@@ -67,10 +70,11 @@ def test_csvlog_known_call_whole_text(tmp_path):
 
 @pytest.mark.parametrize("text", ["=HYPERLINK(1)", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"])
 def test_csvlog_formula_cells_neutralised(text):
-    line = list(iter_csv([sample_call(user_agent=text, prompt=text)]))[1]
+    line = list(iter_csv([sample_call(user_agent=text, prompt=text, key_name=text)]))[1]
     row = parse(line)[0]
     assert row[COLUMNS.index("user_agent")] == "'" + text
     assert row[COLUMNS.index("prompt")] == "'" + text
+    assert row[COLUMNS.index("key_name")] == "'" + text
 
 
 # Each of these is read as a formula by some spreadsheet: one that skips leading spaces, line breaks or invisible

@@ -196,13 +196,15 @@ EXPECTED_CSV = (
     "processing_time_ms,total_time_ms,http_status,error_message,system_load_cpu,system_load_memory,"
     "concurrent_requests,outcome,ttft_ms,tokens_per_second,load_duration_ms,prompt_eval_duration_ms,"
     "eval_duration_ms,done_reason,api,prompt,response_preview,cached_input_tokens,remote_model,remote_host,"
-    "cold_start\r\n"
+    "cold_start,key_name,instance,upstream\r\n"
     "2025-05-01T12:30:45.123Z,e1,192.0.2.7,ollama-python/0.6.3,POST,/api/chat,s-1,llama3.2,12,5,17,"
     '"{""temperature"":0.2,""num_ctx"":4096}",true,120,1043,0.0,250.5,251.25,200,,12.5,40.0,3,completed,12.75,'
-    '20.0,1.0,12.0,250.0,stop,native,"say ""hi"", then\nstop",The sky is blue.,8,,,false\r\n'
+    '20.0,1.0,12.0,250.0,stop,native,"say ""hi"", then\nstop",The sky is blue.,8,,,false,team-a,gpu-1,'
+    "http://127.0.0.1:11435\r\n"
     "2025-05-01T12:30:46.123Z,e2,192.0.2.7,'-x,POST,/api/chat,s-1,,,,,"
     '"{""temperature"":0.2,""num_ctx"":4096}",false,120,1043,0.0,250.5,251.25,200,"bad, ""quoted""",12.5,40.0,3,'
-    'completed,12.75,20.0,1.0,12.0,250.0,stop,native,"\'=HYPERLINK(""http://evil"")",The sky is blue.,8,,,false\r\n'
+    'completed,12.75,20.0,1.0,12.0,250.0,stop,native,"\'=HYPERLINK(""http://evil"")",The sky is blue.,8,,,false,'
+    "team-b,gpu-2,http://127.0.0.1:11435\r\n"
 )
 
 
@@ -218,6 +220,8 @@ def test_dashboard_export_csv_whole_text(app, client):
         total_tokens=None,
         stream_mode=False,
         error_message='bad, "quoted"',
+        key_name="team-b",
+        instance="gpu-2",
     )
     older = sample_call(request_id="e0", timestamp=CSV_NOW - timedelta(days=2))
     models.insert_calls(store_of(app), [older, sample_call(request_id="e1"), formula])

@@ -25,6 +25,10 @@ from peewee import CharField, DataError, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app.calls import COLUMNS
+from proxy_app.ollama.intake import read_intake
+from proxy_app.ollama.usage import Usage
+from proxy_app.relay.inflight import CallInFlight
+from proxy_app.relay.settle import settle
 from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
@@ -210,6 +214,43 @@ def test_store_capture_content_off_keeps_the_rest(proxy_with, fake):
     assert (line["prompt"], line["response_preview"], line["output_tokens"]) == ("", "", "5")
 
 
+def settle_chat(app, request_id: str, key_name: str, capture: bool) -> None:
+    """Settle a finished /api/chat call as the relay does, carrying what the key check decided: the key's name and
+    whether the call's content may be stored."""
+    body = json.dumps({"model": "llama3.2", "messages": MESSAGES}).encode()
+    now = time.perf_counter()
+    call = CallInFlight(
+        arrived=now, timestamp=datetime.now(UTC), request_id=request_id, ip_source="192.0.2.7", user_agent="t/1",
+        http_method="POST", endpoint="/api/chat", session_id="", request_size_bytes=len(body),
+        concurrent_requests=state_of(app).in_flight.enter(), intake=read_intake("/api/chat", body), sent=now,
+        http_status=200, ended=now, key_name=key_name, capture=capture,
+    )  # fmt: skip
+    usage = Usage(input_tokens=12, output_tokens=5, is_complete=True, response_preview="The sky is blue.")
+    settle(app, call, usage, "completed", None)
+
+
+def test_store_no_capture_key_and_attribution_in_row_mirror_and_export(proxy_with):
+    app, _, recorder = proxy_with(CAPTURE_CONTENT="true", INSTANCE="edge-1")
+    settle_chat(app, "kept-out", key_name="alice", capture=False)
+    settle_chat(app, "captured", key_name="", capture=True)
+    rows = {row["request_id"]: row for row in stored(app, recorder, 2)}
+    mirror = {line["request_id"]: line for line in csv_rows(app)}
+    export = app.test_client().get("/analytics/export.csv?since=all")
+    exported = {line["request_id"]: line for line in csv.DictReader(io.StringIO(export.text, newline=""))}
+    upstream = app.config["UPSTREAM"]
+    attribution = ("key_name", "instance", "upstream", "prompt", "response_preview")
+    assert [rows[name][column] for name in ("kept-out", "captured") for column in attribution] == [
+        "alice", "edge-1", upstream, None, None,
+        "", "edge-1", upstream, "why is the sky blue", "The sky is blue.",
+    ]  # fmt: skip
+    for lines in (mirror, exported):  # the CSV writes an unknown value as an empty cell
+        assert [lines[name][column] for name in ("kept-out", "captured") for column in attribution] == [
+            "alice", "edge-1", upstream, "", "",
+            "", "edge-1", upstream, "why is the sky blue", "The sky is blue.",
+        ]  # fmt: skip
+    assert rows["kept-out"]["output_tokens"] == 5  # the rest of the call is kept
+
+
 def test_store_prompt_and_preview_cut_by_characters(live_proxy, app, fake, recorder):
     fake.tokens = ["é"] * 300
     post(live_proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "ü" * 1500})
@@ -222,10 +263,10 @@ CSV_LITERAL = (
     "<timestamp>,<request_id>,127.0.0.1,store-test/1,POST,/api/generate,s-9,llama3.2,15,5,20,"
     '"{""num_ctx"":4096}",false,107,<response_size_bytes>,<queue_time_ms>,<processing_time_ms>,<total_time_ms>,200,,'
     "<system_load_cpu>,<system_load_memory>,1,completed,<ttft_ms>,100.0,1.0,15.0,50.0,stop,native,"
-    '"\'=why, is the ""sky"" blue",The sky is blue.,,,,false\r\n'
+    '"\'=why, is the ""sky"" blue",The sky is blue.,,,,false,,<instance>,<upstream>\r\n'
 )
 VOLATILE = ("timestamp", "request_id", "response_size_bytes", "queue_time_ms", "processing_time_ms", "total_time_ms",
-            "system_load_cpu", "system_load_memory", "ttft_ms")  # fmt: skip
+            "system_load_cpu", "system_load_memory", "ttft_ms", "instance", "upstream")  # fmt: skip
 
 
 def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
@@ -238,6 +279,8 @@ def test_store_csv_whole_text_for_a_known_call(live_proxy, app, recorder):
     assert line[COLUMNS.index("request_id")] == response.headers["X-Request-ID"]
     assert line[0].endswith("Z") and datetime.fromisoformat(line[0]) == row["timestamp"].replace(
         microsecond=row["timestamp"].microsecond // 1000 * 1000)  # fmt: skip
+    assert line[COLUMNS.index("instance")] == socket.gethostname()  # the default INSTANCE
+    assert line[COLUMNS.index("upstream")] == app.config["UPSTREAM"]
     for name in VOLATILE:
         line[COLUMNS.index(name)] = f"<{name}>"
     normalised = io.StringIO(newline="")
@@ -478,31 +521,40 @@ def test_store_postgres_restart_between_batches_costs_no_rows(postgres_url, tmp_
     db.close()
 
 
-# ---- schema version 1 to 2, in place ----------------------------------------------------------------------------
+# ---- older schemas, migrated in place ---------------------------------------------------------------------------
 
-ADDED_IN_2 = ("cached_input_tokens", "remote_model", "remote_host")
-ADDED_IN_3 = ("cold_start",)
-V1_COLUMNS = COLUMNS[: -len(ADDED_IN_2 + ADDED_IN_3)]
+ADDED_IN = {2: ("cached_input_tokens", "remote_model", "remote_host"), 3: ("cold_start",),
+            4: ("key_name", "instance", "upstream")}  # fmt: skip
+INDEXED_IN_4 = ("callrow_key_name_timestamp", "callrow_instance_timestamp")
 
 
-def make_v1_store(db) -> None:
-    """Give ``db`` the tables as schema version 1 made them: no ``ADDED_IN_2`` columns, ``api`` a VARCHAR(8)."""
+def columns_at(version: int) -> tuple[str, ...]:
+    """The columns of the calls table at schema ``version``, in order."""
+    added = {name for later, names in ADDED_IN.items() if later > version for name in names}
+    return tuple(name for name in COLUMNS if name not in added)
+
+
+def make_old_store(db, version: int) -> None:
+    """Give ``db`` the tables as schema ``version`` made them: without the later columns and their indexes, and below
+    version 2 with ``api`` a VARCHAR(8)."""
     create_tables(db)
     migrator = SchemaMigrator.from_database(db)
-    operations = [migrator.drop_column("calls", name) for name in ADDED_IN_2 + ADDED_IN_3]
-    if isinstance(db, PostgresqlDatabase):
+    operations = [migrator.drop_index("calls", name) for name in INDEXED_IN_4] if version < 4 else []
+    operations += [migrator.drop_column("calls", name) for name in COLUMNS if name not in columns_at(version)]
+    if isinstance(db, PostgresqlDatabase) and version < 2:
         operations.append(migrator.alter_column_type("calls", "api", CharField(max_length=8)))
     with db.atomic():
         migrate(*operations)
-        SchemaVersion.update(version=1).execute(db)
-    assert [column.name for column in db.get_columns("calls")] == ["id", *V1_COLUMNS]
+        SchemaVersion.update(version=version).execute(db)
+    assert [column.name for column in db.get_columns("calls")] == ["id", *columns_at(version)]
 
 
-def insert_v1_row(db, call) -> None:
-    """Insert a row as a version 1 proxy did: the first columns of the call only."""
-    names, marks = ", ".join(f'"{name}"' for name in V1_COLUMNS), ", ".join([db.param] * len(V1_COLUMNS))
+def insert_old_row(db, call, version: int) -> None:
+    """Insert a row as a proxy at schema ``version`` did: that version's columns of the call only."""
+    columns = columns_at(version)
+    names, marks = ", ".join(f'"{name}"' for name in columns), ", ".join([db.param] * len(columns))
     with db.atomic():
-        db.execute_sql(f'INSERT INTO "calls" ({names}) VALUES ({marks})', row_of(call)[: len(V1_COLUMNS)])
+        db.execute_sql(f'INSERT INTO "calls" ({names}) VALUES ({marks})', row_of(call)[: len(columns)])
 
 
 def test_store_create_tables_whatever_database_the_read_side_has(tmp_path, monkeypatch):
@@ -520,11 +572,11 @@ def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_pat
     else:
         url = f"sqlite:///{tmp_path / 'v1.db'}"
     db = open_database(url)
-    make_v1_store(db)
-    insert_v1_row(db, sample_call(request_id="kept", api="openai", timestamp=datetime.now(UTC)))  # not yet expired
+    make_old_store(db, 1)
+    insert_old_row(db, sample_call(request_id="kept", api="openai", timestamp=datetime.now(UTC)), 1)  # not expired
     if backend == "postgresql":  # what version 2 widens: a VARCHAR(8) refuses "anthropic"
         with pytest.raises(DataError, match="character varying\\(8\\)"), db.atomic():
-            insert_v1_row(db, sample_call(request_id="refused", api="anthropic"))
+            insert_old_row(db, sample_call(request_id="refused", api="anthropic"), 1)
     db.close()
     app, proxy, recorder = proxy_with(DATABASE_URL=url)  # start-up migrates
     answer = post(proxy.url, "/v1/messages", {"model": "llama3.2", "max_tokens": 64, "messages": MESSAGES},
@@ -532,9 +584,42 @@ def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_pat
     assert answer.status_code == 200
     old, new = stored(app, recorder, 1)
     assert (old["request_id"], old["api"], old["input_tokens"]) == ("kept", "openai", 12)
-    assert [old[name] for name in ADDED_IN_2] == [None, None, None]
+    assert [old[name] for name in ADDED_IN[2] + ADDED_IN[3]] == [None, None, None, None]
+    assert [old[name] for name in ADDED_IN[4]] == ["", "", ""]
     assert (new["api"], new["input_tokens"], new["cached_input_tokens"]) == ("anthropic", 15, 4)
     db = open_database(url)
     assert [column.name for column in db.get_columns("calls")] == ["id", *COLUMNS]
     assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
     db.close()
+
+
+def calls_schema(db) -> tuple[list, set]:
+    """The calls table's columns (name, type, null, default) and indexes (name, columns, unique), to compare."""
+    columns = [(column.name, column.data_type, column.null, column.default) for column in db.get_columns("calls")]
+    return columns, {(index.name, tuple(index.columns), index.unique) for index in db.get_indexes("calls")}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_version_3_database_gets_key_instance_and_upstream_keeping_rows(proxy_with, tmp_path, request, backend):
+    with contextlib.ExitStack() as stack:
+        if backend == "postgresql":
+            url, fresh_url = (stack.enter_context(postgres_schema(f"test_store_{name}")) for name in ("v3", "v4"))
+        else:
+            url, fresh_url = f"sqlite:///{tmp_path / 'v3.db'}", f"sqlite:///{tmp_path / 'v4.db'}"
+        db = open_database(url)
+        make_old_store(db, 3)
+        insert_old_row(db, sample_call(request_id="kept", timestamp=datetime.now(UTC)), 3)
+        db.close()
+        app, proxy, recorder = proxy_with(DATABASE_URL=url, INSTANCE="edge-1")  # start-up migrates
+        assert post(proxy.url, "/api/chat", {"model": "llama3.2", "messages": MESSAGES}).status_code == 200
+        old, new = stored(app, recorder, 1)
+        assert (old["request_id"], old["input_tokens"], old["cold_start"]) == ("kept", 12, False)
+        assert [old[name] for name in ADDED_IN[4]] == ["", "", ""]  # what rows stored before the columns hold
+        assert (new["key_name"], new["instance"], new["upstream"]) == ("", "edge-1", app.config["UPSTREAM"])
+        db, fresh = open_database(url), open_database(fresh_url)
+        stack.callback(db.close)
+        stack.callback(fresh.close)
+        create_tables(fresh)
+        assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+        assert calls_schema(db) == calls_schema(fresh)  # migrated is what a new store gets, indexes included
+        assert {name for name, *_ in calls_schema(db)[1]} >= set(INDEXED_IN_4)

@@ -39,3 +39,5 @@ class CallInFlight:
     key: Policy | None = None  # the API key it presented, when valid
     key_admitted: bool = False  # its key's limits admitted it: its stream and tokens are settled at the end
     abandoned: bool = False  # settled as refused by the server before its body ran: the body settles nothing
+    key_name: str = ""  # the name of the API key the call carried, once checked; "" for an anonymous call
+    capture: bool = True  # the call's prompt and preview may be stored (False for a key created with --no-capture)

@@ -68,7 +68,7 @@ def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, erro
     intake, status = call.intake, call.http_status
     sampler = state_of(app).load_sampler
     cpu, memory = sampler.latest() if sampler is not None else (None, None)
-    capture = app.config["CAPTURE_CONTENT"]
+    capture = app.config["CAPTURE_CONTENT"] and call.capture
     return Call(
         timestamp=call.timestamp,
         request_id=call.request_id,
@@ -107,6 +107,9 @@ def _build_call(app: Flask, call: CallInFlight, usage: Usage, outcome: str, erro
         remote_model=usage.remote_model,
         remote_host=usage.remote_host,
         cold_start=is_cold_start(_ms(usage.load_duration_ns)),
+        key_name=call.key_name,
+        instance=app.config["INSTANCE"],
+        upstream=app.config["UPSTREAM"],
     )
 
 
