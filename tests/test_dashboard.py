@@ -104,6 +104,8 @@ EVERY_FILTER = {
     "outcome": "completed",
     "status": "200",
     "client": "10.0.0.1",
+    "key": "alice",
+    "instance": "gpu-a",
     "since": "7d",
     "until": "1m",
     "sort": "latency",
@@ -161,6 +163,33 @@ def test_dashboard_json_shapes(filled_client):
     assert row["call"]["prompt"] == XSS and row["call"]["outcome"] == "upstream_error"
     page = filled_client.get("/analytics?format=json").get_json()
     assert set(page) >= {"stats", "search", "choices", "filters"} and page["stats"]["cards"]["calls"] == 6
+
+
+def test_dashboard_key_and_instance_filters_in_apis_and_page(filled_client):
+    found = filled_client.get("/analytics/search?key=alice&since=7d").get_json()
+    assert [row["request_id"] for row in found["results"]] == ["r1", "r3", "r5"] and found["count"] == 3
+    assert {(row["key_name"], row["instance"]) for row in found["results"]} == {("alice", "gpu-a")}
+    assert (found["filters"]["key"], found["filters"]["instance"]) == ("alice", "")
+    found = filled_client.get("/analytics/search?instance=gpu-b").get_json()
+    assert [row["request_id"] for row in found["results"]] == ["r7", "r2", "r4"]
+    for query, calls in (("instance=gpu-b", 3), ("key=bob&instance=gpu-b", 2), ("key=bob&instance=gpu-a", 0)):
+        assert filled_client.get(f"/analytics/stats?{query}").get_json()["cards"]["calls"] == calls, query
+    html = filled_client.get("/analytics?key=alice").get_data(as_text=True)
+    assert html.count('class="detail"') == 2 and '<input name="key" value="alice"' in html
+    assert '<datalist id="keys"><option value="alice"><option value="bob"></datalist>' in html
+    assert '<datalist id="instances"><option value="gpu-a"><option value="gpu-b"></datalist>' in html
+    assert 'title="instance gpu-a">alice</td>' in html
+
+
+def test_dashboard_key_and_instance_values_are_escaped(app, client):
+    hostile = '"><img src=x onerror=alert(1)>'
+    models.insert_calls(store_of(app), [sample_call(timestamp=datetime.now(UTC), key_name=hostile, instance=hostile)])
+    html = client.get("/analytics", query_string={"key": hostile, "instance": hostile}).get_data(as_text=True)
+    escaped = "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;"
+    assert html.count('class="detail"') == 1 and "<img" not in html
+    assert f'<input name="key" value="{escaped}"' in html and f'<input name="instance" value="{escaped}"' in html
+    assert f'<datalist id="keys"><option value="{escaped}"></datalist>' in html
+    assert f'<td title="instance {escaped}">{escaped}</td>' in html
 
 
 def test_dashboard_unknown_call_is_404(filled_client):
@@ -231,11 +260,9 @@ def test_dashboard_export_csv_whole_text(app, client):
         r'attachment; filename="ollama-proxy-calls-\d{8}T\d{6}Z\.csv"', answer.headers["Content-Disposition"]
     )
     assert answer.get_data(as_text=True) == EXPECTED_CSV
-    only_e2 = client.get("/analytics/export.csv?since=all&q=HYPERLINK").get_data(as_text=True)
-    assert (
-        only_e2
-        == EXPECTED_CSV[: EXPECTED_CSV.index("\r\n") + 2] + EXPECTED_CSV[EXPECTED_CSV.index("2025-05-01T12:30:46") :]
-    )
+    only_e2 = EXPECTED_CSV[: EXPECTED_CSV.index("\r\n") + 2] + EXPECTED_CSV[EXPECTED_CSV.index("2025-05-01T12:30:46") :]
+    for matching in ("q=HYPERLINK", "key=team-b", "instance=gpu-2", "key=team-b&instance=gpu-2"):
+        assert client.get(f"/analytics/export.csv?since=all&{matching}").get_data(as_text=True) == only_e2, matching
 
 
 def test_export_cells_match_the_csv_mirror_byte_for_byte(tmp_path):

@@ -21,8 +21,14 @@ NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 XSS = "explain <img src=x onerror=alert(1)>"
 
 
+# Who made each of known_calls() (key_name, "" anonymous) and through which proxy instance, r1..r7.
+ATTRIBUTION = [("alice", "gpu-a"), ("bob", "gpu-b"), ("alice", "gpu-a"), ("", "gpu-b"), ("alice", "gpu-a"),
+               ("", "gpu-a"), ("bob", "gpu-b")]  # fmt: skip
+
+
 def known_calls(now: datetime = NOW) -> list:
-    """Seven calls: six in the last 24 hours (two errors), one 30 hours old. Ids r1..r7 in this order."""
+    """Seven calls: six in the last 24 hours (two errors), one 30 hours old. Ids r1..r7 in this order; keys and
+    instances as ATTRIBUTION says."""
     ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
     rows = [
         dict(timestamp=ago(10), model="llama3.2", endpoint="/api/chat", ip_source="10.0.0.1", session_id="s-a",
@@ -50,7 +56,10 @@ def known_calls(now: datetime = NOW) -> list:
              tokens_per_second=None, http_status=502, outcome="unreachable", prompt="embed me",
              response_preview=None),
     ]  # fmt: skip
-    return [sample_call(request_id=f"r{number}", **row) for number, row in enumerate(rows, start=1)]
+    return [
+        sample_call(request_id=f"r{number}", key_name=key, instance=instance, **row)
+        for number, (row, (key, instance)) in enumerate(zip(rows, ATTRIBUTION, strict=True), start=1)
+    ]
 
 
 def open_sqlite(path, read_model: bool):
@@ -162,7 +171,9 @@ def test_stats_24h_uses_ten_minute_buckets(store):
      ({"since": "7d"}, 7), ({"since": "all"}, 7), ({"since": "7d", "until": "1h"}, 3),
      ({"since": "2025-05-01T09:00:00Z"}, 6), ({"since": "2025-05-01T09:00:00.001+00:00"}, 5),
      ({"since": "2025-05-01T11:00", "until": "2025-05-01T11:45"}, 1), ({"model": "no-such-model"}, 0),
-     ({"model": "qwen2.5", "outcome": "error", "client": "s-a", "q": "img"}, 1)],
+     ({"model": "qwen2.5", "outcome": "error", "client": "s-a", "q": "img"}, 1), ({"key": "alice"}, 2),
+     ({"key": "bob"}, 2), ({"key": "alice", "since": "7d"}, 3), ({"key": "nobody"}, 0), ({"instance": "gpu-b"}, 3),
+     ({"instance": "gpu-a", "key": "alice", "model": "qwen2.5"}, 1), ({"key": "bob", "instance": "gpu-a"}, 0)],
 )  # fmt: skip
 def test_every_filter_narrows_stats_and_search(store, args, expected):
     filters = filtered(**args)
@@ -290,7 +301,8 @@ def test_get_call_by_request_id(store):
      ({"limit": "-5"}, "limit='-5'"), ({"limit": "ten"}, "limit='ten'"), ({"outcome": "oops"}, "outcome='oops'"),
      ({"status": "99"}, "status='99'"), ({"status": "6xx"}, "status='6xx'"), ({"sort": "prompt"}, "sort='prompt'"),
      ({"order": "sideways"}, "order="), ({"cursor": "garbage!"}, "cursor is not"), ({"since": "99999d"}, "more than"),
-     ({"model": "m" * 300}, "model is longer than 255"), ({"since": "9999-12-31T23:59:59-05:00"}, "neither ISO")],
+     ({"model": "m" * 300}, "model is longer than 255"), ({"key": "k" * 300}, "key is longer than 255"),
+     ({"since": "9999-12-31T23:59:59-05:00"}, "neither ISO")],
 )  # fmt: skip
 def test_parse_filters_rejects_bad_values_clearly(args, message):
     with pytest.raises(FilterError, match=None) as caught:
@@ -321,10 +333,11 @@ def test_cursor_from_a_postgresql_row_names_a_utc_moment():
 
 
 def test_filters_params_round_trip():
-    filters = filtered(q="x", model="m", since="7d", sort="latency", limit="20")
-    assert filters.params() == {"q": "x", "model": "m", "since": "7d", "sort": "latency", "limit": 20}
+    filters = filtered(q="x", model="m", key="k", instance="i", since="7d", sort="latency", limit="20")
+    assert filters.params() == {"q": "x", "model": "m", "key": "k", "instance": "i", "since": "7d",
+                                "sort": "latency", "limit": 20}  # fmt: skip
     assert filtered(**{name: str(value) for name, value in filters.params().items()}) == filters
-    assert filters.params(model="", since="24h") == {"q": "x", "sort": "latency", "limit": 20}
+    assert filters.params(model="", key="", instance="", since="24h") == {"q": "x", "sort": "latency", "limit": 20}
 
 
 # ---- the read model ----------------------------------------------------------------------------------------------
@@ -400,7 +413,23 @@ def test_choices_list_models_and_endpoints_in_range(store):
     assert stats.choices(store, filtered()) == {
         "models": ["llama3.2", "nomic-embed", "qwen2.5"],
         "endpoints": ["/api/chat", "/api/embed", "/api/generate", "/api/tags", "/v1/chat/completions"],
+        "keys": ["alice", "bob"],  # every key and instance in the store, not only in the range; anonymous is none
+        "instances": ["gpu-a", "gpu-b"],
     }
+
+
+@pytest.mark.parametrize("args", [{"key": "alice"}, {"instance": "gpu-b"}, {"key": "bob", "instance": "gpu-b"}])
+def test_key_and_instance_filters_return_only_their_rows(store, args):
+    filters = filtered(since="7d", **args)
+    wanted = {
+        f"r{number}": (key, instance)
+        for number, (key, instance) in enumerate(ATTRIBUTION, start=1)
+        if args.get("key", key) == key and args.get("instance", instance) == instance
+    }
+    assert sorted(ids(queries.search(store, filters))) == sorted(wanted)
+    exported = [queries.row_dict(row[1:]) for rows in queries.iter_chunks(store, filters) for row in rows]
+    assert {row["request_id"]: (row["key_name"], row["instance"]) for row in exported} == wanted
+    assert stats.stats(store, filters, now=NOW)["cards"]["calls"] == len(wanted)
 
 
 # ---- many models -------------------------------------------------------------------------------------------------

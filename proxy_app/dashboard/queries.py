@@ -29,7 +29,7 @@ MAX_LIMIT = 500  # a bigger ?limit is capped, not refused: one page never holds 
 COUNT_CAP = 10_000  # search counts matches up to here ("10,000+"); the exact total is the stats' calls card
 DEFAULT_SINCE = "24h"  # the page's default range; APIs and the export use the same so a URL means one thing
 EXPORT_CHUNK_ROWS = 2_000  # rows per keyset query and per written chunk of an export: flat memory, short reads
-MAX_TEXT_CHARS = 255  # longest model/endpoint/client/q value; the store clips indexed text to this too
+MAX_TEXT_CHARS = 255  # longest model/endpoint/client/key/instance/q value; the store clips indexed text to this too
 MAX_RELATIVE_DAYS = 3660
 # Why: client_gone is the client's choice and completed is success; everything else is a failure of the path.
 ERROR_OUTCOMES = ("upstream_error", "incomplete", "unreachable", "rejected")
@@ -37,12 +37,13 @@ SORTS = {"time": CallRow.timestamp, "latency": CallRow.total_time_ms, "tokens": 
 RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 STATUS = re.compile(r"[1-5](\d\d|xx)")
+ATTRIBUTION = {"key": "key_name", "instance": "instance"}  # filter -> column: who made the call, and through where
 FIELDS = tuple(getattr(CallRow, name) for name in COLUMNS)  # the stored columns, in COLUMNS order
 # What a list of calls (the page's table, /analytics/search) shows: short columns and the start of the prompt. The
 # long text (parameters, whole prompt, response, error, user agent) is read only by one call's view and the export.
 LIST_COLUMNS = ("timestamp", "request_id", "ip_source", "endpoint", "session_id", "model", "input_tokens",
                 "output_tokens", "total_tokens", "total_time_ms", "http_status", "outcome", "ttft_ms",
-                "tokens_per_second", "prompt")  # fmt: skip
+                "tokens_per_second", "key_name", "instance", "prompt")  # fmt: skip
 LIST_TEXT_CHARS = 300  # of the prompt, in a list
 LIST_FIELDS = tuple(
     fn.SUBSTR(CallRow.prompt, 1, LIST_TEXT_CHARS) if name == "prompt" else getattr(CallRow, name)
@@ -64,6 +65,8 @@ class Filters:
     outcome: str = ""  # one of OUTCOMES, or "error" for any of ERROR_OUTCOMES
     status: str = ""  # an HTTP status ("404") or a class ("5xx")
     client: str = ""  # an IP address or a session id
+    key: str = ""  # an API key's name (key_name)
+    instance: str = ""  # a proxy instance's name
     since: datetime | None = None  # inclusive, UTC
     until: datetime | None = None  # exclusive, UTC
     since_text: str = DEFAULT_SINCE  # as given ("24h", "all", an ISO time), to show and to link
@@ -75,7 +78,7 @@ class Filters:
 
     def params(self, **changes) -> dict:
         """Return the query parameters that reproduce these filters (with ``changes``), empty ones left out."""
-        names = ("q", "model", "endpoint", "outcome", "status", "client", "sort", "order")
+        names = ("q", "model", "endpoint", "outcome", "status", "client", "key", "instance", "sort", "order")
         values = {name: getattr(self, name) for name in names}
         values.update(since=self.since_text, until=self.until_text)
         values["limit"] = self.limit if self.limit != DEFAULT_LIMIT else ""
@@ -101,7 +104,7 @@ class Filters:
 def parse_filters(args: Mapping[str, str], now: datetime | None = None) -> Filters:
     """Validate query parameters into Filters; raise FilterError naming the first bad one."""
     now = now or datetime.now(UTC)
-    texts = {name: _text(args, name) for name in ("q", "model", "endpoint", "client")}
+    texts = {name: _text(args, name) for name in ("q", "model", "endpoint", "client", "key", "instance")}
     since_text = args.get("since", DEFAULT_SINCE).strip() or DEFAULT_SINCE
     until_text = args.get("until", "").strip()
     since = None if since_text == "all" else parse_time("since", since_text, now)
@@ -227,6 +230,7 @@ def conditions(db: Database, filters: Filters) -> list[Node]:
     found += dimension_conditions(filters)
     if filters.client:
         found.append((CallRow.ip_source == filters.client) | (CallRow.session_id == filters.client))
+    found += attribution_conditions(filters)
     if filters.q:
         found.append(text_condition(db, filters.q))
     return found
@@ -246,6 +250,12 @@ def dimension_conditions(filters: Filters, source=CallRow) -> list[Node]:
     elif filters.status:
         found.append(source.http_status == int(filters.status))
     return found
+
+
+def attribution_conditions(filters: Filters) -> list[Node]:
+    """Return the expressions for key and instance: CallRow only, since the read model's rollups keep neither."""
+    return [getattr(CallRow, column) == getattr(filters, name) for name, column in ATTRIBUTION.items()
+            if getattr(filters, name)]  # fmt: skip
 
 
 def text_condition(db: Database, text: str) -> Node:

@@ -1,11 +1,11 @@
 """Read side: the numbers behind the dashboard's cards, per-model table and time series, for one set of filters.
 
 Counts and token sums are exact and come from SQL: on SQLite from the read model's rollup for whole 10-minute slots
-plus the raw rows at the edges of the range and above the rollup's watermark; otherwise (PostgreSQL, or a client or
-text filter) from the rows directly. Percentiles (latency, TTFT, tokens/s) are nearest-rank over the matching rows
-when there are at most SAMPLE_ROWS of them, else over an evenly spread sample of rows, which the answer says. Every
-query is built with peewee (the read model's tables as peewee Tables), so values are bound in the store's own
-param style. No Flask here and no writes.
+plus the raw rows at the edges of the range and above the rollup's watermark; otherwise (PostgreSQL, or a client,
+text, key or instance filter) from the rows directly. Percentiles (latency, TTFT, tokens/s) are nearest-rank over the
+matching rows when there are at most SAMPLE_ROWS of them, else over an evenly spread sample of rows, which the answer
+says. Every query is built with peewee (the read model's tables as peewee Tables), so values are bound in the store's
+own param style. No Flask here and no writes.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def bucket_key(db: Database, chars: int):
     return fn.SUBSTR(fn.TO_CHAR(CallRow.timestamp, "YYYY-MM-DD HH24:MI:SS"), 1, chars)
 
 
+def needs_rows(filters: Filters) -> bool:
+    """True when a filter names what the rollups do not keep (client, text, key, instance): read the rows."""
+    return bool(filters.client or filters.q or filters.key or filters.instance)
+
+
 def errors(source, calls):
     """Return the expression summing ``calls`` (1 for a row, the calls column of a rollup) over error outcomes."""
     return fn.SUM(Case(None, [(source.outcome.in_(ERROR_OUTCOMES), calls)], 0))
@@ -92,7 +97,7 @@ def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: d
     tokens = [fn.COALESCE(fn.SUM(CallRow.input_tokens), 0), fn.COALESCE(fn.SUM(CallRow.output_tokens), 0)]
     # Grouped by the output names, so that the bucket expression and its bound values appear once in the SQL.
     select = CallRow.select(key, label, fn.COUNT(SQL("*")), errors(CallRow, 1), *tokens).group_by(key, label)
-    usable = upto is not None and chars <= readmodel.SLOT_CHARS and not (filters.client or filters.q)
+    usable = upto is not None and chars <= readmodel.SLOT_CHARS and not needs_rows(filters)
     slots, parts = split_range(filters, SLOT_SECONDS, upto, now) if usable else (None, [])
     if slots is None:
         return run(db, matching(select, conditions(db, filters)))
@@ -130,7 +135,7 @@ def split_range(filters: Filters, seconds: int, upto: int, now: datetime) -> tup
 
 def _clients(db: Database, filters: Filters, upto: int | None, now: datetime) -> int:
     """Count distinct client IPs: from the hourly client rollup plus raw edges when the filters allow, else raw."""
-    usable = upto is not None and not (filters.client or filters.q or filters.endpoint or filters.outcome)
+    usable = upto is not None and not (needs_rows(filters) or filters.endpoint or filters.outcome)
     slots, parts = split_range(filters, 3600, upto, now) if usable and not filters.status else (None, [])
     if slots is None:
         query = matching(CallRow.select(fn.COUNT(CallRow.ip_source.distinct())), conditions(db, filters))
@@ -176,7 +181,8 @@ def _id_range(db: Database, filters: Filters) -> tuple[int, int]:
 
 
 def choices(db: Database, filters: Filters, limit: int = 200) -> dict:
-    """Return the models and endpoints seen in the range (suggestions for the filter inputs, not exact)."""
+    """Return the models and endpoints seen in the range, and the key and instance names in the store (suggestions
+    for the filter inputs, not exact)."""
     rollup = readmodel.watermarks(db).get("rollup")
     source, since = (ROLLUP, ROLLUP.slot) if rollup else (CallRow, CallRow.timestamp)
     floor = time_key(filters.since, readmodel.SLOT_CHARS) if rollup and filters.since else filters.since
@@ -185,4 +191,20 @@ def choices(db: Database, filters: Filters, limit: int = 200) -> dict:
         column = getattr(source, name)
         query = matching(source.select(column).distinct(), [since >= floor] if floor else [])
         found[name + "s"] = [value for (value,) in run(db, query.order_by(column).limit(limit)) if value]
+    for name, column in (("keys", CallRow.key_name), ("instances", CallRow.instance)):
+        found[name] = [value for value in distinct_values(db, column, limit) if value]
     return found
+
+
+def distinct_values(db: Database, column, limit: int) -> list:
+    """Return the first ``limit`` distinct values of an indexed column of CallRow in the whole store, in order.
+
+    A loose index scan: each value is one index lookup of the next greater one, so a million rows of a few keys cost
+    a few lookups, where DISTINCT would read every row.
+    """
+    following = CallRow.select(fn.MIN(column))
+    first = Select(columns=[following, Value(1)]).cte("seen", recursive=True, columns=("value", "n"))
+    step = Select([first], [following.where(column > first.c.value), first.c.n + 1])
+    seen = first.union_all(step.where(first.c.value.is_null(False), first.c.n < limit))
+    query = Select([first], [first.c.value]).where(first.c.value.is_null(False)).with_cte(seen)
+    return [value for (value,) in run(db, query)]
