@@ -232,7 +232,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "WRITER_RETRY_SECONDS", "60", _seconds, "Seconds a batch the database refuses is retried before it is dropped"
     ),
-    Setting("MAX_MODELS", "100", _positive_int, "Distinct model names used as metric labels; more become 'other'"),
+    Setting(
+        "MAX_MODELS",
+        "100",
+        _positive_int,
+        "Distinct model names, and as many key names, used as metric labels; more become 'other'",
+    ),
     Setting("METRICS_TOKEN", "", _text, "When set, /metrics needs it as a bearer token", secret=True),
     Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
     Setting("REQUIRE_KEY", "false", _bool, "Refuse relayed calls without a valid API key (`ollama-proxy keys`)"),

@@ -68,12 +68,13 @@ def observed(*calls: Call, max_models: int = 100) -> str:
 
 KNOWN_CALLS = (
     make_call(input_tokens=15, output_tokens=5, total_time_ms=1500.0, ttft_ms=200.0, tokens_per_second=40.0,
-              load_duration_ms=1200.0, prompt_eval_duration_ms=30.0),  # native stream
+              load_duration_ms=1200.0, prompt_eval_duration_ms=30.0, key_name="team-a"),  # native stream
     make_call(model="qwen3", endpoint="/v1/chat/completions", api="openai", stream_mode=False, input_tokens=12,
-              output_tokens=300, total_time_ms=8000.0),  # OpenAI, not streamed: no TTFT, no Ollama timings
+              output_tokens=300, total_time_ms=8000.0, key_name="team-b"),  # OpenAI, not streamed: no TTFT
     make_call(model="nope", endpoint="/api/chat", http_status=404, outcome="upstream_error", total_time_ms=3.0),
-    make_call(endpoint="/api/chat", outcome="client_gone", ttft_ms=90.0, total_time_ms=400.0),
-    make_call(endpoint="/v1/chat/completions", http_status=502, outcome="unreachable", total_time_ms=2.0),
+    make_call(endpoint="/api/chat", outcome="client_gone", ttft_ms=90.0, total_time_ms=400.0, key_name="team-a"),
+    make_call(endpoint="/v1/chat/completions", http_status=502, outcome="unreachable", total_time_ms=2.0,
+              key_name="ci"),
     make_call(model=None, endpoint="/favicon.ico", http_method="GET", http_status=404, outcome="upstream_error"),
     make_call(model="llama3.2", endpoint="/api/blobs/sha256:abc", http_status=201, total_time_ms=20.0),
 )  # fmt: skip
@@ -82,23 +83,23 @@ KNOWN_CALLS = (
 OBSERVED_REQUESTS = """\
 # HELP ollama_requests_total Finished calls
 # TYPE ollama_requests_total counter
-ollama_requests_total{endpoint="/api/generate",model="llama3.2",outcome="completed",status="200"} 1.0
-ollama_requests_total{endpoint="/v1/chat/completions",model="qwen3",outcome="completed",status="200"} 1.0
-ollama_requests_total{endpoint="/api/chat",model="other",outcome="upstream_error",status="404"} 1.0
-ollama_requests_total{endpoint="/api/chat",model="llama3.2",outcome="client_gone",status="200"} 1.0
-ollama_requests_total{endpoint="/v1/chat/completions",model="llama3.2",outcome="unreachable",status="502"} 1.0
-ollama_requests_total{endpoint="other",model="none",outcome="upstream_error",status="404"} 1.0
-ollama_requests_total{endpoint="/api/blobs",model="llama3.2",outcome="completed",status="201"} 1.0
+ollama_requests_total{endpoint="/api/generate",key="team-a",model="llama3.2",outcome="completed",status="200"} 1.0
+ollama_requests_total{endpoint="/v1/chat/completions",key="team-b",model="qwen3",outcome="completed",status="200"} 1.0
+ollama_requests_total{endpoint="/api/chat",key="none",model="other",outcome="upstream_error",status="404"} 1.0
+ollama_requests_total{endpoint="/api/chat",key="team-a",model="llama3.2",outcome="client_gone",status="200"} 1.0
+ollama_requests_total{endpoint="/v1/chat/completions",key="ci",model="llama3.2",outcome="unreachable",status="502"} 1.0
+ollama_requests_total{endpoint="other",key="none",model="none",outcome="upstream_error",status="404"} 1.0
+ollama_requests_total{endpoint="/api/blobs",key="none",model="llama3.2",outcome="completed",status="201"} 1.0
 """
 OBSERVED_TOKENS = """\
 # HELP ollama_prompt_tokens_total Input tokens
 # TYPE ollama_prompt_tokens_total counter
-ollama_prompt_tokens_total{endpoint="/api/generate",model="llama3.2"} 15.0
-ollama_prompt_tokens_total{endpoint="/v1/chat/completions",model="qwen3"} 12.0
+ollama_prompt_tokens_total{endpoint="/api/generate",key="team-a",model="llama3.2"} 15.0
+ollama_prompt_tokens_total{endpoint="/v1/chat/completions",key="team-b",model="qwen3"} 12.0
 # HELP ollama_completion_tokens_total Output tokens
 # TYPE ollama_completion_tokens_total counter
-ollama_completion_tokens_total{endpoint="/api/generate",model="llama3.2"} 5.0
-ollama_completion_tokens_total{endpoint="/v1/chat/completions",model="qwen3"} 300.0
+ollama_completion_tokens_total{endpoint="/api/generate",key="team-a",model="llama3.2"} 5.0
+ollama_completion_tokens_total{endpoint="/v1/chat/completions",key="team-b",model="qwen3"} 300.0
 """
 
 
@@ -200,8 +201,8 @@ def test_metrics_observe_histograms_exactly():
 OBSERVED_CACHED = """\
 # HELP ollama_cached_prompt_tokens_total Cached input tokens
 # TYPE ollama_cached_prompt_tokens_total counter
-ollama_cached_prompt_tokens_total{endpoint="/v1/messages",model="llama3.2"} 1024.0
-ollama_cached_prompt_tokens_total{endpoint="/api/chat",model="llama3.2"} 0.0
+ollama_cached_prompt_tokens_total{endpoint="/v1/messages",key="none",model="llama3.2"} 1024.0
+ollama_cached_prompt_tokens_total{endpoint="/api/chat",key="none",model="llama3.2"} 0.0
 """
 
 
@@ -212,7 +213,7 @@ def test_metrics_cached_prompt_tokens_counted_only_where_the_answer_says():
         make_call(endpoint="/v1/responses", api="openai", input_tokens=26),  # not said: no series
     )
     assert family(text, "ollama_cached_prompt_tokens_total") == OBSERVED_CACHED
-    assert samples(text, "ollama_prompt_tokens_total")['{endpoint="/v1/responses",model="llama3.2"}'] == 26.0
+    assert samples(text, "ollama_prompt_tokens_total")['{endpoint="/v1/responses",key="none",model="llama3.2"}'] == 26.0
 
 
 def test_metrics_model_label_capped():
@@ -221,15 +222,38 @@ def test_metrics_model_label_capped():
     text = observed(*calls, max_models=2)
     assert samples(text, "ollama_tokens_generated_count") == {}
     assert samples(text, "ollama_requests_total") == {
-        '{endpoint="/api/generate",model="a",outcome="completed",status="200"}': 2.0,
-        '{endpoint="/api/generate",model="b",outcome="completed",status="200"}': 1.0,
-        '{endpoint="/api/generate",model="other",outcome="completed",status="200"}': 2.0,
-        '{endpoint="/api/generate",model="other",outcome="upstream_error",status="404"}': 1.0,
+        '{endpoint="/api/generate",key="none",model="a",outcome="completed",status="200"}': 2.0,
+        '{endpoint="/api/generate",key="none",model="b",outcome="completed",status="200"}': 1.0,
+        '{endpoint="/api/generate",key="none",model="other",outcome="completed",status="200"}': 2.0,
+        '{endpoint="/api/generate",key="none",model="other",outcome="upstream_error",status="404"}': 1.0,
+    }
+
+
+def test_metrics_key_label_capped_like_the_model_label():
+    """The first MAX_MODELS key names keep their label, the rest are "other", anonymous calls "none". Unlike a model
+    name, a key name is admitted by a refused call too: it names a key the proxy knows, not text the client chose."""
+    calls = [make_call(key_name="a", http_status=429, outcome="rejected", input_tokens=None)]
+    calls += [make_call(key_name=name, input_tokens=1) for name in ("a", "b", "c", "")]
+    calls.append(make_call(key_name="d", http_status=429, outcome="rejected", input_tokens=None))
+    text = observed(*calls, max_models=2)
+    assert samples(text, "ollama_requests_total") == {
+        '{endpoint="/api/generate",key="a",model="other",outcome="rejected",status="429"}': 1.0,  # not yet admitted
+        '{endpoint="/api/generate",key="a",model="llama3.2",outcome="completed",status="200"}': 1.0,
+        '{endpoint="/api/generate",key="b",model="llama3.2",outcome="completed",status="200"}': 1.0,
+        '{endpoint="/api/generate",key="other",model="llama3.2",outcome="completed",status="200"}': 1.0,
+        '{endpoint="/api/generate",key="none",model="llama3.2",outcome="completed",status="200"}': 1.0,
+        '{endpoint="/api/generate",key="other",model="llama3.2",outcome="rejected",status="429"}': 1.0,
+    }
+    assert samples(text, "ollama_prompt_tokens_total") == {
+        '{endpoint="/api/generate",key="a",model="llama3.2"}': 1.0,
+        '{endpoint="/api/generate",key="b",model="llama3.2"}': 1.0,
+        '{endpoint="/api/generate",key="other",model="llama3.2"}': 1.0,
+        '{endpoint="/api/generate",key="none",model="llama3.2"}': 1.0,
     }
 
 
 def test_metrics_model_flood_of_failing_names_keeps_real_models():
-    labels = metrics.ModelLabels(limit=3)
+    labels = metrics.BoundedLabels(limit=3)
     assert {labels.label(f"random-{n}", is_success=False) for n in range(1000)} == {"other"}
     assert labels.label("llama3.2", is_success=True) == "llama3.2"
     assert labels.label("llama3.2", is_success=False) == "llama3.2"  # known names keep their label on errors
@@ -376,27 +400,27 @@ def run_known_calls(proxy: Proxy, fake) -> int:
 RELAY_REQUESTS = """\
 # HELP ollama_requests_total Finished calls
 # TYPE ollama_requests_total counter
-ollama_requests_total{endpoint="/api/generate",model="llama3.2",outcome="completed",status="200"} 1.0
-ollama_requests_total{endpoint="/api/chat",model="llama3.2",outcome="completed",status="200"} 1.0
-ollama_requests_total{endpoint="/v1/chat/completions",model="llama3.2",outcome="completed",status="200"} 2.0
-ollama_requests_total{endpoint="/api/embed",model="all-minilm",outcome="completed",status="200"} 1.0
-ollama_requests_total{endpoint="/api/generate",model="other",outcome="upstream_error",status="404"} 1.0
-ollama_requests_total{endpoint="/api/chat",model="llama3.2",outcome="upstream_error",status="500"} 1.0
-ollama_requests_total{endpoint="other",model="none",outcome="upstream_error",status="404"} 1.0
-ollama_requests_total{endpoint="/api/generate",model="llama3.2",outcome="client_gone",status="200"} 1.0
+ollama_requests_total{endpoint="/api/generate",key="none",model="llama3.2",outcome="completed",status="200"} 1.0
+ollama_requests_total{endpoint="/api/chat",key="none",model="llama3.2",outcome="completed",status="200"} 1.0
+ollama_requests_total{endpoint="/v1/chat/completions",key="none",model="llama3.2",outcome="completed",status="200"} 2.0
+ollama_requests_total{endpoint="/api/embed",key="none",model="all-minilm",outcome="completed",status="200"} 1.0
+ollama_requests_total{endpoint="/api/generate",key="none",model="other",outcome="upstream_error",status="404"} 1.0
+ollama_requests_total{endpoint="/api/chat",key="none",model="llama3.2",outcome="upstream_error",status="500"} 1.0
+ollama_requests_total{endpoint="other",key="none",model="none",outcome="upstream_error",status="404"} 1.0
+ollama_requests_total{endpoint="/api/generate",key="none",model="llama3.2",outcome="client_gone",status="200"} 1.0
 """
 RELAY_TOKENS = """\
 # HELP ollama_prompt_tokens_total Input tokens
 # TYPE ollama_prompt_tokens_total counter
-ollama_prompt_tokens_total{endpoint="/api/generate",model="llama3.2"} 15.0
-ollama_prompt_tokens_total{endpoint="/api/chat",model="llama3.2"} 12.0
-ollama_prompt_tokens_total{endpoint="/v1/chat/completions",model="llama3.2"} 24.0
-ollama_prompt_tokens_total{endpoint="/api/embed",model="all-minilm"} 23.0
+ollama_prompt_tokens_total{endpoint="/api/generate",key="none",model="llama3.2"} 15.0
+ollama_prompt_tokens_total{endpoint="/api/chat",key="none",model="llama3.2"} 12.0
+ollama_prompt_tokens_total{endpoint="/v1/chat/completions",key="none",model="llama3.2"} 24.0
+ollama_prompt_tokens_total{endpoint="/api/embed",key="none",model="all-minilm"} 23.0
 # HELP ollama_completion_tokens_total Output tokens
 # TYPE ollama_completion_tokens_total counter
-ollama_completion_tokens_total{endpoint="/api/generate",model="llama3.2"} 5.0
-ollama_completion_tokens_total{endpoint="/api/chat",model="llama3.2"} 5.0
-ollama_completion_tokens_total{endpoint="/v1/chat/completions",model="llama3.2"} 10.0
+ollama_completion_tokens_total{endpoint="/api/generate",key="none",model="llama3.2"} 5.0
+ollama_completion_tokens_total{endpoint="/api/chat",key="none",model="llama3.2"} 5.0
+ollama_completion_tokens_total{endpoint="/v1/chat/completions",key="none",model="llama3.2"} 10.0
 """
 
 
@@ -543,7 +567,9 @@ def test_metrics_gunicorn_four_workers_count_every_call(gunicorn_proxy, tmp_path
     text = requests.get(proxy.url + "/metrics", timeout=10).text
     assert sum(samples(text, "ollama_requests_total").values()) == 1000
     assert sum(samples(text, "ollama_request_duration_seconds_count").values()) == 1000
-    assert samples(text, "ollama_completion_tokens_total") == {'{endpoint="/api/generate",model="llama3.2"}': 5000.0}
+    assert samples(text, "ollama_completion_tokens_total") == {
+        '{endpoint="/api/generate",key="none",model="llama3.2"}': 5000.0
+    }
     assert samples(text, "ollama_active_requests") == {"": 0.0}
     counters = sorted(metric_files.glob("counter_*.db"))
     assert len(counters) >= 2  # several workers served and wrote their own files

@@ -1,9 +1,9 @@
 """Prometheus metrics: the objects (on an injected registry), ``observe(call)``, and per-process samplers.
 
 A ``Call`` is counted once, by the relay's end-of-call sink, so a stream is timed to its last byte. Labels are bounded
-(``endpoint_label``, ``ModelLabels``). Under gunicorn, multiprocess mode sums every worker's files at scrape time.
-This module imports no Flask and registers no route (health.py serves ``/metrics`` through ``scrape``); the exporter
-times our own endpoints only, never the relay.
+(``endpoint_label``, ``BoundedLabels`` for models and key names). Under gunicorn, multiprocess mode sums every
+worker's files at scrape time. This module imports no Flask and registers no route (health.py serves ``/metrics``
+through ``scrape``); the exporter times our own endpoints only, never the relay.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ FOLDED_PREFIXES = (("/api/blobs/", "/api/blobs"), ("/v1/models/", "/v1/models/{i
                    ("/api/experimental/", "/api/experimental/*"))  # fmt: skip
 OTHER = "other"
 NO_MODEL = "none"  # calls that name no model (/api/tags, /api/version, ...)
+NO_KEY = "none"  # anonymous calls, which carry no API key: the same word as a call without a model
 MAX_MODEL_CHARS = 200  # longer "model names" are junk; they must not bloat every series
 FIRST_PROBE_WAIT = 2.5  # seconds the first scrape in a process waits for the first upstream probe (connect timeout 2 s)
 
@@ -61,26 +62,28 @@ def endpoint_label(path: str) -> str:
     return OTHER
 
 
-class ModelLabels:
-    """Per-process model label cap: the first ``limit`` names seen in a successful call keep their name."""
+class BoundedLabels:
+    """Per-process label cap for a name (a model's, a key's): the first ``limit`` names admitted keep their name, the
+    rest are OTHER, and a missing name is ``missing``."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, missing: str = NO_MODEL) -> None:
         self.limit = limit
+        self.missing = missing
         self._known: set[str] = set()
         self._lock = threading.Lock()
 
-    def label(self, model: str | None, is_success: bool) -> str:
-        """Return the label for ``model``; only a successful call may admit a new name (random names fail upstream)."""
-        if not model:
-            return NO_MODEL
-        if model in self._known:
-            return model
-        if not is_success or len(model) > MAX_MODEL_CHARS:
+    def label(self, name: str | None, is_success: bool) -> str:
+        """Return the label for ``name``; only a successful call may admit a new name (random names fail upstream)."""
+        if not name:
+            return self.missing
+        if name in self._known:
+            return name
+        if not is_success or len(name) > MAX_MODEL_CHARS:
             return OTHER
         with self._lock:
             if len(self._known) < self.limit:
-                self._known.add(model)
-                return model
+                self._known.add(name)
+                return name
         return OTHER
 
 
@@ -89,7 +92,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, max_models: int, has_queue: bool, has_otel: bool = False) -> None:
         self.registry = registry
-        self.models = ModelLabels(max_models)
+        self.models = BoundedLabels(max_models)
+        self.keys = BoundedLabels(max_models, missing=NO_KEY)  # as many key names as model names
         self._lock = threading.Lock()
         self._counted: dict[str, tuple[int | None, float]] = {}  # source -> (pid, value already counted)
         self._children: dict[tuple, object] = {}  # (metric, label values) -> its series
@@ -102,7 +106,8 @@ class Metrics:
     def _add_call_metrics(self, registry: CollectorRegistry) -> None:
         counter, histogram = partial(Counter, registry=registry), partial(Histogram, registry=registry)
         by_call, by_model = ("model", "endpoint"), ("model",)  # label names: the Call's own field names
-        self.requests = counter("ollama_requests_total", "Finished calls", (*by_call, "status", "outcome"))
+        by_key = (*by_call, "key")  # the counters a key's use is read from: the key's name, never the key
+        self.requests = counter("ollama_requests_total", "Finished calls", (*by_call, "status", "outcome", "key"))
         self.request_duration = histogram(
             "ollama_request_duration_seconds", "Arrival to last byte", by_call, buckets=CALL_BUCKETS
         )
@@ -113,9 +118,9 @@ class Metrics:
             "ollama_tokens_generated", "Output tokens per call", by_model, buckets=TOKEN_BUCKETS
         )
         self.tokens_per_second = histogram("ollama_tokens_per_second", "Decode speed", by_model, buckets=SPEED_BUCKETS)
-        self.prompt_tokens = counter("ollama_prompt_tokens_total", "Input tokens", by_call)
-        self.completion_tokens = counter("ollama_completion_tokens_total", "Output tokens", by_call)
-        self.cached_prompt_tokens = counter("ollama_cached_prompt_tokens_total", "Cached input tokens", by_call)
+        self.prompt_tokens = counter("ollama_prompt_tokens_total", "Input tokens", by_key)
+        self.completion_tokens = counter("ollama_completion_tokens_total", "Output tokens", by_key)
+        self.cached_prompt_tokens = counter("ollama_cached_prompt_tokens_total", "Cached input tokens", by_key)
         self.load_duration = histogram(
             "ollama_load_duration_seconds", "Model load time, as Ollama reports it", by_model, buckets=STEP_BUCKETS
         )
@@ -188,18 +193,20 @@ class Metrics:
         """Count one finished call: totals, durations, tokens and Ollama's own timings (unknown values are skipped)."""
         is_success = call.http_status < 400 and call.outcome != "upstream_error"
         model, endpoint = self.models.label(call.model, is_success), endpoint_label(call.endpoint)
+        # A key_name is the name of a key the proxy verified, never text a client chose: any call may admit it.
+        key = self.keys.label(call.key_name, True)
         series = self._series
-        series(self.requests, model, endpoint, str(call.http_status), call.outcome).inc()
+        series(self.requests, model, endpoint, str(call.http_status), call.outcome, key).inc()
         series(self.request_duration, model, endpoint).observe(call.total_time_ms / 1000)
         self._observe_ms(self.ttft, (model, endpoint), call.ttft_ms)
         self._observe_ms(self.load_duration, (model,), call.load_duration_ms)
         self._observe_ms(self.prompt_eval_duration, (model,), call.prompt_eval_duration_ms)
         if call.input_tokens is not None:
-            series(self.prompt_tokens, model, endpoint).inc(call.input_tokens)
+            series(self.prompt_tokens, model, endpoint, key).inc(call.input_tokens)
         if call.cached_input_tokens is not None:  # absent unless the answer says: a series only where it does
-            series(self.cached_prompt_tokens, model, endpoint).inc(call.cached_input_tokens)
+            series(self.cached_prompt_tokens, model, endpoint, key).inc(call.cached_input_tokens)
         if call.output_tokens is not None:
-            series(self.completion_tokens, model, endpoint).inc(call.output_tokens)
+            series(self.completion_tokens, model, endpoint, key).inc(call.output_tokens)
             series(self.tokens_generated, model).observe(call.output_tokens)
         if call.tokens_per_second is not None:
             series(self.tokens_per_second, model).observe(call.tokens_per_second)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from proxy_app import __version__
 from proxy_app.calls import Call
-from proxy_app.ops.metrics import ModelLabels
+from proxy_app.ops.metrics import BoundedLabels
 from proxy_app.state import state_of
 
 # gen_ai.operation.name by path: the GenAI conventions' names for what each Ollama endpoint does.
@@ -81,7 +81,7 @@ class OtelExport:
         upstream = urlsplit(config["UPSTREAM"])
         self.server = {"server.address": upstream.hostname, "server.port": upstream.port or _default_port(upstream)}
         self.capture = config["CAPTURE_CONTENT"] and config["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"]
-        self.models = ModelLabels(config["MAX_MODELS"])  # metric attributes stay bounded, as Prometheus labels do
+        self.models = BoundedLabels(config["MAX_MODELS"])  # metric attributes stay bounded, as Prometheus labels do
         self.shutdown_seconds = SHUTDOWN_SECONDS
         self._lock = threading.Lock()
         self._pid: int | None = None
