@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 
@@ -20,6 +21,12 @@ def test_config_defaults():
 def test_config_environment_and_overrides():
     values = config.merge({"PORT": 9000}, environ={"OLLAMA_PROXY_PORT": "8000", "OLLAMA_PROXY_CAPTURE_CONTENT": "no"})
     assert values["PORT"] == 9000 and values["CAPTURE_CONTENT"] is False
+
+
+def test_config_instance_is_the_host_name_unless_named():
+    assert config.merge(environ={})["INSTANCE"] == socket.gethostname()
+    assert config.merge(environ={"OLLAMA_PROXY_INSTANCE": " edge-1 "})["INSTANCE"] == "edge-1"
+    assert config.merge({"INSTANCE": "edge-2"}, environ={"OLLAMA_PROXY_INSTANCE": "edge-1"})["INSTANCE"] == "edge-2"
 
 
 def test_config_dotenv_file(tmp_path):
