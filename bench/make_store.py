@@ -40,6 +40,7 @@ OUTCOMES = (
     ("rejected", 0.004, 503, "too many calls waiting"),
 )
 AGENTS = ("ollama-python/0.6.3", "ollama-js/0.5.14", "OpenAI/Python 1.82.0", "Open WebUI", "curl/8.5.0", "LangChain")
+TEAMS = ("", "team-a", "team-b", "ci")  # key names by client; "" is an anonymous client
 TOPICS = (
     "the quarterly report",
     "a pull request",
@@ -137,6 +138,10 @@ def make_row(rng: random.Random, moment: datetime, model: tuple, endpoint: tuple
         None,  # cached_input_tokens: not generated
         None,  # remote_model
         None,  # remote_host
+        None,  # cold_start
+        TEAMS[client % len(TEAMS)],  # key_name
+        "bench",  # instance
+        "http://127.0.0.1:11435",  # upstream
     )
 
 

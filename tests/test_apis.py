@@ -93,12 +93,13 @@ def metric_lines(url: str, endpoint: str) -> str:
 def expected(endpoint: str, model: str, calls: int, tokens_in: int, tokens_out: int, cached: int | None) -> str:
     """What ``metric_lines`` gives after ``calls`` completed calls with these token totals, each with content."""
     labels = f'endpoint="{endpoint}",model="{model}"'
-    lines = [f"ollama_completion_tokens_total{{{labels}}} {tokens_out}.0",
-             f"ollama_prompt_tokens_total{{{labels}}} {tokens_in}.0",
-             f'ollama_requests_total{{{labels},outcome="completed",status="200"}} {calls}.0',
+    keyed = f'endpoint="{endpoint}",key="none",model="{model}"'  # the counters also say whose key (none: anonymous)
+    lines = [f"ollama_completion_tokens_total{{{keyed}}} {tokens_out}.0",
+             f"ollama_prompt_tokens_total{{{keyed}}} {tokens_in}.0",
+             f'ollama_requests_total{{{keyed},outcome="completed",status="200"}} {calls}.0',
              f"ollama_time_to_first_token_seconds_count{{{labels}}} {calls}.0"]  # fmt: skip
     if cached is not None:
-        lines.insert(0, f"ollama_cached_prompt_tokens_total{{{labels}}} {cached}.0")
+        lines.insert(0, f"ollama_cached_prompt_tokens_total{{{keyed}}} {cached}.0")
     return "".join(line + "\n" for line in lines)
 
 
@@ -166,7 +167,7 @@ def test_apis_stream_that_stops_short_is_incomplete_not_an_error(both, app, reco
     assert (call.outcome, call.error_message, call.http_status) == ("incomplete", None, 200)
     assert (call.input_tokens, call.output_tokens, call.response_preview) == (None, None, "The sky")
     requests_total = metric_lines(live_proxy.url, call.endpoint).splitlines()[0]
-    assert requests_total == (f'ollama_requests_total{{endpoint="{call.endpoint}",model="llama3.2",'
+    assert requests_total == (f'ollama_requests_total{{endpoint="{call.endpoint}",key="none",model="llama3.2",'
                               'outcome="incomplete",status="200"} 1.0')  # fmt: skip
 
 
