@@ -122,7 +122,7 @@ def test_cli_serve_refuses_a_taken_port_and_names_the_holder(upstream):
 def test_cli_init_db_and_export_csv(app, client, tmp_path):
     env = {"OLLAMA_PROXY_DATA_DIR": str(tmp_path), "OLLAMA_PROXY_DATABASE_URL": ""}
     result = CliRunner().invoke(cli, ["init-db"], env=env)
-    assert result.output == f"database sqlite:///{tmp_path}/ollama-proxy.db is ready (schema version 3)\n"
+    assert result.output == f"database sqlite:///{tmp_path}/ollama-proxy.db is ready (schema version 4)\n"
     assert client.get("/api/tags").status_code == 200
     assert state_of(app).writer.flush(5)
     out = tmp_path / "calls.csv"
@@ -132,3 +132,4 @@ def test_cli_init_db_and_export_csv(app, client, tmp_path):
         header, row = list(csv.reader(exported))
     assert header == list(COLUMNS)
     assert (row[COLUMNS.index("endpoint")], row[COLUMNS.index("http_status")]) == ("/api/tags", "200")
+    assert row[COLUMNS.index("upstream")] == app.config["UPSTREAM"] and row[COLUMNS.index("key_name")] == ""
