@@ -24,6 +24,7 @@ import requests
 from peewee import CharField, DataError, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator, migrate
 
+from proxy_app.apikeys import Policy
 from proxy_app.calls import COLUMNS
 from proxy_app.ollama.intake import read_intake
 from proxy_app.ollama.usage import Usage
@@ -32,6 +33,7 @@ from proxy_app.relay.settle import settle
 from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.csvlog import CsvLog
+from proxy_app.store.keys import KeyChange, KeyTable
 from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
 from proxy_app.store.writer import Writer
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
@@ -214,16 +216,15 @@ def test_store_capture_content_off_keeps_the_rest(proxy_with, fake):
     assert (line["prompt"], line["response_preview"], line["output_tokens"]) == ("", "", "5")
 
 
-def settle_chat(app, request_id: str, key_name: str, capture: bool) -> None:
-    """Settle a finished /api/chat call as the relay does, carrying what the key check decided: the key's name and
-    whether the call's content may be stored."""
+def settle_chat(app, request_id: str, key: Policy | None) -> None:
+    """Settle a finished /api/chat call as the relay does, with the key the key check found (None: anonymous)."""
     body = json.dumps({"model": "llama3.2", "messages": MESSAGES}).encode()
     now = time.perf_counter()
     call = CallInFlight(
         arrived=now, timestamp=datetime.now(UTC), request_id=request_id, ip_source="192.0.2.7", user_agent="t/1",
         http_method="POST", endpoint="/api/chat", session_id="", request_size_bytes=len(body),
         concurrent_requests=state_of(app).in_flight.enter(), intake=read_intake("/api/chat", body), sent=now,
-        http_status=200, ended=now, key_name=key_name, capture=capture,
+        http_status=200, ended=now, key=key,
     )  # fmt: skip
     usage = Usage(input_tokens=12, output_tokens=5, is_complete=True, response_preview="The sky is blue.")
     settle(app, call, usage, "completed", None)
@@ -231,24 +232,48 @@ def settle_chat(app, request_id: str, key_name: str, capture: bool) -> None:
 
 def test_store_no_capture_key_and_attribution_in_row_mirror_and_export(proxy_with):
     app, _, recorder = proxy_with(CAPTURE_CONTENT="true", INSTANCE="edge-1")
-    settle_chat(app, "kept-out", key_name="alice", capture=False)
-    settle_chat(app, "captured", key_name="", capture=True)
-    rows = {row["request_id"]: row for row in stored(app, recorder, 2)}
+    settle_chat(app, "kept-out", Policy(name="alice", capture=False))
+    settle_chat(app, "keyed", Policy(name="bob"))
+    settle_chat(app, "anonymous", None)
+    rows = {row["request_id"]: row for row in stored(app, recorder, 3)}
     mirror = {line["request_id"]: line for line in csv_rows(app)}
     export = app.test_client().get("/analytics/export.csv?since=all")
     exported = {line["request_id"]: line for line in csv.DictReader(io.StringIO(export.text, newline=""))}
-    upstream = app.config["UPSTREAM"]
+    upstream, order = app.config["UPSTREAM"], ("kept-out", "keyed", "anonymous")
     attribution = ("key_name", "instance", "upstream", "prompt", "response_preview")
-    assert [rows[name][column] for name in ("kept-out", "captured") for column in attribution] == [
-        "alice", "edge-1", upstream, None, None,
-        "", "edge-1", upstream, "why is the sky blue", "The sky is blue.",
-    ]  # fmt: skip
+    assert [[rows[name][column] for column in attribution] for name in order] == [
+        ["alice", "edge-1", upstream, None, None],
+        ["bob", "edge-1", upstream, "why is the sky blue", "The sky is blue."],
+        ["", "edge-1", upstream, "why is the sky blue", "The sky is blue."],
+    ]
     for lines in (mirror, exported):  # the CSV writes an unknown value as an empty cell
-        assert [lines[name][column] for name in ("kept-out", "captured") for column in attribution] == [
-            "alice", "edge-1", upstream, "", "",
-            "", "edge-1", upstream, "why is the sky blue", "The sky is blue.",
-        ]  # fmt: skip
+        assert [[lines[name][column] for column in attribution] for name in order] == [
+            ["alice", "edge-1", upstream, "", ""],
+            ["bob", "edge-1", upstream, "why is the sky blue", "The sky is blue."],
+            ["", "edge-1", upstream, "why is the sky blue", "The sky is blue."],
+        ]
     assert rows["kept-out"]["output_tokens"] == 5  # the rest of the call is kept
+
+
+def test_store_relayed_calls_of_a_no_capture_key_carry_its_name_and_no_content(proxy_with):
+    app, proxy, recorder = proxy_with(CAPTURE_CONTENT="true")
+    with state_of(app).keys.connection as db:
+        secret = KeyTable(db).create("alice", KeyChange(capture=False, models="llama3.2"))
+    state_of(app).keys.ring.refresh()
+    chat = {"model": "llama3.2", "messages": MESSAGES}
+    assert post(proxy.url, "/api/chat", chat, Authorization=f"Bearer {secret}").status_code == 200
+    assert post(proxy.url, "/api/chat", {**chat, "model": "qwen3"}, **{"X-API-Key": secret}).status_code == 403
+    assert post(proxy.url, "/api/chat", chat).status_code == 200
+    rows = stored(app, recorder, 3)
+    assert [(row["key_name"], row["outcome"], row["prompt"], row["response_preview"] is None) for row in rows] == [
+        ("alice", "completed", None, True),
+        ("alice", "rejected", None, True),
+        ("", "completed", "why is the sky blue", False),
+    ]
+    assert {row["upstream"] for row in rows} == {app.config["UPSTREAM"]}
+    assert {row["instance"] for row in rows} == {socket.gethostname()}
+    exposition = requests.get(proxy.url + "/metrics", timeout=10).text  # the key's name is a label, never the key
+    assert 'key="alice",model="llama3.2",outcome="completed"' in exposition and secret not in exposition
 
 
 def test_store_prompt_and_preview_cut_by_characters(live_proxy, app, fake, recorder):

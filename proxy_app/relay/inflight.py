@@ -39,5 +39,13 @@ class CallInFlight:
     key: Policy | None = None  # the API key it presented, when valid
     key_admitted: bool = False  # its key's limits admitted it: its stream and tokens are settled at the end
     abandoned: bool = False  # settled as refused by the server before its body ran: the body settles nothing
-    key_name: str = ""  # the name of the API key the call carried, once checked; "" for an anonymous call
-    capture: bool = True  # the call's prompt and preview may be stored (False for a key created with --no-capture)
+
+    @property
+    def key_name(self) -> str:
+        """The name of the valid API key the call carried; "" for an anonymous call."""
+        return "" if self.key is None else self.key.name
+
+    @property
+    def capture(self) -> bool:
+        """Whether the call's prompt and preview may be stored: not for a key created with --no-capture."""
+        return self.key is None or self.key.capture
