@@ -52,7 +52,7 @@ class FutureMoment(click.ParamType):
         return moment
 
 
-def key_options(command):
+def _key_options(command):
     """The options ``create`` and ``update`` share: what a key may do."""
     options = [
         click.option("--models", help="Comma-separated models the key may use; '' (update) allows every model."),
@@ -74,15 +74,15 @@ def keys() -> None:
 
 @keys.command()
 @click.argument("name")
-@key_options
+@_key_options
 def create(name: str, **options) -> None:
     """Create key NAME, print it, and print its secret once, as the last line."""
     from proxy_app.store.keys import KeyChange
 
-    with key_table() as (table, _connection):
+    with _key_table() as (table, _connection):
         secret = table.create(name, KeyChange(**options))
-        row = one_row(table, name.strip())
-    click.echo(render_table([row]))
+        row = _one_row(table, name.strip())
+    click.echo(_render_table([row]))
     click.echo(f"The key follows, shown this once; clients send it as {CLIENT_HEADERS}.")
     click.echo(secret)
 
@@ -91,27 +91,27 @@ def create(name: str, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 def list_keys(as_json: bool) -> None:
     """Print every key (never a secret): its limits, when it expires, whether it is revoked."""
-    with key_table() as (table, _connection):
+    with _key_table() as (table, _connection):
         rows = table.rows()
     if as_json:
-        click.echo(json.dumps([plain(row) for row in rows], indent=2))
+        click.echo(json.dumps([_plain(row) for row in rows], indent=2))
     elif rows:
-        click.echo(render_table(rows))
+        click.echo(_render_table(rows))
     else:
         click.echo("No keys; `keys create NAME` makes one.")
 
 
 @keys.command()
 @click.argument("name")
-@key_options
+@_key_options
 def update(name: str, **options) -> None:
     """Change what key NAME may do: only the options given change."""
     from proxy_app.store.keys import KeyChange
 
-    with key_table() as (table, _connection):
+    with _key_table() as (table, _connection):
         table.update(name, KeyChange(**options))
-        row = one_row(table, name)
-    click.echo(render_table([row]))
+        row = _one_row(table, name)
+    click.echo(_render_table([row]))
 
 
 @keys.command()
@@ -120,7 +120,7 @@ def revoke(name: str) -> None:
     """Revoke key NAME for good: every proxy on this database refuses it within seconds."""
     from proxy_app.store.keys import REFRESH_SECONDS
 
-    with key_table() as (table, _connection):
+    with _key_table() as (table, _connection):
         table.revoke(name)
     click.echo(f"key {name!r} is revoked; running proxies refuse it within {REFRESH_SECONDS:g} seconds")
 
@@ -131,7 +131,7 @@ def usage(name: str) -> None:
     """Print key NAME's limits as JSON: each one's limit, what is used, what remains and when it resets."""
     from proxy_app.store import limits
 
-    with key_table() as (table, connection):
+    with _key_table() as (table, connection):
         policy = table.policy(name)
         spent = limits.Limiter(connection, "keys-command").usage(policy)
     expires = policy.expires.isoformat() if policy.expires else None
@@ -141,7 +141,7 @@ def usage(name: str) -> None:
 
 
 @contextlib.contextmanager
-def key_table():
+def _key_table():
     """The key table of the configured database and its connection; a problem ends the command with its message."""
     from peewee import PeeweeException
 
@@ -157,32 +157,32 @@ def key_table():
         with connection as db:
             limits.create_tables(db)
     except Exception as exc:  # any driver error (or a bad URL) is the answer we want to print
-        raise click.ClickException(f"the database cannot be used: {first_line(exc)}") from None
+        raise click.ClickException(f"the database cannot be used: {_first_line(exc)}") from None
     try:
         with connection as db:
             yield KeyTable(db), connection
     except KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
     except PeeweeException as exc:
-        raise click.ClickException(f"the database failed: {first_line(exc)}") from None
+        raise click.ClickException(f"the database failed: {_first_line(exc)}") from None
     finally:
         connection.close()
 
 
-def one_row(table, name: str) -> dict:
+def _one_row(table, name: str) -> dict:
     return next(row for row in table.rows() if row["name"] == name)
 
 
-def render_table(rows: list[dict]) -> str:
+def _render_table(rows: list[dict]) -> str:
     """The rows as aligned text columns, a heading first."""
-    cells = [list(COLUMNS.values())] + [[cell(field, row[field]) for field in COLUMNS] for row in rows]
+    cells = [list(COLUMNS.values())] + [[_cell(field, row[field]) for field in COLUMNS] for row in rows]
     widths = [max(len(line[index]) for line in cells) for index in range(len(COLUMNS))]
     return "\n".join(
         "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip() for line in cells
     )
 
 
-def cell(field: str, value) -> str:
+def _cell(field: str, value) -> str:
     if isinstance(value, datetime):
         return f"{value:%Y-%m-%d %H:%M}"
     if field == "models":
@@ -194,12 +194,12 @@ def cell(field: str, value) -> str:
     return "-" if value is None else str(value)
 
 
-def plain(row: dict) -> dict:
+def _plain(row: dict) -> dict:
     """A row for JSON: times in ISO 8601 (UTC), the models as a list."""
     document = {field: value.isoformat() if isinstance(value, datetime) else value for field, value in row.items()}
     document["models"] = list(filter(None, row["models"].split(",")))
     return document
 
 
-def first_line(exc: Exception) -> str:
+def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
