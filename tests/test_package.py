@@ -24,7 +24,7 @@ from tests.conftest import free_port
 from tests.processes import ROOT, health, wait_until
 
 ENTRY_POINTS = "[console_scripts]\nollama-proxy = proxy_app.service.cli:cli\n"
-VERBS = ["check", "export-csv", "init-db", "run", "serve"]
+VERBS = ["check", "export-csv", "init-db", "keys", "run", "serve"]
 PROMPT = {"model": "llama3.2", "prompt": "Why is the sky blue?", "stream": False}
 
 

@@ -38,7 +38,8 @@ ANONYMOUS = Verdict()
 def identify(app, environ: dict) -> Verdict:
     """Who the call is from; a presented proxy key is removed from ``environ`` so that it is not sent upstream."""
     keys, required = state_of(app).keys, app.config["REQUIRE_KEY"]
-    if keys is None or (not required and keys.ring.is_empty and keys.ring.loaded):
+    # is_empty first, whatever REQUIRE_KEY says: its first use starts the ring's refresh, without which no key loads
+    if keys is None or (keys.ring.is_empty and keys.ring.loaded and not required):
         return ANONYMOUS
     found = apikeys.presented(environ)
     if found is None:

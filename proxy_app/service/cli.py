@@ -1,4 +1,4 @@
-"""The command line: ``python -m proxy_app serve | run MODEL | check | init-db | export-csv``, and every other
+"""The command line: ``python -m proxy_app serve | run MODEL | check | init-db | export-csv | keys``, and every other
 ``ollama`` subcommand (``list``, ``ps``, ``pull`` ...) passed through to ollama with OLLAMA_HOST set to the proxy.
 
 A standalone click group rather than ``flask --app`` commands, so that ``serve`` and ``check`` work before (or
@@ -23,6 +23,7 @@ from proxy_app import __version__
 from proxy_app import config as config_module
 from proxy_app.ops.probe import probe_upstream
 from proxy_app.service import servers
+from proxy_app.service.key_commands import keys
 from proxy_app.service.supervisor import find_ollama
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
@@ -49,6 +50,9 @@ def _ollama_command(name: str) -> click.Command:
 @click.version_option(__version__, "--version")
 def cli() -> None:
     """Ollama analytics proxy. Other commands (list, ps, pull, rm, ...) go to ollama through the proxy."""
+
+
+cli.add_command(keys)
 
 
 def load_settings(overrides: dict | None = None) -> dict:

@@ -128,6 +128,13 @@ class KeyTable:
         if not ApiKey.update(revoked=datetime.now(UTC)).where(ApiKey.name == name).execute(self.db):
             raise KeyError_(f"no key named {name!r}")
 
+    def policy(self, name: str) -> Policy:
+        """The policy of the key named ``name`` (revoked or expired included)."""
+        rows = list(ApiKey.select().where(ApiKey.name == name).execute(self.db))
+        if not rows:
+            raise KeyError_(f"no key named {name!r}")
+        return rows[0].policy()
+
     def rows(self) -> list[dict]:
         """Every key as a dict (never the secret or its hash), by name."""
         shown = ("name", "hint", "created", "expires", "revoked", "models", *apikeys.LIMITS, "capture")
