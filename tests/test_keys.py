@@ -100,7 +100,14 @@ def test_keys_revoked_expired_or_unknown_key_is_refused_even_when_not_required(k
         answer = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10)
         assert answer.status_code == 401 and words in answer.json()["error"]
     assert fake.seen == []
-    assert [call.outcome for call in recorder.wait_for(3)] == ["rejected"] * 3
+    calls = recorder.wait_for(3)
+    assert [(call.outcome, call.key_name) for call in calls] == [
+        ("rejected", "gone"),
+        ("rejected", "old"),
+        ("rejected", ""),
+    ]
+    with state_of(app).keys.connection as db, pytest.raises(ValueError, match="reserved"):
+        KeyTable(db).create("None", KeyChange())
 
 
 def test_keys_model_list_and_model_use_follow_the_key(keyed, fake):

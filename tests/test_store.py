@@ -648,3 +648,18 @@ def test_store_version_3_database_gets_key_instance_and_upstream_keeping_rows(pr
         assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
         assert calls_schema(db) == calls_schema(fresh)  # migrated is what a new store gets, indexes included
         assert {name for name, *_ in calls_schema(db)[1]} >= set(INDEXED_IN_4)
+
+
+def test_store_postgres_keeps_token_counts_past_32_bits(postgres_url, tmp_path):
+    """An answer may claim more tokens than a 32-bit column holds; the row is kept whole, not refused."""
+    db = open_database(postgres_url)
+    create_tables(db)
+    db.close()
+    writer = Writer(db, CsvLog(tmp_path / "calls.csv"), 100)
+    many = 3_000_000_000
+    writer.submit(sample_call(request_id="big", input_tokens=many, output_tokens=many, total_tokens=2 * many,
+                              cached_input_tokens=many))  # fmt: skip
+    assert writer.flush(5) and (writer.written, writer.dropped) == (1, 0)
+    writer.close()
+    (row,) = CallRow.select().execute(db)
+    assert (row.input_tokens, row.total_tokens, row.cached_input_tokens) == (many, 2 * many, many)

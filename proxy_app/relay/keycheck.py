@@ -54,7 +54,7 @@ def identify(app, environ: dict) -> Verdict:
     if policy is None:
         return Verdict(None, 401, "the API key is not valid")
     reason = policy.refusal(datetime.now(UTC))
-    return Verdict(None, 401, reason) if reason else Verdict(policy)
+    return Verdict(policy, 401, reason) if reason else Verdict(policy)  # a refused key still names its calls
 
 
 def admit(app, policy: Policy, model: str | None) -> Verdict | None:

@@ -137,7 +137,7 @@ def usage(name: str) -> None:
     expires = policy.expires.isoformat() if policy.expires else None
     document = {"name": policy.name, "models": sorted(policy.models), "expires": expires, "revoked": policy.revoked,
                 "limits": spent}  # fmt: skip
-    click.echo(json.dumps(document, indent=2, default=int))  # PostgreSQL sums to a Decimal
+    click.echo(json.dumps(document, indent=2))
 
 
 @contextlib.contextmanager

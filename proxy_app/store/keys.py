@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 KEYS_TABLE = "api_keys"
 NAME_CHARS = 64
+RESERVED_NAMES = ("none", "other")  # the metrics' key label values for anonymous calls and for keys past the cap
 # Why: another process (the `keys` command, another worker or instance) changes keys; each process re-reads the
 # small table this often, so a revocation or a new limit holds everywhere within these seconds.
 REFRESH_SECONDS = 2.0
@@ -146,6 +147,8 @@ def _checked_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > NAME_CHARS or not name.isprintable() or "," in name:
         raise KeyError_(f"a key name is 1 to {NAME_CHARS} printable characters without a comma")
+    if name.lower() in RESERVED_NAMES:
+        raise KeyError_(f"{name!r} is reserved: the metrics use it for calls without a key or beyond the label cap")
     return name
 
 

@@ -407,7 +407,7 @@ class Limiter:
                 )
                 result[name] = _spend(limit, used, window_end(period, starts[period]))
         if policy.max_streams:
-            result["max_streams"] = _spend(policy.max_streams, streams, None)
+            result["max_streams"] = _spend(policy.max_streams, int(streams), None)  # PostgreSQL's SUM is a numeric
         return result
 
     def _state(self, name: str) -> _KeyState:

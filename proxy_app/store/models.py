@@ -105,9 +105,9 @@ class CallRow(BaseModel):
     endpoint = TextField()
     session_id = TextField(index=True)
     model = TextField(null=True)
-    input_tokens = IntegerField(null=True)
-    output_tokens = IntegerField(null=True)
-    total_tokens = IntegerField(null=True)
+    input_tokens = BigIntegerField(null=True)
+    output_tokens = BigIntegerField(null=True)
+    total_tokens = BigIntegerField(null=True)
     model_parameters = TextField(null=True)
     stream_mode = BooleanField()
     request_size_bytes = BigIntegerField()
@@ -130,7 +130,7 @@ class CallRow(BaseModel):
     api = CharField(max_length=TEXT_CHARS["api"])
     prompt = TextField(null=True)
     response_preview = TextField(null=True)
-    cached_input_tokens = IntegerField(null=True)
+    cached_input_tokens = BigIntegerField(null=True)
     remote_model = TextField(null=True)
     remote_host = TextField(null=True)
     cold_start = BooleanField(null=True)
@@ -364,7 +364,8 @@ def _add_cold_start(migrator: SchemaMigrator) -> list:
 
 
 def _add_attribution_columns(migrator: SchemaMigrator) -> list:
-    """Version 4: key_name, instance and upstream (rows stored before get ''), and the key and instance indexes."""
+    """Version 4: key_name, instance and upstream (rows stored before get ''), and the key and instance indexes;
+    the token counts widen to 64 bits (an answer may claim more than 2**31 tokens; SQLite's integers are 64-bit)."""
     # NOT NULL DEFAULT '' in one ADD COLUMN each: no table rewrite (peewee's path for a default rebuilds SQLite's).
     operations = [
         migrator.add_column(CALLS_TABLE, name, TextField(constraints=[SQL("DEFAULT ''")]), allow_not_null=True)
@@ -374,6 +375,11 @@ def _add_attribution_columns(migrator: SchemaMigrator) -> list:
         migrator.add_index(CALLS_TABLE, (name, "timestamp"), name=f"callrow_{name}_timestamp")
         for name in ("key_name", "instance")
     ]
+    if not isinstance(migrator, SqliteMigrator):
+        operations += [
+            migrator.alter_column_type(CALLS_TABLE, name, BigIntegerField(null=True))
+            for name in ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens")
+        ]
     return operations
 
 
