@@ -22,20 +22,22 @@ from pathlib import Path
 
 import psutil
 
-from bench import breakdown, concurrency, load, measure, soak, targets
+from bench import breakdown, concurrency, keycost, load, measure, soak, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Per mode: rounds and sizes of each measurement (quick about 3 min, full about 8 min before the soak).
 PLANS = {
     "quick": {"latency": (3, 300), "throughput": (2, 3), "tokens": (2, 400), "streams": 1, "ttfb": (3, 100),
-              "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0, "breakdown_calls": 1000},
+              "memory_calls": 10_000, "writer_rows": 20_000, "soak_seconds": 0, "breakdown_calls": 1000,
+              "key_checks": 5000},
     "full": {"latency": (6, 1000), "throughput": (3, 6), "tokens": (3, 800), "streams": 2, "ttfb": (6, 200),
-             "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 600, "breakdown_calls": 3000},
+             "memory_calls": 100_000, "writer_rows": 100_000, "soak_seconds": 600, "breakdown_calls": 3000,
+             "key_checks": 20_000},
 }  # fmt: skip
 SHARED_TARGETS = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer")  # one set of targets
 FIGURES = ("latency", "throughput", "tokens", "streams", "ttfb", "memory", "writer", "breakdown", "server",
-           "concurrency")  # fmt: skip
+           "concurrency", "keys")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         step("servers alone", lambda: figures.__setitem__("server_only", servers_alone(plan)))
     if "breakdown" in wanted:
         step("in-process breakdown", lambda: figures.__setitem__("breakdown", breakdown.run(plan["breakdown_calls"])))
+    if "keys" in wanted:
+        step("API key cost", lambda: figures.__setitem__("keys", keycost.run(plan["key_checks"])))
     if soak_seconds:
         step(f"soak {soak_seconds:g} s", lambda: document.__setitem__(
             "soak", soak.run_soak(work, soak_seconds, args.workers, args.threads)))  # fmt: skip

@@ -32,9 +32,10 @@ def _environ(body: bytes, tokens: int) -> dict:
     }  # fmt: skip
 
 
-def call_app(app, body: bytes, tokens: int = 5) -> None:
-    """One /api/generate call through the WSGI app, its answer read to the end (``tokens``: the fake's knob)."""
-    body_iter = app(_environ(body, tokens), lambda status, headers, exc_info=None: None)
+def call_app(app, body: bytes, tokens: int = 5, headers: dict | None = None) -> None:
+    """One /api/generate call through the WSGI app, its answer read to the end (``tokens``: the fake's knob;
+    ``headers``: more environ entries, e.g. ``HTTP_AUTHORIZATION``)."""
+    body_iter = app({**_environ(body, tokens), **(headers or {})}, lambda status, headers, exc_info=None: None)
     for _ in body_iter:
         pass
     if hasattr(body_iter, "close"):

@@ -137,6 +137,9 @@ def table(document: dict) -> str:
     """The main table plus the memory-growth, writer and soak lines."""
     machine, settings = document.get("machine", {}), document.get("settings", {})
     load = f"load average {machine.get('load_average_at_start')} at start, {machine.get('load_average_at_end')} at end"
+    if document.get("mode") == "keycost":  # python -m bench.keycost --output: in-process, no servers
+        started = f"{document['code']} started {document['started']}: {machine.get('cpus')} CPUs, {load}"
+        return f"keycost run of {started}.\n\n{key_cost(document['figures']['keys'])}"
     workers, threads = settings.get("gunicorn_workers"), settings.get("threads")
     lines = [
         f"{document.get('mode')} run of {document.get('code')} started {document.get('started')}: "
@@ -169,6 +172,8 @@ def table(document: dict) -> str:
         lines.append(
             f"\nin-process CPU per call (calling thread): {shown}; full analytics incl. the writer thread {process} µs"
         )
+    if keys := document.get("figures", {}).get("keys"):
+        lines.append(f"\n{key_cost(keys)}")
     if soak := document.get("soak"):
         first, last = soak["memory"][min(1, len(soak["memory"]) - 1)], soak["memory"][-1]
         lines.append(
@@ -178,6 +183,19 @@ def table(document: dict) -> str:
             f"{first['rss_process_mb']} at {first['seconds']} s -> {last['rss_process_mb']} at {last['seconds']} s"
         )
     return "\n".join(lines)
+
+
+def key_cost(keys: dict) -> str:
+    """The API key line: what a key with limits far from reached adds to a call, against the issue's 50 µs."""
+    checks = ", ".join(f"{name.replace('_', ' ')} +{value['added_thread_us']:.1f}"
+                       for name, value in keys["check"].items() if name != "anonymous")  # fmt: skip
+    in_call, call = keys["in_call"]["total_thread_us"], keys["call"]["rpm_and_tokens"]
+    return (
+        f"API keys ({keys['store']}), calling-thread CPU µs per call: key check alone {checks}; inside a whole call "
+        f"{in_call:.0f} ({'met' if in_call <= 50 else 'missed'}: ≤ 50); a whole keyed call {call['thread_us']:.0f} "
+        f"(+{call['added_thread_us']:.0f}, {call['per_anonymous']:.2f}× anonymous in process CPU); one request lease "
+        f"{keys['lease_transaction_us']} µs per {keys['lease_max']} requests"
+    )
 
 
 def main(argv=None) -> None:
