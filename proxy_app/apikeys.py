@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 SECRET_PREFIX = "opk_"
 # The headers a key may come in: what the openai and ollama clients send, and what the anthropic client sends.
@@ -70,23 +70,26 @@ class Policy:
     expires: datetime | None = None  # UTC
     revoked: bool = False
 
-    @property
-    def counts_tokens(self) -> bool:
-        return bool(self.tpm or self.tokens_per_day or self.tokens_per_month)
+    # Worked out once from the limits above (a key is read on every call of it).
+    token_limits: tuple[tuple[str, int], ...] = field(init=False)  # (period, limit) of each token limit
+    counts_tokens: bool = field(init=False)  # any token limit
+    is_limited: bool = field(init=False)  # any limit but the model list: its calls need the shared counters
 
-    @property
-    def is_limited(self) -> bool:
-        """True when a call of this key needs the shared counters (any limit but the model list)."""
-        return bool(self.rpm or self.max_streams or self.counts_tokens)
+    def __post_init__(self) -> None:
+        periods = (("minute", self.tpm), ("day", self.tokens_per_day), ("month", self.tokens_per_month))
+        token_limits = tuple((period, limit) for period, limit in periods if limit)
+        object.__setattr__(self, "token_limits", token_limits)  # frozen: set once here
+        object.__setattr__(self, "counts_tokens", bool(token_limits))
+        object.__setattr__(self, "is_limited", bool(self.rpm or self.max_streams or token_limits))
 
     def allows_model(self, model: str | None) -> bool:
         """True when the key may use ``model`` (any model when the key names none, and calls that name no model)."""
         return not self.models or not model or model_name(model) in self.models
 
-    def refusal(self, now: datetime) -> str | None:
+    def refusal(self) -> str | None:
         """Why this key cannot be used at all now (revoked, expired), or None."""
         if self.revoked:
             return f"the API key {self.name!r} was revoked"
-        if self.expires is not None and now >= self.expires:
+        if self.expires is not None and datetime.now(UTC) >= self.expires:
             return f"the API key {self.name!r} expired at {self.expires:%Y-%m-%d %H:%M} UTC"
         return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from proxy_app import apikeys
 from proxy_app.apikeys import Policy
@@ -53,7 +52,7 @@ def identify(app, environ: dict) -> Verdict:
     policy = keys.ring.lookup(secret)
     if policy is None:
         return Verdict(None, 401, "the API key is not valid")
-    reason = policy.refusal(datetime.now(UTC))
+    reason = policy.refusal()
     return Verdict(policy, 401, reason) if reason else Verdict(policy)  # a refused key still names its calls
 
 

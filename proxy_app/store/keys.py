@@ -171,7 +171,7 @@ class KeyRing:
     @property
     def is_empty(self) -> bool:
         """True when no key exists: the proxy then reads no key header at all."""
-        self.ticker.ensure(wait=5.0)  # the first read, before the first call is judged
+        self.ticker.ensure(wait=0.0 if self.loaded else 5.0)  # the first read, before the first call is judged
         return not self._by_hash
 
     def lookup(self, secret: str) -> Policy | None:

@@ -38,9 +38,9 @@ from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
-MINUTE, DAY, MONTH = "minute", "day", "month"
+MINUTE, DAY, MONTH = "minute", "day", "month"  # the periods of Policy.token_limits
 LEASE_SHARE = 16
-LEASE_MAX = 64
+LEASE_MAX = 1024
 VIEW_SECONDS = 1.0
 MIN_MARGIN_TOKENS = 1000  # the margin is this, or four times the largest call of the key seen here if larger
 FLUSH_SECONDS = 0.1  # charges far from every limit are written in batches this often
@@ -84,13 +84,20 @@ def create_tables(db: Database) -> None:
 
 
 def window_start(period: str, now: float) -> int:
-    moment = datetime.fromtimestamp(now, UTC)
+    """The first second (UTC epoch) of the window of ``period`` that holds ``now``."""
     if period == MINUTE:
         return int(now // 60 * 60)
-    first = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == MONTH:
-        first = first.replace(day=1)
-    return int(first.timestamp())
+    if period == DAY:
+        return int(now // 86400 * 86400)  # UTC days have 86,400 seconds in epoch time
+    start, end = _month
+    if not start <= now < end:  # once a month: months differ in length
+        moment = datetime.fromtimestamp(now, UTC)
+        start = int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+        _month[:] = [start, window_end(MONTH, start)]
+    return start
+
+
+_month = [0, 0]  # the month window_start last found: [start, end)
 
 
 def window_end(period: str, start: int) -> int:
@@ -104,12 +111,6 @@ def window_end(period: str, start: int) -> int:
 
 def lease_size(remaining: int) -> int:
     return max(1, min(LEASE_MAX, remaining // LEASE_SHARE))
-
-
-def token_limits(policy: Policy) -> list[tuple[str, int]]:
-    """(period, limit) of each token limit the key has."""
-    limits = ((MINUTE, policy.tpm), (DAY, policy.tokens_per_day), (MONTH, policy.tokens_per_month))
-    return [(period, limit) for period, limit in limits if limit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,7 @@ class Limiter:
         self._states_lock = threading.Lock()
         self._holder, self._holder_pid = "", 0
         self._last_heartbeat = self._last_prune = 0.0
-        self.ticker = Ticker("key-limits", self.flush, FLUSH_SECONDS)
+        self.ticker = Ticker("key-limits", self.flush, FLUSH_SECONDS, after_fork=self._after_fork)
 
     # ---- on the request path ------------------------------------------------------------------------------------
 
@@ -199,17 +200,19 @@ class Limiter:
                 self._leave_stream(policy, state)
 
     def charge(self, policy: Policy, tokens: int) -> None:
-        """Count the tokens of an ended call against the key's token limits."""
+        """Count the tokens of an ended call against the key's token limits: in the next batch, or at once near a
+        limit (where each admission reads the counters)."""
         if not policy.counts_tokens or tokens <= 0:
             return
-        state, now = self._state(policy.name), time.time()
+        state, windows = self._state(policy.name), _windows(policy, time.time())
         with state.lock:
             state.biggest = max(state.biggest, tokens)
-            for period, _limit in token_limits(policy):
-                window = (period, window_start(period, now))
-                state.pending[window] = state.pending.get(window, 0) + tokens
-            if self._is_far(policy, state, now):
-                self.ticker.ensure()
+            first = not state.pending
+            for period, _limit, start in windows:
+                state.pending[period, start] = state.pending.get((period, start), 0) + tokens
+            if _has_margin(state, windows):
+                if first:  # the writer of the batch: started, or started again after a fork or a crash
+                    self.ticker.ensure()
             else:
                 self._write_charges(policy.name, state)
 
@@ -241,35 +244,22 @@ class Limiter:
     # ---- tokens -------------------------------------------------------------------------------------------------
 
     def _check_tokens(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
-        if not self._is_far(policy, state, now):
-            self._read_view(policy, state, now)
-        for period, limit in token_limits(policy):
-            if self._spent(state, period, now) >= limit:
-                start = window_start(period, now)
+        windows = _windows(policy, now)
+        if time.monotonic() - state.view_at < VIEW_SECONDS and _has_margin(state, windows):
+            return None  # the common case: far from every limit, as of a recent read
+        self._read_view(policy.name, state, windows)
+        for period, limit, start in windows:
+            if _spent(state, period, start) >= limit:
                 return _over(f"{limit} tokens per {_PERIOD_WORDS[period]}", window_end(period, start) - now)
         return None
 
-    def _is_far(self, policy: Policy, state: _KeyState, now: float) -> bool:
-        """True when the view is fresh and every token limit has more than the margin left."""
-        if time.monotonic() - state.view_at >= VIEW_SECONDS:
-            return False
-        margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
-        return all(limit - self._spent(state, period, now) > margin for period, limit in token_limits(policy))
-
-    @staticmethod
-    def _spent(state: _KeyState, period: str, now: float) -> int:
-        start = window_start(period, now)
-        seen_start, seen = state.view.get(period, (start, 0))
-        return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
-
-    def _read_view(self, policy: Policy, state: _KeyState, now: float) -> None:
-        starts = {period: window_start(period, now) for period, _limit in token_limits(policy)}
+    def _read_view(self, name: str, state: _KeyState, windows: tuple) -> None:
         with self.connection as db:
             rows = KeyUsage.select(KeyUsage.period, KeyUsage.start, KeyUsage.tokens).where(
-                KeyUsage.key_name == policy.name, KeyUsage.period.in_(list(starts))
+                KeyUsage.key_name == name, KeyUsage.period.in_([period for period, _limit, _start in windows])
             ).execute(db)  # fmt: skip
             found = {(row.period, row.start): row.tokens for row in rows}
-        state.view = {period: (start, found.get((period, start), 0)) for period, start in starts.items()}
+        state.view = {period: (start, found.get((period, start), 0)) for period, _limit, start in windows}
         state.view_at = time.monotonic()
 
     def _write_charges(self, name: str, state: _KeyState) -> None:
@@ -335,17 +325,25 @@ class Limiter:
     # ---- in the background --------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """The ticker's task: write pending charges, say which streams are still running, delete old counters."""
+        """The ticker's task: write pending charges, say which streams are still running, delete old counters.
+        Never raises: the thread must outlive a database that is down (each part tries again on its next turn)."""
         now = time.time()
         for name, state in list(self._states.items()):
             with state.lock:
                 self._write_charges(name, state)
-        if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
-            self._last_heartbeat = now
-            self._heartbeat(now)
-        if now - self._last_prune >= PRUNE_SECONDS:
-            self._last_prune = now
-            self._prune(now)
+        try:
+            if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
+                self._last_heartbeat = now
+                self._heartbeat(now)
+            if now - self._last_prune >= PRUNE_SECONDS:
+                self._last_prune = now
+                self._prune(now)
+        except Exception:
+            log.warning("cannot update the key counters' heartbeat or prune them now", exc_info=True)
+
+    def _after_fork(self) -> None:
+        """In a new child process: none of the parent's counts or locks (the parent writes its own charges)."""
+        self._states, self._states_lock = {}, threading.Lock()
 
     def _heartbeat(self, now: float) -> None:
         with self.connection as db:
@@ -422,6 +420,23 @@ _USAGE = (  # limit, its window, what it counts
     ("rpm", MINUTE, "requests"), ("tpm", MINUTE, "tokens"), ("tokens_per_day", DAY, "tokens"),
     ("tokens_per_month", MONTH, "tokens"),
 )  # fmt: skip
+
+
+def _windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
+    """(period, limit, window start) of each token limit of the key, at ``now``."""
+    return tuple((period, limit, window_start(period, now)) for period, limit in policy.token_limits)
+
+
+def _spent(state: _KeyState, period: str, start: int) -> int:
+    """The tokens of the window as this process knows them: the database's when last read, and its own since."""
+    seen_start, seen = state.view.get(period, (start, 0))
+    return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
+
+
+def _has_margin(state: _KeyState, windows: tuple) -> bool:
+    """True when every token limit has more than the margin left, as far as this process knows."""
+    margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
+    return all(limit - _spent(state, period, start) > margin for period, limit, start in windows)
 
 
 def _spend(limit: int, used: int, resets_at: int | None) -> dict:
