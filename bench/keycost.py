@@ -109,23 +109,25 @@ def whole_calls(app, secret: str | None, calls: int) -> None:
         breakdown.call_app(app, body, headers=headers)
 
 
+def _timed(spent: dict, name: str, function):
+    """``function``, adding the calling thread's CPU in it to ``spent[name]``."""
+
+    def wrapper(*args):
+        started = time.thread_time()
+        try:
+            return function(*args)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - started
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def _timing_key_work(spent: dict):
     """Wrap keycheck's identify, admit and settle_key so that ``spent[name]`` adds up their calling-thread CPU."""
     originals = {name: getattr(keycheck, name) for name in ("identify", "admit", "settle_key")}
-
-    def timed(name, function):
-        def wrapper(*args):
-            started = time.thread_time()
-            try:
-                return function(*args)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.thread_time() - started
-
-        return wrapper
-
     for name, function in originals.items():
-        setattr(keycheck, name, timed(name, function))
+        setattr(keycheck, name, _timed(spent, name, function))
     try:
         yield
     finally:
@@ -142,7 +144,20 @@ def key_work_in_calls(app, secret: str, calls: int, rounds: int) -> dict:
             whole_calls(app, secret, calls)
         for name, seconds in [*spent.items(), ("total", sum(spent.values()))]:
             samples.setdefault(name, []).append(seconds / calls * 1e6)
-    return {f"{name}_thread_us": round(statistics.median(values), 1) for name, values in samples.items()}
+    result = {f"{name}_thread_us": round(statistics.median(values), 1) for name, values in samples.items()}
+    timer = _timer_us(calls)
+    result["timer_thread_us"] = round(timer, 1)  # what one timed no-op reads: part of each figure above
+    result["total_less_timers_thread_us"] = round(result["total_thread_us"] - 3 * timer, 1)
+    return result
+
+
+def _timer_us(calls: int) -> float:
+    """What the timing wrapper itself adds to each figure of ``key_work_in_calls``: a timed no-op, µs."""
+    spent: dict[str, float] = {}
+    timed = _timed(spent, "noop", lambda: None)
+    for _ in range(calls):
+        timed()
+    return spent["noop"] / calls * 1e6
 
 
 def lease_transaction_us(app) -> float:
