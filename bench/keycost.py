@@ -36,7 +36,7 @@ from pathlib import Path
 from bench import breakdown, client, targets
 from proxy_app.relay import keycheck
 from proxy_app.state import state_of
-from proxy_app.store import limits
+from proxy_app.store import counters, limits
 from proxy_app.store.keys import KeyChange, KeyTable
 
 CALLS = 20_000
@@ -162,7 +162,7 @@ def _timer_us(calls: int) -> float:
 
 def lease_transaction_us(app) -> float:
     """Calling-thread CPU of one request lease taken from the store (``Limiter._grant_requests``), µs."""
-    limiter, minute = state_of(app).keys.limiter, limits.window_start(limits.MINUTE, time.time())
+    limiter, minute = state_of(app).keys.limiter, counters.window_start(counters.MINUTE, time.time())
     started = time.thread_time()
     for _ in range(LEASES):
         limiter._grant_requests("bench-lease", minute, FAR)

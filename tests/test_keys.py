@@ -14,8 +14,8 @@ import requests
 
 from proxy_app.apikeys import SECRET_PREFIX
 from proxy_app.state import state_of
-from proxy_app.store import limits
-from proxy_app.store.keys import KeyChange, KeyTable
+from proxy_app.store import counters, limits
+from proxy_app.store.keys import KeyChange, KeyRing, KeyTable
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -214,14 +214,14 @@ def test_keys_streams_at_once_are_limited_and_freed(keyed, fake):
 def test_keys_request_leases_never_grant_past_the_limit_across_limiters(tmp_path):
     """Four limiters (four processes' worth, each with its own connection) on one SQLite file, 16 threads."""
     url = f"sqlite:///{tmp_path / 'keys.db'}"
-    connection = limits.OneConnection(url)
+    connection = counters.OneConnection(url)
     with connection as db:
-        limits.create_tables(db)
+        counters.create_tables(db)
         KeyTable(db).create("shared", KeyChange(rpm=250))
-    policy = limits.KeyRing(connection)
+    policy = KeyRing(connection)
     policy.refresh()
     shared = policy.by_name("shared")
-    limiters = [limits.Limiter(limits.OneConnection(url), f"instance{n}") for n in range(4)]
+    limiters = [limits.Limiter(counters.OneConnection(url), f"instance{n}") for n in range(4)]
     admitted, lock = [], threading.Lock()
     in_one_minute()
 

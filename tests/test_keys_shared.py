@@ -16,7 +16,7 @@ import requests
 from peewee import fn
 
 from proxy_app.calls import COLUMNS
-from proxy_app.store import limits
+from proxy_app.store import counters
 from proxy_app.store.keys import KeyChange, KeyTable
 from proxy_app.store.models import CallRow, open_database
 from tests.conftest import GunicornProxy
@@ -69,7 +69,7 @@ def create_key(url: str, name: str, change: KeyChange) -> str:
     """Store a key straight in the database (as the `keys` command does); return its secret."""
     db = open_database(url)
     try:
-        limits.create_tables(db)
+        counters.create_tables(db)
         return KeyTable(db).create(name, change)
     finally:
         db.close()
@@ -165,12 +165,12 @@ def test_keys_shared_token_overshoot_is_one_call_when_calls_alternate_instances(
 def charged_tokens(url: str, name: str, expected: int, timeout: float = 10.0) -> int:
     """Today's tokens charged to key ``name`` in the database, once they reach ``expected`` (or at the timeout): a
     call is charged as it is settled, just after its answer."""
-    where = (limits.KeyUsage.key_name == name) & (limits.KeyUsage.period == limits.DAY)
+    where = (counters.KeyUsage.key_name == name) & (counters.KeyUsage.period == counters.DAY)
     db = open_database(url)
     deadline = time.monotonic() + timeout
     try:
         while True:
-            used = limits.KeyUsage.select(fn.COALESCE(fn.SUM(limits.KeyUsage.tokens), 0)).where(where).scalar(db)
+            used = counters.KeyUsage.select(fn.COALESCE(fn.SUM(counters.KeyUsage.tokens), 0)).where(where).scalar(db)
             if used >= expected or time.monotonic() > deadline:
                 return used
             time.sleep(0.02)
@@ -181,7 +181,7 @@ def charged_tokens(url: str, name: str, expected: int, timeout: float = 10.0) ->
 def streams_in_flight(url: str, name: str) -> int:
     db = open_database(url)
     try:
-        stream = limits.KeyStream
+        stream = counters.KeyStream
         return stream.select(fn.COALESCE(fn.SUM(stream.streams), 0)).where(stream.key_name == name).scalar(db)
     finally:
         db.close()

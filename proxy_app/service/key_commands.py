@@ -3,8 +3,7 @@ database (OLLAMA_PROXY_DATABASE_URL, or the SQLite store in DATA_DIR), whose key
 
 A new key's secret is printed once, as the last line of ``keys create``, and exists nowhere else: the database holds
 its hash, and no other command shows either. Running proxies see a change within store/keys.py's REFRESH_SECONDS.
-The work is store/keys.py's (KeyTable) and store/limits.py's (the counters ``usage`` reads); this module parses
-options, prints for people (``--json`` for programs) and exits 1 with a one-line message on a problem. It imports
+The work is store/keys.py's (KeyTable) and store/limits.py's (``usage``); this module parses options, prints for people (``--json`` for programs) and exits 1 with a one-line message on a problem. It imports
 the store inside each command, as cli.py does, so that the other commands start without it.
 """
 
@@ -145,17 +144,17 @@ def _key_table():
     """The key table of the configured database and its connection; a problem ends the command with its message."""
     from peewee import PeeweeException
 
-    from proxy_app.store import limits
+    from proxy_app.store import counters
     from proxy_app.store.keys import KeyError_, KeyTable
 
     try:
         url = config_module.merge()["DATABASE"]
     except config_module.SettingError as exc:
         raise click.ClickException(str(exc)) from None
-    connection = limits.OneConnection(url)
+    connection = counters.OneConnection(url)
     try:
         with connection as db:
-            limits.create_tables(db)
+            counters.create_tables(db)
     except Exception as exc:  # any driver error (or a bad URL) is the answer we want to print
         raise click.ClickException(f"the database cannot be used: {_first_line(exc)}") from None
     try:

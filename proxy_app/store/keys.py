@@ -160,7 +160,7 @@ class KeyRing:
     """
 
     def __init__(self, connection) -> None:
-        self.connection = connection  # limits.OneConnection, shared with the limiter
+        self.connection = connection  # counters.OneConnection, shared with the limiter
         self._by_hash: dict[str, Policy] = {}
         self._by_name: dict[str, Policy] = {}
         self._read_at = 0.0
