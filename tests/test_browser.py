@@ -59,8 +59,11 @@ def test_browser_dashboard_end_to_end(browser, served, tmp_path):
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
     page.goto(served.url + "/analytics?since=7d")
-    assert page.locator("#cards .card").count() == 11
+    assert page.locator("#cards .card").count() == 12
     assert page.locator('[data-card="calls"] .value').inner_text() == "7"
+    assert page.locator('[data-card="cache_hit_ratio"] .value').inner_text() == "60.68 %"
+    assert page.locator("#models-table th", has_text="Cold starts").count() == 1
+    assert page.locator("#chart-residency svg").count() == 1  # no events stored: an empty timeline that says so
     assert page.locator("#charts svg").count() == 4 and page.locator("#chart-calls rect").count() >= 5
     assert page.locator("#chart-latency path").count() >= 1
     assert page.locator("#refresh-toggle").is_visible()  # the static script ran under the CSP

@@ -17,7 +17,7 @@ import pytest
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
-from proxy_app.dashboard import queries
+from proxy_app.dashboard import charts, queries
 from proxy_app.dashboard.queries import parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import csvlog, export, models
@@ -76,9 +76,94 @@ def test_dashboard_page_with_data(filled_client):
     assert re.search(r'data-card="error_rate">.*?33.33 %', html) and 'data-card="clients"' in html
     for chart in ("chart-calls", "chart-tokens", "chart-latency", "chart-speed"):
         assert f'id="{chart}"' in html
-    assert html.count("<svg") == 4 and "<rect" in html and "<path" in html
+    assert html.count("<svg") == 5 and "<rect" in html and "<path" in html  # the four charts and the timeline
     assert ">llama3.2</a>" in html and html.count('class="detail"') == 6
     assert ESCAPED_XSS in html and "<img" not in html
+
+
+MODEL_COLUMNS = ["Model", "Calls", "Errors", "Input tokens", "Output tokens", "Cache hits", "Latency p50",
+                 "Latency p95", "TTFT p50", "Tokens/s p50", "Cold starts", "Load p50"]  # fmt: skip
+
+
+def model_table(html: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The per-model table's headers, and each row's cells after the model by the model's shown name."""
+    table = html[html.index('id="models-table"') : html.index("</table>", html.index('id="models-table"'))]
+    headers = [unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r"<th[^>]*>(.*?)</th>", table)]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]:
+        cells = [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        rows[cells[0]] = cells[1:]
+    return headers, rows
+
+
+def test_dashboard_page_cache_hits_and_cold_starts_per_model(filled_client):
+    html = filled_client.get("/analytics").get_data(as_text=True)
+    card = r'data-card="cache_hit_ratio"><div class="label">Cache hits</div><div class="value ">58.18 %</div>'
+    assert re.search(card, html)
+    headers, rows = model_table(html)
+    assert headers == MODEL_COLUMNS
+    assert rows["llama3.2"] == ["2", "0", "40", "60", "40.00 %", "100 ms", "300 ms", "10 ms", "30.0", "2", "500 ms"]
+    assert rows["qwen2.5"][4] == "60.00 %" and rows["qwen2.5"][-2:] == ["1", "2.5 s"]
+    assert rows["(none)"][4] == "n/a" and rows["(none)"][-2:] == ["0", "–"]  # no call reported cached tokens
+    unreported = filled_client.get("/analytics?model=nomic-embed").get_data(as_text=True)
+    assert re.search(r'data-card="cache_hit_ratio">.*?<div class="value ">n/a</div>', unreported)
+
+
+def test_dashboard_stats_json_has_cache_and_cold_start_figures(filled_client):
+    figures = filled_client.get("/analytics/stats?since=7d").get_json()
+    assert (figures["cards"]["cached_input_tokens"], figures["cards"]["cache_hit_ratio"]) == (71, 0.6068)
+    llama = next(row for row in figures["models"] if row["model"] == "llama3.2")
+    expected = {"cached_input_tokens": 11, "cache_hit_ratio": 0.6471, "cold_starts": 3, "load_duration_ms_p50": 900.0}
+    assert {name: llama[name] for name in expected} == expected
+    unreported = filled_client.get("/analytics/stats?model=nomic-embed").get_json()["cards"]
+    assert unreported["cached_input_tokens"] is None and unreported["cache_hit_ratio"] is None
+
+
+HOSTILE_MODEL = '<script>alert("m")</script>'
+
+
+def test_dashboard_timeline_draws_a_lane_per_model_and_escapes_names(app, client):
+    now = datetime.now(UTC)
+    ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
+    models.ModelEventStore(store_of(app)).record([
+        {"timestamp": ago(30 * 60), "event": "load", "model": "qwen3"},  # before the range: loaded at its start
+        {"timestamp": ago(180), "event": "load", "model": "llama3.2", "size_bytes": 2019393189, "context_length": 4096},
+        {"timestamp": ago(120), "event": "unload", "model": "llama3.2"},
+        {"timestamp": ago(60), "event": "load", "model": HOSTILE_MODEL},  # still loaded: up to the range's end
+        {"timestamp": ago(30), "event": "unload", "model": "qwen3"},
+        {"timestamp": ago(26 * 60), "event": "load", "model": "phi4"},  # before the range and still loaded
+    ])  # fmt: skip
+    models.insert_calls(store_of(app), [sample_call(timestamp=ago(5))])  # the panel shows once there are calls
+    html = client.get("/analytics").get_data(as_text=True)
+    chart = html[html.index('id="chart-residency"') : html.index("</figure>", html.index('id="chart-residency"'))]
+    lanes = re.findall(r'<text x="\d+" y="\d+" text-anchor="end"><title>([^<]*)</title>', chart)
+    assert [unescape(name) for name in lanes] == [HOSTILE_MODEL, "llama3.2", "phi4", "qwen3"]  # by name
+    assert "<script" not in chart and "&lt;script&gt;" in chart
+    assert chart.count("<circle") == 4  # the four events in the range; phi4 only spans it
+    spans = re.findall(r'<rect class="(c\d)" x="([\d.]+)" y="\d+" width="([\d.]+)"', chart)
+    assert len(spans) == 4
+    by_lane = {css: (float(x), float(width)) for css, x, width in spans}
+    left, right = charts.LANE_LABEL_WIDTH, charts.TIMELINE_WIDTH - charts.RIGHT
+    assert by_lane["c2"] == (left, right - left) and by_lane["c3"][0] == left  # phi4: whole range; qwen3 from its start
+    assert by_lane["c0"][0] + by_lane["c0"][1] == right  # the hostile name's model: still loaded at the end
+    assert "llama3.2 loaded " in chart and "size 2.02GB" in chart and "context 4,096" in chart
+
+
+def test_dashboard_timeline_draws_a_bounded_number_of_lanes_and_events(app, client):
+    """Sixteen models: the twelve most recently active get a lane; of their events the newest 400 are drawn."""
+    now = datetime.now(UTC)
+    quiet = [{"timestamp": now - timedelta(minutes=100 + n), "event": "load", "model": f"m{n:02d}"} for n in range(15)]
+    busy = [{"timestamp": now - timedelta(seconds=500 - n), "event": ("load", "unload")[n % 2], "model": "busy"}
+            for n in range(440)]  # fmt: skip
+    models.ModelEventStore(store_of(app)).record(quiet + busy)
+    models.insert_calls(store_of(app), [sample_call(timestamp=now - timedelta(minutes=5))])
+    html = client.get("/analytics").get_data(as_text=True)
+    chart = html[html.index('id="chart-residency"') : html.index("</figure>", html.index('id="chart-residency"'))]
+    lanes = re.findall(r'text-anchor="end"><title>([^<]*)</title>', chart)
+    assert lanes == ["busy"] + [f"m{n:02d}" for n in range(11)]  # m11..m14 are the least recently active
+    assert chart.count("<circle") == 400 and "and 4 more model(s) not drawn" in chart
+    assert "and 55 more event(s) not drawn" in chart  # 455 read: the four models' and the oldest 51 of the rest
+    assert chart.count('fill-opacity="0.35"') == 200 + 11  # busy's spans of the drawn events; m00..m10 still loaded
 
 
 def test_dashboard_page_empty_store(client):

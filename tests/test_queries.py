@@ -28,33 +28,39 @@ ATTRIBUTION = [("alice", "gpu-a"), ("bob", "gpu-b"), ("alice", "gpu-a"), ("", "g
 
 def known_calls(now: datetime = NOW) -> list:
     """Seven calls: six in the last 24 hours (two errors), one 30 hours old. Ids r1..r7 in this order; keys and
-    instances as ATTRIBUTION says."""
+    instances as ATTRIBUTION says. r1, r4 and r5 report cached prompt tokens (4 of 10, 60 of 100, 7 of 7); r1, r2,
+    r4 and r5 paid a model load (1500, 500, 2500, 900 ms)."""
     ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
     rows = [
         dict(timestamp=ago(10), model="llama3.2", endpoint="/api/chat", ip_source="10.0.0.1", session_id="s-a",
              input_tokens=10, output_tokens=20, total_tokens=30, total_time_ms=100.0, ttft_ms=10.0,
-             tokens_per_second=50.0, prompt="hello world", response_preview="Hi there"),
+             tokens_per_second=50.0, prompt="hello world", response_preview="Hi there", cached_input_tokens=4,
+             cold_start=True, load_duration_ms=1500.0),
         dict(timestamp=ago(20), model="llama3.2", endpoint="/api/generate", ip_source="10.0.0.2", session_id="s-b",
              input_tokens=30, output_tokens=40, total_tokens=70, total_time_ms=300.0, ttft_ms=30.0,
-             tokens_per_second=30.0, prompt="invoice for march", response_preview="Dear customer"),
+             tokens_per_second=30.0, prompt="invoice for march", response_preview="Dear customer",
+             cached_input_tokens=None, cold_start=True, load_duration_ms=500.0),
         dict(timestamp=ago(120), model="qwen2.5", endpoint="/api/chat", ip_source="10.0.0.1", session_id="s-a",
              input_tokens=5, output_tokens=None, total_tokens=None, total_time_ms=50.0, ttft_ms=None,
              tokens_per_second=None, http_status=500, outcome="upstream_error", error_message="boom", prompt=XSS,
-             response_preview=None),
+             response_preview=None, cached_input_tokens=None),
         dict(timestamp=ago(180), model="qwen2.5", endpoint="/v1/chat/completions", ip_source="10.0.0.3",
              session_id="s-c", input_tokens=100, output_tokens=200, total_tokens=300, total_time_ms=2000.0,
              ttft_ms=200.0, tokens_per_second=100.0, api="openai", prompt="summarise this",
-             response_preview="The INVOICE total is 5"),
+             response_preview="The INVOICE total is 5", cached_input_tokens=60, cold_start=True,
+             load_duration_ms=2500.0),
         dict(timestamp=ago(30 * 60), model="llama3.2", endpoint="/api/chat", ip_source="10.0.0.4", session_id="s-d",
              input_tokens=7, output_tokens=3, total_tokens=10, total_time_ms=700.0, ttft_ms=70.0,
-             tokens_per_second=10.0, outcome="client_gone", prompt="old", response_preview="o"),
+             tokens_per_second=10.0, outcome="client_gone", prompt="old", response_preview="o", cached_input_tokens=7,
+             cold_start=True, load_duration_ms=900.0),
         dict(timestamp=ago(5), model=None, endpoint="/api/tags", ip_source="10.0.0.2", session_id="s-b",
              input_tokens=None, output_tokens=None, total_tokens=None, total_time_ms=5.0, ttft_ms=None,
-             tokens_per_second=None, stream_mode=False, http_method="GET", prompt=None, response_preview=None),
+             tokens_per_second=None, stream_mode=False, http_method="GET", prompt=None, response_preview=None,
+             cached_input_tokens=None),
         dict(timestamp=ago(1), model="nomic-embed", endpoint="/api/embed", ip_source="10.0.0.5", session_id="s-e",
              input_tokens=None, output_tokens=None, total_tokens=None, total_time_ms=2.0, ttft_ms=None,
              tokens_per_second=None, http_status=502, outcome="unreachable", prompt="embed me",
-             response_preview=None),
+             response_preview=None, cached_input_tokens=None),
     ]  # fmt: skip
     return [
         sample_call(request_id=f"r{number}", key_name=key, instance=instance, **row)
@@ -114,8 +120,9 @@ def test_stats_cards_last_24h(store):
     cards = stats.stats(store, filtered(), now=NOW)["cards"]
     assert cards == {
         "calls": 6, "calls_per_minute": 0.004, "errors": 2, "error_rate": 0.3333, "input_tokens": 145,
-        "output_tokens": 260, "total_time_ms_p50": 50.0, "total_time_ms_p95": 2000.0, "ttft_ms_p50": 30.0,
-        "ttft_ms_p95": 200.0, "tokens_per_second_p50": 50.0, "clients": 4, "models": 3,
+        "output_tokens": 260, "cached_input_tokens": 64, "cache_hit_ratio": 0.5818, "total_time_ms_p50": 50.0,
+        "total_time_ms_p95": 2000.0, "ttft_ms_p50": 30.0, "ttft_ms_p95": 200.0, "tokens_per_second_p50": 50.0,
+        "clients": 4, "models": 3,
     }  # fmt: skip
 
 
@@ -131,6 +138,25 @@ def test_stats_per_model_table(store):
     llama, qwen = rows[0], rows[1]
     assert (llama["total_time_ms_p50"], llama["total_time_ms_p95"], llama["ttft_ms_p50"]) == (100.0, 300.0, 10.0)
     assert (llama["tokens_per_second_p50"], qwen["tokens_per_second_p50"], qwen["ttft_ms_p50"]) == (30.0, 100.0, 200.0)
+    # only the calls that reported cached tokens count: r1's 4 of 10 (not of r1 and r2's 40), r4's 60 of 100
+    cache = [(row["cached_input_tokens"], row["cache_hit_ratio"]) for row in rows]
+    assert cache == [(4, 0.4), (60, 0.6), (None, None), (None, None)]
+    cold = [(row["cold_starts"], row["load_duration_ms_p50"]) for row in rows]
+    assert cold == [(2, 500.0), (1, 2500.0), (0, None), (0, None)]  # nearest rank: the lower of two
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [({"since": "7d"}, {"llama3.2": (3, 900.0), "qwen2.5": (1, 2500.0)}),
+     ({"endpoint": "/api/chat"}, {"llama3.2": (1, 1500.0), "qwen2.5": (0, None)}),
+     ({"key": "alice", "since": "7d"}, {"llama3.2": (2, 900.0), "qwen2.5": (0, None)}),
+     ({"since": "15m"}, {"llama3.2": (1, 1500.0)})],
+)  # fmt: skip
+def test_stats_cold_starts_and_p50_load_time_per_model(store, args, expected):
+    rows = stats.stats(store, filtered(**args), now=NOW)["models"]
+    found = {row["model"]: (row["cold_starts"], row["load_duration_ms_p50"]) for row in rows if row["model"]}
+    assert {model: found[model] for model in expected} == expected
+    assert sum(row["cold_starts"] for row in rows) == sum(count for count, _ in expected.values())
 
 
 def test_stats_series_one_hour_in_minutes(store):
@@ -183,10 +209,35 @@ def test_every_filter_narrows_stats_and_search(store, args, expected):
     assert sum(len(rows) for rows in queries.iter_chunks(store, filters, chunk=2)) == expected
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [({"since": "7d"}, (71, 0.6068)), ({"model": "qwen2.5"}, (60, 0.6)), ({"endpoint": "/api/generate"}, (None, None)),
+     ({"model": "nomic-embed"}, (None, None)), ({"key": "alice", "since": "7d"}, (11, 0.6471)),
+     ({"model": "no-such-model"}, (None, None))],
+)  # fmt: skip
+def test_stats_cache_hit_ratio_counts_only_calls_that_reported_it(store, args, expected):
+    cards = stats.stats(store, filtered(**args), now=NOW)["cards"]
+    assert (cards["cached_input_tokens"], cards["cache_hit_ratio"]) == expected
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlite+rollup", "postgresql"])
+def test_stats_cache_hit_ratio_zero_is_a_figure_and_unreported_is_none(kind, tmp_path_factory):
+    calls = [sample_call(request_id="miss", timestamp=NOW - timedelta(hours=3), input_tokens=100,
+                         cached_input_tokens=0),
+             sample_call(request_id="unreported", timestamp=NOW - timedelta(hours=3), input_tokens=50,
+                         cached_input_tokens=None, model="qwen2.5")]  # fmt: skip
+    with filled_store(kind, calls, tmp_path_factory) as db:
+        found = stats.stats(db, filtered(), now=NOW)
+    assert (found["cards"]["cached_input_tokens"], found["cards"]["cache_hit_ratio"]) == (0, 0.0)
+    rows = {row["model"]: (row["cached_input_tokens"], row["cache_hit_ratio"]) for row in found["models"]}
+    assert rows == {"llama3.2": (0, 0.0), "qwen2.5": (None, None)}
+
+
 def test_stats_empty_store(tmp_path):
     db = open_sqlite(tmp_path / "empty.db", read_model=True)
     found = stats.stats(db, filtered(), now=NOW)
     assert found["empty"] is True and found["cards"]["calls"] == 0 and found["cards"]["total_time_ms_p50"] is None
+    assert found["cards"]["cache_hit_ratio"] is None and found["cards"]["cached_input_tokens"] is None
     assert queries.search(db, filtered()) == {"results": [], "count": 0, "count_capped": False, "next": None}
 
 
@@ -371,6 +422,35 @@ def test_read_model_rebuilds_when_ids_are_reused(tmp_path):
     assert stats.stats(db, filtered(), now=NOW)["cards"]["calls"] == 3
     assert db.execute_sql("SELECT sum(calls) FROM calls_rollup").fetchone()[0] == 3
     assert queries.search(db, filtered(q="invoice"))["count"] == 1
+
+
+def test_read_model_rebuilds_a_rollup_of_an_older_layout(tmp_path):
+    db = open_sqlite(tmp_path / "calls.db", read_model=False)
+    models.insert_calls(db, known_calls())
+    old_layout = """CREATE TABLE calls_rollup (slot TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL,
+       outcome TEXT NOT NULL, http_status INTEGER NOT NULL, calls INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
+       output_tokens INTEGER NOT NULL, PRIMARY KEY (slot, model, endpoint, outcome, http_status)) WITHOUT ROWID"""
+    for statement in (readmodel.SCHEMA[0], old_layout, readmodel.SCHEMA[2], readmodel.SCHEMA[3]):
+        db.execute_sql(statement)
+    old_fold = """INSERT INTO calls_rollup SELECT substr("timestamp", 1, 15), coalesce("model", ''), "endpoint",
+        "outcome", "http_status", count(*), coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0)
+        FROM calls GROUP BY 1, 2, 3, 4, 5"""
+    db.execute_sql(old_fold)  # what an older proxy folded, up to its watermark
+    db.execute_sql("INSERT INTO calls_rollup_clients SELECT '2025-05-01 11', 'x', 'y', 99")
+    db.execute_sql("UPDATE dashboard_state SET upto = 7, upto_request_id = 'r7' WHERE name = 'rollup'")
+    assert readmodel.ensure_read_model(db) and readmodel.watermarks(db)["rollup"] == 0
+    columns = tuple(row[1] for row in db.execute_sql("PRAGMA table_info(calls_rollup)").fetchall())
+    assert columns == readmodel.ROLLUP_COLUMNS
+    expected = {"calls": 7, "input_tokens": 152, "cached_input_tokens": 71, "cache_hit_ratio": 0.6068, "clients": 5}
+    for _ in range(2):  # exact before the refold (rows above the watermark) and after it
+        cards = stats.stats(db, filtered(since="all"), now=NOW)["cards"]
+        assert {name: cards[name] for name in expected} == expected
+        fold(db)
+    sums = "SELECT sum(cache_calls), sum(cached_input_tokens), sum(cold_starts) FROM calls_rollup"
+    assert db.execute_sql(sums).fetchone() == (3, 71, 4)
+    index = "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = ?"
+    assert db.execute_sql(index, (readmodel.COLD_INDEX,)).fetchone() == (1,)
+    assert readmodel.ensure_read_model(db) and readmodel.watermarks(db)["rollup"] == 7  # current: left as is
 
 
 def test_text_search_uses_index_and_scans_only_new_rows(tmp_path):

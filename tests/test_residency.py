@@ -13,6 +13,7 @@ from proxy_app.state import state_of
 from proxy_app.store import models
 from proxy_app.store.models import CallRow, ModelEvent, open_database
 from proxy_app.store.retention import Retention
+from tests.test_dashboard import model_table
 from tests.test_store import postgres_schema
 
 LLAMA, QWEN = "llama3.2:latest", "qwen3:latest"
@@ -130,7 +131,12 @@ def test_residency_cold_call_marked_and_its_load_recorded(proxy_with, fake):
     assert [(row["model"], row["request_id"]) for row in document["loaded"]] == [(LLAMA, cold.headers["X-Request-ID"])]
     page = requests.get(handle.url + "/analytics", timeout=10).text
     panel = page[page.index('id="loaded-now"') :]
-    assert f"<td>{LLAMA}</td>" in panel and '<td>llama3.2</td><td class="num">1</td><td class="num">300' in panel
+    headers, rows = model_table(page)
+    assert headers[-2:] == ["Cold starts", "Load p50"] and rows["llama3.2"][-2:] == ["1", "300 ms"]
+    assert rows["llama3.2"][0] == "2" and rows["(none)"][-2:] == ["0", "–"]  # the warm call and /api/version
+    assert f"<td>{LLAMA}</td>" in panel and panel.count(f"<title>{LLAMA}</title>") == 1  # its row and its lane
+    timeline = panel[panel.index('id="chart-residency"') :]
+    assert timeline.count("<circle") == 1 and f"<title>{LLAMA} loaded " in timeline
 
 
 def test_residency_failing_ps_backs_off_and_calls_go_on(proxy_with, fake):
@@ -203,3 +209,17 @@ def test_residency_under_gunicorn_one_worker_records(gunicorn_proxy, fake, tmp_p
         f'ollama_model_loaded{{model="{QWEN}"}} 1.0',
     ]
     db.close()
+
+
+def test_residency_models_json_keeps_to_the_range(app, client):
+    now = datetime.now(UTC).replace(microsecond=0)
+    hours = (30, 20, 10, 2)
+    models.ModelEventStore(state_of(app).dashboard["db"]).record(
+        [{"timestamp": now - timedelta(hours=h), "event": "load", "model": f"m{h}"} for h in hours]
+    )
+    since, until = (now - timedelta(hours=25)).isoformat(), (now - timedelta(hours=5)).isoformat()
+    document = client.get("/analytics/models", query_string={"since": since, "until": until}).get_json()
+    assert [event["model"] for event in document["events"]] == ["m20", "m10"]
+    assert [row["model"] for row in document["loaded"]] == ["m10", "m2", "m20", "m30"]  # loaded now, whatever the range
+    assert [event["model"] for event in client.get("/analytics/models?since=7d").get_json()["events"]] == [
+        "m30", "m20", "m10", "m2"]  # fmt: skip

@@ -1,14 +1,18 @@
 """SQLite only: the read model that keeps the dashboard fast at a million rows, kept beside the store's table.
 
-- ``calls_rollup``: per 10-minute slot, model, endpoint, outcome and status: calls and input/output tokens.
+- ``calls_rollup``: per 10-minute slot, model, endpoint, outcome and status: calls, input/output tokens, and for
+  the calls that reported cached prompt tokens their number, cached tokens and input tokens (the cache-hit ratio),
+  and the calls that paid a model load (cold starts).
 - ``calls_rollup_clients``: per hour and model, the calls of each client IP (for the distinct-clients card).
 - ``calls_fts``: an FTS5 trigram index over prompt and response preview (a copy of the two columns, so that rows the
   retention deletes can be dropped from it by id).
 
 Each has a watermark in ``dashboard_state``: the highest ``calls.id`` folded in. Readers take the folded part from
 here and the rows above the watermark from ``calls``, so answers are exact at every moment. A background thread
-per process folds new rows in, one chunk per short write transaction. There are no triggers: the writer's inserts
-cost exactly what they cost without a dashboard. This module does not answer queries (queries.py and stats.py do).
+per process folds new rows in, one chunk per short write transaction. There are no triggers, and the one index the
+read model adds to ``calls`` (COLD_INDEX, the cold starts' times, for their load times without a scan) holds only
+cold calls: the writer's inserts cost what they cost without a dashboard. This module does not answer queries
+(queries.py and stats.py do).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ DENSE_MATCHES = 50_000  # a text query matching more rows than this is answered 
 REFRESH_SECONDS = 5.0  # how often a process looks for new rows to fold
 PAUSE_SECONDS = 0.05  # between two chunks of a long catch-up, so the writer gets the lock in between
 FIRST_DELAY_SECONDS = 1.0  # the first fold waits, so that it does not slow down the page view that started it
+# calls_rollup's columns in order (SCHEMA creates them; stats.py reads them). A rollup with other columns, made by
+# an older proxy, is dropped and folded again from the rows.
+ROLLUP_COLUMNS = ("slot", "model", "endpoint", "outcome", "http_status", "calls", "input_tokens", "output_tokens",
+                  "cache_calls", "cached_input_tokens", "cache_input_tokens", "cold_starts")  # fmt: skip
+COLD_INDEX = "calls_cold_start_timestamp"
 LIKE = """("prompt" LIKE ? ESCAPE '\\' OR "response_preview" LIKE ? ESCAPE '\\')"""
 
 SCHEMA = (
@@ -36,10 +45,13 @@ SCHEMA = (
        upto_request_id TEXT)""",
     """CREATE TABLE IF NOT EXISTS calls_rollup (slot TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL,
        outcome TEXT NOT NULL, http_status INTEGER NOT NULL, calls INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
-       output_tokens INTEGER NOT NULL, PRIMARY KEY (slot, model, endpoint, outcome, http_status)) WITHOUT ROWID""",
+       output_tokens INTEGER NOT NULL, cache_calls INTEGER NOT NULL, cached_input_tokens INTEGER NOT NULL,
+       cache_input_tokens INTEGER NOT NULL, cold_starts INTEGER NOT NULL,
+       PRIMARY KEY (slot, model, endpoint, outcome, http_status)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS calls_rollup_clients (slot TEXT NOT NULL, model TEXT NOT NULL,
        ip_source TEXT NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (slot, model, ip_source)) WITHOUT ROWID""",
     "INSERT OR IGNORE INTO dashboard_state (name, upto) VALUES ('rollup', 0)",
+    f'CREATE INDEX IF NOT EXISTS {COLD_INDEX} ON calls ("timestamp") WHERE "cold_start"',
 )
 FTS_SCHEMA = (
     """CREATE VIRTUAL TABLE IF NOT EXISTS calls_fts USING fts5(prompt, response_preview, tokenize='trigram')""",
@@ -48,10 +60,16 @@ FTS_SCHEMA = (
 FOLDS = {
     "rollup": (
         f"""INSERT INTO calls_rollup SELECT substr("timestamp", 1, {SLOT_CHARS}), coalesce("model", ''), "endpoint",
-        "outcome", "http_status", count(*), coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0)
-        FROM calls WHERE "id" > ? AND "id" <= ? GROUP BY 1, 2, 3, 4, 5
+        "outcome", "http_status", count(*), coalesce(sum("input_tokens"), 0), coalesce(sum("output_tokens"), 0),
+        count("cached_input_tokens"), coalesce(sum("cached_input_tokens"), 0),
+        coalesce(sum(CASE WHEN "cached_input_tokens" IS NOT NULL THEN "input_tokens" END), 0),
+        coalesce(sum("cold_start"), 0) FROM calls WHERE "id" > ? AND "id" <= ? GROUP BY 1, 2, 3, 4, 5
         ON CONFLICT DO UPDATE SET calls = calls + excluded.calls, input_tokens = input_tokens +
-        excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens""",
+        excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+        cache_calls = cache_calls + excluded.cache_calls,
+        cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
+        cache_input_tokens = cache_input_tokens + excluded.cache_input_tokens,
+        cold_starts = cold_starts + excluded.cold_starts""",
         f"""INSERT INTO calls_rollup_clients SELECT substr("timestamp", 1, {HOUR_CHARS}), coalesce("model", ''),
         "ip_source", count(*) FROM calls WHERE "id" > ? AND "id" <= ? GROUP BY 1, 2, 3
         ON CONFLICT DO UPDATE SET calls = calls + excluded.calls""",
@@ -79,13 +97,27 @@ def has_trigram() -> bool:
 
 
 def ensure_read_model(db: Database) -> bool:
-    """Create the read model's tables if missing (no rows are read here); False when the store is not SQLite."""
+    """Create the read model's tables if missing, or a rollup of an older layout anew (no rows are read here);
+    False when the store is not SQLite."""
     if not is_sqlite(db):
         return False
     with db.atomic():
+        _drop_stale_rollup(db)
         for statement in SCHEMA + (FTS_SCHEMA if has_trigram() else ()):
             db.execute_sql(statement)
     return True
+
+
+def _drop_stale_rollup(db: Database) -> None:
+    """Drop a rollup whose columns are not ROLLUP_COLUMNS and restart its watermark, so that the refresher folds every
+    row again; meanwhile readers count the rows above the watermark directly, so answers stay exact."""
+    found = tuple(row[1] for row in db.execute_sql("PRAGMA table_info(calls_rollup)").fetchall())
+    if not found or found == ROLLUP_COLUMNS:
+        return
+    log.warning("the dashboard's rollup lacks columns this version reads; rebuilding it from the stored calls")
+    db.execute_sql("DROP TABLE calls_rollup")
+    db.execute_sql("DELETE FROM calls_rollup_clients")  # folded under the same watermark
+    db.execute_sql("UPDATE dashboard_state SET upto = 0, upto_request_id = NULL WHERE name = 'rollup'")
 
 
 def watermarks(db: Database) -> dict[str, int]:

@@ -4,8 +4,9 @@ Counts and token sums are exact and come from SQL: on SQLite from the read model
 plus the raw rows at the edges of the range and above the rollup's watermark; otherwise (PostgreSQL, or a client,
 text, key or instance filter) from the rows directly. Percentiles (latency, TTFT, tokens/s) are nearest-rank over the
 matching rows when there are at most SAMPLE_ROWS of them, else over an evenly spread sample of rows, which the answer
-says. Every query is built with peewee (the read model's tables as peewee Tables), so values are bound in the store's
-own param style. No Flask here and no writes.
+says; the p50 load time of cold starts is over the newest COLD_ROWS of them. Every query is built with peewee (the
+read model's tables as peewee Tables), so values are bound in the store's own param style. No Flask here and no
+writes.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ MAX_VISITS = 60_000  # most rows read for one sample
 # fifth of the pages that single rows would; 1,250 runs still spread over every bucket of a chart.
 BLOCK_ROWS = 16
 SLOT_SECONDS = 600  # the rollup's slot
+COLD_ROWS = 20_000  # the newest cold starts a p50 load time is taken over
 # The read model's tables (SQLite only; readmodel.py creates and fills them).
-ROLLUP = Table("calls_rollup", ("slot", "model", "endpoint", "outcome", "http_status", "calls", "input_tokens",
-                                "output_tokens"))  # fmt: skip
+ROLLUP = Table("calls_rollup", readmodel.ROLLUP_COLUMNS)
 ROLLUP_CLIENTS = Table("calls_rollup_clients", ("slot", "model", "ip_source", "calls"))
 # SQLite's table hint for a read that must use the id range and no index of a filter's column: plain SQL because
 # peewee has no word for it.
@@ -63,7 +64,8 @@ def stats(db: Database, filters: Filters, now: datetime | None = None) -> dict:
         groups = _groups(db, scoped, chars, upto, now)
         clients = _clients(db, scoped, upto, now)
         sample, exact = _sample(db, scoped, sum(group[2] for group in groups))
-    return assemble(filters, since, now, groups, clients, sample, exact)
+        cold = _cold_rows(db, scoped, upto) if any(group[-1] for group in groups) else []
+    return assemble(filters, since, now, groups, clients, sample, exact, cold)
 
 
 def snapshot(db: Database):
@@ -92,11 +94,16 @@ def errors(source, calls):
 
 
 def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: datetime) -> list[tuple]:
-    """Return (bucket key, model, calls, errors, input tokens, output tokens) groups covering the filters."""
+    """Return (bucket key, model, calls, errors, input tokens, output tokens, then for the calls that reported cached
+    prompt tokens: their number, cached tokens, input tokens; cold starts) groups covering the filters."""
     key, label = bucket_key(db, chars).alias("bucket"), fn.COALESCE(CallRow.model, "").alias("label")
     tokens = [fn.COALESCE(fn.SUM(CallRow.input_tokens), 0), fn.COALESCE(fn.SUM(CallRow.output_tokens), 0)]
+    reported = CallRow.cached_input_tokens.is_null(False)
+    cache = [fn.COUNT(CallRow.cached_input_tokens), fn.COALESCE(fn.SUM(CallRow.cached_input_tokens), 0),
+             fn.COALESCE(fn.SUM(Case(None, [(reported, CallRow.input_tokens)])), 0),
+             fn.SUM(Case(None, [(CallRow.cold_start, 1)], 0))]  # fmt: skip
     # Grouped by the output names, so that the bucket expression and its bound values appear once in the SQL.
-    select = CallRow.select(key, label, fn.COUNT(SQL("*")), errors(CallRow, 1), *tokens).group_by(key, label)
+    select = CallRow.select(key, label, fn.COUNT(SQL("*")), errors(CallRow, 1), *tokens, *cache).group_by(key, label)
     usable = upto is not None and chars <= readmodel.SLOT_CHARS and not needs_rows(filters)
     slots, parts = split_range(filters, SLOT_SECONDS, upto, now) if usable else (None, [])
     if slots is None:
@@ -109,7 +116,8 @@ def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: d
 
 def _rollup_groups(db: Database, filters: Filters, slots: tuple) -> list[tuple]:
     totals = [fn.SUM(ROLLUP.calls), errors(ROLLUP, ROLLUP.calls), fn.SUM(ROLLUP.input_tokens),
-              fn.SUM(ROLLUP.output_tokens)]  # fmt: skip
+              fn.SUM(ROLLUP.output_tokens), fn.SUM(ROLLUP.cache_calls), fn.SUM(ROLLUP.cached_input_tokens),
+              fn.SUM(ROLLUP.cache_input_tokens), fn.SUM(ROLLUP.cold_starts)]  # fmt: skip
     found = dimension_conditions(filters, ROLLUP) + [ROLLUP.slot >= slots[0], ROLLUP.slot < slots[1]]
     return run(db, ROLLUP.select(ROLLUP.slot, ROLLUP.model, *totals).where(*found).group_by(ROLLUP.slot, ROLLUP.model))
 
@@ -149,6 +157,15 @@ def _clients(db: Database, filters: Filters, upto: int | None, now: datetime) ->
 
 
 # ---- percentiles -------------------------------------------------------------------------------------------------
+
+
+def _cold_rows(db: Database, filters: Filters, upto: int | None) -> list[tuple]:
+    """Return (model, load time in ms) of the newest COLD_ROWS cold starts matching the filters."""
+    # With the read model, SQLite reads the cold starts' own index; left to itself it may walk a model's index.
+    table = NodeList((CallRow, SQL(f"INDEXED BY {readmodel.COLD_INDEX}"))) if upto is not None else CallRow
+    found = [CallRow.cold_start, *conditions(db, filters)]
+    query = CallRow.select(CallRow.model, CallRow.load_duration_ms).from_(table).where(*found)
+    return run(db, query.order_by(CallRow.timestamp.desc()).limit(COLD_ROWS))
 
 
 def _sample(db: Database, filters: Filters, total: int) -> tuple[list[tuple], bool]:

@@ -3,8 +3,8 @@
 Time buckets are named by the leading characters of a stored timestamp ("2025-05-01 12:3" is 12:30 to 12:40 UTC).
 Percentiles are nearest rank: the smallest value with at least p % of the values at or below it. The per-model
 table and token series name the TOP_MODELS busiest models and fold the rest into one "other" row (as the metrics'
-model label does), so a flood of invented model names cannot grow the page. No SQL, no I/O (stats.py does the
-reading).
+model label does), so a flood of invented model names cannot grow the page. The cache-hit ratio counts only the calls
+that reported cached prompt tokens and is None when none did. No SQL, no I/O (stats.py does the reading).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ BUCKETS = ((3 * 3600, 60, 16), (36 * 3600, 600, 15), (10 * 86400, 3600, 13), (ma
 SERIES_PERCENTILES = ("total_time_ms_p50", "total_time_ms_p95", "ttft_ms_p50", "ttft_ms_p95")
 TOP_MODELS = 20  # models named in the per-model table and token series, busiest first
 OTHER_NAME = "other"  # the row that sums the rest; its "folded" count tells it from a model of that name
+# What a group sums after its bucket key and model; cache_* over the calls that reported cached prompt tokens only.
+COUNTS = ("calls", "errors", "input_tokens", "output_tokens", "cache_calls", "cached_input_tokens",
+          "cache_input_tokens", "cold_starts")  # fmt: skip
 
 
 class _Other:
@@ -111,15 +114,18 @@ def summaries(rows: list[tuple], group) -> dict:
 # ---- the document ------------------------------------------------------------------------------------------------
 
 
-def assemble(filters, since: datetime, now: datetime, groups: list, clients: int, sample: list, exact: bool) -> dict:
-    """Return the stats document for the groups (bucket key, model, calls, errors, input, output tokens) and
-    the sample rows of a range starting at ``since``."""
+def assemble(
+    filters, since: datetime, now: datetime, groups: list, clients: int, sample: list, exact: bool, cold: list = ()
+) -> dict:
+    """Return the stats document for the groups (bucket key, model, then COUNTS), the sample rows and the cold starts'
+    (model, load time in ms) of a range starting at ``since``."""
     end = filters.until or now
     seconds, chars = bucket_width(since, end)
     rows = ModelRows(groups)
     per_model, per_bucket, tokens = _totals(groups, chars, rows.key)
+    overall = [sum(column) for column in zip(*per_model.values(), strict=True)] or [0] * len(COUNTS)
     minutes = max(end - since, timedelta(minutes=1)).total_seconds() / 60
-    models = _models(rows, per_model, summaries(sample, lambda row: rows.key(row[1])))
+    models = _models(rows, per_model, summaries(sample, lambda row: rows.key(row[1])), _load_times(cold, rows.key))
     keys = bucket_keys(since, end, seconds, chars)
     layers = [tokens[key] for key in rows.keys]
     series = _series(keys, per_bucket, layers, models, summaries(sample, lambda row: str(row[0])[:chars]))
@@ -129,7 +135,7 @@ def assemble(filters, since: datetime, now: datetime, groups: list, clients: int
         "filters": filters.describe(),
         "range": {"since": format_timestamp(since), "until": filters.until and format_timestamp(filters.until),
                   "now": format_timestamp(now), "minutes": round(minutes, 3)},
-        "cards": _cards(models, minutes, clients, rows.named,
+        "cards": _cards(models, minutes, clients, rows.named, cache_figures(*overall[4:7]),
                         summaries(sample, lambda row: None).get(None, NO_FIGURES)),
         "models": models,
         "series": {"bucket_seconds": seconds, **series},
@@ -158,13 +164,14 @@ class ModelRows:
 
 
 def _totals(groups: list, chars: int, key) -> tuple[dict, dict, dict]:
-    """Sum the groups per row ``key(model)``, per bucket and per (row, bucket) for tokens."""
-    per_model, per_bucket = defaultdict(lambda: [0, 0, 0, 0]), defaultdict(lambda: [0, 0])
+    """Sum the groups' COUNTS per row ``key(model)``, calls and errors per bucket, and tokens per (row, bucket)."""
+    per_model, per_bucket = defaultdict(lambda: [0] * len(COUNTS)), defaultdict(lambda: [0, 0])
     tokens = defaultdict(lambda: defaultdict(int))
-    for bucket, model, calls, errors, input_tokens, output_tokens in groups:
+    for bucket, model, *counts in groups:
+        calls, errors, input_tokens, output_tokens = counts[:4]
         row = key(model)
         totals = per_model[row]
-        for index, value in enumerate((calls, errors, input_tokens, output_tokens)):
+        for index, value in enumerate(counts):
             totals[index] += value
         per_bucket[bucket[:chars]][0] += calls
         per_bucket[bucket[:chars]][1] += errors
@@ -172,17 +179,36 @@ def _totals(groups: list, chars: int, key) -> tuple[dict, dict, dict]:
     return per_model, per_bucket, tokens
 
 
-def _models(rows: ModelRows, per_model: dict, figures: dict) -> list[dict]:
+def _models(rows: ModelRows, per_model: dict, figures: dict, load_times: dict) -> list[dict]:
     """The per-model table; ``folded`` is how many models a row sums (0 for a model's own row)."""
-    names = ("calls", "errors", "input_tokens", "output_tokens")
     return [
         {"model": OTHER_NAME if key is OTHER else key, "folded": rows.folded if key is OTHER else 0,
-         **dict(zip(names, per_model[key], strict=True)), **figures.get(key, NO_FIGURES)}
+         **dict(zip(COUNTS[:4], per_model[key], strict=False)), **cache_figures(*per_model[key][4:7]),
+         "cold_starts": per_model[key][7], "load_duration_ms_p50": load_times.get(key),
+         **figures.get(key, NO_FIGURES)}
         for key in rows.keys
     ]  # fmt: skip
 
 
-def _cards(models: list[dict], minutes: float, clients: int, named: int, figures: dict) -> dict:
+def _load_times(cold: list, key) -> dict:
+    """Return {row key: p50 load time in ms} of the cold starts (model, load time) whose load time is known."""
+    found = defaultdict(list)
+    for model, load_ms in cold:
+        if load_ms is not None:
+            found[key(model)].append(load_ms)
+    return {row: round(percentile(sorted(values), 50), 3) for row, values in found.items()}
+
+
+def cache_figures(calls: int, cached_tokens: int, input_tokens: int) -> dict:
+    """Return the cached prompt tokens and the cache-hit ratio (cached / input tokens) of the ``calls`` that reported
+    a cached count: None when none did, since a missing count is unknown, not a miss."""
+    return {
+        "cached_input_tokens": cached_tokens if calls else None,
+        "cache_hit_ratio": round(cached_tokens / input_tokens, 4) if calls and input_tokens else None,
+    }
+
+
+def _cards(models: list[dict], minutes: float, clients: int, named: int, cache: dict, figures: dict) -> dict:
     calls, errors = sum(row["calls"] for row in models), sum(row["errors"] for row in models)
     return {
         "calls": calls,
@@ -191,6 +217,7 @@ def _cards(models: list[dict], minutes: float, clients: int, named: int, figures
         "error_rate": round(errors / calls, 4) if calls else None,
         "input_tokens": sum(row["input_tokens"] for row in models),
         "output_tokens": sum(row["output_tokens"] for row in models),
+        **cache,
         **figures,
         "clients": clients,
         "models": named,

@@ -214,6 +214,7 @@ def index():
         charts=charts.make_charts(figures),
         query=filters,
         residency=residency,
+        timeline=_timeline(residency, figures),
         **document,
     )
 
@@ -240,15 +241,21 @@ def models_view():
     """JSON: {"loaded": the models loaded now by the stored events, "events": load/unload events in the range}."""
     filters = queries.parse_filters(request.args)
     with _db().connection_context():
-        return _json({**_residency(_db(), filters), "filters": filters.describe()})
+        cold_starts = models.cold_starts(_db(), filters.since, filters.until)
+        return _json({**_residency(_db(), filters), "cold_starts": cold_starts, "filters": filters.describe()})
 
 
 def _residency(db, filters) -> dict:
-    """The loaded models, the load/unload events in the range and the cold starts per model, from the store."""
+    """The loaded models and the load/unload events in the range, from the store."""
     loaded = list(models.loaded_models(db).values())
-    events = models.model_events(db, since=filters.since)
-    return {"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events],
-            "cold_starts": models.cold_starts(db, filters.since, filters.until)}  # fmt: skip
+    events = models.model_events(db, since=filters.since, until=filters.until)
+    return {"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events]}
+
+
+def _timeline(residency: dict, figures: dict) -> dict:
+    """The page's chart of load/unload events over the range the stats cover."""
+    span, events, loaded = figures["range"], residency["events"], residency["loaded"]
+    return charts.model_timeline("Model loads and unloads", events, loaded, span["since"], span["until"] or span["now"])
 
 
 def _event_json(row: dict) -> dict:

@@ -329,11 +329,15 @@ def cold_starts(db: Database, since: datetime | None = None, until: datetime | N
     return rows
 
 
-def model_events(db: Database, since: datetime | None = None, limit: int = 1000) -> list[dict]:
-    """Return the newest ``limit`` events (since ``since`` when given), oldest first."""
+def model_events(
+    db: Database, since: datetime | None = None, limit: int = 1000, until: datetime | None = None
+) -> list[dict]:
+    """Return the newest ``limit`` events (since ``since`` and before ``until`` when given), oldest first."""
     query = ModelEvent.select()
     if since is not None:
         query = query.where(ModelEvent.timestamp >= since)
+    if until is not None:
+        query = query.where(ModelEvent.timestamp < until)
     rows = list(query.order_by(ModelEvent.id.desc()).limit(limit).dicts().execute(db))
     return rows[::-1]
 
