@@ -93,14 +93,19 @@ def errors(source, calls):
 # ---- counts ------------------------------------------------------------------------------------------------------
 
 
+def _total(column):
+    """SUM of a 64-bit token column, 0 when none, as an integer (PostgreSQL sums BIGINT to NUMERIC: a Decimal)."""
+    return fn.COALESCE(fn.SUM(column), 0).cast("BIGINT")
+
+
 def _groups(db: Database, filters: Filters, chars: int, upto: int | None, now: datetime) -> list[tuple]:
     """Return (bucket key, model, calls, errors, input tokens, output tokens, then for the calls that reported cached
     prompt tokens: their number, cached tokens, input tokens; cold starts) groups covering the filters."""
     key, label = bucket_key(db, chars).alias("bucket"), fn.COALESCE(CallRow.model, "").alias("label")
-    tokens = [fn.COALESCE(fn.SUM(CallRow.input_tokens), 0), fn.COALESCE(fn.SUM(CallRow.output_tokens), 0)]
+    tokens = [_total(CallRow.input_tokens), _total(CallRow.output_tokens)]
     reported = CallRow.cached_input_tokens.is_null(False)
-    cache = [fn.COUNT(CallRow.cached_input_tokens), fn.COALESCE(fn.SUM(CallRow.cached_input_tokens), 0),
-             fn.COALESCE(fn.SUM(Case(None, [(reported, CallRow.input_tokens)])), 0),
+    cache = [fn.COUNT(CallRow.cached_input_tokens), _total(CallRow.cached_input_tokens),
+             _total(Case(None, [(reported, CallRow.input_tokens)])),
              fn.SUM(Case(None, [(CallRow.cold_start, 1)], 0))]  # fmt: skip
     # Grouped by the output names, so that the bucket expression and its bound values appear once in the SQL.
     select = CallRow.select(key, label, fn.COUNT(SQL("*")), errors(CallRow, 1), *tokens, *cache).group_by(key, label)
