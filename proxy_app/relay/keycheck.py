@@ -67,9 +67,8 @@ def admit(app, policy: Policy, model: str | None) -> Verdict | None:
         refusal = state_of(app).keys.limiter.admit(policy)
     except Exception:  # a limit that cannot be checked is not lifted
         log.exception("cannot check the limits of key %r", policy.name)
-        return Verdict(
-            policy, 503, f"the limits of this API key cannot be checked now (the {PREFIX}DATABASE_URL store)"
-        )
+        message = f"the limits of this API key cannot be checked now ({PREFIX}DATABASE_URL does not answer)"
+        return Verdict(policy, 503, message)
     return None if refusal is None else Verdict(policy, refusal.status, refusal.message, refusal.retry_after)
 
 
