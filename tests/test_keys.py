@@ -248,3 +248,22 @@ def test_keys_database_down_at_start_refuses_keyed_calls_and_serves_the_rest(pro
     assert requests.post(f"{handle.url}/api/chat", json=CHAT, timeout=20).status_code == 200
     assert [seen["path"] for seen in fake.seen] == ["/api/chat"]
     assert "Authorization" not in fake.seen[0]["headers"]
+
+
+def test_keys_limits_that_cannot_be_checked_refuse_the_call_with_503(proxy_with, fake, tmp_path):
+    from tests.conftest import hold_write_lock, release
+
+    path = tmp_path / "keys.db"
+    app, handle, recorder = proxy_with(DATABASE_URL=f"sqlite:///{path}?timeout=0.2")
+    limited, free = make_key(app, "limited", rpm=5), make_key(app, "free")
+    holder = hold_write_lock(path)  # another process's long write: no lease can be taken
+    try:
+        refused = requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(limited), timeout=20)
+        assert refused.status_code == 503 and "cannot be checked" in refused.json()["error"]
+        assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(free), timeout=20).status_code == 200
+    finally:
+        release(holder)
+    assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(limited), timeout=20).status_code == 200
+    assert [seen["path"] for seen in fake.seen] == ["/api/chat", "/api/chat"]
+    calls = recorder.wait_for(3)
+    assert [(call.key_name, call.outcome) for call in calls][0] == ("limited", "rejected")
