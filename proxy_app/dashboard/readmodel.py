@@ -4,6 +4,8 @@
   the calls that reported cached prompt tokens their number, cached tokens and input tokens (the cache-hit ratio),
   and the calls that paid a model load (cold starts).
 - ``calls_rollup_clients``: per hour and model, the calls of each client IP (for the distinct-clients card).
+- ``calls_rollup_keys``: per 10-minute slot, key name, model, endpoint, outcome and status: calls and input/output
+  tokens (for the by-key table and /analytics/me).
 - ``calls_fts``: an FTS5 trigram index over prompt and response preview (a copy of the two columns, so that rows the
   retention deletes can be dropped from it by id).
 
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 SLOT_CHARS = 15  # "YYYY-MM-DD HH:M": the leading characters of a stored timestamp that name its 10-minute slot
 HOUR_CHARS = 13  # "YYYY-MM-DD HH": an hour
-FOLD_ROWS = {"rollup": 50_000, "fts": 5_000}  # rows per write transaction: each holds the write lock < ~0.3 s
+# Rows per write transaction: each holds the write lock < ~0.3 s.
+FOLD_ROWS = {"rollup": 50_000, "fts": 5_000, "keys": 50_000}
 DENSE_MATCHES = 50_000  # a text query matching more rows than this is answered by a scan in time order instead
 REFRESH_SECONDS = 5.0  # how often a process looks for new rows to fold
 PAUSE_SECONDS = 0.05  # between two chunks of a long catch-up, so the writer gets the lock in between
@@ -52,6 +55,13 @@ SCHEMA = (
        ip_source TEXT NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (slot, model, ip_source)) WITHOUT ROWID""",
     "INSERT OR IGNORE INTO dashboard_state (name, upto) VALUES ('rollup', 0)",
     f'CREATE INDEX IF NOT EXISTS {COLD_INDEX} ON calls ("timestamp") WHERE "cold_start"',
+)
+KEYS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS calls_rollup_keys (slot TEXT NOT NULL, key_name TEXT NOT NULL, model TEXT NOT NULL,
+       endpoint TEXT NOT NULL, outcome TEXT NOT NULL, http_status INTEGER NOT NULL, calls INTEGER NOT NULL,
+       input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+       PRIMARY KEY (slot, key_name, model, endpoint, outcome, http_status)) WITHOUT ROWID""",
+    "INSERT OR IGNORE INTO dashboard_state (name, upto) VALUES ('keys', 0)",
 )
 FTS_SCHEMA = (
     """CREATE VIRTUAL TABLE IF NOT EXISTS calls_fts USING fts5(prompt, response_preview, tokenize='trigram')""",
@@ -78,8 +88,15 @@ FOLDS = {
         """INSERT INTO calls_fts (rowid, prompt, response_preview) SELECT "id", "prompt", "response_preview"
         FROM calls WHERE "id" > ? AND "id" <= ? AND ("prompt" IS NOT NULL OR "response_preview" IS NOT NULL)""",
     ),
+    "keys": (
+        f"""INSERT INTO calls_rollup_keys SELECT substr("timestamp", 1, {SLOT_CHARS}), "key_name",
+        coalesce("model", ''), "endpoint", "outcome", "http_status", count(*), coalesce(sum("input_tokens"), 0),
+        coalesce(sum("output_tokens"), 0) FROM calls WHERE "id" > ? AND "id" <= ? GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT DO UPDATE SET calls = calls + excluded.calls, input_tokens = input_tokens +
+        excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens""",
+    ),
 }
-TARGETS = {"rollup": ("calls_rollup", "calls_rollup_clients"), "fts": ("calls_fts",)}
+TARGETS = {"rollup": ("calls_rollup", "calls_rollup_clients"), "fts": ("calls_fts",), "keys": ("calls_rollup_keys",)}
 
 
 def is_sqlite(db: Database) -> bool:
@@ -103,7 +120,7 @@ def ensure_read_model(db: Database) -> bool:
         return False
     with db.atomic():
         _drop_stale_rollup(db)
-        for statement in SCHEMA + (FTS_SCHEMA if has_trigram() else ()):
+        for statement in SCHEMA + KEYS_SCHEMA + (FTS_SCHEMA if has_trigram() else ()):
             db.execute_sql(statement)
     return True
 
@@ -180,6 +197,7 @@ def _prune(db: Database) -> None:
     with db.atomic():
         db.execute_sql("DELETE FROM calls_rollup WHERE slot < ?", (oldest[:SLOT_CHARS],))
         db.execute_sql("DELETE FROM calls_rollup_clients WHERE slot < ?", (oldest[:HOUR_CHARS],))
+        db.execute_sql("DELETE FROM calls_rollup_keys WHERE slot < ?", (oldest[:SLOT_CHARS],))
         if "fts" in watermarks(db):
             sql = "SELECT rowid FROM calls_fts WHERE rowid < ? LIMIT ?"
             gone = db.execute_sql(sql, (lowest, FOLD_ROWS["fts"])).fetchall()
