@@ -204,7 +204,7 @@ def test_dashboard_page_with_every_filter_set(filled_client):
     html = answer.get_data(as_text=True)
     assert answer.status_code == 200 and html.count('class="detail"') == 1 and 'value="/api/chat"' in html
     links = [unescape(link) for link in re.findall(r'href="(/analytics[^"#]*\?[^"#]*)', html)]
-    assert len(links) == 11  # five ranges, export, JSON, the model and the three sort orders
+    assert len(links) == 12  # five ranges, export, JSON, the model, the key and the three sort orders
     assert all(parse_qs(urlsplit(link).query)["endpoint"] == ["/api/chat"] for link in links)
     as_json = filled_client.get(next(link for link in links if "format=json" in link)).get_json()
     described = {name.removesuffix("_text"): value for name, value in as_json["filters"].items()
@@ -227,7 +227,12 @@ def test_dashboard_call_detail_html_shows_every_field_as_text(filled_client):
 
 def test_dashboard_json_shapes(filled_client):
     figures = filled_client.get("/analytics/stats").get_json()
-    assert set(figures) == {"empty", "filters", "range", "cards", "models", "series", "percentiles"}
+    assert set(figures) == {"empty", "filters", "range", "cards", "models", "series", "percentiles", "by_key"}
+    assert figures["by_key"] == [  # by calls, then name; keys not in the store have no limits to show
+        {"key": None, "calls": 2, "errors": 0, "input_tokens": 100, "output_tokens": 200, "limits": None},
+        {"key": "alice", "calls": 2, "errors": 1, "input_tokens": 15, "output_tokens": 20, "limits": None},
+        {"key": "bob", "calls": 2, "errors": 1, "input_tokens": 30, "output_tokens": 40, "limits": None},
+    ]
     assert figures["cards"]["calls"] == 6 and figures["cards"]["input_tokens"] == 145
     assert set(figures["series"]) == {
         "bucket_seconds",

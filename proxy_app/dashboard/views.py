@@ -4,7 +4,7 @@ Each view builds one dict and renders it as a template or as JSON. Bad parameter
 ADMIN_TOKEN set, everything but the login form and the static script needs the token (bearer header, or the cookie
 the login form sets, signed with the store's session secret: sessions.py). Failed sign-ins are throttled per client
 address. Every response carries a Content-Security-Policy without inline script. This module does not
-write rows or compute figures (queries.py, stats.py).
+write rows or compute figures (queries.py, stats.py, keyusage.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flask import Blueprint, Flask, Response, current_app, g, redirect, render_t
 
 from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
-from proxy_app.dashboard import charts, queries, readmodel, sessions, stats
+from proxy_app.dashboard import charts, keyusage, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.state import state_of
 from proxy_app.store import export, models
@@ -194,7 +194,7 @@ def index():
     filters = queries.parse_filters(request.args)
     db = _db()
     with db.connection_context():
-        figures = stats.stats(db, filters)
+        figures = _with_keys(db, filters, stats.stats(db, filters))
         found = queries.search(db, filters)
         suggestions = stats.choices(db, filters)
         residency = _residency(db, filters) if not _wants_json(False) else None  # the page's panel only
@@ -221,10 +221,15 @@ def index():
 
 @bp.route("/stats")
 def stats_view():
-    """JSON: the numbers behind the cards, the per-model table and the time series."""
+    """JSON: the numbers behind the cards, the per-model and per-key tables and the time series."""
     filters = queries.parse_filters(request.args)
     with _db().connection_context():
-        return _json(stats.stats(_db(), filters))
+        return _json(_with_keys(_db(), filters, stats.stats(_db(), filters)))
+
+
+def _with_keys(db, filters, figures: dict) -> dict:
+    """The stats document with the by-key table (``by_key``): calls, errors and tokens per key, and limits' spend."""
+    return {**figures, "by_key": keyusage.by_key(db, filters, state_of(current_app).keys)}
 
 
 @bp.route("/search")
