@@ -1,10 +1,11 @@
 """Blueprint ``dashboard`` at /analytics: the page, the JSON stats and search APIs, one call, and the CSV export.
 
 Each view builds one dict and renders it as a template or as JSON. Bad parameters get 400 with the reason. With
-ADMIN_TOKEN set, everything but the login form and the static script needs the token (bearer header, or the cookie
-the login form sets, signed with the store's session secret: sessions.py). Failed sign-ins are throttled per client
-address. Every response carries a Content-Security-Policy without inline script. This module does not
-write rows or compute figures (queries.py, stats.py, keyusage.py).
+ADMIN_TOKEN set, everything but the login form, the static script and /analytics/me (which takes an API key
+instead: me.py) needs the token (bearer header, or the cookie the login form sets, signed with the store's session
+secret: sessions.py). Failed sign-ins are throttled per client address. Every response carries a
+Content-Security-Policy without inline script. This module does not write rows or compute figures (queries.py,
+stats.py, keyusage.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, g, redirect, render_t
 
 from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
-from proxy_app.dashboard import charts, keyusage, queries, readmodel, sessions, stats
+from proxy_app.dashboard import charts, keyusage, me, queries, readmodel, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.state import state_of
 from proxy_app.store import export, models
@@ -28,12 +29,14 @@ from proxy_app.store import export, models
 log = logging.getLogger(__name__)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="static", static_url_path="/static")
+bp.register_blueprint(me.bp)  # /analytics/me: nested, so this module's headers apply to it
 
 COOKIE = "ollama_proxy_admin"
 # Why: the proxy's own routes take at most a login form; a bigger body is refused (413) from its Content-Length
 # before a byte of it is read. Relayed calls never build a Flask request, so MAX_BODY_BYTES alone limits those.
 OWN_BODY_BYTES = 64 * 1024
-OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static")  # reachable without the token
+# Reachable without the token; /analytics/me asks for an API key instead (me.py).
+OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static", "dashboard.me.show")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -61,7 +64,7 @@ def init_app(app: Flask) -> None:
     finally:
         db.close()  # never carry a connection across gunicorn's fork
     app.register_blueprint(bp)
-    for name in ("base.html", "_macros.html", "dashboard.html"):
+    for name in ("base.html", "_macros.html", "dashboard.html", "me.html"):
         app.jinja_env.get_template(name)  # compiled now, so that the first page view does not wait for it
 
 
