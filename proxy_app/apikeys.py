@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 SECRET_PREFIX = "opk_"
 # The headers a key may come in: what the openai and ollama clients send, and what the anthropic client sends.
 AUTHORIZATION, X_API_KEY = "HTTP_AUTHORIZATION", "HTTP_X_API_KEY"
+NEVER = "never"  # what `keys update --expires` takes to make a key stop expiring
 LIMITS = ("rpm", "tpm", "tokens_per_day", "tokens_per_month", "max_streams")  # 0 or None: no such limit
 
 

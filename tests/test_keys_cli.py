@@ -99,6 +99,9 @@ def test_keys_cli_create_list_update_revoke_usage(database):
     }}  # fmt: skip
     assert 0 < resets_at - time.time() <= 86400
 
+    assert keys(database, "update", "team", "--expires", "never").returncode == 0
+    assert listed(database)[0]["expires"] is None
+
     revoked = keys(database, "revoke", "team")
     assert revoked.returncode == 0 and revoked.stdout.startswith("key 'team' is revoked")
     (row,) = listed(database)

@@ -35,12 +35,13 @@ CLIENT_HEADERS = "Authorization: Bearer KEY or X-API-Key: KEY"
 
 
 class FutureMoment(click.ParamType):
-    """An ISO date or datetime still to come, as aware UTC: no offset means UTC, and a date means its 00:00 UTC."""
+    """An ISO date or datetime still to come, as aware UTC: no offset means UTC, and a date means its 00:00 UTC; or
+    ``never`` (apikeys.NEVER), which takes an expiry away."""
 
     name = "DATE"
 
-    def convert(self, value, param, ctx) -> datetime:
-        if isinstance(value, datetime):
+    def convert(self, value, param, ctx) -> datetime | str:
+        if isinstance(value, datetime) or value == apikeys.NEVER:
             return value
         try:
             moment = datetime.fromisoformat(value.strip())
@@ -60,7 +61,8 @@ def _key_options(command):
           for flag, text in LIMIT_HELP.items()),
         click.option("--capture/--no-capture", default=None,
                      help="--no-capture: never store this key's prompts and previews."),
-        click.option("--expires", type=FutureMoment(), help="When the key stops working: ISO date or datetime, UTC."),
+        click.option("--expires", type=FutureMoment(),
+                     help="When the key stops working: ISO date or datetime, UTC; never: no expiry."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)

@@ -83,10 +83,12 @@ class KeyChange:
     tokens_per_month: int | None = None
     max_streams: int | None = None
     capture: bool | None = None
-    expires: datetime | None = None
+    expires: datetime | str | None = None  # or apikeys.NEVER: no expiry
 
     def values(self) -> dict:
         changed = {name: value for name, value in vars(self).items() if value is not None}
+        if changed.get("expires") == apikeys.NEVER:
+            changed["expires"] = None
         if "models" in changed:
             names = (apikeys.model_name(model) for model in changed["models"].split(",") if model.strip())
             changed["models"] = ",".join(sorted(set(names)))
