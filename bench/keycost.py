@@ -10,9 +10,10 @@ kind with no key stored):
 - ``call``: a whole non-streaming /api/generate through the WSGI app to the fast fake upstream (bench/breakdown.py's
   call), with the key of every limit and without a key.
 - ``in_call``: the CPU the calling thread spends inside those three functions during whole keyed calls, timed by
-  wrapping them (each timer adds about a microsecond). In a whole call the key code runs with the rest of the call
-  between its runs, so it costs more than in the tight loop of ``check``; this is the figure to hold to a budget, and
-  it varies less than the difference of two whole calls.
+  wrapping them. In a whole call the key code runs with the rest of the call between its runs, so it costs more than
+  in the tight loop of ``check``; this is the figure to hold to a budget, and it varies less than the difference of
+  two whole calls. Reading the clock is as cold there as the code it times, so each wrapper also times two reads in a
+  row at the same point (``timer``), and ``total_less_timers`` takes them off.
 - ``lease_transaction_us``: one request lease taken from the store (the transaction every LEASE_MAX requests).
 
 CPU is the calling thread's (``thread_us``) and the whole process's (``process_us``): the latter includes the
@@ -110,14 +111,18 @@ def whole_calls(app, secret: str | None, calls: int) -> None:
 
 
 def _timed(spent: dict, name: str, function):
-    """``function``, adding the calling thread's CPU in it to ``spent[name]``."""
+    """``function``, adding the calling thread's CPU in it to ``spent[name]``, and what reading the clock costs at
+    that same point of the call to ``spent["timer"]``: two reads in a row, as cold as the reads around the function."""
 
     def wrapper(*args):
+        before = time.thread_time()
         started = time.thread_time()
         try:
             return function(*args)
         finally:
-            spent[name] = spent.get(name, 0.0) + time.thread_time() - started
+            ended = time.thread_time()
+            spent[name] = spent.get(name, 0.0) + ended - started
+            spent["timer"] = spent.get("timer", 0.0) + started - before
 
     return wrapper
 
@@ -142,22 +147,11 @@ def key_work_in_calls(app, secret: str, calls: int, rounds: int) -> dict:
         spent: dict[str, float] = {}
         with _timing_key_work(spent):
             whole_calls(app, secret, calls)
-        for name, seconds in [*spent.items(), ("total", sum(spent.values()))]:
+        timer = spent.pop("timer")  # the three functions' timers together, read where they ran
+        total = sum(spent.values())
+        for name, seconds in [*spent.items(), ("total", total), ("timer", timer), ("total_less_timers", total - timer)]:
             samples.setdefault(name, []).append(seconds / calls * 1e6)
-    result = {f"{name}_thread_us": round(statistics.median(values), 1) for name, values in samples.items()}
-    timer = _timer_us(calls)
-    result["timer_thread_us"] = round(timer, 1)  # what one timed no-op reads: part of each figure above
-    result["total_less_timers_thread_us"] = round(result["total_thread_us"] - 3 * timer, 1)
-    return result
-
-
-def _timer_us(calls: int) -> float:
-    """What the timing wrapper itself adds to each figure of ``key_work_in_calls``: a timed no-op, µs."""
-    spent: dict[str, float] = {}
-    timed = _timed(spent, "noop", lambda: None)
-    for _ in range(calls):
-        timed()
-    return spent["noop"] / calls * 1e6
+    return {f"{name}_thread_us": round(statistics.median(values), 1) for name, values in samples.items()}
 
 
 def lease_transaction_us(app) -> float:
