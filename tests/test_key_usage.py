@@ -171,6 +171,7 @@ def test_me_browser_form_posts_the_key_and_renders_escaped_figures(proxy_with):
     assert re.findall(r'<td class="num">([\d,]+)</td>', row) == [f"{mine[name]:,}" for name in mine]
     assert f'<td>tokens/month</td><td class="num">{mine["input_tokens"] + mine["output_tokens"]:,}</td>' in html
     assert secret not in html  # the key is never echoed back
+    assert 'href="/analytics"' not in form.text + html  # a key holder has no dashboard to go to
     assert page.headers["Cache-Control"] == "no-store"
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     assert re.findall(r"<script[^>]*>", html) == ['<script src="/analytics/static/dashboard.js" defer>']
