@@ -3,7 +3,7 @@
 Rows spread over the last ``--days`` days (busier in the working day), six models with their own speeds, the usual
 mix of endpoints and outcomes, a few dozen clients and prompts built from a vocabulary (about 1 in 100 mentions
 "invoice", about 1 in 10,000 mentions "zanzibar", for the search benchmark). Rows go in through one raw
-``executemany`` per 50,000 in big transactions; the schema is the real one (``models.create_tables``). It does not
+``executemany`` per 50,000 in big transactions; the schema is the real one (``schema.create_tables``). It does not
 run the proxy or touch an existing file unless ``--force`` is given.
 """
 
@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from proxy_app.calls import COLUMNS
-from proxy_app.store import models
+from proxy_app.store import models, schema
 
 CHUNK_ROWS = 50_000  # rows per executemany and per transaction: big enough to amortise the commit
 # (name, share of calls, mean tokens/s, mean TTFT ms) - rough figures for a single consumer GPU
@@ -171,7 +171,7 @@ def fill(path: Path, rows: int, days: float = 7.0, seed: int = 5, end: datetime 
     """Create the store at ``path`` with ``rows`` calls; return the seconds it took."""
     started = time.perf_counter()
     db = models.open_database(f"sqlite:///{path}")
-    models.create_tables(db)
+    schema.create_tables(db)
     db.execute_sql("PRAGMA synchronous=OFF")  # a generated fixture: a crash just means running it again
     names, marks = ", ".join(f'"{name}"' for name in COLUMNS), ", ".join("?" * len(COLUMNS))
     sql = f"INSERT INTO calls ({names}) VALUES ({marks})"

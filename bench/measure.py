@@ -204,7 +204,7 @@ def server_only(servers: list, rounds: int, calls: int, seconds: float) -> dict:
 def writer_rows(rows: int) -> dict:
     """(7) Rows per second the analytics writer stores (SQLite + CSV mirror) in a burst; the cost of a row alone."""
     from proxy_app.calls import Call
-    from proxy_app.store import models
+    from proxy_app.store import models, schema
     from proxy_app.store.csvlog import CsvLog
     from proxy_app.store.writer import Writer
 
@@ -225,7 +225,7 @@ def writer_rows(rows: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         database = models.open_database(f"sqlite:///{Path(scratch) / 'bench.db'}")
         models.database.initialize(database)
-        models.create_tables(database)
+        schema.create_tables(database)
         writer = Writer(database, CsvLog(str(Path(scratch) / "bench.csv"), 0), maxsize=0)
         writer.submit(sample_call(0))
         writer.flush(30)  # thread started, schema ready

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from proxy_app.state import state_of
-from proxy_app.store import models
+from proxy_app.store import writes
 from tests.conftest import ROOT, need
 from tests.fake_ollama import serve
 from tests.test_queries import XSS, known_calls
@@ -43,7 +43,7 @@ def browser():
 @pytest.fixture
 def served(app):
     """Our app with known_calls() stored, on a real port."""
-    models.insert_calls(state_of(app).dashboard["db"], known_calls(datetime.now(UTC)))
+    writes.insert_calls(state_of(app).dashboard["db"], known_calls(datetime.now(UTC)))
     handle = serve(app, threads=8)
     yield handle
     handle.close()

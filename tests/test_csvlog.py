@@ -13,7 +13,7 @@ import pytest
 
 from proxy_app.calls import COLUMNS, Call
 from proxy_app.dashboard import queries
-from proxy_app.store import export, models
+from proxy_app.store import export, models, schema, writes
 from proxy_app.store.csvlog import HEADER, CsvLog, iter_csv
 
 NOW = datetime(2025, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
@@ -97,8 +97,8 @@ def test_csvlog_hidden_formula_cells_neutralised_in_mirror_and_export(tmp_path, 
     for name in ("user_agent", "prompt", "error_message"):
         assert row[COLUMNS.index(name)] == "'" + text, name
     db = models.open_database(f"sqlite:///{tmp_path / 'calls.db'}")
-    models.create_tables(db)
-    models.insert_calls(db, [call])
+    schema.create_tables(db)
+    writes.insert_calls(db, [call])
     assert "".join(export.iter_csv(queries.iter_chunks(db, queries.parse_filters({"since": "all"})))) == mirrored
 
 

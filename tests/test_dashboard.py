@@ -20,7 +20,7 @@ from proxy_app.calls import COLUMNS
 from proxy_app.dashboard import charts, queries
 from proxy_app.dashboard.queries import parse_filters
 from proxy_app.state import state_of
-from proxy_app.store import csvlog, export, models
+from proxy_app.store import csvlog, export, models, writes
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_csvlog import NOW as CSV_NOW
 from tests.test_csvlog import sample_call
@@ -38,7 +38,7 @@ def started_app(data_dir, **settings):
     upstream = serve(FakeOllama())
     application = create_app({"UPSTREAM": upstream.url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING",
                               **settings}, environ={})  # fmt: skip
-    models.insert_calls(store_of(application), known_calls(datetime.now(UTC)))
+    writes.insert_calls(store_of(application), known_calls(datetime.now(UTC)))
     return application, upstream
 
 
@@ -133,7 +133,7 @@ def test_dashboard_timeline_draws_a_lane_per_model_and_escapes_names(app, client
         {"timestamp": ago(30), "event": "unload", "model": "qwen3"},
         {"timestamp": ago(26 * 60), "event": "load", "model": "phi4"},  # before the range and still loaded
     ])  # fmt: skip
-    models.insert_calls(store_of(app), [sample_call(timestamp=ago(5))])  # the panel shows once there are calls
+    writes.insert_calls(store_of(app), [sample_call(timestamp=ago(5))])  # the panel shows once there are calls
     html = client.get("/analytics").get_data(as_text=True)
     chart = html[html.index('id="chart-residency"') : html.index("</figure>", html.index('id="chart-residency"'))]
     lanes = re.findall(r'<text x="\d+" y="\d+" text-anchor="end"><title>([^<]*)</title>', chart)
@@ -156,7 +156,7 @@ def test_dashboard_timeline_draws_a_bounded_number_of_lanes_and_events(app, clie
     busy = [{"timestamp": now - timedelta(seconds=500 - n), "event": ("load", "unload")[n % 2], "model": "busy"}
             for n in range(440)]  # fmt: skip
     models.ModelEventStore(store_of(app)).record(quiet + busy)
-    models.insert_calls(store_of(app), [sample_call(timestamp=now - timedelta(minutes=5))])
+    writes.insert_calls(store_of(app), [sample_call(timestamp=now - timedelta(minutes=5))])
     html = client.get("/analytics").get_data(as_text=True)
     chart = html[html.index('id="chart-residency"') : html.index("</figure>", html.index('id="chart-residency"'))]
     lanes = re.findall(r'text-anchor="end"><title>([^<]*)</title>', chart)
@@ -273,7 +273,7 @@ def test_dashboard_key_and_instance_filters_in_apis_and_page(filled_client):
 
 def test_dashboard_key_and_instance_values_are_escaped(app, client):
     hostile = '"><img src=x onerror=alert(1)>'
-    models.insert_calls(store_of(app), [sample_call(timestamp=datetime.now(UTC), key_name=hostile, instance=hostile)])
+    writes.insert_calls(store_of(app), [sample_call(timestamp=datetime.now(UTC), key_name=hostile, instance=hostile)])
     html = client.get("/analytics", query_string={"key": hostile, "instance": hostile}).get_data(as_text=True)
     escaped = "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;"
     assert html.count('class="detail"') == 1 and "<img" not in html
@@ -343,7 +343,7 @@ def test_dashboard_export_csv_whole_text(app, client):
         instance="gpu-2",
     )
     older = sample_call(request_id="e0", timestamp=CSV_NOW - timedelta(days=2))
-    models.insert_calls(store_of(app), [older, sample_call(request_id="e1"), formula])
+    writes.insert_calls(store_of(app), [older, sample_call(request_id="e1"), formula])
     answer = client.get("/analytics/export.csv?since=2025-05-01T00:00:00Z&until=2025-05-02T00:00:00Z")
     assert answer.status_code == 200 and answer.mimetype == "text/csv"
     assert re.fullmatch(
@@ -373,14 +373,14 @@ def test_export_cells_match_the_csv_mirror_byte_for_byte(tmp_path):
         system_load_cpu=None,
     )
     calls = [tricky, *known_calls()]
-    models.insert_calls(db, calls)
+    writes.insert_calls(db, calls)
     ours = "".join(export.iter_csv(queries.iter_chunks(db, parse_filters({"since": "all"}), chunk=3)))
     assert ours == "".join(csvlog.iter_csv(sorted(calls, key=lambda call: call.timestamp)))  # oldest first
 
 
 def test_dashboard_export_streams_in_chunks(app, client):
     calls = [replace(sample_call(), request_id=f"c{n}", timestamp=CSV_NOW + timedelta(seconds=n)) for n in range(1500)]
-    models.insert_calls(store_of(app), calls)
+    writes.insert_calls(store_of(app), calls)
     answer = client.get("/analytics/export.csv?since=all", buffered=False)
     chunks = list(answer.response)
     answer.close()
@@ -523,7 +523,7 @@ def test_dashboard_lists_read_no_long_text(app, client, caplog):
     db = store_of(app)
     calls = [replace(sample_call(), request_id=f"big{n}", timestamp=datetime.now(UTC) - timedelta(minutes=n))
              for n in range(20)]  # fmt: skip
-    models.insert_calls(db, calls)
+    writes.insert_calls(db, calls)
     with db.connection_context():  # rows as large as any writer may have left them
         models.CallRow.update({name: name[0].upper() * BIG_CHARS for name in LONG_TEXT}).execute(db)
     caplog.set_level(logging.DEBUG, logger="peewee")
@@ -544,7 +544,7 @@ def test_dashboard_lists_read_no_long_text(app, client, caplog):
 
 def test_dashboard_a_flood_of_model_names_keeps_the_page_small(app, client):
     """22,000 distinct model names (a client inventing one per call): the busiest 20 and one "other" row."""
-    models.insert_calls(store_of(app), flood_of_models(datetime.now(UTC), junk=22_000))
+    writes.insert_calls(store_of(app), flood_of_models(datetime.now(UTC), junk=22_000))
     page = client.get("/analytics").get_data(as_text=True)
     twin = client.get("/analytics?format=json").get_data()
     assert len(page) < 250_000 and len(twin) < 100_000

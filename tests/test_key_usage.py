@@ -13,7 +13,7 @@ from proxy_app.apikeys import SECRET_PREFIX
 from proxy_app.dashboard import keyusage
 from proxy_app.dashboard.queries import parse_filters
 from proxy_app.state import state_of
-from proxy_app.store import models
+from proxy_app.store import writes
 from proxy_app.store.keys import KeyTable
 from tests.test_csvlog import sample_call
 from tests.test_keys import CHAT, bearer, in_one_minute, make_key
@@ -79,7 +79,7 @@ def test_me_shows_only_the_keys_own_calls_and_tokens(locked):
     now = datetime.now(UTC)  # and a big call of bob's last month: in neither window, and never alice's
     older = [sample_call(request_id="bob-old", timestamp=now - timedelta(days=now.day), key_name="bob",
                          input_tokens=900_000, output_tokens=90_000)]  # fmt: skip
-    models.insert_calls(state_of(app).dashboard["db"], older)
+    writes.insert_calls(state_of(app).dashboard["db"], older)
     mine = totals(calls, "alice")
     assert mine["calls"] == 1 and mine["input_tokens"] > 0
     answer = me(handle, **bearer(alice))

@@ -13,7 +13,7 @@ import pytest
 from proxy_app.calls import TEXT_CHARS
 from proxy_app.dashboard import queries, readmodel, stats
 from proxy_app.dashboard.queries import FilterError, parse_filters
-from proxy_app.store import models
+from proxy_app.store import models, schema, writes
 from tests.test_csvlog import sample_call
 from tests.test_store import postgres_schema
 
@@ -70,7 +70,7 @@ def known_calls(now: datetime = NOW) -> list:
 
 def open_sqlite(path, read_model: bool):
     db = models.open_database(f"sqlite:///{path}")
-    models.create_tables(db)
+    schema.create_tables(db)
     if read_model:
         readmodel.ensure_read_model(db)
     return db
@@ -89,11 +89,11 @@ def filled_store(kind: str, calls: list, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         if kind == "postgresql":
             db = models.open_database(stack.enter_context(postgres_schema("test_queries")))
-            models.create_tables(db)
+            schema.create_tables(db)
         else:
             db = open_sqlite(tmp_path_factory.mktemp("store") / "calls.db", read_model=kind == "sqlite+rollup")
         stack.callback(db.close)
-        models.insert_calls(db, calls)
+        writes.insert_calls(db, calls)
         fold(db)
         yield db
 
@@ -281,7 +281,7 @@ def test_search_row_has_the_list_columns_and_one_call_every_column(store):
 def test_search_lists_the_start_of_a_long_prompt(tmp_path):
     db = open_sqlite(tmp_path / "calls.db", read_model=False)
     whole = TEXT_CHARS["prompt"]  # the longest prompt a Call keeps
-    models.insert_calls(db, [sample_call(request_id="long", timestamp=NOW, prompt="é" * whole)])
+    writes.insert_calls(db, [sample_call(request_id="long", timestamp=NOW, prompt="é" * whole)])
     (row,) = queries.search(db, filtered(since="all"))["results"]
     assert row["prompt"] == "é" * queries.LIST_TEXT_CHARS < "é" * whole  # characters, not bytes
     assert queries.get_call(db, "long")["prompt"] == "é" * whole
@@ -399,11 +399,11 @@ def test_read_model_counts_rows_above_its_watermark_and_after_retention(tmp_path
     folded = open_sqlite(tmp_path / "folded.db", read_model=True)
     calls = known_calls()
     for db in (raw, folded):
-        models.insert_calls(db, calls[:4])
+        writes.insert_calls(db, calls[:4])
     fold(folded)
     for db in (raw, folded):  # after the fold: new rows, then the retention deletes the oldest
-        models.insert_calls(db, calls[4:])
-        models.delete_older_than(db, NOW - timedelta(minutes=150), 100)
+        writes.insert_calls(db, calls[4:])
+        writes.delete_older_than(db, NOW - timedelta(minutes=150), 100)
     for args in ({"since": "all"}, {}, {"since": "7d", "model": "qwen2.5"}):
         expected = stats.stats(raw, filtered(**args), now=NOW)
         assert stats.stats(folded, filtered(**args), now=NOW) == expected
@@ -414,10 +414,10 @@ def test_read_model_counts_rows_above_its_watermark_and_after_retention(tmp_path
 
 def test_read_model_rebuilds_when_ids_are_reused(tmp_path):
     db = open_sqlite(tmp_path / "calls.db", read_model=True)
-    models.insert_calls(db, known_calls())
+    writes.insert_calls(db, known_calls())
     fold(db)
     db.execute_sql("DELETE FROM calls")  # SQLite restarts ids at 1 once the table is empty
-    models.insert_calls(db, [replace(call, request_id=f"new{n}") for n, call in enumerate(known_calls()[:3])])
+    writes.insert_calls(db, [replace(call, request_id=f"new{n}") for n, call in enumerate(known_calls()[:3])])
     fold(db)
     assert stats.stats(db, filtered(), now=NOW)["cards"]["calls"] == 3
     assert db.execute_sql("SELECT sum(calls) FROM calls_rollup").fetchone()[0] == 3
@@ -426,7 +426,7 @@ def test_read_model_rebuilds_when_ids_are_reused(tmp_path):
 
 def test_read_model_rebuilds_a_rollup_of_an_older_layout(tmp_path):
     db = open_sqlite(tmp_path / "calls.db", read_model=False)
-    models.insert_calls(db, known_calls())
+    writes.insert_calls(db, known_calls())
     old_layout = """CREATE TABLE calls_rollup (slot TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL,
        outcome TEXT NOT NULL, http_status INTEGER NOT NULL, calls INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
        output_tokens INTEGER NOT NULL, PRIMARY KEY (slot, model, endpoint, outcome, http_status)) WITHOUT ROWID"""
@@ -455,9 +455,9 @@ def test_read_model_rebuilds_a_rollup_of_an_older_layout(tmp_path):
 
 def test_text_search_uses_index_and_scans_only_new_rows(tmp_path):
     db = open_sqlite(tmp_path / "calls.db", read_model=True)
-    models.insert_calls(db, known_calls()[:2])
+    writes.insert_calls(db, known_calls()[:2])
     fold(db)
-    models.insert_calls(db, known_calls()[2:])  # above the watermark: found by the scan of new rows
+    writes.insert_calls(db, known_calls()[2:])  # above the watermark: found by the scan of new rows
     clause, params = readmodel.text_condition(db, "invoice")
     assert "calls_fts MATCH" in clause and params[1] == 2
     assert ids(queries.search(db, filtered(q="invoice"))) == ["r2", "r4"]
@@ -466,9 +466,9 @@ def test_text_search_uses_index_and_scans_only_new_rows(tmp_path):
 
 def test_read_model_drops_what_retention_deleted(tmp_path):
     db = open_sqlite(tmp_path / "calls.db", read_model=True)
-    models.insert_calls(db, sorted(known_calls(), key=lambda call: call.timestamp))  # ids follow time, as stored
+    writes.insert_calls(db, sorted(known_calls(), key=lambda call: call.timestamp))  # ids follow time, as stored
     fold(db)
-    assert models.delete_older_than(db, NOW - timedelta(minutes=150), 100) == 2  # the 30 h and 3 h old calls
+    assert writes.delete_older_than(db, NOW - timedelta(minutes=150), 100) == 2  # the 30 h and 3 h old calls
     fold(db)
     assert db.execute_sql("SELECT min(rowid), count(*) FROM calls_fts").fetchone() == (3, 4)  # r6 has no text
     assert db.execute_sql("SELECT min(slot) FROM calls_rollup").fetchone()[0] == "2025-05-01 10:0"

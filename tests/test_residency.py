@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from proxy_app.state import state_of
-from proxy_app.store import models
+from proxy_app.store import models, schema
 from proxy_app.store.models import CallRow, ModelEvent, open_database
 from proxy_app.store.retention import Retention
 from tests.test_dashboard import model_table
@@ -175,7 +175,7 @@ def test_residency_poller_backoff_grows_and_is_capped(proxy_with, fake):
 
 def test_residency_events_deleted_with_the_calls_retention(tmp_path):
     db = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
-    models.create_tables(db)
+    schema.create_tables(db)
     now = datetime.now(UTC)
     store = models.ModelEventStore(db)
     store.record([{"timestamp": now - timedelta(days=8), "event": "load", "model": LLAMA},

@@ -31,11 +31,13 @@ from proxy_app.ollama.usage import Usage
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.settle import settle
 from proxy_app.state import state_of
-from proxy_app.store import models
+from proxy_app.store import models, schema
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.keys import KeyChange, KeyTable
-from proxy_app.store.models import CallRow, SchemaVersion, create_tables, open_database, row_of
+from proxy_app.store.models import CallRow, SchemaVersion, open_database
+from proxy_app.store.schema import create_tables
 from proxy_app.store.writer import Writer
+from proxy_app.store.writes import row_of
 from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
 from tests.fake_ollama import MODEL_ERROR
 from tests.test_csvlog import sample_call
@@ -585,8 +587,8 @@ def insert_old_row(db, call, version: int) -> None:
 def test_store_create_tables_whatever_database_the_read_side_has(tmp_path, monkeypatch):
     monkeypatch.setattr(models.database, "obj", PostgresqlDatabase("unused"))  # as a PostgreSQL app leaves it
     db = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
-    assert create_tables(db) == models.SCHEMA_VERSION  # not RETURNING on SQLite for PostgreSQL's sake
-    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    assert create_tables(db) == schema.SCHEMA_VERSION  # not RETURNING on SQLite for PostgreSQL's sake
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [schema.SCHEMA_VERSION]
     db.close()
 
 
@@ -614,7 +616,7 @@ def test_store_version_1_database_migrated_in_place_at_start(proxy_with, tmp_pat
     assert (new["api"], new["input_tokens"], new["cached_input_tokens"]) == ("anthropic", 15, 4)
     db = open_database(url)
     assert [column.name for column in db.get_columns("calls")] == ["id", *COLUMNS]
-    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [schema.SCHEMA_VERSION]
     db.close()
 
 
@@ -649,7 +651,7 @@ def test_store_version_3_database_gets_key_instance_and_upstream_keeping_rows(pr
         stack.callback(db.close)
         stack.callback(fresh.close)
         create_tables(fresh)
-        assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+        assert [row.version for row in SchemaVersion.select().execute(db)] == [schema.SCHEMA_VERSION]
         assert calls_schema(db) == calls_schema(fresh)  # migrated is what a new store gets, indexes included
         assert {name for name, *_ in calls_schema(db)[1]} >= set(INDEXED_IN_4)
 

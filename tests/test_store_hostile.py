@@ -19,7 +19,7 @@ from proxy_app import calls, config
 from proxy_app.calls import COLUMNS, Call
 from proxy_app.dashboard import queries
 from proxy_app.state import state_of
-from proxy_app.store import export, models, retention
+from proxy_app.store import export, models, retention, schema, writes
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow
 from proxy_app.store.writer import Writer
@@ -42,7 +42,7 @@ def store_url(request, tmp_path):
 def store_writer(store_url, tmp_path):
     """A Writer on ``store_url`` with a CSV mirror in ``tmp_path``; closed afterwards."""
     db = models.open_database(store_url)
-    models.create_tables(db)
+    schema.create_tables(db)
     db.close()
     writer = Writer(db, CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 1000, retry_seconds=5)
     writer.schema_ready = True
@@ -158,7 +158,7 @@ def test_writer_poisoned_call_costs_only_itself(store_writer, poison, caplog):
 
 def test_writer_row_the_csv_cannot_encode_costs_only_its_line(tmp_path, monkeypatch):
     # A database that stores any text (standing in for one whose encoding is wider than the mirror's UTF-8).
-    monkeypatch.setattr(models, "insert_calls", lambda db, calls: None)
+    monkeypatch.setattr(writes, "insert_calls", lambda db, calls: None)
     writer = Writer(models.open_database("sqlite:///:memory:"), CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 10)
     for call in [sample_call(request_id="a"), poisoned("poison", prompt="\ud800"), sample_call(request_id="b")]:
         writer.submit(call)
@@ -172,7 +172,7 @@ def test_writer_postgres_index_entry_too_big_costs_only_its_row(tmp_path):
     # database that is down; it is still one row's fault, so it must not hold up or drop the batch.
     with postgres_schema("test_hostile") as url:
         db = models.open_database(url)
-        models.create_tables(db)
+        schema.create_tables(db)
         db.close()
         writer = Writer(db, CsvLog(tmp_path / "calls.csv", clock=lambda: NOW), 100, retry_seconds=30)
         writer.schema_ready = True
@@ -260,7 +260,7 @@ def test_retention_max_rows_deletes_the_oldest_beyond_the_cap(store_writer, monk
     monkeypatch.setattr(retention, "BATCH_ROWS", 7)  # several batches
     store_writer.retention.max_rows = 20
     # Long streams are stored when they end, after calls that arrived later: the oldest arrivals go first.
-    models.insert_calls(store_writer.database, aged(40, "n", first_second=10) + aged(10, "stream"))
+    writes.insert_calls(store_writer.database, aged(40, "n", first_second=10) + aged(10, "stream"))
     evicted = store_writer.retain()
     assert evicted == store_writer.evicted == 30
     assert sorted(stored_ids(store_writer.database)) == sorted(f"n{n}" for n in range(20, 40))
@@ -269,7 +269,7 @@ def test_retention_max_rows_deletes_the_oldest_beyond_the_cap(store_writer, monk
 
 def test_writer_thread_keeps_the_store_within_max_rows(store_writer, caplog):
     store_writer.retention.max_rows = 10
-    models.insert_calls(store_writer.database, aged(25, "old"))
+    writes.insert_calls(store_writer.database, aged(25, "old"))
     with caplog.at_level(logging.WARNING, logger="proxy_app.store.retention"):
         store_writer.submit(sample_call(request_id="new", timestamp=NOW + timedelta(days=1)))
         assert store_writer.flush(10)  # the first batch of a process also starts a retention pass
@@ -279,7 +279,7 @@ def test_writer_thread_keeps_the_store_within_max_rows(store_writer, caplog):
 
 
 def test_retention_max_rows_zero_keeps_everything(store_writer):
-    models.insert_calls(store_writer.database, aged(30, "a"))
+    writes.insert_calls(store_writer.database, aged(30, "a"))
     assert (
         store_writer.retention.max_rows == 0
         and store_writer.retain() == 0
@@ -290,6 +290,6 @@ def test_retention_max_rows_zero_keeps_everything(store_writer):
 def test_retention_age_then_cap_in_one_pass(store_writer):
     store_writer.retention.retention_days, store_writer.retention.max_rows = 1, 5
     store_writer.retention.clock = lambda: NOW + timedelta(days=2)
-    models.insert_calls(store_writer.database, aged(3, "old") + aged(10, "new", first_second=2 * 86400 - 60))
+    writes.insert_calls(store_writer.database, aged(3, "old") + aged(10, "new", first_second=2 * 86400 - 60))
     assert store_writer.retain() == 8 and (store_writer.retention.expired, store_writer.evicted) == (3, 5)
     assert stored_ids(store_writer.database) == [f"new{n}" for n in range(5, 10)]

@@ -15,7 +15,7 @@ import pytest
 from peewee import IntegrityError, OperationalError, TextField
 
 from proxy_app.calls import COLUMNS, TEXT_CHARS, Call
-from proxy_app.store import models, retention
+from proxy_app.store import models, retention, schema, writes
 from proxy_app.store import writer as writer_module
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow, SchemaVersion
@@ -27,7 +27,7 @@ from tests.test_csvlog import NOW, parse, sample_call
 def open_store(tmp_path, query: str = ""):
     """A fresh SQLite store in ``tmp_path`` with its tables."""
     db = models.open_database(f"sqlite:///{tmp_path / 'calls.db'}{query}")
-    models.create_tables(db)
+    schema.create_tables(db)
     return db
 
 
@@ -72,41 +72,41 @@ def test_models_sqlite_pragmas_and_url_overrides(tmp_path):
 
 
 def test_models_row_holds_the_calls_bounded_text():
-    row = dict(zip(COLUMNS, models.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b")), strict=True))
+    row = dict(zip(COLUMNS, writes.row_of(sample_call(session_id="s" * 5000, prompt="a\x00b")), strict=True))
     assert row["session_id"] == "s" * TEXT_CHARS["session_id"] and row["prompt"] == "ab"
 
 
 def test_models_create_tables_twice_keeps_rows(tmp_path):
     db = open_store(tmp_path)
-    models.insert_calls(db, [sample_call()])
-    assert models.create_tables(db) == models.SCHEMA_VERSION
+    writes.insert_calls(db, [sample_call()])
+    assert schema.create_tables(db) == schema.SCHEMA_VERSION
     assert stored_ids(db) == [sample_call().request_id]
-    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [schema.SCHEMA_VERSION]
 
 
 def test_models_migration_adds_column_and_keeps_rows(tmp_path, monkeypatch):
     db = open_store(tmp_path)
-    models.insert_calls(db, [sample_call(request_id="old")])
-    monkeypatch.setattr(models, "SCHEMA_VERSION", models.SCHEMA_VERSION + 1)
-    add = {models.SCHEMA_VERSION: lambda m: [m.add_column("calls", "gpu_name", TextField(null=True))]}
-    monkeypatch.setattr(models, "MIGRATIONS", add)
-    assert models.create_tables(db) == models.SCHEMA_VERSION
+    writes.insert_calls(db, [sample_call(request_id="old")])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", schema.SCHEMA_VERSION + 1)
+    add = {schema.SCHEMA_VERSION: lambda m: [m.add_column("calls", "gpu_name", TextField(null=True))]}
+    monkeypatch.setattr(schema, "MIGRATIONS", add)
+    assert schema.create_tables(db) == schema.SCHEMA_VERSION
     assert "gpu_name" in [column.name for column in db.get_columns("calls")]
     assert stored_ids(db) == ["old"]
-    assert [row.version for row in SchemaVersion.select().execute(db)] == [models.SCHEMA_VERSION]
+    assert [row.version for row in SchemaVersion.select().execute(db)] == [schema.SCHEMA_VERSION]
 
 
 def test_models_newer_schema_is_left_alone(tmp_path, monkeypatch):
     db = open_store(tmp_path)
-    stored = models.SCHEMA_VERSION
-    monkeypatch.setattr(models, "SCHEMA_VERSION", 0)
-    assert models.create_tables(db) == stored
+    stored = schema.SCHEMA_VERSION
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 0)
+    assert schema.create_tables(db) == stored
 
 
 def test_writer_stores_batches_then_mirrors_them(writer, monkeypatch):
     sizes = []
-    insert = models.insert_calls
-    monkeypatch.setattr(models, "insert_calls", lambda db, calls: (sizes.append(len(calls)), insert(db, calls)))
+    insert = writes.insert_calls
+    monkeypatch.setattr(writes, "insert_calls", lambda db, calls: (sizes.append(len(calls)), insert(db, calls)))
     for n in range(1200):
         writer.submit(sample_call(request_id=f"r{n}"))
     assert writer.flush(10)
@@ -174,7 +174,7 @@ def test_writer_drops_at_once_a_batch_the_database_will_never_take(writer, monke
     def refuse(db, calls):
         raise IntegrityError("NOT NULL constraint failed: calls.endpoint")
 
-    monkeypatch.setattr(models, "insert_calls", refuse)
+    monkeypatch.setattr(writes, "insert_calls", refuse)
     writer.retry_seconds = 60
     writer.submit(sample_call())
     assert writer.flush(5) and (writer.dropped, writer.retries) == (1, 0)  # not retried: it would fail for ever
@@ -208,7 +208,7 @@ def test_writer_reports_the_real_error_behind_a_failed_rollback(writer, monkeypa
             except sqlite3.OperationalError as exc:
                 raise OperationalError(str(exc))  # noqa: B904
 
-    monkeypatch.setattr(models, "insert_calls", disk_full)
+    monkeypatch.setattr(writes, "insert_calls", disk_full)
     writer.retry_seconds = 0
     writer.submit(sample_call())
     assert writer.flush(5) and writer.dropped == 1
@@ -308,7 +308,7 @@ def test_writer_retention_deletes_exactly_what_is_older(tmp_path, monkeypatch):
         sample_call(request_id="exactly", timestamp=cutoff),
         sample_call(request_id="just-newer", timestamp=cutoff + timedelta(milliseconds=1)),
     ]
-    models.insert_calls(writer.database, old + edge)
+    writes.insert_calls(writer.database, old + edge)
     assert writer.retain() == 21
     assert stored_ids(writer.database) == ["exactly", "just-newer"]
     assert writer.retain() == 0
@@ -344,5 +344,5 @@ def test_models_row_of_gives_what_each_fields_db_value_gives(changes):
     call = sample_call(**changes)
     fields = CallRow._meta.fields
     expected = tuple(fields[name].db_value(getattr(call, name)) for name in COLUMNS)
-    assert models.row_of(call) == expected
-    assert [type(value) for value in models.row_of(call)] == [type(value) for value in expected]
+    assert writes.row_of(call) == expected
+    assert [type(value) for value in writes.row_of(call)] == [type(value) for value in expected]

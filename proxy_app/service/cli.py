@@ -129,14 +129,14 @@ def check() -> None:
 @cli.command("init-db")
 def init_db() -> None:
     """Create the analytics tables, or migrate them to this version (start-up does it too)."""
-    from proxy_app.store import models
+    from proxy_app.store import models, schema
 
     settings = load_settings()
     shown = _hide_password(settings["DATABASE"])
     try:
         database = models.open_database(settings["DATABASE"])
         with database.connection_context():
-            version = models.create_tables(database)
+            version = schema.create_tables(database)
     except Exception as exc:  # any driver error (or a bad URL) is the answer we want to print
         raise click.ClickException(f"database {shown} cannot be used: {_first_line(exc)}") from None
     click.echo(f"database {shown} is ready (schema version {version})")

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Database
 
-from proxy_app.store import models
+from proxy_app.store import models, writes
 from proxy_app.store.csvlog import CsvLog
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ class Retention:
         if not self.retention_days:
             return False
         cutoff = self.clock() - timedelta(days=self.retention_days)
-        deleted = models.delete_older_than(self.database, cutoff, BATCH_ROWS)
+        deleted = writes.delete_older_than(self.database, cutoff, BATCH_ROWS)
         self.expired += deleted
         if deleted == BATCH_ROWS:
             return True
-        if models.delete_older_than(self.database, cutoff, BATCH_ROWS, models.ModelEvent) == BATCH_ROWS:
+        if writes.delete_older_than(self.database, cutoff, BATCH_ROWS, models.ModelEvent) == BATCH_ROWS:
             return True
         if self.csv_log is not None:
             self.csv_log.prune(cutoff)
@@ -90,12 +90,12 @@ class Retention:
         if not self.max_rows:
             return False
         if self._cap_cutoff is None:
-            found = models.cap_cutoff(self.database, self.max_rows)
+            found = writes.cap_cutoff(self.database, self.max_rows)
             if found is None:
                 return False
             self._cap_cutoff, beyond = found
             log.warning("the store holds %d row(s) beyond OLLAMA_PROXY_MAX_ROWS=%d; deleting the oldest",
                         beyond, self.max_rows)  # fmt: skip
-        deleted = models.delete_older_than(self.database, self._cap_cutoff, BATCH_ROWS)
+        deleted = writes.delete_older_than(self.database, self._cap_cutoff, BATCH_ROWS)
         self.evicted += deleted
         return deleted == BATCH_ROWS

@@ -25,7 +25,7 @@ from flask import Flask
 from peewee import Database
 
 from proxy_app.state import state_of
-from proxy_app.store import models
+from proxy_app.store import models, schema, writes
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.retention import Retention
 from proxy_app.ticker import Ticker
@@ -218,12 +218,12 @@ class Writer:
         for attempt in itertools.count():
             try:
                 if not self.schema_ready:
-                    self.schema_ready = models.create_tables(self.database) > 0
-                models.insert_calls(self.database, calls)
+                    self.schema_ready = schema.create_tables(self.database) > 0
+                writes.insert_calls(self.database, calls)
                 self.last_error = None
                 return calls
             except Exception as exc:
-                self.last_error = models.describe_error(exc)
+                self.last_error = writes.describe_error(exc)
                 self._reconnect()
                 transient = is_transient(exc)
                 if not transient and self.schema_ready:
@@ -327,7 +327,7 @@ def init_app(app: Flask) -> None:
 def _create_tables(db: Database) -> bool:
     """Create or migrate the schema at start-up; a database that is down only delays it (the writer retries)."""
     try:
-        models.create_tables(db)
+        schema.create_tables(db)
         return True
     except Exception:
         log.exception("cannot prepare the analytics database; calls are relayed, rows dropped until it answers")
