@@ -35,9 +35,9 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     from proxy_app.store import writer
 
     writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
-    from proxy_app.store import limits
+    from proxy_app.store import keystore
 
-    limits.init_app(app)  # API keys and their shared counters, in the same database; the relay checks them
+    keystore.init_app(app)  # API keys and their shared counters, in the same database; the relay checks them
     from proxy_app.dashboard import views
 
     views.init_app(app)  # /analytics: page, JSON APIs, CSV export; after the writer, whose database it reads

@@ -36,7 +36,7 @@ class ProxyState:
     drain: Any = None  # relay.drain.Drain
     residency: Any = None  # ops.residency's poller
     otel: Any = None  # ops.otel's sink, with OTEL on
-    keys: Any = None  # store.limits.Keys: the API key ring and the limiter
+    keys: Any = None  # store.keystore.Keys: the API key ring and the limiter
 
 
 def state_of(app) -> ProxyState:

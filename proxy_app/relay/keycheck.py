@@ -3,7 +3,7 @@
 ``identify`` reads the key a call presents and takes it off the request (a proxy key never reaches Ollama; any other
 ``Authorization`` passes through). ``admit`` refuses a model the key may not use (403) or a call over a limit (429
 with Retry-After), before anything reaches Ollama. ``settle_key`` frees the call's stream and charges its tokens.
-The keys and their counters are the store's (``state_of(app).keys``: store/limits.py); with no key stored and
+The keys and their counters are the store's (``state_of(app).keys``: store/keystore.py); with no key stored and
 ``REQUIRE_KEY`` off none of this reads a header.
 """
 

@@ -3,7 +3,7 @@ database (OLLAMA_PROXY_DATABASE_URL, or the SQLite store in DATA_DIR), whose key
 
 A new key's secret is printed once, as the last line of ``keys create``, and exists nowhere else: the database holds
 its hash, and no other command shows either. Running proxies see a change within store/keys.py's REFRESH_SECONDS.
-The work is store/keys.py's (KeyTable) and store/limits.py's (``usage``); this module parses options, prints for
+The work is store/keys.py's (KeyTable) and store/spending.py's (``usage``); this module parses options, prints for
 people (``--json`` for programs) and exits 1 with a one-line message on a problem. It imports the store inside each
 command, as cli.py does, so that the other commands start without it.
 """

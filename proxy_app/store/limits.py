@@ -11,7 +11,7 @@ process takes its share through short transactions on them.
   more than ``margin`` tokens left; nearer a limit it reads the counters before each call and writes each charge at
   once, so the limit is overshot by at most the tokens of the calls in flight when it was reached.
 - Streams (calls in flight at once): one transaction when a call starts and one when it ends; a process that dies
-  holding some stops counting after STREAM_STALE_SECONDS without its heartbeat.
+  holding some stops counting after streams.STREAM_STALE_SECONDS without its heartbeat (streams.py).
 
 Windows are UTC: the minute, the day from midnight, the month from its first day.
 """
@@ -20,28 +20,22 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
-from peewee import Database, fn
-
 from proxy_app.apikeys import Policy
-from proxy_app.state import state_of
+from proxy_app.store import spending
 from proxy_app.store.counters import (
     DAY,
     MINUTE,
     MONTH,
-    KeyStream,
     KeyUsage,
     OneConnection,
-    create_tables,
     window_end,
     window_start,
 )  # fmt: skip
-from proxy_app.store.keys import ApiKey, KeyRing
+from proxy_app.store.streams import StreamCounts
 from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -52,7 +46,6 @@ VIEW_SECONDS = 1.0
 MIN_MARGIN_TOKENS = 1000  # the margin is this, or four times the largest call of the key seen here if larger
 FLUSH_SECONDS = 0.1  # charges far from every limit are written in batches this often
 HEARTBEAT_SECONDS = 10.0
-STREAM_STALE_SECONDS = 60.0
 PRUNE_SECONDS = 3600.0
 KEEP_SECONDS = {MINUTE: 3600, DAY: 40 * 86400, MONTH: 400 * 86400}  # counters older than this are deleted
 _PERIOD_WORDS = {MINUTE: "minute", DAY: "day", MONTH: "month"}
@@ -93,7 +86,7 @@ class Limiter:
         self.connection, self.instance = connection, instance
         self._states: dict[str, _KeyState] = {}
         self._states_lock = threading.Lock()
-        self._holder, self._holder_pid = "", 0
+        self.streams = StreamCounts(instance)
         self._last_heartbeat = self._last_prune = 0.0
         self.ticker = Ticker("key-limits", self.flush, FLUSH_SECONDS, after_fork=self._after_fork)
 
@@ -206,16 +199,8 @@ class Limiter:
 
     def _enter_stream(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
         with self.connection as db, db.atomic():
-            lock = ApiKey.select(ApiKey.id).where(ApiKey.name == policy.name)  # one key's streams at a time
-            list((lock.for_update() if db.for_update else lock).execute(db))
-            live = KeyStream.select(fn.COALESCE(fn.SUM(KeyStream.streams), 0)).where(
-                KeyStream.key_name == policy.name,
-                KeyStream.holder != self.holder,
-                KeyStream.seen >= int(now - STREAM_STALE_SECONDS),
-            ).scalar(db)  # fmt: skip
-            if live + state.streams >= policy.max_streams:
+            if not self.streams.enter(db, policy.name, policy.max_streams, state.streams, now):
                 return _over(f"{policy.max_streams} calls at once", 1)
-            self._set_streams(db, policy.name, state.streams + 1, now)
         state.streams += 1
         self.ticker.ensure()  # the heartbeat that keeps these streams counted
         return None
@@ -224,23 +209,9 @@ class Limiter:
         state.streams = max(0, state.streams - 1)
         try:
             with self.connection as db:
-                self._set_streams(db, policy.name, state.streams, time.time())
+                self.streams.count(db, policy.name, state.streams, time.time())
         except Exception:  # the heartbeat writes the right count again
             log.warning("cannot free a stream of key %r now; the next heartbeat will", policy.name, exc_info=True)
-
-    def _set_streams(self, db: Database, name: str, streams: int, now: float) -> None:
-        KeyStream.insert(key_name=name, holder=self.holder, streams=streams, seen=int(now)).on_conflict(
-            conflict_target=[KeyStream.key_name, KeyStream.holder],
-            update={KeyStream.streams: streams, KeyStream.seen: int(now)},
-        ).execute(db)  # fmt: skip
-
-    @property
-    def holder(self) -> str:
-        """This process's name in ``key_streams``: a new one after a fork."""
-        if self._holder_pid != os.getpid():
-            self._holder = f"{self.instance}:{os.getpid()}:{secrets.token_hex(4)}"[-200:]
-            self._holder_pid = os.getpid()
-        return self._holder
 
     # ---- in the background --------------------------------------------------------------------------------------
 
@@ -269,13 +240,13 @@ class Limiter:
         with self.connection as db:
             for name, state in list(self._states.items()):
                 if state.streams:
-                    self._set_streams(db, name, state.streams, now)
+                    self.streams.count(db, name, state.streams, now)
 
     def _prune(self, now: float) -> None:
         with self.connection as db:
             for period, keep in KEEP_SECONDS.items():
                 KeyUsage.delete().where(KeyUsage.period == period, KeyUsage.start < int(now - keep)).execute(db)
-            KeyStream.delete().where(KeyStream.seen < int(now - STREAM_STALE_SECONDS)).execute(db)
+            self.streams.prune(db, now)
 
     def close(self) -> None:
         """At shutdown: write pending charges, give back unused requests, and drop this process's stream counts."""
@@ -292,41 +263,16 @@ class Limiter:
                                 where & (KeyUsage.start == state.minute)
                             ).execute(db)  # fmt: skip
                             state.lease_left = 0
-                KeyStream.delete().where(KeyStream.holder == self.holder).execute(db)
+                self.streams.forget_mine(db)
         except Exception:
             log.warning("cannot settle the key counters at shutdown", exc_info=True)
 
     # ---- reading ------------------------------------------------------------------------------------------------
 
     def usage(self, policy: Policy) -> dict:
-        """Each limit of the key: the limit, what is used, what remains and when its window ends (UTC epoch).
-
-        Requests count as used when granted to a process (a lease's unused part included); tokens include the charges
-        this process has not written yet."""
-        now = time.time()
-        starts = {period: window_start(period, now) for period in (MINUTE, DAY, MONTH)}
+        """Each limit of the key: the limit, what is used, what remains and when its window ends (spending.py)."""
         with self.connection as db:
-            rows = KeyUsage.select().where(
-                KeyUsage.key_name == policy.name, KeyUsage.start.in_(list(starts.values()))
-            ).execute(db)  # fmt: skip
-            counters = {(row.period, row.start): row for row in rows}
-            streams = KeyStream.select(fn.COALESCE(fn.SUM(KeyStream.streams), 0)).where(
-                KeyStream.key_name == policy.name, KeyStream.seen >= int(now - STREAM_STALE_SECONDS)
-            ).scalar(db)  # fmt: skip
-        pending = self._state(policy.name).pending
-        result = {}
-        for name, period, unit in _USAGE:
-            limit = getattr(policy, name)
-            if limit:
-                window = (period, starts[period])
-                row = counters.get(window)
-                used = (getattr(row, unit) if row is not None else 0) + (
-                    pending.get(window, 0) if unit == "tokens" else 0
-                )
-                result[name] = _spend(limit, used, window_end(period, starts[period]))
-        if policy.max_streams:
-            result["max_streams"] = _spend(policy.max_streams, int(streams), None)  # PostgreSQL's SUM is a numeric
-        return result
+            return spending.spend(db, policy, self.streams, self._state(policy.name).pending, time.time())
 
     def _state(self, name: str) -> _KeyState:
         state = self._states.get(name)
@@ -334,12 +280,6 @@ class Limiter:
             with self._states_lock:
                 state = self._states.setdefault(name, _KeyState())
         return state
-
-
-_USAGE = (  # limit, its window, what it counts
-    ("rpm", MINUTE, "requests"), ("tpm", MINUTE, "tokens"), ("tokens_per_day", DAY, "tokens"),
-    ("tokens_per_month", MONTH, "tokens"),
-)  # fmt: skip
 
 
 def _windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
@@ -359,34 +299,5 @@ def _has_margin(state: _KeyState, windows: tuple) -> bool:
     return all(limit - _spent(state, period, start) > margin for period, limit, start in windows)
 
 
-def _spend(limit: int, used: int, resets_at: int | None) -> dict:
-    return {"limit": limit, "used": used, "remaining": max(0, limit - used), "resets_at": resets_at}
-
-
 def _over(what: str, seconds: float) -> Refusal:
     return Refusal(429, f"rate limit: this API key may use {what}; try again later", max(1, math.ceil(seconds)))
-
-
-@dataclass
-class Keys:
-    """The API keys of one app: the ring the relay looks keys up in, and the limiter of their counters."""
-
-    ring: KeyRing
-    limiter: Limiter
-    connection: OneConnection
-
-
-def init_app(app) -> None:
-    """Create the key tables and put the keys in ``state_of(app).keys`` (the relay reads them there)."""
-    connection = OneConnection(app.config["DATABASE"])
-    try:
-        with connection as db:
-            create_tables(db)
-    except Exception:
-        log.exception("cannot prepare the API key tables; keyed calls are refused until the database answers")
-    finally:
-        connection.close()  # never carry a connection across gunicorn's fork
-    keys = Keys(KeyRing(connection), Limiter(connection, app.config.get("INSTANCE") or "proxy"), connection)
-    state_of(app).keys = keys
-    state_of(app).shutdown_hooks.append(keys.ring.ticker.stop)
-    state_of(app).shutdown_hooks.append(keys.limiter.close)
