@@ -24,7 +24,8 @@ import pytest
 
 from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack
 from proxy_app import config
-from proxy_app.service.front import Front, Limits
+from proxy_app.service.front import Front
+from proxy_app.service.guard import Limits
 from tests.conftest import free_port
 from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_until
 

@@ -1,25 +1,23 @@
 """The HTTP front of one server process, under waitress and under gunicorn alike: slow clients cost no thread.
 
-waitress reads each request whole in its event loop before a thread takes it, so a client that drips its headers
-or sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that
+waitress reads each request whole in its event loop before a thread takes it, so a client that drips its headers or
+sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that
 refuses connections beyond MAX_CONNECTIONS_PER_CLIENT per client address (TRUSTED_PROXIES exempt) and accepts in
 batches, and channels that are closed when their headers take longer than HEADER_TIMEOUT or their body falls silent
-for BODY_TIMEOUT. Everything else (parsing, threads, keep-alive, writing answers) is waitress's own, reached through
-its public classes. The acceptor takes the listener's place in the loop's map under the same socket, so whatever
-closes the server's listener also takes the acceptor out. It does not run the loop (servers.py, worker.py do).
+for BODY_TIMEOUT (guard.py counts and judges). Everything else (parsing, threads, keep-alive, writing answers) is
+waitress's own, reached through its public classes. The acceptor takes the listener's place in the loop's map under
+the same socket, so whatever closes the server's listener also takes the acceptor out. It does not run the loop
+(servers.py, worker.py do).
 """
 
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import logging
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 import waitress
 from waitress import wasyncore
@@ -32,13 +30,13 @@ from waitress.utilities import RequestEntityTooLarge
 from proxy_app.dashboard.views import OWN_BODY_BYTES
 from proxy_app.ollama.errors import error_body
 from proxy_app.relay.middleware import is_reserved
+from proxy_app.service.guard import Guard, Limits
 from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 256  # connections accepted per wake-up: a burst of clients is in within a few loop turns
 CHECK_SECONDS = 0.5  # how often deadlines are checked: a slow client is closed at most this late
-REFUSAL_LOG_SECONDS = 60.0  # at most one warning a minute about refused connections
 # Model blobs (POST /api/blobs, many GB) must pass; waitress spools request bodies to a temporary file first.
 MAX_BODY_BYTES = 64 * 1024**3
 # Why: select() on Windows handles about 512 sockets; elsewhere poll() has no such limit, so idle keep-alive
@@ -54,78 +52,6 @@ OPTIONS = {
     "max_request_body_size": MAX_BODY_BYTES,
     "channel_request_lookahead": 1,  # lets waitress see a departed client at once (wsgi-stack.md 1.5)
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one client may hold: connections per address (0: no cap), and how slowly it may send a request."""
-
-    per_client: int = 0
-    header_seconds: float = 0.0  # 0: no deadline
-    body_seconds: float = 0.0  # 0: no deadline
-    exempt: tuple = ()  # networks whose connections are not capped (a reverse proxy speaks for many clients)
-
-    @classmethod
-    def from_settings(cls, settings) -> Limits:
-        """The limits set by MAX_CONNECTIONS_PER_CLIENT, HEADER_TIMEOUT, BODY_TIMEOUT and TRUSTED_PROXIES."""
-        return cls(settings["MAX_CONNECTIONS_PER_CLIENT"], settings["HEADER_TIMEOUT"], settings["BODY_TIMEOUT"],
-                   tuple(settings["TRUSTED_PROXIES"]))  # fmt: skip
-
-    def is_capped(self, host: str) -> bool:
-        """True when connections from ``host`` count against the per-client cap."""
-        if not self.per_client:
-            return False
-        try:
-            address = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return True
-        return not any(address in network for network in self.exempt)
-
-
-class Guard:
-    """Open connections by client address, and the deadlines of each channel; shared by a front's channels."""
-
-    def __init__(self, limits: Limits, clock=time.monotonic) -> None:
-        self.limits, self.clock = limits, clock
-        self.open: Counter = Counter()
-        self.refused = 0
-        self.closed_slow = 0
-        self._lock = threading.Lock()
-        self._next_log = 0.0
-
-    def admit(self, host: str) -> bool:
-        """Count a new connection from ``host``; False (and nothing counted) when it is over the cap."""
-        with self._lock:
-            if self.limits.is_capped(host) and self.open[host] >= self.limits.per_client:
-                self.refused += 1
-                self._log_refusal(host)
-                return False
-            self.open[host] += 1
-            return True
-
-    def release(self, host: str) -> None:
-        """Forget a closed connection from ``host``."""
-        with self._lock:
-            self.open[host] -= 1
-            if self.open[host] <= 0:
-                del self.open[host]
-
-    def _log_refusal(self, host: str) -> None:
-        now = self.clock()
-        if now >= self._next_log:
-            self._next_log = now + REFUSAL_LOG_SECONDS
-            log.warning("refused a connection from %s, which holds %d already (MAX_CONNECTIONS_PER_CLIENT); "
-                        "%d refused so far", host, self.limits.per_client, self.refused)  # fmt: skip
-
-    def is_overdue(self, channel: GuardedChannel, now: float) -> bool:
-        """True when ``channel``'s headers are late or its body has been silent too long."""
-        request = channel.request
-        if channel.will_close:
-            return False  # already on its way out
-        if request is None or not request.headers_finished:
-            return channel.header_deadline is not None and now > channel.header_deadline
-        body_seconds = self.limits.body_seconds
-        return bool(body_seconds) and not request.completed and now - channel.last_heard > body_seconds
 
 
 class OwnRoutesParser(HTTPRequestParser):

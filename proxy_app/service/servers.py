@@ -142,11 +142,11 @@ class WaitressService:
     """The proxy under waitress in this process. ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, app) -> None:
-        from . import front  # waitress's server, guarded against slow clients and per-address floods
+        from . import front, guard  # waitress's server, guarded against slow clients and per-address floods
 
         config = app.config
         self.app = app
-        self.front = front.Front(app, front.Limits.from_settings(config), host=config["HOST"], port=config["PORT"],
+        self.front = front.Front(app, guard.Limits.from_settings(config), host=config["HOST"], port=config["PORT"],
                                  threads=config["THREADS"], channel_timeout=WAITRESS_CHANNEL_TIMEOUT,
                                  **front.connection_options(config["THREADS"]))  # fmt: skip
         self.server = self.front.server

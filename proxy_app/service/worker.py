@@ -16,7 +16,7 @@ from gunicorn.workers.base import Worker
 
 from proxy_app import config
 
-from . import front
+from . import front, guard
 
 LOOP_SECONDS = 1.0  # longest wait for an event: how often the heartbeat and the stop flag are looked at
 THREAD_STOP_SECONDS = 2.0  # after the last answer, how long the threads get to end before the process moves on
@@ -37,7 +37,7 @@ class FrontWorker(Worker):
         """Serve until TERM (or the arbiter goes), then stop accepting and let the answers in progress finish."""
         settings = _settings_of(self.wsgi)
         options = front.connection_options(self.cfg.threads, self.cfg.worker_connections)
-        self.front = front.Front(self.wsgi, front.Limits.from_settings(settings),
+        self.front = front.Front(self.wsgi, guard.Limits.from_settings(settings),
                                  sockets=[listener.sock for listener in self.sockets], threads=self.cfg.threads,
                                  backlog=self.cfg.backlog, channel_timeout=max(int(self.cfg.keepalive), 1),
                                  **options)  # fmt: skip
