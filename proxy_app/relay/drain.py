@@ -15,7 +15,7 @@ import threading
 import time
 
 from proxy_app.ollama.errors import error_tail  # the same last line the relay sends when the upstream breaks
-from proxy_app.relay.forward import STREAM_TYPES
+from proxy_app.relay.answer import STREAM_TYPES
 from proxy_app.state import KEY, state_of
 
 log = logging.getLogger(__name__)
