@@ -6,133 +6,35 @@ reading a ``.env`` file in the working directory when asked to.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+
+from proxy_app.setting_values import (  # the kinds of value, named in the table below
+    boolean,
+    capture,
+    endpoint,
+    headers,
+    hosts,
+    metrics_exporter,
+    networks,
+    port,
+    positive_int,
+    queue_size,
+    seconds,
+    server,
+    text,
+    url,
+)
 
 PREFIX = "OLLAMA_PROXY_"
 
 
 class SettingError(ValueError):
     """A setting has a value we cannot use; the message names the setting."""
-
-
-def _url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:11435")
-    if parts.path not in ("", "/") or parts.query:
-        raise ValueError("must not carry a path or query, only scheme://host:port")
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("must be between 0 and 65535")
-    return port
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be 0 or more")
-    return number
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError("must be 0 or more seconds")
-    return number
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _networks(value: str) -> tuple:
-    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in value.split(",") if item.strip())
-
-
-_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
-
-
-def _hosts(value: str) -> tuple[str, ...]:
-    entries = tuple(item.strip().lower() for item in value.split(",") if item.strip())
-    for entry in entries:
-        if entry != "*" and not _HOST_NAME.fullmatch(entry) and not _is_address(entry.strip("[]")):
-            raise ValueError(f"{entry[:60]!r} is not a host name, *.domain, IP address or * (give no scheme or port)")
-    return entries
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _text(value: str) -> str:
-    return value.strip()
-
-
-def _endpoint(value: str) -> str:
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:4318")
-    return value.strip().rstrip("/")
-
-
-def _headers(value: str) -> dict[str, str]:
-    """``key=value,key2=value2`` with URL-encoded values, the form OpenTelemetry's exporters read."""
-    headers = {}
-    for item in filter(None, (item.strip() for item in value.split(","))):
-        name, equals, text = item.partition("=")
-        if not equals or not name.strip():
-            raise ValueError("must be key=value pairs separated by commas, e.g. Authorization=Basic%20abc")
-        headers[name.strip()] = unquote(text.strip())
-    return headers
-
-
-def _capture(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("span_only", "span_and_event"):  # the newer values; this proxy sends no events
-        return True
-    return False if lowered in ("no_content", "event_only") else _bool(value)
-
-
-def _metrics_exporter(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("otlp", "none"):
-        raise ValueError("must be otlp or none")
-    return value
-
-
-def _queue_size(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be 1 or more")
-    return number
-
-
-def _server(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "gunicorn", "waitress"):
-        raise ValueError("must be auto, gunicorn or waitress")
-    return value
 
 
 @dataclass(frozen=True)
@@ -153,41 +55,44 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("UPSTREAM", "http://127.0.0.1:11435", _url, "Ollama server the proxy forwards to (scheme://host:port)"),
-    Setting("HOST", "127.0.0.1", _text, "Address the proxy listens on; keep loopback unless an admin token is set"),
-    Setting("PORT", "11434", _port, "Port the proxy listens on (Ollama's usual port)"),
-    Setting("DATA_DIR", "./ollama_analytics", _text, "Directory for the SQLite store, the CSV mirror and logs"),
-    Setting("CONNECT_TIMEOUT", "5", _seconds, "Seconds to wait for the upstream to accept a connection"),
+    Setting("UPSTREAM", "http://127.0.0.1:11435", url, "Ollama server the proxy forwards to (scheme://host:port)"),
+    Setting("HOST", "127.0.0.1", text, "Address the proxy listens on; keep loopback unless an admin token is set"),
+    Setting("PORT", "11434", port, "Port the proxy listens on (Ollama's usual port)"),
+    Setting("DATA_DIR", "./ollama_analytics", text, "Directory for the SQLite store, the CSV mirror and logs"),
+    Setting("CONNECT_TIMEOUT", "5", seconds, "Seconds to wait for the upstream to accept a connection"),
     Setting(
         "READ_TIMEOUT",
         "3600",
-        _seconds,
+        seconds,
         "Longest silence (s) between two bytes from the upstream; 0 waits for ever. Never a limit on a whole stream",
     ),
     Setting(
         "THREADS",
         "1024",
-        _positive_int,
+        positive_int,
         "Server threads per process: the calls served at once (a client still sending its request holds none)",
     ),
-    Setting("WORKERS", "2", _positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
+    Setting("WORKERS", "2", positive_int, "gunicorn worker processes (Linux); waitress always runs one"),
     # Each call in flight holds its whole body in memory (THREADS of them per process); 64 MiB still carries a
     # dozen multi-megabyte images in one chat. Blob uploads stream past it.
     Setting(
-        "MAX_BODY_BYTES", str(64 * 1024 * 1024), _positive_int, "Largest request body relayed (blob uploads exempt)"
+        "MAX_BODY_BYTES",
+        str(64 * 1024 * 1024),
+        positive_int,
+        "Largest request body relayed (blob uploads exempt)",
     ),
     Setting(
         "BODY_MEMORY_BYTES",
         str(1024**3),
-        _positive_int,
+        positive_int,
         "Request bodies held in memory at once per process; a call past it gets 503 at once; 0 means no limit",
     ),  # fmt: skip
-    Setting("MAX_CONCURRENT", "0", _positive_int, "Calls relayed at once per process; 0 means no limit"),
-    Setting("QUEUE_TIMEOUT", "300", _seconds, "Seconds a call may wait for a slot before it gets 503"),
+    Setting("MAX_CONCURRENT", "0", positive_int, "Calls relayed at once per process; 0 means no limit"),
+    Setting("QUEUE_TIMEOUT", "300", seconds, "Seconds a call may wait for a slot before it gets 503"),
     Setting(
         "ALLOWED_HOSTS",
         "",
-        _hosts,
+        hosts,
         "Comma-separated Host names (or *.domain, IPs, *) accepted besides local ones; on a loopback HOST only local "
         "names and addresses are served (as Ollama does, against DNS rebinding); on another HOST an empty list "
         "accepts any Host, as Ollama does",
@@ -195,62 +100,71 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MAX_CONNECTIONS_PER_CLIENT",
         "256",
-        _positive_int,
+        positive_int,
         "Open connections one client address may hold per server process; more get 429 and are closed. 0 means no "
         "limit; TRUSTED_PROXIES are exempt",
     ),
     Setting(
         "HEADER_TIMEOUT",
         "10",
-        _seconds,
+        seconds,
         "Seconds a client has to send a request's headers, from connecting or from the next request's first byte; "
         "then the connection is closed. 0 waits for ever",
     ),
     Setting(
         "BODY_TIMEOUT",
         "60",
-        _seconds,
+        seconds,
         "Longest silence (s) while a client sends a request body; then the connection is closed. 0 waits for ever",
     ),
-    Setting("TRUSTED_PROXIES", "", _networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
-    Setting("CAPTURE_CONTENT", "true", _bool, "Store the prompt and a response preview with each call"),
+    Setting("TRUSTED_PROXIES", "", networks, "Comma-separated addresses/networks whose X-Forwarded-For is believed"),
+    Setting("CAPTURE_CONTENT", "true", boolean, "Store the prompt and a response preview with each call"),
     Setting(
         "OTEL",
         "false",
-        _bool,
+        boolean,
         "Send each model call as an OpenTelemetry GenAI span, with GenAI metrics, over OTLP/HTTP (OTEL_* variables)",
     ),
-    Setting("DATABASE_URL", "", _text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),
-    Setting("INSTANCE", "", _text, "This proxy's name in each call's instance column; empty means the host name"),
-    Setting("CSV_PATH", "", _text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
-    Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), _positive_int, "Rotate the CSV mirror past this size (and daily)"),
-    Setting("RETENTION_DAYS", "7", _positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
-    Setting("MAX_ROWS", "5000000", _positive_int, "Most rows kept; beyond it the oldest are deleted; 0 means no limit"),
+    Setting("DATABASE_URL", "", text, "Peewee database URL; empty means SQLite in DATA_DIR", secret=True),
+    Setting("INSTANCE", "", text, "This proxy's name in each call's instance column; empty means the host name"),
+    Setting("CSV_PATH", "", text, "CSV mirror file; empty means DATA_DIR/ollama-proxy.csv"),
+    Setting("CSV_MAX_BYTES", str(100 * 1024 * 1024), positive_int, "Rotate the CSV mirror past this size (and daily)"),
+    Setting("RETENTION_DAYS", "7", positive_int, "Days of rows and CSV files kept; 0 keeps everything"),
+    Setting("MAX_ROWS", "5000000", positive_int, "Most rows kept; beyond it the oldest are deleted; 0 means no limit"),
     Setting(
-        "WRITER_QUEUE_SIZE", "10000", _positive_int, "Finished calls waiting to be stored before new ones are dropped"
+        "WRITER_QUEUE_SIZE",
+        "10000",
+        positive_int,
+        "Finished calls waiting to be stored before new ones are dropped",
     ),
     Setting(
-        "WRITER_RETRY_SECONDS", "60", _seconds, "Seconds a batch the database refuses is retried before it is dropped"
+        "WRITER_RETRY_SECONDS",
+        "60",
+        seconds,
+        "Seconds a batch the database refuses is retried before it is dropped",
     ),
     Setting(
         "MAX_MODELS",
         "100",
-        _positive_int,
+        positive_int,
         "Distinct model names, and as many key names, used as metric labels; more become 'other'",
     ),
-    Setting("METRICS_TOKEN", "", _text, "When set, /metrics needs it as a bearer token", secret=True),
-    Setting("ADMIN_TOKEN", "", _text, "When set, /analytics needs it (bearer token or login form)", secret=True),
-    Setting("REQUIRE_KEY", "false", _bool, "Refuse relayed calls without a valid API key (`ollama-proxy keys`)"),
-    Setting("PROBE_INTERVAL", "15", _seconds, "Seconds between background upstream health probes"),
-    Setting("SAMPLE_INTERVAL", "5", _seconds, "Seconds between CPU/memory samples"),
-    Setting("PS_INTERVAL", "10", _seconds, "Seconds between reads of the upstream's /api/ps (loaded models); 0: off"),
+    Setting("METRICS_TOKEN", "", text, "When set, /metrics needs it as a bearer token", secret=True),
+    Setting("ADMIN_TOKEN", "", text, "When set, /analytics needs it (bearer token or login form)", secret=True),
+    Setting("REQUIRE_KEY", "false", boolean, "Refuse relayed calls without a valid API key (`ollama-proxy keys`)"),
+    Setting("PROBE_INTERVAL", "15", seconds, "Seconds between background upstream health probes"),
+    Setting("SAMPLE_INTERVAL", "5", seconds, "Seconds between CPU/memory samples"),
+    Setting("PS_INTERVAL", "10", seconds, "Seconds between reads of the upstream's /api/ps (loaded models); 0: off"),
     Setting(
-        "SERVER", "auto", _server, "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress"
+        "SERVER",
+        "auto",
+        server,
+        "serve command: auto (gunicorn on Linux, waitress on Windows), gunicorn or waitress",
     ),
-    Setting("WITH_OLLAMA", "false", _bool, "serve command: start and supervise `ollama serve` on the upstream port"),
-    Setting("OLLAMA_BIN", "", _text, "Path to the ollama executable; empty searches PATH and the usual install places"),
-    Setting("GRACE_SECONDS", "30", _seconds, "On shutdown, how long in-flight streams may run before they are cut"),
-    Setting("LOG_LEVEL", "INFO", _text, "Python logging level"),
+    Setting("WITH_OLLAMA", "false", boolean, "serve command: start and supervise `ollama serve` on the upstream port"),
+    Setting("OLLAMA_BIN", "", text, "Path to the ollama executable; empty searches PATH and the usual install places"),
+    Setting("GRACE_SECONDS", "30", seconds, "On shutdown, how long in-flight streams may run before they are cut"),
+    Setting("LOG_LEVEL", "INFO", text, "Python logging level"),
 )
 
 
@@ -262,37 +176,37 @@ OTEL_STANDARD: tuple[Setting, ...] = (
     Setting(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "http://localhost:4318",
-        _endpoint,
+        endpoint,
         "OTLP/HTTP base URL; /v1/traces and /v1/metrics are added to it",
         prefixed=False,
     ),
     Setting(
         "OTEL_EXPORTER_OTLP_HEADERS",
         "",
-        _headers,
+        headers,
         "Headers sent with each export: key=value pairs, comma-separated, values URL-encoded",
         secret=True,
         prefixed=False,
     ),
-    Setting("OTEL_SERVICE_NAME", "ollama-proxy", _text, "The service.name of spans and metrics", prefixed=False),
+    Setting("OTEL_SERVICE_NAME", "ollama-proxy", text, "The service.name of spans and metrics", prefixed=False),
     Setting(
         "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
         "false",
-        _capture,
+        capture,
         "Export the prompt and the response preview in spans (only where CAPTURE_CONTENT keeps them)",
         prefixed=False,
     ),
     Setting(
         "OTEL_METRICS_EXPORTER",
         "otlp",
-        _metrics_exporter,
+        metrics_exporter,
         "otlp, or none to send spans only (Langfuse takes no metrics)",
         prefixed=False,
     ),
     Setting(
         "OTEL_BSP_MAX_QUEUE_SIZE",
         "2048",
-        _queue_size,
+        queue_size,
         "Spans waiting for export in each process before new ones are dropped (and counted)",
         prefixed=False,
     ),
