@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy_app import access, create_app, shutdown
 from proxy_app.calls import Call
-from proxy_app.ops import metrics
+from proxy_app.ops import labels, metrics
 from proxy_app.state import state_of
 from tests.conftest import CallRecorder, free_port, need
 from tests.fake_ollama import serve
@@ -253,11 +253,11 @@ def test_metrics_key_label_capped_like_the_model_label():
 
 
 def test_metrics_model_flood_of_failing_names_keeps_real_models():
-    labels = metrics.BoundedLabels(limit=3)
-    assert {labels.label(f"random-{n}", is_success=False) for n in range(1000)} == {"other"}
-    assert labels.label("llama3.2", is_success=True) == "llama3.2"
-    assert labels.label("llama3.2", is_success=False) == "llama3.2"  # known names keep their label on errors
-    assert labels.label(None, is_success=True) == labels.label("", is_success=True) == "none"
+    names = labels.BoundedLabels(limit=3)
+    assert {names.label(f"random-{n}", is_success=False) for n in range(1000)} == {"other"}
+    assert names.label("llama3.2", is_success=True) == "llama3.2"
+    assert names.label("llama3.2", is_success=False) == "llama3.2"  # known names keep their label on errors
+    assert names.label(None, is_success=True) == names.label("", is_success=True) == "none"
 
 
 @pytest.mark.parametrize(
@@ -273,7 +273,7 @@ def test_metrics_model_flood_of_failing_names_keeps_real_models():
      ("/v1/chat/completions?x=1", "other")],
 )  # fmt: skip
 def test_metrics_endpoint_label_from_fixed_list(path, label):
-    assert metrics.endpoint_label(path) == label
+    assert labels.endpoint_label(path) == label
 
 
 WRITER_BLOCKS = """\

@@ -1,7 +1,7 @@
 """Prometheus metrics: the objects (on an injected registry), ``observe(call)``, and per-process samplers.
 
 A ``Call`` is counted once, by the relay's end-of-call sink, so a stream is timed to its last byte. Labels are bounded
-(``endpoint_label``, ``BoundedLabels`` for models and key names). Under gunicorn, multiprocess mode sums every
+(labels.py: endpoints, and models and key names capped). Under gunicorn, multiprocess mode sums every
 worker's files at scrape time. This module imports no Flask and registers no route (health.py serves ``/metrics``
 through ``scrape``); the exporter times our own endpoints only, never the relay.
 """
@@ -23,6 +23,7 @@ from prometheus_client.metrics import disable_created_metrics
 
 from proxy_app import __version__
 from proxy_app.calls import Call
+from proxy_app.ops.labels import NO_KEY, BoundedLabels, endpoint_label
 from proxy_app.ops.probe import probe_upstream
 from proxy_app.state import state_of
 from proxy_app.ticker import Ticker
@@ -35,56 +36,7 @@ CALL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 TOKEN_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000)
 SPEED_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 500)  # output tokens per second of decode
-# Why: the label set stays fixed whatever paths clients invent: Ollama's routes (server/routes.go), each prefix
-# below as one label for the paths under it (an id or an experimental tool), and OTHER for the rest.
-ENDPOINTS = frozenset(
-    {"/", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
-     "/api/version", "/api/status", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-     "/api/blobs", "/api/me", "/api/signout", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-     "/v1/models", "/v1/responses", "/v1/messages", "/v1/audio/transcriptions"}
-)  # fmt: skip
-FOLDED_PREFIXES = (("/api/blobs/", "/api/blobs"), ("/v1/models/", "/v1/models/{id}"),
-                   ("/api/experimental/", "/api/experimental/*"))  # fmt: skip
-OTHER = "other"
-NO_MODEL = "none"  # calls that name no model (/api/tags, /api/version, ...)
-NO_KEY = "none"  # anonymous calls, which carry no API key: the same word as a call without a model
-MAX_MODEL_CHARS = 200  # longer "model names" are junk; they must not bloat every series
 FIRST_PROBE_WAIT = 2.5  # seconds the first scrape in a process waits for the first upstream probe (connect timeout 2 s)
-
-
-def endpoint_label(path: str) -> str:
-    """Return the ``endpoint`` label for a request path: a known Ollama endpoint, a folded prefix's label, or other."""
-    if path in ENDPOINTS:
-        return path
-    for prefix, label in FOLDED_PREFIXES:
-        if path.startswith(prefix):
-            return label
-    return OTHER
-
-
-class BoundedLabels:
-    """Per-process label cap for a name (a model's, a key's): the first ``limit`` names admitted keep their name, the
-    rest are OTHER, and a missing name is ``missing``."""
-
-    def __init__(self, limit: int, missing: str = NO_MODEL) -> None:
-        self.limit = limit
-        self.missing = missing
-        self._known: set[str] = set()
-        self._lock = threading.Lock()
-
-    def label(self, name: str | None, is_success: bool) -> str:
-        """Return the label for ``name``; only a successful call may admit a new name (random names fail upstream)."""
-        if not name:
-            return self.missing
-        if name in self._known:
-            return name
-        if not is_success or len(name) > MAX_MODEL_CHARS:
-            return OTHER
-        with self._lock:
-            if len(self._known) < self.limit:
-                self._known.add(name)
-                return name
-        return OTHER
 
 
 class Metrics:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from proxy_app import __version__
 from proxy_app.calls import Call
-from proxy_app.ops.metrics import BoundedLabels
+from proxy_app.ops.labels import BoundedLabels
 from proxy_app.state import state_of
 
 # gen_ai.operation.name by path: the GenAI conventions' names for what each Ollama endpoint does.
