@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
 
 from proxy_app import access
-from proxy_app.calls import COLUMNS, OUTCOMES, format_timestamp
-from proxy_app.dashboard import charts, keyusage, me, queries, readmodel, sessions, stats
+from proxy_app.calls import COLUMNS, OUTCOMES
+from proxy_app.dashboard import charts, formats, keyusage, me, queries, readmodel, residency, sessions, stats
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.state import state_of
 from proxy_app.store import export, models
@@ -29,6 +29,8 @@ from proxy_app.store import export, models
 log = logging.getLogger(__name__)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="static", static_url_path="/static")
+for _name, _filter in formats.FILTERS.items():  # for every template: "num", "ms", "when"…
+    bp.add_app_template_filter(_filter, _name)
 bp.register_blueprint(me.bp)  # /analytics/me: nested, so this module's headers apply to it
 
 COOKIE = "ollama_proxy_admin"
@@ -152,42 +154,6 @@ def _render(document: dict, page: str, default_json: bool = False, status: int =
     return render_template("dashboard.html", page=page, **document), status
 
 
-# ---- template filters: "–" for an unknown value ------------------------------------------------------------------
-
-
-@bp.app_template_filter("num")
-def _number(value) -> str:
-    if value is None:
-        return "–"
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
-
-
-@bp.app_template_filter("rate")
-def _rate(value) -> str:
-    return "–" if value is None else f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
-
-
-@bp.app_template_filter("compact")
-def _compact(value) -> str:
-    return "–" if value is None else charts.short_number(value)
-
-
-@bp.app_template_filter("ms")
-def _milliseconds(value) -> str:
-    return "–" if value is None else charts.short_ms(value)
-
-
-@bp.app_template_filter("pct")
-def _percent(value) -> str:
-    return "–" if value is None else f"{value * 100:.2f} %"
-
-
-@bp.app_template_filter("when")
-def _when(value) -> str:
-    """ISO 8601 UTC text as 2025-05-01 12:30:45."""
-    return "" if not value else value[:19].replace("T", " ")
-
-
 # ---- views -------------------------------------------------------------------------------------------------------
 
 
@@ -200,7 +166,7 @@ def index():
         figures = _with_keys(db, filters, stats.stats(db, filters))
         found = queries.search(db, filters)
         suggestions = stats.choices(db, filters)
-        residency = _residency(db, filters) if not _wants_json(False) else None  # the page's panel only
+        panel = residency.loaded_and_events(db, filters) if not _wants_json(False) else None  # the page's panel only
     document = {
         "stats": figures,
         "search": found,
@@ -216,8 +182,8 @@ def index():
         page="index",
         charts=charts.make_charts(figures),
         query=filters,
-        residency=residency,
-        timeline=_timeline(residency, figures),
+        residency=panel,
+        timeline=_timeline(panel, figures),
         **document,
     )
 
@@ -250,27 +216,15 @@ def models_view():
     filters = queries.parse_filters(request.args)
     with _db().connection_context():
         cold_starts = models.cold_starts(_db(), filters.since, filters.until)
-        return _json({**_residency(_db(), filters), "cold_starts": cold_starts, "filters": filters.describe()})
+        return _json(
+            {**residency.loaded_and_events(_db(), filters), "cold_starts": cold_starts, "filters": filters.describe()}
+        )
 
 
-def _residency(db, filters) -> dict:
-    """The loaded models and the load/unload events in the range, from the store."""
-    loaded = list(models.loaded_models(db).values())
-    events = models.model_events(db, since=filters.since, until=filters.until)
-    return {"loaded": [_event_json(row) for row in loaded], "events": [_event_json(row) for row in events]}
-
-
-def _timeline(residency: dict, figures: dict) -> dict:
+def _timeline(panel: dict, figures: dict) -> dict:
     """The page's chart of load/unload events over the range the stats cover."""
-    span, events, loaded = figures["range"], residency["events"], residency["loaded"]
+    span, events, loaded = figures["range"], panel["events"], panel["loaded"]
     return charts.model_timeline("Model loads and unloads", events, loaded, span["since"], span["until"] or span["now"])
-
-
-def _event_json(row: dict) -> dict:
-    """One model event as JSON: its time in ISO 8601 UTC, no database id."""
-    document = {key: value for key, value in row.items() if key != "id"}
-    document["timestamp"] = format_timestamp(models.to_datetime(row["timestamp"]))
-    return document
 
 
 @bp.route("/calls/<path:request_id>")
