@@ -17,7 +17,7 @@ import pytest
 
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
-from proxy_app.dashboard import charts, queries
+from proxy_app.dashboard import charts, queries, timeline
 from proxy_app.dashboard.queries import parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import csvlog, export, models, writes
@@ -143,7 +143,7 @@ def test_dashboard_timeline_draws_a_lane_per_model_and_escapes_names(app, client
     spans = re.findall(r'<rect class="(c\d)" x="([\d.]+)" y="\d+" width="([\d.]+)"', chart)
     assert len(spans) == 4
     by_lane = {css: (float(x), float(width)) for css, x, width in spans}
-    left, right = charts.LANE_LABEL_WIDTH, charts.TIMELINE_WIDTH - charts.RIGHT
+    left, right = timeline.LANE_LABEL_WIDTH, timeline.TIMELINE_WIDTH - charts.RIGHT
     assert by_lane["c2"] == (left, right - left) and by_lane["c3"][0] == left  # phi4: whole range; qwen3 from its start
     assert by_lane["c0"][0] + by_lane["c0"][1] == right  # the hostile name's model: still loaded at the end
     assert "llama3.2 loaded " in chart and "size 2.02GB" in chart and "context 4,096" in chart

@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, g, redirect, render_t
 
 from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES
-from proxy_app.dashboard import charts, formats, keyusage, me, queries, readmodel, residency, sessions, stats
+from proxy_app.dashboard import charts, formats, keyusage, me, queries, readmodel, residency, sessions, stats, timeline
 from proxy_app.dashboard.queries import FilterError
 from proxy_app.state import state_of
 from proxy_app.store import export, models
@@ -224,7 +224,9 @@ def models_view():
 def _timeline(panel: dict, figures: dict) -> dict:
     """The page's chart of load/unload events over the range the stats cover."""
     span, events, loaded = figures["range"], panel["events"], panel["loaded"]
-    return charts.model_timeline("Model loads and unloads", events, loaded, span["since"], span["until"] or span["now"])
+    return timeline.model_timeline(
+        "Model loads and unloads", events, loaded, span["since"], span["until"] or span["now"]
+    )
 
 
 @bp.route("/calls/<path:request_id>")
