@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from proxy_app.calls import COLUMNS, Call
-from proxy_app.dashboard import queries
+from proxy_app.dashboard import filters, queries
 from proxy_app.store import export, models, schema, writes
 from proxy_app.store.csvlog import HEADER, CsvLog, iter_csv
 
@@ -99,7 +99,7 @@ def test_csvlog_hidden_formula_cells_neutralised_in_mirror_and_export(tmp_path, 
     db = models.open_database(f"sqlite:///{tmp_path / 'calls.db'}")
     schema.create_tables(db)
     writes.insert_calls(db, [call])
-    assert "".join(export.iter_csv(queries.iter_chunks(db, queries.parse_filters({"since": "all"})))) == mirrored
+    assert "".join(export.iter_csv(queries.iter_chunks(db, filters.parse_filters({"since": "all"})))) == mirrored
 
 
 @pytest.mark.parametrize("text", [" x", "\nplain", "\u200bword", "\uff21=1", "a=b", "5 apples", "\u00a0"])

@@ -18,7 +18,7 @@ import pytest
 from proxy_app import create_app, shutdown
 from proxy_app.calls import COLUMNS
 from proxy_app.dashboard import charts, queries, timeline
-from proxy_app.dashboard.queries import parse_filters
+from proxy_app.dashboard.filters import parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import csvlog, export, models, writes
 from tests.fake_ollama import FakeOllama, serve

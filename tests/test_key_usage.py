@@ -11,7 +11,7 @@ import requests
 
 from proxy_app.apikeys import SECRET_PREFIX
 from proxy_app.dashboard import keyusage
-from proxy_app.dashboard.queries import parse_filters
+from proxy_app.dashboard.filters import parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import writes
 from proxy_app.store.keys import KeyTable

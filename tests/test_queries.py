@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from proxy_app.calls import TEXT_CHARS
-from proxy_app.dashboard import queries, readmodel, stats
-from proxy_app.dashboard.queries import FilterError, parse_filters
+from proxy_app.dashboard import filters, queries, readmodel, stats
+from proxy_app.dashboard.filters import FilterError, parse_filters
 from proxy_app.store import models, schema, writes
 from tests.test_csvlog import sample_call
 from tests.test_store import postgres_schema
@@ -109,7 +109,7 @@ def ids(found: dict) -> list[str]:
     return [row["request_id"] for row in found["results"]]
 
 
-def filtered(**args) -> queries.Filters:
+def filtered(**args) -> filters.Filters:
     return parse_filters(args, now=NOW)
 
 
@@ -369,7 +369,7 @@ def test_parse_filters_relative_iso_and_defaults():
     assert filtered(since="all").since is None
     assert filtered(since="2025-04-30T10:00:00+02:00").since == datetime(2025, 4, 30, 8, tzinfo=UTC)
     assert filtered(since="2025-04-30 10:00").since == datetime(2025, 4, 30, 10, tzinfo=UTC)
-    assert filtered(limit="100000").limit == queries.MAX_LIMIT and filtered(status="5XX").status == "5xx"
+    assert filtered(limit="100000").limit == filters.MAX_LIMIT and filtered(status="5XX").status == "5xx"
 
 
 def test_cursor_must_match_its_sort(store):
@@ -379,8 +379,8 @@ def test_cursor_must_match_its_sort(store):
 
 
 def test_cursor_from_a_postgresql_row_names_a_utc_moment():
-    token = queries.encode_cursor(filtered(), datetime(2025, 5, 1, 11, 50), 7)  # PostgreSQL gives naive UTC
-    assert queries.decode_cursor(token, filtered()) == [datetime(2025, 5, 1, 11, 50, tzinfo=UTC), 7]
+    token = filters.encode_cursor(filtered(), datetime(2025, 5, 1, 11, 50), 7)  # PostgreSQL gives naive UTC
+    assert filters.decode_cursor(token, filtered()) == [datetime(2025, 5, 1, 11, 50, tzinfo=UTC), 7]
 
 
 def test_filters_params_round_trip():

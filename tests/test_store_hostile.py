@@ -17,7 +17,7 @@ import requests
 
 from proxy_app import calls, config
 from proxy_app.calls import COLUMNS, Call
-from proxy_app.dashboard import queries
+from proxy_app.dashboard import filters, queries
 from proxy_app.state import state_of
 from proxy_app.store import export, models, retention, schema, writes
 from proxy_app.store.csvlog import CsvLog
@@ -86,7 +86,7 @@ def test_store_huge_values_agree_in_database_mirror_and_export(store_writer):
     db = store_writer.database
     stored = CallRow.select().dicts().execute(db)[0]
     mirrored = dict(zip(COLUMNS, parse(store_writer.csv_log.path.read_text(encoding="utf-8"))[1], strict=True))
-    chunks = queries.iter_chunks(db, queries.parse_filters({"since": "all"}))
+    chunks = queries.iter_chunks(db, filters.parse_filters({"since": "all"}))
     exported = dict(zip(COLUMNS, parse("".join(export.iter_csv(chunks)))[1], strict=True))
     for name, limit in calls.TEXT_CHARS.items():
         assert stored[name] == mirrored[name] == exported[name] == getattr(call, name), name
@@ -107,7 +107,7 @@ def test_store_huge_client_values_bounded_alike_through_the_proxy(live_proxy, ap
     stored = list(CallRow.select().order_by(CallRow.id).dicts().execute(db))
     with open(app.config["CSV_FILE"], newline="", encoding="utf-8") as handle:
         mirrored = [dict(zip(COLUMNS, line, strict=True)) for line in list(csv.reader(handle))[1:]]
-    chunks = queries.iter_chunks(db, queries.parse_filters({"since": "all"}))
+    chunks = queries.iter_chunks(db, filters.parse_filters({"since": "all"}))
     exported = [dict(zip(COLUMNS, line, strict=True)) for line in parse("".join(export.iter_csv(chunks)))[1:]]
     for name, limit in calls.TEXT_CHARS.items():
         for row, line, cell in zip(stored, mirrored, exported, strict=True):

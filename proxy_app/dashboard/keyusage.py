@@ -18,8 +18,8 @@ from peewee import SQL, Database, Table, fn
 
 from proxy_app.calls import format_timestamp
 from proxy_app.dashboard import readmodel
+from proxy_app.dashboard.filters import Filters
 from proxy_app.dashboard.queries import (
-    Filters,
     attribution_conditions,
     conditions,
     dimension_conditions,

@@ -20,9 +20,9 @@ from functools import reduce
 from peewee import JOIN, SQL, Case, Cast, Database, NodeList, Select, Table, Value, fn
 
 from proxy_app.dashboard import readmodel
+from proxy_app.dashboard.filters import Filters
 from proxy_app.dashboard.queries import (
     ERROR_OUTCOMES,
-    Filters,
     conditions,
     dimension_conditions,
     matching,

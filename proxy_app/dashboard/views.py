@@ -21,8 +21,19 @@ from flask import Blueprint, Flask, Response, current_app, g, redirect, render_t
 
 from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES
-from proxy_app.dashboard import charts, formats, keyusage, me, queries, readmodel, residency, sessions, stats, timeline
-from proxy_app.dashboard.queries import FilterError
+from proxy_app.dashboard import (
+    charts,
+    formats,
+    keyusage,
+    me,
+    queries,
+    readmodel,
+    residency,
+    sessions,
+    stats,
+    timeline,
+)
+from proxy_app.dashboard.filters import FilterError, parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import export, models
 
@@ -160,7 +171,7 @@ def _render(document: dict, page: str, default_json: bool = False, status: int =
 @bp.route("", strict_slashes=False)
 def index():
     """The page: cards, charts, per-model table and one page of calls, for the filters in the URL."""
-    filters = queries.parse_filters(request.args)
+    filters = parse_filters(request.args)
     db = _db()
     with db.connection_context():
         figures = _with_keys(db, filters, stats.stats(db, filters))
@@ -191,7 +202,7 @@ def index():
 @bp.route("/stats")
 def stats_view():
     """JSON: the numbers behind the cards, the per-model and per-key tables and the time series."""
-    filters = queries.parse_filters(request.args)
+    filters = parse_filters(request.args)
     with _db().connection_context():
         return _json(_with_keys(_db(), filters, stats.stats(_db(), filters)))
 
@@ -204,7 +215,7 @@ def _with_keys(db, filters, figures: dict) -> dict:
 @bp.route("/search")
 def search():
     """JSON: {"results": [rows], "count": N, "next": cursor}; ``q`` searches prompt and response preview."""
-    filters = queries.parse_filters(request.args)
+    filters = parse_filters(request.args)
     with _db().connection_context():
         found = queries.search(_db(), filters)
     return _json({**found, "filters": filters.describe()})
@@ -213,7 +224,7 @@ def search():
 @bp.route("/models")
 def models_view():
     """JSON: {"loaded": the models loaded now by the stored events, "events": load/unload events in the range}."""
-    filters = queries.parse_filters(request.args)
+    filters = parse_filters(request.args)
     with _db().connection_context():
         cold_starts = models.cold_starts(_db(), filters.since, filters.until)
         return _json(
@@ -242,7 +253,7 @@ def call(request_id: str):
 @bp.route("/export.csv")
 def export_csv():
     """Stream every row matching the filters as CSV (the mirror's columns, formula cells neutralised)."""
-    filters = queries.parse_filters(request.args)
+    filters = parse_filters(request.args)
     db = _db()
 
     def generate():
