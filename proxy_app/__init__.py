@@ -32,9 +32,9 @@ def create_app(overrides: dict | None = None, environ: dict | None = None) -> Fl
     sampler.init_app(app)  # the CPU and memory load each row carries, sampled from a process's first call on
     health.init_app(app)
     otel.init_app(app)  # with OTEL: a call sink sending GenAI spans and metrics; shut down after the writer's flush
-    from proxy_app.store import writer
+    from proxy_app.store import startup
 
-    writer.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
+    startup.init_app(app)  # the analytics store: a call sink, a shutdown hook and the `writer` health check
     from proxy_app.store import keystore
 
     keystore.init_app(app)  # API keys and their shared counters, in the same database; the relay checks them

@@ -10,7 +10,6 @@ metrics: it keeps the counts (``written``, ``dropped``, ``refused``, ``evicted``
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import logging
@@ -18,14 +17,11 @@ import os
 import queue
 import threading
 import time
-import weakref
 from datetime import UTC, datetime
 
-from flask import Flask
 from peewee import Database
 
-from proxy_app.state import state_of
-from proxy_app.store import models, schema, writes
+from proxy_app.store import schema, writes
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.retention import Retention
 from proxy_app.ticker import Ticker
@@ -225,7 +221,7 @@ class Writer:
             except Exception as exc:
                 self.last_error = writes.describe_error(exc)
                 self._reconnect()
-                transient = is_transient(exc)
+                transient = writes.is_transient(exc)
                 if not transient and self.schema_ready:
                     return self._insert_each(calls, give_up) if len(calls) > 1 else self._refuse(calls[0])
                 pause = RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)]
@@ -296,47 +292,3 @@ class Writer:
                 return
             self._next_drop_log = now + DROP_LOG_SECONDS
         log.warning("dropped %d call record(s): %s (%d dropped so far in this process)", count, reason, self.dropped)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for a database that is locked, gone or full: the DB-API's OperationalError or InterfaceError, from peewee
-    or straight from the driver, except a limit one row broke (SQLSTATE class 54, e.g. an index entry too big)."""
-    names = {kind.__name__ for kind in type(exc).__mro__}
-    if not names & {"OperationalError", "InterfaceError"}:
-        return False
-    codes = (getattr(cause, "pgcode", None) for cause in (exc, exc.__cause__, exc.__context__, *exc.args[:1]))
-    return not any(isinstance(code, str) and code.startswith("54") for code in codes)
-
-
-def init_app(app: Flask) -> None:
-    """Open the database, create or migrate the tables, and plug the writer in as a call sink with its hooks."""
-    config = app.config
-    db = models.open_database(config["DATABASE"])
-    models.database.initialize(db)
-    csv_log = CsvLog(config["CSV_FILE"], config["CSV_MAX_BYTES"])
-    writer = Writer(db, csv_log, config["WRITER_QUEUE_SIZE"], retention_days=config["RETENTION_DAYS"],
-                    retry_seconds=config["WRITER_RETRY_SECONDS"], max_rows=config["MAX_ROWS"])  # fmt: skip
-    writer.schema_ready = _create_tables(db)
-    state_of(app).writer = writer
-    state_of(app).call_sinks.append(writer.submit)
-    state_of(app).shutdown_hooks.append(writer.close)
-    state_of(app).health_checks["writer"] = writer.health
-    atexit.register(_close_at_exit, weakref.ref(writer))  # e.g. waitress-serve stopped with Ctrl-C
-
-
-def _create_tables(db: Database) -> bool:
-    """Create or migrate the schema at start-up; a database that is down only delays it (the writer retries)."""
-    try:
-        schema.create_tables(db)
-        return True
-    except Exception:
-        log.exception("cannot prepare the analytics database; calls are relayed, rows dropped until it answers")
-        return False
-    finally:
-        db.close()  # never carry a connection across gunicorn's fork (wsgi-stack.md rule 14)
-
-
-def _close_at_exit(ref: weakref.ref) -> None:
-    writer = ref()
-    if writer is not None:
-        writer.close()

@@ -117,3 +117,13 @@ def delete_older_than(db: Database, cutoff: datetime, limit: int, table: type[Mo
     oldest = table.select(table.id).where(table.timestamp < cutoff).order_by(table.id).limit(limit)
     with db.atomic():
         return table.delete().where(table.id.in_(oldest)).execute(db)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database that is locked, gone or full: the DB-API's OperationalError or InterfaceError, from peewee
+    or straight from the driver, except a limit one row broke (SQLSTATE class 54, e.g. an index entry too big)."""
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    if not names & {"OperationalError", "InterfaceError"}:
+        return False
+    codes = (getattr(cause, "pgcode", None) for cause in (exc, exc.__cause__, exc.__context__, *exc.args[:1]))
+    return not any(isinstance(code, str) and code.startswith("54") for code in codes)
