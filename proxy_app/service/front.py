@@ -4,15 +4,15 @@ waitress reads each request whole in its event loop before a thread takes it, so
 sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that
 refuses connections beyond MAX_CONNECTIONS_PER_CLIENT per client address (TRUSTED_PROXIES exempt) and accepts in
 batches, and channels that are closed when their headers take longer than HEADER_TIMEOUT or their body falls silent
-for BODY_TIMEOUT (guard.py counts and judges). Everything else (parsing, threads, keep-alive, writing answers) is
-waitress's own, reached through its public classes. The acceptor takes the listener's place in the loop's map under
-the same socket, so whatever closes the server's listener also takes the acceptor out. It does not run the loop
-(servers.py, worker.py do).
+for BODY_TIMEOUT (guard.py counts and judges). Its channels refuse a body too big for the proxy's own routes and
+answer a request that cannot be read in the API's error shape (request_errors.py). Everything else (parsing, threads,
+keep-alive, writing answers) is waitress's own, reached through its public classes. The acceptor takes the
+listener's place in the loop's map under the same socket, so whatever closes the server's listener also takes the
+acceptor out. It does not run the loop (servers.py, worker.py do).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import sys
@@ -22,16 +22,10 @@ import time
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
-from waitress.task import ErrorTask, WSGITask
-from waitress.utilities import RequestEntityTooLarge
 
-from proxy_app.dashboard.views import OWN_BODY_BYTES
-from proxy_app.ollama.errors import error_body
-from proxy_app.relay.middleware import is_reserved
 from proxy_app.service.guard import Guard, Limits
-from proxy_app.state import state_of
+from proxy_app.service.request_errors import OwnRoutesParser, ShapedErrorTask
 
 log = logging.getLogger(__name__)
 
@@ -52,58 +46,6 @@ OPTIONS = {
     "max_request_body_size": MAX_BODY_BYTES,
     "channel_request_lookahead": 1,  # lets waitress see a departed client at once (wsgi-stack.md 1.5)
 }
-
-
-class OwnRoutesParser(HTTPRequestParser):
-    """waitress's request parser, refusing at once a body too big for the proxy's own routes.
-
-    waitress reads a body whole before the app runs, and its own limit must let model blobs through; so a 600 MB form
-    posted to /analytics/login would be read to the end before Flask's 64 KiB limit could answer 413.
-    """
-
-    def parse_header(self, header_plus: bytes) -> None:
-        super().parse_header(header_plus)
-        if self.content_length > OWN_BODY_BYTES and is_reserved(self.path):  # announced: refused before it is sent
-            self._refuse_body()
-
-    def received(self, data: bytes) -> int:
-        consumed = super().received(data)
-        if self.body_bytes_received > OWN_BODY_BYTES and not self.completed and is_reserved(self.path):  # chunked
-            self._refuse_body()
-        return consumed
-
-    def _refuse_body(self) -> None:
-        self.error = RequestEntityTooLarge(f"a body of at most {OWN_BODY_BYTES} bytes is accepted here")
-        self.completed = True
-
-
-class ShapedErrorTask(ErrorTask):
-    """waitress's answer to a request it could not read (bad chunk framing, a body too big), in the error shape of
-    the API the path belongs to (Ollama's, OpenAI's or Anthropic's) instead of waitress's plain text; on a relayed
-    path the call is recorded as refused, like every call the relay refuses."""
-
-    def execute(self) -> None:
-        error = self.request.error
-        message = f"{error.reason.lower()}: {error.body}"
-        self._record(error.code, message)
-        body, content_type = error_body(self.request.path or "/", message, error.code)
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", content_type))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-    def _record(self, status: int, message: str) -> None:
-        extensions = getattr(self.channel.server.application, "extensions", None)  # the Flask app, under both servers
-        relay = state_of(self.channel.server.application).relay if extensions else None
-        if relay is None or is_reserved(self.request.path or "/"):
-            return
-        environ = WSGITask(self.channel, self.request).get_environment()  # the environ the app would have had
-        environ.update({"wsgi.input": io.BytesIO(), "CONTENT_LENGTH": "0"})  # the body is what could not be read
-        try:
-            relay.refuse_unread(environ, status, message)
-        except Exception:  # recording must not cost the client its answer
-            log.exception("recording a request the server could not read failed")
 
 
 class GuardedChannel(HTTPChannel):
