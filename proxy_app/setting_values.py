@@ -1,6 +1,6 @@
 """The kinds of value a setting takes: each function reads the text of one environment variable and returns the
-value (a port, seconds, a URL, a list of networks…), or raises ValueError saying what the text must be. config.py
-names the setting in the error it raises from it.
+value (a port, seconds, a URL, a list of networks…), or raises ValueError saying what the text must be. settings.py
+names one for each setting, and config.py names the setting in the error it raises from it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy_app import config
+from proxy_app import settings
 from proxy_app.calls import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,18 +28,19 @@ def between(text: str, start: str, end: str) -> str:
 
 def test_docs_readme_settings_block_is_the_generated_table():
     block = between(README.read_text(encoding="utf-8"), SETTINGS_START, SETTINGS_END)
-    expected = config.settings_table()
+    expected = settings.settings_table()
     assert block.strip("\n") == expected.strip("\n"), (
-        "README.md's settings table differs from config.SETTINGS; replace the lines between the settings markers "
-        f"with the output of `python proxy_app/config.py`:\n{expected}"
+        "README.md's settings table differs from settings.SETTINGS; replace the lines between the settings markers "
+        "with the output of "
+        f"`python -c 'from proxy_app.settings import settings_table; print(settings_table(), end=\"\")'`:\n{expected}"
     )
 
 
 def test_docs_settings_table_lists_every_setting_with_its_default():
-    rows = [line for line in config.settings_table().splitlines() if line.startswith("| `")]
-    assert [row.split("`")[1] for row in rows] == [config.PREFIX + setting.name for setting in config.SETTINGS]
-    assert "| `OLLAMA_PROXY_PORT` | `11434` |" in config.settings_table()
-    assert "| `OLLAMA_PROXY_ADMIN_TOKEN` | (empty) |" in config.settings_table()
+    rows = [line for line in settings.settings_table().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [settings.PREFIX + setting.name for setting in settings.SETTINGS]
+    assert "| `OLLAMA_PROXY_PORT` | `11434` |" in settings.settings_table()
+    assert "| `OLLAMA_PROXY_ADMIN_TOKEN` | (empty) |" in settings.settings_table()
 
 
 def test_docs_columns_reference_lists_every_column_in_order():

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack
-from proxy_app import config
+from proxy_app import config, settings
 from proxy_app.service.front import Front
 from proxy_app.service.guard import Limits
 from tests.conftest import free_port
@@ -31,7 +31,7 @@ from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_un
 
 ATTACKERS = 1000
 CALL_EVERY_SECONDS = 0.25
-SETTING = {setting.name: setting for setting in config.SETTINGS}
+SETTING = {setting.name: setting for setting in settings.SETTINGS}
 HEADER_TIMEOUT = config.parse_setting(SETTING["HEADER_TIMEOUT"], SETTING["HEADER_TIMEOUT"].default)
 PER_CLIENT = config.parse_setting(SETTING["MAX_CONNECTIONS_PER_CLIENT"], SETTING["MAX_CONNECTIONS_PER_CLIENT"].default)
 WORKERS = config.parse_setting(SETTING["WORKERS"], SETTING["WORKERS"].default)  # the cap holds per process

@@ -13,7 +13,7 @@ import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from proxy_app.access import is_authorized
-from proxy_app.ops import metrics as metrics_module
+from proxy_app.ops.exposition import scrape
 from proxy_app.ops.probe import PROBE_TIMEOUT, open_session, probe_upstream
 from proxy_app.state import state_of
 
@@ -66,5 +66,5 @@ def metrics():
     """Prometheus exposition (every worker's sum under gunicorn); needs the bearer token when METRICS_TOKEN is set."""
     if not is_authorized(request.headers.get("Authorization"), current_app.config["METRICS_TOKEN"]):
         return Response("unauthorized\n", status=401, mimetype="text/plain", headers={"WWW-Authenticate": "Bearer"})
-    body, content_type = metrics_module.scrape(current_app, request.headers.get("Accept"))
+    body, content_type = scrape(current_app, request.headers.get("Accept"))
     return Response(body, content_type=content_type)

@@ -19,7 +19,6 @@ from flask import Flask
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
-from proxy_app.config import PREFIX
 from proxy_app.ollama import intake as intake_module
 from proxy_app.relay import answer, keycheck
 from proxy_app.relay.client_watch import ClientLeft, watching
@@ -30,6 +29,7 @@ from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
 from proxy_app.relay.request_body import InvalidBody, is_blob_upload, read_request_body
 from proxy_app.relay.settle import refuse_call
 from proxy_app.relay.upstream import Pool, Unreachable
+from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)

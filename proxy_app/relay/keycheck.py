@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from proxy_app import apikeys
 from proxy_app.apikeys import Policy
-from proxy_app.config import PREFIX
 from proxy_app.ollama.model_list import LISTS, only_allowed
+from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from flask import Flask
 from werkzeug.wrappers import Request, Response
 
 from proxy_app import RESERVED_PATHS
-from proxy_app.config import PREFIX
 from proxy_app.ollama.errors import error_body
 from proxy_app.ollama.hosts import HostRule, host_of, is_loopback_bind, normalised_entry
+from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
 
 log = logging.getLogger(__name__)

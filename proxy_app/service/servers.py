@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from proxy_app import config as config_module
 from proxy_app.access import is_loopback
+from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
 
 from .supervisor import (
@@ -61,7 +62,7 @@ def as_environ(overrides: Mapping) -> dict[str, str]:
     def text(value) -> str:
         return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
-    return {config_module.PREFIX + name: text(value) for name, value in overrides.items()}
+    return {PREFIX + name: text(value) for name, value in overrides.items()}
 
 
 def check_proxy_port(host: str, port: int) -> None:
