@@ -37,7 +37,7 @@ from pathlib import Path
 from bench import breakdown, client, targets
 from proxy_app.relay import keycheck
 from proxy_app.state import state_of
-from proxy_app.store import counters, limits
+from proxy_app.store import counters, keystate
 from proxy_app.store.keys import KeyChange, KeyTable
 
 CALLS = 20_000
@@ -192,7 +192,7 @@ def run(calls: int = CALLS, rounds: int = 5, database_url: str | None = None) ->
     finally:
         upstream.stop()
     return {**_summary(samples, database_url), "in_call": in_call, "lease_transaction_us": round(lease),
-            "lease_max": limits.LEASE_MAX}  # fmt: skip
+            "lease_max": keystate.LEASE_MAX}  # fmt: skip
 
 
 def _summary(samples: dict, database_url: str | None) -> dict:

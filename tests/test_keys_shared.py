@@ -24,7 +24,7 @@ from tests.fake_ollama import FakeOllama, serve
 from tests.test_keys import CHAT, bearer, in_one_minute
 from tests.test_store import postgres_schema
 
-RPM = 20  # small enough that every lease is one request (limits.lease_size), so every grant is used at once
+RPM = 20  # small enough that every lease is one request (keystate.lease_size), so every grant is used at once
 # Each test's key on the two instances, created before they start: a running process sees a new key only at its next
 # read of the table (store/keys.py), and these tests need none to wait for.
 SHARED_KEYS = {"rpm": KeyChange(rpm=RPM), "tokens": KeyChange(tokens_per_day=100), "streams": KeyChange(max_streams=2)}

@@ -7,7 +7,7 @@
   LOGIN_WINDOW_SECONDS old. An address with LOGIN_FAILURES of them is refused, without its token being looked at,
   until the oldest leaves the window.
 
-No Flask here (views.py reads the request, answers, and sets the cookie, naming the client by
+No Flask here (signin.py reads the request, answers, and sets the cookie, naming the client by
 ``access.client_address``, the relay's rule, so that a sign-in and a relayed call name the same client).
 """
 

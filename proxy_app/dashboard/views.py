@@ -2,24 +2,20 @@
 
 Each view builds one dict and renders it as a template or as JSON. Bad parameters get 400 with the reason. With
 ADMIN_TOKEN set, everything but the login form, the static script and /analytics/me (which takes an API key
-instead: me.py) needs the token (bearer header, or the cookie the login form sets, signed with the store's session
-secret: sessions.py). Failed sign-ins are throttled per client address. Every response carries a
-Content-Security-Policy without inline script. This module does not write rows or compute figures (queries.py,
-stats.py, keyusage.py).
+instead: me.py) needs the token (bearer header, or the cookie the login form sets); signing in and out is
+signin.py's, on this blueprint. Every response carries a Content-Security-Policy without inline script. This module
+does not write rows or compute figures (queries.py, stats.py, keyusage.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import logging
 import secrets
 import time
 from datetime import UTC, datetime
 
-from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, Response, current_app, g, render_template, request
 
-from proxy_app import access
 from proxy_app.calls import COLUMNS, OUTCOMES
 from proxy_app.dashboard import (
     charts,
@@ -30,6 +26,7 @@ from proxy_app.dashboard import (
     readmodel,
     residency,
     sessions,
+    signin,
     stats,
     timeline,
 )
@@ -43,8 +40,8 @@ bp = Blueprint("dashboard", __name__, url_prefix="/analytics", static_folder="st
 for _name, _filter in formats.FILTERS.items():  # for every template: "num", "ms", "when"…
     bp.add_app_template_filter(_filter, _name)
 bp.register_blueprint(me.bp)  # /analytics/me: nested, so this module's headers apply to it
+signin.add_routes(bp)  # /analytics/login, /logout, /logout-everywhere: on this blueprint, named dashboard.login…
 
-COOKIE = "ollama_proxy_admin"
 # Why: the proxy's own routes take at most a login form; a bigger body is refused (413) from its Content-Length
 # before a byte of it is read. Relayed calls never build a Flask request, so MAX_BODY_BYTES alone limits those.
 OWN_BODY_BYTES = 64 * 1024
@@ -88,34 +85,10 @@ def _db():
 # ---- access and headers ------------------------------------------------------------------------------------------
 
 
-def _cookie_value(token: str) -> str:
-    """The login cookie: an HMAC of the token under the store's session secret, never the token itself."""
-    with _signin_store() as db:
-        return sessions.cookie_value(db, token)
-
-
-@contextlib.contextmanager
-def _signin_store():
-    """The store, connected, with the sign-in tables made (once per process)."""
-    state = state_of(current_app).dashboard
-    with state["db"].connection_context():
-        if not state["sessions_ready"]:
-            sessions.ensure_tables(state["db"])
-            state["sessions_ready"] = True
-        yield state["db"]
-
-
-def is_authorized(token: str) -> bool:
-    """True when no token is set, or the request has it as a bearer token or carries the login cookie."""
-    if access.is_authorized(request.headers.get("Authorization"), token):
-        return True
-    return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), _cookie_value(token).encode())
-
-
 @bp.before_request
 def _guard():
     g.csp_nonce = secrets.token_urlsafe(16)
-    if request.endpoint in OPEN_ENDPOINTS or is_authorized(current_app.config["ADMIN_TOKEN"]):
+    if request.endpoint in OPEN_ENDPOINTS or signin.is_authorized(current_app.config["ADMIN_TOKEN"]):
         state_of(current_app).dashboard["refresher"].ensure_running()
         return None
     if _wants_json(default=request.endpoint != "dashboard.index"):
@@ -263,51 +236,6 @@ def export_csv():
     name = f"ollama-proxy-calls-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     return Response(generate(), mimetype="text/csv", headers=headers)
-
-
-@bp.route("/login", methods=["GET", "POST"])
-def login():
-    """The login form; a right token sets the cookie and goes back to the page asked for. An address with too many
-    recent failures gets 429 and Retry-After, whatever token it sends."""
-    token = current_app.config["ADMIN_TOKEN"]
-    target = request.values.get("next", "")
-    target = target if target.startswith("/analytics") and "//" not in target and "\\" not in target else ""
-    if request.method != "POST" or not token:
-        return _login_page(target, "", 401 if request.method == "POST" else 200)
-    forwarded, trusted = request.headers.get("X-Forwarded-For"), current_app.config["TRUSTED_PROXIES"]
-    address = access.client_address(request.remote_addr or "", forwarded, trusted)
-    with _signin_store() as db:
-        wait = sessions.admit(db, address, state_of(current_app).dashboard["clock"]())
-        if wait:
-            message = f"Too many failed sign-ins from your address; try again in {wait} s."
-            return _login_page(target, message, 429, {"Retry-After": str(wait)})
-        if not hmac.compare_digest(request.form.get("token", "").encode(), token.encode()):
-            return _login_page(target, "Wrong token.", 401)
-        sessions.forget(db, address)
-        value = sessions.cookie_value(db, token)
-    response = redirect(target or url_for("dashboard.index"))
-    response.set_cookie(COOKIE, value, httponly=True, samesite="Strict", path="/analytics", secure=request.is_secure)
-    return response
-
-
-def _login_page(target: str, message: str, status: int, headers: dict | None = None):
-    return render_template("dashboard.html", page="login", next=target, message=message), status, headers or {}
-
-
-@bp.route("/logout", methods=["POST"])
-def logout():
-    """Forget the login cookie in this browser."""
-    response = redirect(url_for("dashboard.login"))
-    response.delete_cookie(COOKIE, path="/analytics")
-    return response
-
-
-@bp.route("/logout-everywhere", methods=["POST"])
-def logout_everywhere():
-    """Rotate the session secret: every login cookie, in every browser, is refused from now on."""
-    with _signin_store() as db:
-        sessions.rotate(db)
-    return logout()
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

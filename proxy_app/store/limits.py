@@ -4,12 +4,13 @@ process takes its share through short transactions on them.
 
 - Requests per minute: a process takes a *lease*, a number of requests granted at once by one transaction that
   never grants past the limit, and admits that many calls with no database round trip. A lease is a sixteenth of
-  what remains of the minute (at most LEASE_MAX), so it shrinks to one request as the minute fills up: the
-  database never grants more than the limit, and with a limit under 2 × LEASE_SHARE every call asks it.
+  what remains of the minute (at most keystate.LEASE_MAX), so it shrinks to one request as the minute fills up:
+  the database never grants more than the limit, and with a limit under 2 × keystate.LEASE_SHARE every call asks
+  it.
 - Tokens per minute, day and month: checked before a call (refused once spent) and charged when it ends. A process
   admits without asking the database while its view of the counters is under VIEW_SECONDS old and every limit has
-  more than ``margin`` tokens left; nearer a limit it reads the counters before each call and writes each charge at
-  once, so the limit is overshot by at most the tokens of the calls in flight when it was reached.
+  more than the margin (keystate.py) left; nearer a limit it reads the counters before each call and writes each
+  charge at once, so the limit is overshot by at most the tokens of the calls in flight when it was reached.
 - Streams (calls in flight at once): one transaction when a call starts and one when it ends; a process that dies
   holding some stops counting after streams.STREAM_STALE_SECONDS without its heartbeat (streams.py).
 
@@ -22,10 +23,10 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy_app.apikeys import Policy
-from proxy_app.store import spending
+from proxy_app.store import keystate, spending
 from proxy_app.store.counters import (
     DAY,
     MINUTE,
@@ -35,24 +36,18 @@ from proxy_app.store.counters import (
     window_end,
     window_start,
 )  # fmt: skip
+from proxy_app.store.keystate import KeyState
 from proxy_app.store.streams import StreamCounts
 from proxy_app.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
-LEASE_SHARE = 16
-LEASE_MAX = 1024
 VIEW_SECONDS = 1.0
-MIN_MARGIN_TOKENS = 1000  # the margin is this, or four times the largest call of the key seen here if larger
 FLUSH_SECONDS = 0.1  # charges far from every limit are written in batches this often
 HEARTBEAT_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
 KEEP_SECONDS = {MINUTE: 3600, DAY: 40 * 86400, MONTH: 400 * 86400}  # counters older than this are deleted
 _PERIOD_WORDS = {MINUTE: "minute", DAY: "day", MONTH: "month"}
-
-
-def lease_size(remaining: int) -> int:
-    return max(1, min(LEASE_MAX, remaining // LEASE_SHARE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,27 +59,12 @@ class Refusal:
     retry_after: int
 
 
-@dataclass
-class _KeyState:
-    """What one process knows of one key's counters."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    minute: int = 0  # the minute of the lease
-    lease_left: int = 0  # requests granted and not yet used
-    minute_full: bool = False  # the database granted every request of this minute
-    view: dict = field(default_factory=dict)  # period -> (window start, tokens in the database when read)
-    view_at: float = -math.inf  # monotonic time of that read
-    pending: dict = field(default_factory=dict)  # (period, window start) -> tokens charged, not yet written
-    biggest: int = 0  # the most tokens one call of this key used in this process
-    streams: int = 0  # calls of this key in flight in this process, with a stream limit
-
-
 class Limiter:
     """Admits, refuses and charges the calls of limited keys (see the module's docstring for how)."""
 
     def __init__(self, connection: OneConnection, instance: str) -> None:
         self.connection, self.instance = connection, instance
-        self._states: dict[str, _KeyState] = {}
+        self._states: dict[str, KeyState] = {}
         self._states_lock = threading.Lock()
         self.streams = StreamCounts(instance)
         self._last_heartbeat = self._last_prune = 0.0
@@ -117,13 +97,13 @@ class Limiter:
         limit (where each admission reads the counters)."""
         if not policy.counts_tokens or tokens <= 0:
             return
-        state, windows = self._state(policy.name), _windows(policy, time.time())
+        state, windows = self._state(policy.name), keystate.windows(policy, time.time())
         with state.lock:
             state.biggest = max(state.biggest, tokens)
             first = not state.pending
             for period, _limit, start in windows:
                 state.pending[period, start] = state.pending.get((period, start), 0) + tokens
-            if _has_margin(state, windows):
+            if keystate.has_margin(state, windows):
                 if first:  # the writer of the batch: started, or started again after a fork or a crash
                     self.ticker.ensure()
             else:
@@ -131,7 +111,7 @@ class Limiter:
 
     # ---- requests per minute ----------------------------------------------------------------------------------
 
-    def _take_request(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
+    def _take_request(self, policy: Policy, state: KeyState, now: float) -> Refusal | None:
         minute = window_start(MINUTE, now)
         if state.minute != minute:
             state.minute, state.lease_left, state.minute_full = minute, 0, False
@@ -149,24 +129,24 @@ class Limiter:
             KeyUsage.insert(key_name=name, period=MINUTE, start=minute).on_conflict_ignore().execute(db)
             query = KeyUsage.select(KeyUsage.requests).where(where)
             used = (query.for_update() if db.for_update else query).scalar(db)
-            grant = min(limit - used, lease_size(limit - used)) if used < limit else 0
+            grant = min(limit - used, keystate.lease_size(limit - used)) if used < limit else 0
             if grant:
                 KeyUsage.update(requests=KeyUsage.requests + grant).where(where).execute(db)
         return grant
 
     # ---- tokens -------------------------------------------------------------------------------------------------
 
-    def _check_tokens(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
-        windows = _windows(policy, now)
-        if time.monotonic() - state.view_at < VIEW_SECONDS and _has_margin(state, windows):
+    def _check_tokens(self, policy: Policy, state: KeyState, now: float) -> Refusal | None:
+        windows = keystate.windows(policy, now)
+        if time.monotonic() - state.view_at < VIEW_SECONDS and keystate.has_margin(state, windows):
             return None  # the common case: far from every limit, as of a recent read
         self._read_view(policy.name, state, windows)
         for period, limit, start in windows:
-            if _spent(state, period, start) >= limit:
+            if keystate.spent(state, period, start) >= limit:
                 return _over(f"{limit} tokens per {_PERIOD_WORDS[period]}", window_end(period, start) - now)
         return None
 
-    def _read_view(self, name: str, state: _KeyState, windows: tuple) -> None:
+    def _read_view(self, name: str, state: KeyState, windows: tuple) -> None:
         with self.connection as db:
             rows = KeyUsage.select(KeyUsage.period, KeyUsage.start, KeyUsage.tokens).where(
                 KeyUsage.key_name == name, KeyUsage.period.in_([period for period, _limit, _start in windows])
@@ -175,7 +155,7 @@ class Limiter:
         state.view = {period: (start, found.get((period, start), 0)) for period, _limit, start in windows}
         state.view_at = time.monotonic()
 
-    def _write_charges(self, name: str, state: _KeyState) -> None:
+    def _write_charges(self, name: str, state: KeyState) -> None:
         """Add the key's pending charges to the database (the caller holds ``state.lock``)."""
         if not state.pending:
             return
@@ -197,7 +177,7 @@ class Limiter:
 
     # ---- streams ------------------------------------------------------------------------------------------------
 
-    def _enter_stream(self, policy: Policy, state: _KeyState, now: float) -> Refusal | None:
+    def _enter_stream(self, policy: Policy, state: KeyState, now: float) -> Refusal | None:
         with self.connection as db, db.atomic():
             if not self.streams.enter(db, policy.name, policy.max_streams, state.streams, now):
                 return _over(f"{policy.max_streams} calls at once", 1)
@@ -205,7 +185,7 @@ class Limiter:
         self.ticker.ensure()  # the heartbeat that keeps these streams counted
         return None
 
-    def _leave_stream(self, policy: Policy, state: _KeyState) -> None:
+    def _leave_stream(self, policy: Policy, state: KeyState) -> None:
         state.streams = max(0, state.streams - 1)
         try:
             with self.connection as db:
@@ -274,29 +254,12 @@ class Limiter:
         with self.connection as db:
             return spending.spend(db, policy, self.streams, self._state(policy.name).pending, time.time())
 
-    def _state(self, name: str) -> _KeyState:
+    def _state(self, name: str) -> KeyState:
         state = self._states.get(name)
         if state is None:
             with self._states_lock:
-                state = self._states.setdefault(name, _KeyState())
+                state = self._states.setdefault(name, KeyState())
         return state
-
-
-def _windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
-    """(period, limit, window start) of each token limit of the key, at ``now``."""
-    return tuple((period, limit, window_start(period, now)) for period, limit in policy.token_limits)
-
-
-def _spent(state: _KeyState, period: str, start: int) -> int:
-    """The tokens of the window as this process knows them: the database's when last read, and its own since."""
-    seen_start, seen = state.view.get(period, (start, 0))
-    return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
-
-
-def _has_margin(state: _KeyState, windows: tuple) -> bool:
-    """True when every token limit has more than the margin left, as far as this process knows."""
-    margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
-    return all(limit - _spent(state, period, start) > margin for period, limit, start in windows)
 
 
 def _over(what: str, seconds: float) -> Refusal:

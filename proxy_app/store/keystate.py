@@ -1,0 +1,57 @@
+"""What one process knows of one key's counters, and the arithmetic the limiter (limits.py) does on it: the size of
+a request lease, the windows of a key's token limits, the tokens spent in a window as this process knows them, and
+whether every token limit still has more than the margin left.
+
+None of this touches the database: the limiter reads and writes the counters and keeps a ``KeyState`` per key, under
+its lock, for these functions to reason about; limits.py keeps what talks to the database: the transactions, the
+batched writes and the background ticker.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+from proxy_app.apikeys import Policy
+from proxy_app.store.counters import window_start
+
+LEASE_SHARE = 16
+LEASE_MAX = 1024
+MIN_MARGIN_TOKENS = 1000  # the margin is this, or four times the largest call of the key seen here if larger
+
+
+def lease_size(remaining: int) -> int:
+    return max(1, min(LEASE_MAX, remaining // LEASE_SHARE))
+
+
+@dataclass
+class KeyState:
+    """What one process knows of one key's counters."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    minute: int = 0  # the minute of the lease
+    lease_left: int = 0  # requests granted and not yet used
+    minute_full: bool = False  # the database granted every request of this minute
+    view: dict = field(default_factory=dict)  # period -> (window start, tokens in the database when read)
+    view_at: float = -math.inf  # monotonic time of that read
+    pending: dict = field(default_factory=dict)  # (period, window start) -> tokens charged, not yet written
+    biggest: int = 0  # the most tokens one call of this key used in this process
+    streams: int = 0  # calls of this key in flight in this process, with a stream limit
+
+
+def windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
+    """(period, limit, window start) of each token limit of the key, at ``now``."""
+    return tuple((period, limit, window_start(period, now)) for period, limit in policy.token_limits)
+
+
+def spent(state: KeyState, period: str, start: int) -> int:
+    """The tokens of the window as this process knows them: the database's when last read, and its own since."""
+    seen_start, seen = state.view.get(period, (start, 0))
+    return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
+
+
+def has_margin(state: KeyState, windows: tuple) -> bool:
+    """True when every token limit has more than the margin left, as far as this process knows."""
+    margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
+    return all(limit - spent(state, period, start) > margin for period, limit, start in windows)
