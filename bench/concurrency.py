@@ -129,19 +129,24 @@ def timed_calls(port: int, seconds: float) -> list[tuple]:
     calls, deadline = [], time.monotonic() + seconds
     body = client.generate_body(stream=False)
     while time.monotonic() < deadline:
-        started = time.monotonic()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(CALLS_FROM, 0))
-        try:
-            connection.request("POST", client.GENERATE, body, {"Content-Type": "application/json"})
-            answer = connection.getresponse()
-            status = answer.status if json.loads(answer.read()).get("done") else "not done"
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            status = type(exc).__name__
-        finally:
-            connection.close()
-        calls.append((status, time.monotonic() - started))
+        calls.append(fresh_call(port, body))
         time.sleep(CALL_EVERY_SECONDS)
     return calls
+
+
+def fresh_call(port: int, body: bytes | str) -> tuple[int | str, float]:
+    """A fresh connection from CALLS_FROM, one non-streaming generate: (status, or the error's name, and seconds)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(CALLS_FROM, 0))
+    try:
+        connection.request("POST", client.GENERATE, body, {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        status = answer.status if json.loads(answer.read()).get("done") else "not done"
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        status = type(exc).__name__
+    finally:
+        connection.close()
+    return status, time.monotonic() - started
 
 
 def summary(calls: list[tuple]) -> dict:

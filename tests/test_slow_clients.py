@@ -8,7 +8,6 @@ cap is exercised as it would be by a real second host. Each run is bounded in co
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import resource
@@ -22,7 +21,7 @@ import time
 import psutil
 import pytest
 
-from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack
+from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack, fresh_call
 from proxy_app import config, settings
 from proxy_app.service.front import Front
 from proxy_app.service.guard import Limits
@@ -83,17 +82,7 @@ def proxy(request, upstream, tmp_path):
 
 def call(port: int) -> tuple[int | str, float]:
     """A fresh connection from CALLS_FROM, one non-streaming generate: (status or error name, seconds taken)."""
-    started = time.monotonic()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(CALLS_FROM, 0))
-    try:
-        connection.request("POST", "/api/generate", GENERATE, {"Content-Type": "application/json"})
-        answer = connection.getresponse()
-        status = answer.status if json.loads(answer.read()).get("done") else "not done"
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        status = type(exc).__name__
-    finally:
-        connection.close()
-    return status, time.monotonic() - started
+    return fresh_call(port, GENERATE)
 
 
 @pytest.fixture
