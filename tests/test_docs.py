@@ -1,4 +1,5 @@
-"""The documentation agrees with the code: the README's settings table, the column reference, and every link.
+"""The documentation agrees with the code: the README's settings table, the column reference, the endpoint labels,
+and every link.
 
 Modelled on datasette's tests/test_docs.py: the code is the one source, and these tests fail when the text lags.
 """
@@ -12,6 +13,7 @@ import pytest
 
 from proxy_app import settings
 from proxy_app.calls import COLUMNS
+from proxy_app.ops import labels
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -49,6 +51,15 @@ def test_docs_columns_reference_lists_every_column_in_order():
         if line.startswith("| `"):
             names += re.findall(r"`([a-z_]+)`", line.split("|")[1])
     assert tuple(names) == COLUMNS
+
+
+def test_docs_metrics_page_lists_every_endpoint_label():
+    block = between((ROOT / "docs" / "metrics.md").read_text(encoding="utf-8"), "<!-- endpoints:start -->",
+                    "<!-- endpoints:end -->")  # fmt: skip
+    documented = re.findall(r"`([^`]+)`", block)
+    labels_in_code = {*labels.ENDPOINTS, *(label for _prefix, label in labels.FOLDED_PREFIXES), labels.OTHER}
+    assert len(documented) == len(set(documented))
+    assert set(documented) == labels_in_code
 
 
 @pytest.mark.parametrize("page", [README, *DOCS], ids=lambda path: path.relative_to(ROOT).as_posix())
