@@ -121,6 +121,10 @@ def test_keys_model_list_and_model_use_follow_the_key(keyed, fake):
     assert sorted(model["id"] for model in listed["data"]) == ["all-minilm:latest", "llama3.2:latest"]
     everything = requests.get(f"{handle.url}/api/tags", timeout=10).json()  # anonymous: the whole list
     assert len(everything["models"]) > 2
+    fake.set_loaded("llama3.2", "qwen3")  # what is loaded, too, is shown only for the key's models
+    loaded = requests.get(f"{handle.url}/api/ps", headers=bearer(secret), timeout=10).json()
+    assert [model["name"] for model in loaded["models"]] == ["llama3.2:latest"]
+    assert len(requests.get(f"{handle.url}/api/ps", timeout=10).json()["models"]) == 2
     other = {**CHAT, "model": "qwen3"}
     refused = requests.post(f"{handle.url}/api/chat", json=other, headers=bearer(secret), timeout=10)
     assert refused.status_code == 403 and "qwen3" in refused.json()["error"]

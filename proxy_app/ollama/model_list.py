@@ -1,8 +1,9 @@
 """Pure: a model list answer with only some of its models, for a key limited to those.
 
-``GET /api/tags`` answers ``{"models": [{"name": …, "model": …}, …]}`` (server/routes.go, ListHandler) and
-``GET /v1/models`` answers ``{"object": "list", "data": [{"id": …}, …]}`` (openai/openai.go, ListCompletion). The
-rest of the answer is kept as it came, written back compactly like Go's encoding/json.
+``GET /api/tags`` answers ``{"models": [{"name": …, "model": …}, …]}`` (server/routes.go, ListHandler), ``GET
+/api/ps`` lists the loaded models in the same shape (PsHandler), and ``GET /v1/models`` answers
+``{"object": "list", "data": [{"id": …}, …]}`` (openai/openai.go, ListCompletion). The rest of the answer is kept as
+it came, written back compactly like Go's encoding/json.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from collections.abc import Callable
 
 # path -> (the list's member, the field naming each model)
-LISTS = {"/api/tags": ("models", "name"), "/v1/models": ("data", "id")}
+LISTS = {"/api/tags": ("models", "name"), "/api/ps": ("models", "name"), "/v1/models": ("data", "id")}
 _GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})  # Go's HTML-safe escaping
 
 
