@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
-from proxy_app.apikeys import SECRET_PREFIX
+from proxy_app.apikeys import SECRET_PREFIX, Policy
 from proxy_app.state import state_of
-from proxy_app.store import counters, limits
+from proxy_app.store import counters, keystate, limits
 from proxy_app.store.keys import KeyChange, KeyRing, KeyTable
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -241,6 +241,19 @@ def test_keys_request_leases_never_grant_past_the_limit_across_limiters(tmp_path
     for thread in threads:
         thread.join(60)
     assert len(admitted) == 250  # every limiter kept asking, so no lease was left unused
+
+
+def test_keys_windows_are_kept_until_the_first_one_ends_or_the_limits_change():
+    state, policy = keystate.KeyState(), Policy("team", tpm=100, tokens_per_day=1000, tokens_per_month=10_000)
+    month = counters.window_start(counters.MONTH, time.time())
+    now = counters.window_start(counters.MINUTE, month + 45 * 86400 + 3600)  # a minute in the middle of a month
+    kept = keystate.current_windows(state, policy, now + 1)
+    assert kept == keystate.windows(policy, now + 1)
+    assert keystate.current_windows(state, policy, now + 59.9) is kept  # the same minute: the same windows
+    for later in (now + 60, now + 86400, now - 0.1):  # the next minute, the next day, a clock set back
+        assert keystate.current_windows(state, policy, later) == keystate.windows(policy, later) != kept
+    changed = Policy("team", tpm=100)
+    assert keystate.current_windows(state, changed, now - 0.1) == keystate.windows(changed, now - 0.1)
 
 
 def test_keys_database_down_at_start_refuses_keyed_calls_and_serves_the_rest(proxy_with, fake):

@@ -1,6 +1,6 @@
 """What one process knows of one key's counters, and the arithmetic the limiter (limits.py) does on it: the size of
 a request lease, the windows of a key's token limits, the tokens spent in a window as this process knows them, and
-whether every token limit still has more than the margin left.
+whether every token limit still has more than the margin left. A key's windows are kept until the first of them ends.
 
 None of this touches the database: the limiter reads and writes the counters and keeps a ``KeyState`` per key, under
 its lock, for these functions to reason about; limits.py keeps what talks to the database: the transactions, the
@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from proxy_app.apikeys import Policy
-from proxy_app.store.counters import window_start
+from proxy_app.store.counters import window_end, window_start
 
 LEASE_SHARE = 16
 LEASE_MAX = 1024
@@ -38,11 +38,27 @@ class KeyState:
     pending: dict = field(default_factory=dict)  # (period, window start) -> tokens charged, not yet written
     biggest: int = 0  # the most tokens one call of this key used in this process
     streams: int = 0  # calls of this key in flight in this process, with a stream limit
+    windows: tuple = ()  # the windows of the key's token limits (``windows``), for the limits below, while they hold
+    windows_limits: tuple = ()  # the token limits they were made for
+    windows_span: tuple[float, float] = (math.inf, -math.inf)  # [from, until): when every one of them holds
 
 
 def windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
     """(period, limit, window start) of each token limit of the key, at ``now``."""
     return tuple((period, limit, window_start(period, now)) for period, limit in policy.token_limits)
+
+
+def current_windows(state: KeyState, policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
+    """``windows(policy, now)``, kept in ``state`` until one of them ends or the key's limits change (the caller
+    holds ``state.lock``)."""
+    start, until = state.windows_span
+    if not start <= now < until or state.windows_limits != policy.token_limits:
+        state.windows, state.windows_limits = windows(policy, now), policy.token_limits
+        state.windows_span = (
+            max((start for _period, _limit, start in state.windows), default=-math.inf),
+            min((window_end(period, start) for period, _limit, start in state.windows), default=math.inf),
+        )
+    return state.windows
 
 
 def spent(state: KeyState, period: str, start: int) -> int:
@@ -54,4 +70,7 @@ def spent(state: KeyState, period: str, start: int) -> int:
 def has_margin(state: KeyState, windows: tuple) -> bool:
     """True when every token limit has more than the margin left, as far as this process knows."""
     margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
-    return all(limit - spent(state, period, start) > margin for period, limit, start in windows)
+    for period, limit, start in windows:
+        if limit - spent(state, period, start) <= margin:
+            return False
+    return True

@@ -97,8 +97,9 @@ class Limiter:
         limit (where each admission reads the counters)."""
         if not policy.counts_tokens or tokens <= 0:
             return
-        state, windows = self._state(policy.name), keystate.windows(policy, time.time())
+        state = self._state(policy.name)
         with state.lock:
+            windows = keystate.current_windows(state, policy, time.time())
             state.biggest = max(state.biggest, tokens)
             first = not state.pending
             for period, _limit, start in windows:
@@ -137,7 +138,7 @@ class Limiter:
     # ---- tokens -------------------------------------------------------------------------------------------------
 
     def _check_tokens(self, policy: Policy, state: KeyState, now: float) -> Refusal | None:
-        windows = keystate.windows(policy, now)
+        windows = keystate.current_windows(state, policy, now)
         if time.monotonic() - state.view_at < VIEW_SECONDS and keystate.has_margin(state, windows):
             return None  # the common case: far from every limit, as of a recent read
         self._read_view(policy.name, state, windows)
