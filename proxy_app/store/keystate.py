@@ -38,7 +38,7 @@ class KeyState:
     pending: dict = field(default_factory=dict)  # (period, window start) -> tokens charged, not yet written
     biggest: int = 0  # the most tokens one call of this key used in this process
     streams: int = 0  # calls of this key in flight in this process, with a stream limit
-    windows: tuple = ()  # the windows of the key's token limits (``windows``), for the limits below, while they hold
+    windows: tuple = ()  # the windows of the key's token limits, kept by current_windows while they hold
     windows_limits: tuple = ()  # the token limits they were made for
     windows_span: tuple[float, float] = (math.inf, -math.inf)  # [from, until): when every one of them holds
 
