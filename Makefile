@@ -1,6 +1,7 @@
 # Two commands for a fresh Linux machine: `make run` starts the proxy, `make test` runs every test.
 # Both create the virtualenv they need. CI runs `.ci/run`, which installs system packages and then `make test`.
-# `make test-fast` runs the unit tier only (under half a minute): while working, before `make test`.
+# `make test-fast` runs the unit tier only (no child processes; about a minute of which 52 s CPU on a slow 2-core machine):
+# while working, before `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
