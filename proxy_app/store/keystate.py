@@ -51,8 +51,8 @@ def windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
 def current_windows(state: KeyState, policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
     """``windows(policy, now)``, kept in ``state`` until one of them ends or the key's limits change (the caller
     holds ``state.lock``)."""
-    start, until = state.windows_span
-    if not start <= now < until or state.windows_limits != policy.token_limits:
+    since, until = state.windows_span
+    if not since <= now < until or state.windows_limits != policy.token_limits:
         state.windows, state.windows_limits = windows(policy, now), policy.token_limits
         state.windows_span = (
             max((start for _period, _limit, start in state.windows), default=-math.inf),
