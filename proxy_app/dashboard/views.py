@@ -14,6 +14,7 @@ import secrets
 import time
 from datetime import UTC, datetime
 
+import jinja2
 from flask import Blueprint, Flask, Response, current_app, g, render_template, request
 
 from proxy_app.calls import COLUMNS, OUTCOMES
@@ -47,6 +48,24 @@ signin.add_routes(bp)  # /analytics/login, /logout, /logout-everywhere: on this 
 OWN_BODY_BYTES = 64 * 1024
 # Reachable without the token; /analytics/me asks for an API key instead (me.py).
 OPEN_ENDPOINTS = ("dashboard.login", "dashboard.static", "dashboard.me.show")
+
+
+class TemplateCode(jinja2.BytecodeCache):
+    """Compiled templates kept in memory for the whole process, keyed by name and source checksum (Jinja's bucket
+    key): every app the process creates after the first reuses them instead of compiling them again."""
+
+    def __init__(self) -> None:
+        self._code: dict[str, bytes] = {}
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        if bucket.key in self._code:
+            bucket.bytecode_from_string(self._code[bucket.key])
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self._code[bucket.key] = bucket.bytecode_to_string()
+
+
+TEMPLATE_CODE = TemplateCode()
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -57,6 +76,7 @@ def init_app(app: Flask) -> None:
     """Register the blueprint, create the read model's tables, plan the refresher's shutdown and limit the bodies
     that the proxy's own (Flask) routes read."""
     app.config["MAX_CONTENT_LENGTH"] = OWN_BODY_BYTES
+    app.jinja_options = {**app.jinja_options, "bytecode_cache": TEMPLATE_CODE}  # before anything creates jinja_env
     db = models.database.obj or models.open_database(app.config["DATABASE"])
     refresher = readmodel.Refresher(db)
     state_of(app).dashboard = {"db": db, "refresher": refresher, "clock": time.time, "sessions_ready": False}
