@@ -70,8 +70,10 @@ def upstream(fake):
 
 @pytest.fixture
 def settings(upstream, tmp_path) -> dict:
-    """Settings for a test app pointing at the fake upstream, with data in a temporary directory."""
-    return {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"}
+    """Settings for a test app pointing at the fake upstream, with data in a temporary directory. No load sampling:
+    a process's first call would wait for the first CPU figure (tests of the sampler and of the rows it fills set
+    SAMPLE_INTERVAL themselves)."""
+    return {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", "SAMPLE_INTERVAL": "0"}
 
 
 @pytest.fixture

@@ -1241,8 +1241,10 @@ class ServerHandle:
     def close(self):
         """Close the listener and every connection, let the worker threads finish, then stop the loop."""
         self._closing.set()
+        self._server.pull_trigger()  # wake the loop now rather than at its next poll timeout
         self._closed_sockets.wait(5)
         self._server.task_dispatcher.shutdown(timeout=5)  # running tasks end at their next write
+        self._server.pull_trigger()  # before _stopping: once that is set, the loop may close the trigger at any time
         self._stopping.set()
         self._thread.join(timeout=5)
 

@@ -153,12 +153,9 @@ def receiver():
 
 
 @pytest.fixture
-def settings(upstream, tmp_path, receiver) -> dict:
+def settings(settings, receiver) -> dict:
     """conftest's settings with OTEL on, sending to this test's collector."""
-    return {
-        "UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", "OTEL": True,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-    }  # fmt: skip
+    return {**settings, "OTEL": True, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
 
 
 def exported(app, receiver: OtlpReceiver, count: int) -> dict[str, SimpleNamespace]:

@@ -24,7 +24,7 @@ from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
 from proxy_app.ollama.hosts import HostRule, host_of
 from proxy_app.state import state_of
-from tests.fake_ollama import serve
+from tests.fake_ollama import FakeOllama, serve
 from tests.test_store import postgres_schema
 
 SECRETS = {"authorization": "Bearer sk-SECRET-AUTH-4242", "cookie": "session=SECRET-COOKIE-7373; theme=dark"}
@@ -34,10 +34,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy_app"
 
 
 @pytest.fixture
-def settings(upstream, tmp_path) -> dict:
-    """This module's app: a small body limit (to provoke a 413) and a metrics token."""
-    return {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "DEBUG", "MAX_BODY_BYTES": 10_000,
-            "METRICS_TOKEN": METRICS_TOKEN}  # fmt: skip
+def settings(settings) -> dict:
+    """conftest's settings with a small body limit (to provoke a 413), a metrics token and every log line."""
+    return {**settings, "LOG_LEVEL": "DEBUG", "MAX_BODY_BYTES": 10_000, "METRICS_TOKEN": METRICS_TOKEN}
 
 
 def test_security_secrets_never_in_rows_csv_logs_or_metrics(app, live_proxy, fake, recorder, caplog, closing):
@@ -347,13 +346,35 @@ def test_security_foreign_host_refused_in_each_apis_shape(live_proxy, fake, reco
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def loopback_app(tmp_path_factory):
+    """One app on the default (loopback) bind for the many Host headers below, which only read two pages each."""
+    fake = FakeOllama()
+    upstream = serve(fake)
+    data = tmp_path_factory.mktemp("hosts")
+    settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(data), "LOG_LEVEL": "WARNING", "SAMPLE_INTERVAL": "0"}
+    app = create_app(settings, environ={})
+    yield app, fake
+    shutdown(app)
+    upstream.close()
+
+
+@pytest.fixture
+def host_checked(loopback_app):
+    """A test client of that app, and its fake Ollama with nothing seen yet."""
+    app, fake = loopback_app
+    fake.seen.clear()
+    return app.test_client(), fake
+
+
 @pytest.mark.parametrize(
     "host",
     ["localhost:11434", "localhost", "LocalHost:11434", "127.0.0.1", "127.0.0.1:11434", "127.1.2.3", "[::1]",
      "[::1]:11434", "::1", "api.localhost", "api.localhost:8080", "printer.local", "db.internal", "0.0.0.0",
      "10.1.2.3:11434", "192.168.1.20", "172.16.0.1", "[fd00::1]:11434", "[::ffff:127.0.0.1]", "", socket.gethostname()],
 )  # fmt: skip
-def test_security_local_hosts_allowed_on_a_loopback_bind(client, fake, host):
+def test_security_local_hosts_allowed_on_a_loopback_bind(host_checked, host):
+    client, _fake = host_checked
     assert client.get("/api/version", headers={"Host": host}).status_code == 200
     assert client.get("/health", headers={"Host": host}).status_code in (200, 503)
 
@@ -363,7 +384,8 @@ def test_security_local_hosts_allowed_on_a_loopback_bind(client, fake, host):
     [EVIL_HOST, "evil.example:11434", "localhost.evil.example", "127.0.0.1.nip.io", "8.8.8.8", "[2001:4860::8888]",
      "localhost.", "evillocalhost", "172.32.0.1", "xn--localhost", "local", "[::1"],
 )  # fmt: skip
-def test_security_foreign_hosts_refused_on_a_loopback_bind(client, fake, host):
+def test_security_foreign_hosts_refused_on_a_loopback_bind(host_checked, host):
+    client, fake = host_checked
     assert client.get("/api/version", headers={"Host": host}).status_code == 403
     assert client.get("/analytics/export.csv", headers={"Host": host}).status_code == 403
     assert fake.seen == []

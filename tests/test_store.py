@@ -47,6 +47,12 @@ POSTGRES = os.environ.get("OLLAMA_PROXY_TEST_POSTGRES_URL", "postgresql://postgr
 MESSAGES = [{"role": "user", "content": "why is the sky blue"}]
 
 
+@pytest.fixture
+def settings(settings) -> dict:
+    """conftest's settings with the load sampled, as by default: these rows carry the CPU and memory figures."""
+    return {**settings, "SAMPLE_INTERVAL": "5"}
+
+
 def stored(app, recorder: CallRecorder, count: int) -> list[dict]:
     """The stored rows, oldest first, once ``count`` calls have finished and the writer has caught up."""
     recorder.wait_for(count)
