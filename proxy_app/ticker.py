@@ -54,7 +54,9 @@ class Ticker:
         if not self.interval:
             return
         thread = self.thread
-        if thread is None or self.pid != os.getpid() or not thread.is_alive():
+        # No pid comparison here: in a forked child the at-fork hook has set ``thread`` to None, and Python's own
+        # hook has marked every thread of the parent as ended; _start checks the pid once more.
+        if thread is None or not thread.is_alive():
             self._start()
         if wait:
             self._first_run.wait(wait)

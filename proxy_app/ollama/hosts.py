@@ -12,6 +12,7 @@ Pure: the machine's host name and addresses are given to it. It does not answer 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class HostRule:
         return any(host == entry or (entry.startswith("*.") and host.endswith(entry[1:])) for entry in self.allowed)
 
 
+@functools.lru_cache(maxsize=1024)  # every call names a Host, nearly always one of a few; a flood of others is bounded
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address ``text`` spells (an IPv4-mapped IPv6 address as IPv4, as Go compares them), else None."""
     try:
