@@ -256,6 +256,34 @@ def test_keys_windows_are_kept_until_the_first_one_ends_or_the_limits_change():
     assert keystate.current_windows(state, changed, now - 0.1) == keystate.windows(changed, now - 0.1)
 
 
+def test_keys_limiter_closes_while_its_thread_writes_a_batch(tmp_path):
+    """Shutdown meets the background writer between its two locks (the key's, then the connection): close() must
+    take them in the same order, or each waits for the other forever."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    with counters.OneConnection(url) as db:
+        counters.create_tables(db)
+    limiter = limits.Limiter(counters.OneConnection(url), "here")
+    policy = Policy("team", tpm=30_000)
+    limiter.charge(policy, 10)
+    state, holding = limiter._state("team"), threading.Event()
+
+    def write_a_batch() -> None:  # what the ticker's flush does: the key's lock, then the connection
+        with state.lock:
+            holding.set()
+            time.sleep(0.3)  # close() begins meanwhile
+            with limiter.connection:
+                pass
+
+    writer = threading.Thread(target=write_a_batch, daemon=True)
+    writer.start()
+    holding.wait(5)
+    closer = threading.Thread(target=limiter.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    writer.join(5)
+    assert not closer.is_alive() and not writer.is_alive()
+
+
 def test_keys_database_down_at_start_refuses_keyed_calls_and_serves_the_rest(proxy_with, fake):
     from tests.conftest import free_port
 

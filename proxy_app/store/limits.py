@@ -234,16 +234,16 @@ class Limiter:
         self.ticker.stop()
         now = time.time()
         try:
+            for name, state in list(self._states.items()):
+                with state.lock, self.connection as db:  # in this order, as everywhere: the ticker may be writing
+                    self._write_charges(name, state)
+                    if state.lease_left and state.minute == window_start(MINUTE, now):
+                        where = (KeyUsage.key_name == name) & (KeyUsage.period == MINUTE)
+                        KeyUsage.update(requests=KeyUsage.requests - state.lease_left).where(
+                            where & (KeyUsage.start == state.minute)
+                        ).execute(db)  # fmt: skip
+                        state.lease_left = 0
             with self.connection as db:
-                for name, state in list(self._states.items()):
-                    with state.lock:
-                        self._write_charges(name, state)
-                        if state.lease_left and state.minute == window_start(MINUTE, now):
-                            where = (KeyUsage.key_name == name) & (KeyUsage.period == MINUTE)
-                            KeyUsage.update(requests=KeyUsage.requests - state.lease_left).where(
-                                where & (KeyUsage.start == state.minute)
-                            ).execute(db)  # fmt: skip
-                            state.lease_left = 0
                 self.streams.forget_mine(db)
         except Exception:
             log.warning("cannot settle the key counters at shutdown", exc_info=True)
