@@ -5,12 +5,15 @@ The limits' exactness across processes and instances is tests/test_keys_shared.p
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy_app.apikeys import SECRET_PREFIX, Policy
 from proxy_app.state import state_of
@@ -254,6 +257,39 @@ def test_keys_windows_are_kept_until_the_first_one_ends_or_the_limits_change():
         assert keystate.current_windows(state, policy, later) == keystate.windows(policy, later) != kept
     changed = Policy("team", tpm=100)
     assert keystate.current_windows(state, changed, now - 0.1) == keystate.windows(changed, now - 0.1)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(steps=st.lists(st.one_of(st.integers(1, 4000), st.sampled_from(["admit", "flush", "read", "other"])),
+                      max_size=40))  # fmt: skip
+def test_keys_kept_headroom_is_what_the_counts_give(tmp_path_factory, steps):
+    """The room above the margin that admit and charge keep between reads is always what the counts give now,
+    whatever this process and another one charge, write and read in between."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('headroom') / 'keys.db'}"
+    with counters.OneConnection(url) as db:
+        counters.create_tables(db)
+    here, other = (limits.Limiter(counters.OneConnection(url), name) for name in ("here", "other"))
+    policy = Policy("team", tpm=30_000, tokens_per_day=60_000)
+    for step in steps:
+        if step == "other":  # another process's call, written at once
+            other.charge(policy, 500)
+            other.flush()
+        elif step == "flush":
+            here.flush()  # the batched charges written: the view takes them in
+        elif isinstance(step, int):
+            here.charge(policy, step)
+        else:
+            if step == "read":
+                here._state("team").view_at = -math.inf  # the view too old: the next admission reads it again
+            here.admit(policy)
+        state = here._state("team")
+        with state.lock:  # the limiter's own thread writes the batches
+            if state.headroom is not None:
+                margin = max(keystate.MIN_MARGIN_TOKENS, 4 * state.biggest)
+                room = [limit - keystate.spent(state, period, start) - margin for period, limit, start in state.windows]
+                assert state.headroom == min(room), step
+    here.close()
+    other.close()
 
 
 def test_keys_limiter_closes_while_its_thread_writes_a_batch(tmp_path):

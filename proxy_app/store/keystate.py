@@ -1,6 +1,7 @@
 """What one process knows of one key's counters, and the arithmetic the limiter (limits.py) does on it: the size of
 a request lease, the windows of a key's token limits, the tokens spent in a window as this process knows them, and
-whether every token limit still has more than the margin left. A key's windows are kept until the first of them ends.
+whether every token limit still has more than the margin left. A key's windows are kept until the first of them ends;
+the room left above the margin is kept too, lowered by each charge, until a read, a write or a new window redoes it.
 
 None of this touches the database: the limiter reads and writes the counters and keeps a ``KeyState`` per key, under
 its lock, for these functions to reason about; limits.py keeps what talks to the database: the transactions, the
@@ -41,6 +42,9 @@ class KeyState:
     windows: tuple = ()  # the windows of the key's token limits, kept by current_windows while they hold
     windows_limits: tuple = ()  # the token limits they were made for
     windows_span: tuple[float, float] = (math.inf, -math.inf)  # [from, until): when every one of them holds
+    # the tokens this process may still charge before a window of ``windows`` is within the margin; None: to be
+    # worked out again (the view, the windows or the margin changed)
+    headroom: int | None = None
 
 
 def windows(policy: Policy, now: float) -> tuple[tuple[str, int, int], ...]:
@@ -53,7 +57,7 @@ def current_windows(state: KeyState, policy: Policy, now: float) -> tuple[tuple[
     holds ``state.lock``)."""
     since, until = state.windows_span
     if not since <= now < until or state.windows_limits != policy.token_limits:
-        state.windows, state.windows_limits = windows(policy, now), policy.token_limits
+        state.windows, state.windows_limits, state.headroom = windows(policy, now), policy.token_limits, None
         state.windows_span = (
             max((start for _period, _limit, start in state.windows), default=-math.inf),
             min((window_end(period, start) for period, _limit, start in state.windows), default=math.inf),
@@ -68,9 +72,21 @@ def spent(state: KeyState, period: str, start: int) -> int:
 
 
 def has_margin(state: KeyState, windows: tuple) -> bool:
-    """True when every token limit has more than the margin left, as far as this process knows."""
-    margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
-    for period, limit, start in windows:
-        if limit - spent(state, period, start) <= margin:
-            return False
-    return True
+    """True when every token limit of ``windows`` (the kept ``state.windows``) has more than the margin left, as far
+    as this process knows. The smallest room above the margin is kept in ``state.headroom``: a charge takes its
+    tokens off it (``charged``), and anything else that changes it sets it to None."""
+    if state.headroom is None:
+        margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
+        state.headroom = min((limit - spent(state, period, start) - margin for period, limit, start in windows),
+                             default=1)  # fmt: skip
+    return state.headroom > 0
+
+
+def charged(state: KeyState, windows: tuple, tokens: int) -> None:
+    """Add a call's ``tokens`` to what ``state`` has pending in each window (the caller holds ``state.lock``)."""
+    if tokens > state.biggest:
+        state.biggest, state.headroom = tokens, None  # a bigger margin
+    for period, _limit, start in windows:
+        state.pending[period, start] = state.pending.get((period, start), 0) + tokens
+    if state.headroom is not None:
+        state.headroom -= tokens  # every window's spending grew by as much

@@ -100,10 +100,8 @@ class Limiter:
         state = self._state(policy.name)
         with state.lock:
             windows = keystate.current_windows(state, policy, time.time())
-            state.biggest = max(state.biggest, tokens)
             first = not state.pending
-            for period, _limit, start in windows:
-                state.pending[period, start] = state.pending.get((period, start), 0) + tokens
+            keystate.charged(state, windows, tokens)
             if keystate.has_margin(state, windows):
                 if first:  # the writer of the batch: started, or started again after a fork or a crash
                     self.ticker.ensure()
@@ -154,7 +152,7 @@ class Limiter:
             ).execute(db)  # fmt: skip
             found = {(row.period, row.start): row.tokens for row in rows}
         state.view = {period: (start, found.get((period, start), 0)) for period, _limit, start in windows}
-        state.view_at = time.monotonic()
+        state.view_at, state.headroom = time.monotonic(), None
 
     def _write_charges(self, name: str, state: KeyState) -> None:
         """Add the key's pending charges to the database (the caller holds ``state.lock``)."""
@@ -175,6 +173,7 @@ class Limiter:
             seen_start, seen = state.view.get(period, (start, 0))
             state.view[period] = (start, (seen if seen_start == start else 0) + tokens)
         state.pending.clear()
+        state.headroom = None
 
     # ---- streams ------------------------------------------------------------------------------------------------
 
