@@ -135,6 +135,22 @@ def test_keys_model_list_and_model_use_follow_the_key(keyed, fake):
     assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10).status_code == 200
 
 
+def test_keys_copy_writes_only_to_a_model_the_key_may_use(keyed, fake):
+    """/api/copy names two models (server/routes.go, CopyHandler: source and destination): a key restricted to some
+    may not overwrite any other model by copying one of its own onto its name."""
+    app, handle, recorder = keyed
+    secret = make_key(app, models="llama3.2,mine")
+    onto_other = {"source": "llama3.2", "destination": "qwen3"}
+    refused = requests.post(f"{handle.url}/api/copy", json=onto_other, headers=bearer(secret), timeout=10)
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "the API key 'team' may not use the model 'qwen3'"}
+    assert not any(seen["path"] == "/api/copy" for seen in fake.seen)
+    onto_own = {"source": "llama3.2", "destination": "mine"}
+    assert requests.post(f"{handle.url}/api/copy", json=onto_own, headers=bearer(secret), timeout=10).status_code == 200
+    calls = recorder.wait_for(2)
+    assert sorted((call.http_status, call.outcome) for call in calls) == [(200, "completed"), (403, "rejected")]
+
+
 def test_keys_requests_per_minute_refuses_past_the_limit_with_retry_after(keyed, fake):
     app, handle, recorder = keyed
     secret = make_key(app, rpm=3)

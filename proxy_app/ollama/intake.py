@@ -40,6 +40,7 @@ class Intake:
     model_parameters: str | None = None
     prompt: str | None = None
     wants_usage_injected: bool = False  # a /v1 chat stream without include_usage
+    copy_to: str | None = None  # the model /api/copy writes: its destination (the source is ``model``)
 
 
 def read_intake(
@@ -74,6 +75,7 @@ def read_intake(
         prompt=as_go_text(_prompt(path, request)),
         # A compressed body is relayed as it came: no key can be spliced into it.
         wants_usage_injected=stream and path == "/v1/chat/completions" and not request.include_usage and data is body,
+        copy_to=as_go_text(gojson.string_of(request.values.get("destination"))) if path == "/api/copy" else None,
     )
 
 

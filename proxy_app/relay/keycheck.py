@@ -56,11 +56,12 @@ def identify(app, environ: dict) -> Verdict:
     return Verdict(policy, 401, reason) if reason else Verdict(policy)  # a refused key still names its calls
 
 
-def admit(app, policy: Policy, model: str | None) -> Verdict | None:
-    """None when a call of ``policy`` for ``model`` may go upstream (its request and stream are then taken), else
-    the refusal."""
-    if not policy.allows_model(model):
-        return Verdict(policy, 403, f"the API key {policy.name!r} may not use the model {model[:200]!r}")
+def admit(app, policy: Policy, model: str | None, copy_to: str | None = None) -> Verdict | None:
+    """None when a call of ``policy`` for ``model`` (and, for /api/copy, onto ``copy_to``) may go upstream (its
+    request and stream are then taken), else the refusal."""
+    for name in (model, copy_to):
+        if not policy.allows_model(name):
+            return Verdict(policy, 403, f"the API key {policy.name!r} may not use the model {name[:200]!r}")
     if not policy.is_limited:
         return None
     try:
