@@ -135,9 +135,10 @@ def test_keys_model_list_and_model_use_follow_the_key(keyed, fake):
     assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10).status_code == 200
 
 
-def test_keys_copy_writes_only_to_a_model_the_key_may_use(keyed, fake):
-    """/api/copy names two models (server/routes.go, CopyHandler: source and destination): a key restricted to some
-    may not overwrite any other model by copying one of its own onto its name."""
+def test_keys_copy_and_create_name_only_models_the_key_may_use(keyed, fake):
+    """/api/copy and /api/create name two models (api/types.go: CopyRequest's source and destination,
+    CreateRequest's model and from): a key restricted to some may neither overwrite another model by copying one of
+    its own onto its name, nor reach another model through one of its own names created from it."""
     app, handle, recorder = keyed
     secret = make_key(app, models="llama3.2,mine")
     onto_other = {"source": "llama3.2", "destination": "qwen3"}
@@ -147,8 +148,14 @@ def test_keys_copy_writes_only_to_a_model_the_key_may_use(keyed, fake):
     assert not any(seen["path"] == "/api/copy" for seen in fake.seen)
     onto_own = {"source": "llama3.2", "destination": "mine"}
     assert requests.post(f"{handle.url}/api/copy", json=onto_own, headers=bearer(secret), timeout=10).status_code == 200
-    calls = recorder.wait_for(2)
-    assert sorted((call.http_status, call.outcome) for call in calls) == [(200, "completed"), (403, "rejected")]
+    from_other = {"model": "mine", "from": "qwen3", "stream": False}
+    refused = requests.post(f"{handle.url}/api/create", json=from_other, headers=bearer(secret), timeout=10)
+    assert refused.status_code == 403 and "'qwen3'" in refused.json()["error"]
+    assert not any(seen["path"] == "/api/create" for seen in fake.seen)
+    calls = recorder.wait_for(3)
+    assert sorted((call.http_status, call.outcome) for call in calls) == [
+        (200, "completed"), (403, "rejected"), (403, "rejected")
+    ]  # fmt: skip
 
 
 def test_keys_requests_per_minute_refuses_past_the_limit_with_retry_after(keyed, fake):

@@ -53,7 +53,7 @@ class Fields:
 
 
 # Top-level fields: plain ones take a later value, except that null leaves them unchanged.
-PLAIN = ("model", "name", "source", "destination", "prompt")
+PLAIN = ("model", "name", "source", "destination", "from", "prompt")
 # Fields whose Go type is a pointer, an interface or raw JSON in at least the requests the proxy reads: any value
 # (null included) replaces the one before. The generation keys are recorded as sent.
 REPLACED = ("input", "format", "keep_alive", "think", "raw", "truncate", "shift", "dimensions", "logprobs",

@@ -18,6 +18,9 @@ from proxy_app.ollama import bodies, gojson, jsonscan
 # Why: Ollama streams these unless the body says "stream": false (absent, null or true all stream).
 NATIVE_STREAMING = frozenset({"/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create"})
 
+# Why: these routes name a second model besides ``model`` (api/types.go, CopyRequest and CreateRequest): the one
+# /api/copy writes, and the one /api/create builds from. A key's model list must allow both.
+SECOND_MODEL_KEYS = {"/api/copy": "destination", "/api/create": "from"}
 # Top-level request keys that shape generation; stored with `options` as model_parameters.
 GENERATION_KEYS = gojson.REPLACED[1:]  # all but input
 
@@ -40,7 +43,7 @@ class Intake:
     model_parameters: str | None = None
     prompt: str | None = None
     wants_usage_injected: bool = False  # a /v1 chat stream without include_usage
-    copy_to: str | None = None  # the model /api/copy writes: its destination (the source is ``model``)
+    second_model: str | None = None  # the other model a call names (SECOND_MODEL_KEYS): one it writes or reads
 
 
 def read_intake(
@@ -75,7 +78,7 @@ def read_intake(
         prompt=as_go_text(_prompt(path, request)),
         # A compressed body is relayed as it came: no key can be spliced into it.
         wants_usage_injected=stream and path == "/v1/chat/completions" and not request.include_usage and data is body,
-        copy_to=as_go_text(gojson.string_of(request.values.get("destination"))) if path == "/api/copy" else None,
+        second_model=as_go_text(gojson.string_of(request.values.get(SECOND_MODEL_KEYS.get(path)))),
     )
 
 

@@ -56,10 +56,10 @@ def identify(app, environ: dict) -> Verdict:
     return Verdict(policy, 401, reason) if reason else Verdict(policy)  # a refused key still names its calls
 
 
-def admit(app, policy: Policy, model: str | None, copy_to: str | None = None) -> Verdict | None:
-    """None when a call of ``policy`` for ``model`` (and, for /api/copy, onto ``copy_to``) may go upstream (its
-    request and stream are then taken), else the refusal."""
-    for name in (model, copy_to):
+def admit(app, policy: Policy, model: str | None, second_model: str | None = None) -> Verdict | None:
+    """None when a call of ``policy`` for ``model`` (and ``second_model``: intake.SECOND_MODEL_KEYS) may go upstream
+    (its request and stream are then taken), else the refusal."""
+    for name in (model, second_model):
         if not policy.allows_model(name):
             return Verdict(policy, 403, f"the API key {policy.name!r} may not use the model {name[:200]!r}")
     if not policy.is_limited:
