@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import secrets
 import threading
 import typing
@@ -265,6 +266,21 @@ def test_retention_max_rows_deletes_the_oldest_beyond_the_cap(store_writer, monk
     assert evicted == store_writer.evicted == 30
     assert sorted(stored_ids(store_writer.database)) == sorted(f"n{n}" for n in range(20, 40))
     assert store_writer.retain() == 0 and store_writer.evicted == 30
+
+
+def test_retention_max_rows_deletes_the_mirror_files_of_the_rows_it_deleted(store_writer, tmp_path):
+    """With no age limit the cap alone bounds the store: the rotated CSV files whose rows all went beyond it go too,
+    and a file still holding a kept row stays."""
+    store_writer.retention.max_rows, store_writer.retention.retention_days = 20, 0
+    writes.insert_calls(store_writer.database, aged(40, "n"))  # n0..n19 are beyond the cap, n20.. stay
+    files = {}
+    for name, last_row in (("beyond", 5), ("straddling", 25)):
+        files[name] = tmp_path / f"calls.2025-05-01T0000{last_row:02d}Z.csv"
+        files[name].write_text("timestamp,request_id\r\n")
+        moment = (NOW + timedelta(seconds=last_row)).timestamp()  # when its last row was written
+        os.utime(files[name], (moment, moment))
+    assert store_writer.retain() == 20
+    assert not files["beyond"].exists() and files["straddling"].exists()
 
 
 def test_writer_thread_keeps_the_store_within_max_rows(store_writer, caplog):

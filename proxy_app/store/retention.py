@@ -1,5 +1,5 @@
 """Retention: rows older than the retention period (calls, then model events), then the oldest calls beyond the row
-cap, are deleted a small batch at a time, and rotated CSV files older than the period go too.
+cap, are deleted a small batch at a time, and the rotated CSV files whose rows all went either way go too.
 
 The writer thread calls ``step`` between batches of new rows, so deleting never runs on the request path and never
 holds the write lock for long. A pass starts at the first step of a process and then every ``EVERY_SECONDS``; in
@@ -98,4 +98,8 @@ class Retention:
                         beyond, self.max_rows)  # fmt: skip
         deleted = writes.delete_older_than(self.database, self._cap_cutoff, BATCH_ROWS)
         self.evicted += deleted
-        return deleted == BATCH_ROWS
+        if deleted == BATCH_ROWS:
+            return True
+        if self.csv_log is not None:
+            self.csv_log.prune(self._cap_cutoff)  # rotated files whose every row the cap deleted
+        return False
