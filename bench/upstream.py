@@ -9,7 +9,8 @@ need, with the same wire bytes and the same knob headers (``X-Fake-Tokens``, ``X
 - ``POST /api/generate`` streaming: ``Transfer-Encoding: chunked``, one chunk per NDJSON line, the final line with
   ``done``, counts and durations. Each line's ``created_at`` is the wall-clock time it was written (ns), so a client
   can tell how late a line reached it compared with the upstream's schedule.
-- ``GET /api/version`` and ``GET /api/tags`` for the proxy's health probes; anything else is Go's 404.
+- ``GET /api/version`` and ``GET /api/tags`` for the proxy's health probes, ``GET /api/ps`` for its residency
+  poller; anything else is Go's 404.
 
 It does not validate models, run anything, or implement other endpoints. Run: ``python -m bench.upstream --port P``.
 """
@@ -125,7 +126,7 @@ class _Connection(asyncio.Protocol):
             self._whole("200 OK", "application/json; charset=utf-8", final_object(tokens, delay, full_text=True))
         elif method == "GET" and path == "/api/version":
             self._whole("200 OK", "application/json; charset=utf-8", b'{"version":"0.12.6"}')
-        elif method == "GET" and path == "/api/tags":
+        elif method == "GET" and path in ("/api/tags", "/api/ps"):  # nothing installed, nothing loaded
             self._whole("200 OK", "application/json; charset=utf-8", b'{"models":[]}')
         else:
             self._whole("404 Not Found", "text/plain", b"404 page not found")
