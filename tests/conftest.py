@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
+import psycopg2
 import pytest
 import requests
 
@@ -21,6 +24,8 @@ from proxy_app.state import state_of
 from tests.fake_ollama import FakeOllama, serve
 
 ROOT = Path(__file__).resolve().parent.parent
+# The README's test server; another can be named for a run (the tests add a throwaway schema to it).
+POSTGRES = os.environ.get("OLLAMA_PROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 # CI sets this so that tests needing PostgreSQL, Chromium or Prometheus fail rather than skip when the part is missing.
 REQUIRE_ALL = os.environ.get("OLLAMA_PROXY_TEST_REQUIRE_ALL") == "1"
 
@@ -32,6 +37,25 @@ def need(condition: bool, reason: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"required test dependency missing: {reason}")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str):
+    """Yield a PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
+    try:
+        connection = psycopg2.connect(POSTGRES, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
+    connection.autocommit = True
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP SCHEMA {schema} CASCADE")
+        connection.close()
 
 
 class CallRecorder:

@@ -15,10 +15,10 @@ from proxy_app.dashboard.filters import parse_filters
 from proxy_app.state import state_of
 from proxy_app.store import writes
 from proxy_app.store.keys import KeyTable
+from tests.conftest import postgres_schema
 from tests.test_csvlog import sample_call
 from tests.test_keys import CHAT, bearer, in_one_minute, make_key
 from tests.test_queries import NOW, filled_store, known_calls
-from tests.test_store import postgres_schema
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from proxy_app.store.keys import REFRESH_SECONDS
+from tests.conftest import postgres_schema
 from tests.processes import ROOT, wait_until
-from tests.test_store import postgres_schema
 
 SECRET = re.compile(r"opk_[A-Za-z0-9_-]{43}")
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}

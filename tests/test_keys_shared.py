@@ -19,10 +19,9 @@ from proxy_app.calls import COLUMNS
 from proxy_app.store import counters
 from proxy_app.store.keys import KeyChange, KeyTable
 from proxy_app.store.models import CallRow, open_database
-from tests.conftest import GunicornProxy
+from tests.conftest import GunicornProxy, postgres_schema
 from tests.fake_ollama import FakeOllama, serve
 from tests.test_keys import CHAT, bearer, in_one_minute
-from tests.test_store import postgres_schema
 
 RPM = 20  # small enough that every lease is one request (keystate.lease_size), so every grant is used at once
 # Each test's key on the two instances, created before they start: a running process sees a new key only at its next

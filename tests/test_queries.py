@@ -14,8 +14,8 @@ from proxy_app.calls import TEXT_CHARS
 from proxy_app.dashboard import filters, queries, readmodel, stats
 from proxy_app.dashboard.filters import FilterError, parse_filters
 from proxy_app.store import models, schema, writes
+from tests.conftest import postgres_schema
 from tests.test_csvlog import sample_call
-from tests.test_store import postgres_schema
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 XSS = "explain <img src=x onerror=alert(1)>"

@@ -13,8 +13,8 @@ from proxy_app.state import state_of
 from proxy_app.store import models, schema
 from proxy_app.store.models import CallRow, ModelEvent, open_database
 from proxy_app.store.retention import Retention
+from tests.conftest import postgres_schema
 from tests.test_dashboard import model_table
-from tests.test_store import postgres_schema
 
 LLAMA, QWEN = "llama3.2:latest", "qwen3:latest"
 LLAMA_SIZE, QWEN_SIZE = 2019393189, 5225388164  # the fake's catalogue sizes

@@ -16,7 +16,6 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
 import requests
 
@@ -24,8 +23,8 @@ from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
 from proxy_app.ollama.hosts import HostRule, host_of
 from proxy_app.state import state_of
+from tests.conftest import postgres_schema
 from tests.fake_ollama import FakeOllama, serve
-from tests.test_store import postgres_schema
 
 SECRETS = {"authorization": "Bearer sk-SECRET-AUTH-4242", "cookie": "session=SECRET-COOKIE-7373; theme=dark"}
 SECRET_WORDS = ("SECRET-AUTH-4242", "SECRET-COOKIE-7373", "SECRET-PROXY-5151")
@@ -54,6 +53,8 @@ def test_security_secrets_never_in_rows_csv_logs_or_metrics(app, live_proxy, fak
                           stream=True) as cut:  # fmt: skip
             next(cut.iter_content(64))  # then leave mid-stream
     fake.tokens, fake.token_delay = ["ok"], 0.0
+    import openai  # here: importing it takes about a second, which every other test of this unit-tier module spares
+
     client = closing(openai.OpenAI(base_url=url + "/v1", api_key="sk-SECRET-AUTH-4242", max_retries=0))
     client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True)
     recorder.wait_for(5)

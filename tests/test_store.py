@@ -7,7 +7,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 import socket
 import sqlite3
@@ -38,12 +37,10 @@ from proxy_app.store.models import CallRow, SchemaVersion, open_database
 from proxy_app.store.schema import create_tables
 from proxy_app.store.writer import Writer
 from proxy_app.store.writes import row_of
-from tests.conftest import CallRecorder, free_port, hold_write_lock, need, release
+from tests.conftest import POSTGRES, CallRecorder, free_port, hold_write_lock, postgres_schema, release
 from tests.fake_ollama import MODEL_ERROR
 from tests.test_csvlog import sample_call
 
-# The README's test server; another can be named for a run (the tests add a throwaway schema to it).
-POSTGRES = os.environ.get("OLLAMA_PROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MESSAGES = [{"role": "user", "content": "why is the sky blue"}]
 
 
@@ -404,25 +401,6 @@ def test_store_missing_database_never_fails_a_call(proxy_with, tmp_path, gone):
 
 
 # ---- many processes: gunicorn with SQLite and PostgreSQL, and SIGTERM under load ---------------------------
-
-
-@contextlib.contextmanager
-def postgres_schema(prefix: str):
-    """Yield a PostgreSQL URL whose tables live in a fresh schema, dropped afterwards (runs never collide)."""
-    try:
-        connection = psycopg2.connect(POSTGRES, connect_timeout=3)
-    except psycopg2.OperationalError as exc:
-        need(False, f"PostgreSQL at {POSTGRES} is unreachable: {exc}")
-    connection.autocommit = True
-    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP SCHEMA {schema} CASCADE")
-        connection.close()
 
 
 @pytest.fixture

@@ -24,9 +24,10 @@ from proxy_app.store import export, models, retention, schema, writes
 from proxy_app.store.csvlog import CsvLog
 from proxy_app.store.models import CallRow
 from proxy_app.store.writer import Writer
+from tests.conftest import postgres_schema
 from tests.fake_ollama import FakeOllama
 from tests.test_csvlog import NOW, parse, sample_call
-from tests.test_store import one_call, postgres_schema, read_store
+from tests.test_store import one_call, read_store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
