@@ -71,22 +71,22 @@ def spent(state: KeyState, period: str, start: int) -> int:
     return (seen if seen_start == start else 0) + state.pending.get((period, start), 0)
 
 
-def has_margin(state: KeyState, windows: tuple) -> bool:
-    """True when every token limit of ``windows`` (the kept ``state.windows``) has more than the margin left, as far
+def has_margin(state: KeyState) -> bool:
+    """True when every token limit of the kept windows (``current_windows``) has more than the margin left, as far
     as this process knows. The smallest room above the margin is kept in ``state.headroom``: a charge takes its
     tokens off it (``charged``), and anything else that changes it sets it to None."""
     if state.headroom is None:
         margin = max(MIN_MARGIN_TOKENS, 4 * state.biggest)
-        state.headroom = min((limit - spent(state, period, start) - margin for period, limit, start in windows),
-                             default=1)  # fmt: skip
+        room = (limit - spent(state, period, start) - margin for period, limit, start in state.windows)
+        state.headroom = min(room, default=1)
     return state.headroom > 0
 
 
-def charged(state: KeyState, windows: tuple, tokens: int) -> None:
-    """Add a call's ``tokens`` to what ``state`` has pending in each window (the caller holds ``state.lock``)."""
+def charged(state: KeyState, tokens: int) -> None:
+    """Add a call's ``tokens`` to what ``state`` has pending in each kept window (the caller holds ``state.lock``)."""
     if tokens > state.biggest:
         state.biggest, state.headroom = tokens, None  # a bigger margin
-    for period, _limit, start in windows:
+    for period, _limit, start in state.windows:
         state.pending[period, start] = state.pending.get((period, start), 0) + tokens
     if state.headroom is not None:
         state.headroom -= tokens  # every window's spending grew by as much

@@ -99,10 +99,10 @@ class Limiter:
             return
         state = self._state(policy.name)
         with state.lock:
-            windows = keystate.current_windows(state, policy, time.time())
+            keystate.current_windows(state, policy, time.time())  # kept in state, which charged and has_margin read
             first = not state.pending
-            keystate.charged(state, windows, tokens)
-            if keystate.has_margin(state, windows):
+            keystate.charged(state, tokens)
+            if keystate.has_margin(state):
                 if first:  # the writer of the batch: started, or started again after a fork or a crash
                     self.ticker.ensure()
             else:
@@ -137,7 +137,7 @@ class Limiter:
 
     def _check_tokens(self, policy: Policy, state: KeyState, now: float) -> Refusal | None:
         windows = keystate.current_windows(state, policy, now)
-        if time.monotonic() - state.view_at < VIEW_SECONDS and keystate.has_margin(state, windows):
+        if time.monotonic() - state.view_at < VIEW_SECONDS and keystate.has_margin(state):
             return None  # the common case: far from every limit, as of a recent read
         self._read_view(policy.name, state, windows)
         for period, limit, start in windows:
