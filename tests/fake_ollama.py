@@ -241,6 +241,8 @@ class FakeOllama:
     `X-Fake-<Knob-Name>` header, e.g. `X-Fake-Token-Delay: 0.05`:
       tokens            output tokens; the header takes a count (`64`) or a JSON list
       token_delay       seconds between streamed lines (a non-stream reply waits for all of them)
+      line_gate         attribute only: a threading.Semaphore a stream acquires before each line after the first
+                        (up to 10 s), so a test can let lines out one at a time
       load_delay        seconds before a POST's reply starts (headers and first byte)
       error_after       after N lines send Ollama's mid-stream error and end (non-stream: a 500 reply)
       cut_after         streams only: after N >= 1 lines drop the connection without the terminating chunk
@@ -267,6 +269,7 @@ class FakeOllama:
         """Restore default knobs, models and counters (use between tests on a shared server)."""
         self.tokens = list(DEFAULT_TOKENS)
         self.token_delay = self.load_delay = 0.0
+        self.line_gate = None
         self.error_after = self.cut_after = self.fail_status = None
         self.omit_done = self.v1_legacy_layout = False
         self.cached_tokens = None
@@ -325,7 +328,7 @@ class FakeOllama:
         for name, parse in KNOBS.items():
             header = environ.get("HTTP_X_FAKE_" + name.upper())
             values[name] = parse(header) if header is not None else getattr(self, name)
-        return SimpleNamespace(**values)
+        return SimpleNamespace(**values, line_gate=self.line_gate)
 
     def _record(self, environ, req) -> dict:
         headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")}
@@ -394,6 +397,8 @@ class FakeOllama:
         while True:
             if n and knobs.token_delay:
                 time.sleep(knobs.token_delay)
+            if n and knobs.line_gate is not None:
+                knobs.line_gate.acquire(timeout=10)
             if n == knobs.error_after:
                 yield stream.error
                 return

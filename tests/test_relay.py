@@ -23,10 +23,12 @@ from tests.raw_upstream import TLS, chunked, response, tls_upstream
 RECORDINGS = Path(__file__).parent / "recordings"
 
 
-def open_stream(url: str, path: str, body: dict, headers: dict | None = None) -> http.client.HTTPResponse:
+def open_stream(
+    url: str, path: str, body: dict, headers: dict | None = None, timeout: float = 30
+) -> http.client.HTTPResponse:
     """POST a JSON body with http.client and return the response unread (for timing lines)."""
     host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     headers = {"Content-Type": "application/json", "Connection": "close", **(headers or {})}
     connection.request("POST", path, json.dumps(body), headers)
     return connection.getresponse()  # with Connection: close the response owns the socket and closes it at the end
@@ -138,29 +140,36 @@ def test_relay_root_and_head(live_proxy, recorder):
     connection.close()
 
 
+def lockstep_lines(response: http.client.HTTPResponse, gate: threading.Semaphore, counts=lambda line: True) -> list:
+    """Read a stream whose upstream writes each line only after the line before it reached us.
+
+    After every counted line the gate lets the upstream write its next one, so a line the proxy held back (until the
+    next line came, or the end) never arrives and the read times out.
+    """
+    lines = []
+    while line := response.readline():
+        lines.append(line)
+        if counts(line):
+            gate.release()
+    return lines
+
+
 def test_relay_lines_arrive_as_sent(live_proxy, fake):
-    fake.token_delay = 0.25
-    response = open_stream(live_proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "hi"})
+    fake.line_gate = threading.Semaphore(0)
+    response = open_stream(live_proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, timeout=5)
     assert response.getheader("X-Accel-Buffering") == "no"
-    lines = timed_lines(response)
+    lines = lockstep_lines(response, fake.line_gate)
     assert len(lines) == len(fake.tokens) + 1
-    start = lines[0][0]
-    for index, (arrived, _) in enumerate(lines[1:], start=1):
-        # line i arrives about i * delay after the first: not held until the end, nor until the next line comes
-        assert (index - 0.6) * fake.token_delay <= arrived - start <= (index + 0.5) * fake.token_delay
+    assert json.loads(lines[-1])["done"] is True
 
 
 def test_relay_sse_events_arrive_as_sent(live_proxy, fake):
-    fake.token_delay = 0.25
+    fake.line_gate = threading.Semaphore(0)
     body = {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    response = open_stream(live_proxy.url, "/v1/chat/completions", body)
-    data_lines = [(t, line) for t, line in timed_lines(response) if line.startswith(b"data: {")]
-    assert len(data_lines) >= len(fake.tokens)
-    gaps = [b[0] - a[0] for a, b in zip(data_lines, data_lines[1 : len(fake.tokens)], strict=False)]
-    assert min(gaps) >= 0.15
-    start = data_lines[0][0]
-    for index, (arrived, _) in enumerate(data_lines[1 : len(fake.tokens)], start=1):
-        assert arrived - start <= (index + 0.5) * fake.token_delay  # never held back until the next event comes
+    response = open_stream(live_proxy.url, "/v1/chat/completions", body, timeout=5)
+    lines = lockstep_lines(response, fake.line_gate, counts=lambda line: line.startswith(b"data: {"))
+    assert len([line for line in lines if line.startswith(b"data: {")]) >= len(fake.tokens)
+    assert lines[-2:] == [b"data: [DONE]\n", b"\n"]
 
 
 def test_relay_ollama_client_generate_and_chat(live_proxy, recorder, fake, closing):
@@ -405,10 +414,9 @@ def test_relay_under_gunicorn_with_clients(gunicorn_proxy, fake, closing):
         model="llama3.2", messages=[{"role": "user", "content": "x"}]
     )
     assert reply.usage.completion_tokens == len(fake.tokens)
-    fake.token_delay = 0.2
-    response = open_stream(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
-    lines = timed_lines(response)
-    assert lines[-1][0] - lines[0][0] >= 0.6 * len(fake.tokens) * 0.2  # streamed, not buffered
+    fake.line_gate = threading.Semaphore(0)
+    response = open_stream(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"}, timeout=5)
+    assert len(lockstep_lines(response, fake.line_gate)) == len(fake.tokens) + 1  # streamed, not buffered
 
 
 def test_relay_health_and_test_endpoints(client, fake):

@@ -353,7 +353,7 @@ def test_store_database_locked_for_10_s_fails_no_call_and_loses_no_row(proxy_wit
     sent = 0
     while time.monotonic() < locked_until:
         response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": f"locked {sent}"})
-        assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
+        assert response.status_code == 200 and response.elapsed.total_seconds() < 1  # the lock lasts 10 s
         sent += 1
         time.sleep(0.25)
     writer = state_of(app).writer
@@ -371,7 +371,7 @@ def test_store_locked_database_past_the_retry_window_drops_and_counts(proxy_with
     holder = hold_write_lock(path)
     for _ in range(5):
         response = post(proxy.url, "/api/generate", {"model": "llama3.2", "prompt": "x"})
-        assert response.status_code == 200 and response.elapsed.total_seconds() < 0.5
+        assert response.status_code == 200 and response.elapsed.total_seconds() < 1
     recorder.wait_for(5)
     writer = state_of(app).writer
     assert writer.flush(10)

@@ -134,7 +134,7 @@ def test_writer_full_queue_drops_without_blocking(tmp_path, monkeypatch):
     started = time.perf_counter()
     for n in range(5):
         writer.submit(sample_call(request_id=f"q{n}"))
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 1  # the store is held for 5 s: submit never waits for it
     assert (writer.dropped, writer.depth) == (2, 3)
     release.set()
     assert writer.flush(5)
