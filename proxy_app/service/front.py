@@ -24,6 +24,7 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 
+from proxy_app.service.dispatch import LastIdleFirstDispatcher
 from proxy_app.service.guard import Guard, Limits
 from proxy_app.service.request_errors import OwnRoutesParser, ShapedErrorTask
 
@@ -40,6 +41,7 @@ POSIX_CONNECTION_LIMIT = 2000
 # Why: a call in progress holds a thread, so THREADS runs to a thousand; Python code needs little C stack, and 1,000
 # threads at the platform's 8 MB each would reserve 8 GB, which a host with strict overcommit refuses.
 THREAD_STACK_BYTES = 512 * 1024
+DEFAULT_THREADS = 4  # waitress's own default, for a Front built without `threads`
 OPTIONS = {
     "ident": "ollama-proxy",
     "clear_untrusted_proxy_headers": False,  # the relay decides whom to believe (TRUSTED_PROXIES)
@@ -194,11 +196,16 @@ class Front:
     def __init__(self, app, limits: Limits, **options) -> None:
         self.map: dict = {}
         self.guard = Guard(limits)
-        previous = threading.stack_size(THREAD_STACK_BYTES)  # waitress starts its threads in create_server
+        options = {**OPTIONS, **options}
+        dispatcher = LastIdleFirstDispatcher()
+        previous = threading.stack_size(THREAD_STACK_BYTES)
         try:
-            self.server = waitress.create_server(app, map=self.map, **{**OPTIONS, **options})
+            dispatcher.set_thread_count(options.get("threads", DEFAULT_THREADS))
         finally:
             threading.stack_size(previous)
+        # The one place a waitress parameter named as private is used: create_server takes a dispatcher only
+        # through `_dispatcher` (dispatch.py says why ours).
+        self.server = waitress.create_server(app, map=self.map, _dispatcher=dispatcher, **options)
         listeners = [item for item in self.map.values() if isinstance(item, BaseWSGIServer)]
         channel_class = make_channel_class(self.guard)
         self.acceptors = []
