@@ -171,15 +171,15 @@ def start_hello(server: str, threads: int = 64) -> Target:
 
 
 def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int | None, workers: int | None = 1,
-                extra_env: dict | None = None) -> Target:  # fmt: skip
+                extra_env: dict | None = None, checkout: Path = ROOT) -> Target:  # fmt: skip
     """``python -m proxy_app serve`` under ``server`` with full analytics (SQLite, CSV, metrics) in a fresh dir.
 
-    ``threads`` and ``workers`` None leave those settings at their defaults.
+    ``threads`` and ``workers`` None leave those settings at their defaults; ``checkout`` is the source tree served.
     """
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"{server}-", dir=work_dir))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_PROXY_", "PROMETHEUS_"))}
-    env.update(OLLAMA_PROXY_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT), **(extra_env or {}))
+    env.update(OLLAMA_PROXY_LOG_LEVEL="WARNING", PYTHONPATH=str(checkout), **(extra_env or {}))
     command = [sys.executable, "-m", "proxy_app", "serve", "--server", server, "--port", str(port),
                "--upstream", upstream.url, "--data-dir", str(data_dir)]  # fmt: skip
     command += ["--threads", str(threads)] if threads is not None else []
