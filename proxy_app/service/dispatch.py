@@ -3,9 +3,9 @@
 waitress's ThreadedTaskDispatcher wakes its idle threads through one condition variable, which wakes the longest
 waiting thread first. With THREADS in the thousands (each call in progress, a stream included, holds one), a steady
 load then passes through every thread in turn, and each one it reaches keeps the stack pages and the Python frame
-stack it used: the process grows by about THREADS × 50 KB over the first hundred thousand calls, and every call runs
-on a thread whose memory is cold. Here each idle thread waits on a lock of its own, kept on a stack, and a new task
-wakes the top one; the threads a load needs stay warm and the others stay untouched.
+stack it used: the process grows with THREADS, not with the load, and every call runs on a thread whose memory is
+cold (docs/benchmarks.md measures both). Here each idle thread waits on a lock of its own, kept on a stack, and a
+new task wakes the top one; the threads a load needs stay warm and the others stay untouched.
 
 Everything else is waitress's dispatcher: its queue, its counts and its shutdown.
 """
