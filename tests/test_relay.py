@@ -34,14 +34,6 @@ def open_stream(
     return connection.getresponse()  # with Connection: close the response owns the socket and closes it at the end
 
 
-def timed_lines(response: http.client.HTTPResponse) -> list[tuple[float, bytes]]:
-    """Read a response line by line, noting when each line arrived."""
-    lines = []
-    while line := response.readline():
-        lines.append((time.monotonic(), line))
-    return lines
-
-
 class Replay:
     """A tiny upstream that answers every request with fixed bytes in fixed chunks (for byte-for-byte checks)."""
 
@@ -358,12 +350,12 @@ def test_relay_64_concurrent_streams_are_all_relayed_at_once(live_proxy, fake, r
     """Each stream gets its first line while no stream may have its second: none waits for a slot behind another."""
     fake.line_gate = threading.Semaphore(0)
     body = {"model": "llama3.2", "prompt": "x"}
-    responses = [open_stream(live_proxy.url, "/api/generate", body, timeout=10) for _ in range(64)]
-    assert [response.status for response in responses] == [200] * 64
-    assert all(json.loads(response.readline())["response"] == fake.tokens[0] for response in responses)
+    answers = [open_stream(live_proxy.url, "/api/generate", body, timeout=10) for _ in range(64)]
+    assert [answer.status for answer in answers] == [200] * 64
+    assert all(json.loads(answer.readline())["response"] == fake.tokens[0] for answer in answers)
     fake.line_gate.release(64 * len(fake.tokens))
-    for response in responses:
-        assert json.loads(response.read().splitlines()[-1])["done"] is True
+    for answer in answers:
+        assert json.loads(answer.read().splitlines()[-1])["done"] is True
     assert len(recorder.wait_for(64)) == 64
 
 
