@@ -158,6 +158,21 @@ def test_keys_copy_and_create_name_only_models_the_key_may_use(keyed, fake):
     ]  # fmt: skip
 
 
+def test_keys_manage_the_models_the_key_may_use_and_no_other(keyed, fake):
+    """Management calls name their model as any call does (api/types.go DeleteRequest, PullRequest): a key allowed a
+    model may delete or pull it (the README says so), and gets 403 for any other."""
+    app, handle, recorder = keyed
+    secret = make_key(app, models="llama3.2")
+    other = requests.delete(f"{handle.url}/api/delete", json={"model": "qwen3"}, headers=bearer(secret), timeout=10)
+    assert other.status_code == 403 and "'qwen3'" in other.json()["error"]
+    pull = {"model": "llama3.2", "stream": False}
+    assert requests.post(f"{handle.url}/api/pull", json=pull, headers=bearer(secret), timeout=10).status_code == 200
+    own = requests.delete(f"{handle.url}/api/delete", json={"model": "llama3.2"}, headers=bearer(secret), timeout=10)
+    assert own.status_code == 200
+    assert [seen["path"] for seen in fake.seen] == ["/api/pull", "/api/delete"]
+    assert sorted(call.outcome for call in recorder.wait_for(3)) == ["completed", "completed", "rejected"]
+
+
 def test_keys_requests_per_minute_refuses_past_the_limit_with_retry_after(keyed, fake):
     app, handle, recorder = keyed
     secret = make_key(app, rpm=3)
