@@ -1,7 +1,7 @@
 # Two commands for a fresh Linux machine: `make run` starts the proxy, `make test` runs every test.
 # Both create the virtualenv they need. CI runs `.ci/run`, which installs system packages and then `make test`.
-# `make test-fast` runs the unit tier only, on two pytest processes (18 to 35 s on a 2-core machine, by its speed and load):
-# while working, before `make test`.
+# `make test-fast` runs the unit tier only, on two pytest processes (18 to 35 s on a 2-core machine, by its speed
+# and load): while working, before `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
