@@ -41,7 +41,6 @@ POSIX_CONNECTION_LIMIT = 2000
 # Why: a call in progress holds a thread, so THREADS runs to a thousand; Python code needs little C stack, and 1,000
 # threads at the platform's 8 MB each would reserve 8 GB, which a host with strict overcommit refuses.
 THREAD_STACK_BYTES = 512 * 1024
-DEFAULT_THREADS = 4  # waitress's own default, for a Front built without `threads`
 OPTIONS = {
     "ident": "ollama-proxy",
     "clear_untrusted_proxy_headers": False,  # the relay decides whom to believe (TRUSTED_PROXIES)
@@ -193,19 +192,19 @@ def raise_file_limit(wanted: int) -> None:
 class Front:
     """waitress's server for ``app`` with a guarded acceptor on each listener; ``map`` is the loop's socket map."""
 
-    def __init__(self, app, limits: Limits, **options) -> None:
+    def __init__(self, app, limits: Limits, threads: int, **options) -> None:
         self.map: dict = {}
         self.guard = Guard(limits)
-        options = {**OPTIONS, **options}
         dispatcher = LastIdleFirstDispatcher()
         previous = threading.stack_size(THREAD_STACK_BYTES)
         try:
-            dispatcher.set_thread_count(options.get("threads", DEFAULT_THREADS))
+            dispatcher.set_thread_count(threads)
         finally:
             threading.stack_size(previous)
         # The one place a waitress parameter named as private is used: create_server takes a dispatcher only
         # through `_dispatcher` (dispatch.py says why ours).
-        self.server = waitress.create_server(app, map=self.map, _dispatcher=dispatcher, **options)
+        self.server = waitress.create_server(app, map=self.map, _dispatcher=dispatcher, threads=threads,
+                                             **{**OPTIONS, **options})  # fmt: skip
         listeners = [item for item in self.map.values() if isinstance(item, BaseWSGIServer)]
         channel_class = make_channel_class(self.guard)
         self.acceptors = []
