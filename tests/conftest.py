@@ -92,12 +92,17 @@ def upstream(fake):
     handle.close()
 
 
-@pytest.fixture
-def settings(upstream, tmp_path) -> dict:
-    """Settings for a test app pointing at the fake upstream, with data in a temporary directory. No load sampling:
+def app_settings(upstream_url: str, data_dir: Path) -> dict:
+    """Settings for a test app relaying to ``upstream_url`` and keeping its data in ``data_dir``. No load sampling:
     a process's first call would wait for the first CPU figure (tests of the sampler and of the rows it fills set
     SAMPLE_INTERVAL themselves)."""
-    return {"UPSTREAM": upstream.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", "SAMPLE_INTERVAL": "0"}
+    return {"UPSTREAM": upstream_url, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING", "SAMPLE_INTERVAL": "0"}
+
+
+@pytest.fixture
+def settings(upstream, tmp_path) -> dict:
+    """``app_settings`` for the fake upstream and a temporary directory."""
+    return app_settings(upstream.url, tmp_path)
 
 
 @pytest.fixture

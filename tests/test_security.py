@@ -23,7 +23,7 @@ from proxy_app import config as config_module
 from proxy_app import create_app, shutdown, warn_if_exposed
 from proxy_app.ollama.hosts import HostRule, host_of
 from proxy_app.state import state_of
-from tests.conftest import postgres_schema
+from tests.conftest import app_settings, postgres_schema
 from tests.fake_ollama import FakeOllama, serve
 
 SECRETS = {"authorization": "Bearer sk-SECRET-AUTH-4242", "cookie": "session=SECRET-COOKIE-7373; theme=dark"}
@@ -352,9 +352,7 @@ def loopback_app(tmp_path_factory):
     """One app on the default (loopback) bind for the many Host headers below, which only read two pages each."""
     fake = FakeOllama()
     upstream = serve(fake)
-    data = tmp_path_factory.mktemp("hosts")
-    settings = {"UPSTREAM": upstream.url, "DATA_DIR": str(data), "LOG_LEVEL": "WARNING", "SAMPLE_INTERVAL": "0"}
-    app = create_app(settings, environ={})
+    app = create_app(app_settings(upstream.url, tmp_path_factory.mktemp("hosts")), environ={})
     yield app, fake
     shutdown(app)
     upstream.close()
