@@ -148,11 +148,11 @@ def step(label: str, action) -> None:
     print(f"[bench] {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
-def code_version() -> str:
-    """The commit measured, with "+changes" when the work tree differs from it."""
+def code_version(checkout: Path = targets.ROOT) -> str:
+    """The commit of ``checkout`` measured, with "+changes" when its work tree differs from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=targets.ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=targets.ROOT,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
                                capture_output=True, text=True)  # fmt: skip
     except OSError:
         return "unknown"

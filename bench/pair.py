@@ -20,13 +20,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench import client, load, targets
-from bench.measure import MB
+from bench.measure import MB, rotations
 
 SLICES, SECONDS, CONNECTIONS = 8, 6.0, 64
 
@@ -51,17 +50,16 @@ def run(
         for target in started:
             asyncio.run(client.sequential(target.url, 20, stream=False))  # warm up
         slices_of = {target.url: [_memory(target, 0)] for target in started}
-        done = dict.fromkeys(slices_of, 0)
-        for number in range(slices):
-            for target in started if number % 2 == 0 else started[::-1]:
-                cpu = target.cpu_seconds()
-                result = load.run_load(target.url, connections, seconds)
-                done[target.url] += result["calls"]
-                slices_of[target.url].append({
-                    **_memory(target, done[target.url]), "calls_per_second": round(result["calls_per_second"]),
-                    "cpu_us_per_call": round((target.cpu_seconds() - cpu) / max(result["calls"], 1) * 1e6),
-                    "errors": result["non_2xx"] + result["socket_errors"],
-                })  # fmt: skip
+        for _, target in rotations(started, slices):
+            cpu = target.cpu_seconds()
+            result = load.run_load(target.url, connections, seconds)
+            rows = slices_of[target.url]
+            rows.append({
+                **_memory(target, rows[-1]["calls"] + result["calls"]),
+                "calls_per_second": round(result["calls_per_second"]),
+                "cpu_us_per_call": round((target.cpu_seconds() - cpu) / max(result["calls"], 1) * 1e6),
+                "errors": result["non_2xx"] + result["socket_errors"],
+            })  # fmt: skip
     finally:
         for target in started + [upstream]:
             target.stop()
@@ -83,11 +81,6 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
-def _commit(checkout: Path) -> str:
-    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return found.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pair", description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="the other checkout's source tree")
@@ -103,7 +96,7 @@ def main(argv=None) -> None:
 
     other = args.other.resolve()
     document = {"mode": "pair", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-                "code": code_version(), "other_code": _commit(other), "server": args.server,
+                "code": code_version(), "other_code": code_version(other), "server": args.server,
                 "workers": args.workers or "default", "threads": args.threads or "default",
                 "connections": args.connections, "seconds": args.seconds}  # fmt: skip
     document["figures"] = run(other, args.server, args.slices, args.seconds, args.connections, args.workers,
