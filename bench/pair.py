@@ -88,8 +88,12 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", type=int, default=SLICES)
     parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
-    parser.add_argument("--workers", type=int, help="gunicorn workers of both (default: each checkout's default; "
-                        "needed when those differ, as the wait for ready workers counts this checkout's)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="gunicorn workers of both (default: each checkout's default; "
+        "needed when those differ, as the wait for ready workers counts this checkout's)",
+    )
     parser.add_argument("--threads", type=int, help="threads per process of both (default: each checkout's default)")
     parser.add_argument("--output", type=Path, help="results file (default bench/results/<time>-pair-<other>.json)")
     args = parser.parse_args(argv)
