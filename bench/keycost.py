@@ -98,7 +98,7 @@ def check(app, secret: str | None, calls: int) -> None:
     header = f"Bearer {secret}"
     for _ in range(calls):
         policy = keycheck.identify(app, {"HTTP_AUTHORIZATION": header}).policy
-        if keycheck.admit(app, policy, "llama3.2") is not None:
+        if keycheck.admit(app, policy, "/api/chat", "llama3.2") is not None:
             raise AssertionError(f"the key {policy.name!r} was refused: a limit is not far")
         keycheck.settle_key(app, policy, TOKENS_PER_CALL)
 

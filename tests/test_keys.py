@@ -140,7 +140,7 @@ def test_keys_copy_and_create_name_only_models_the_key_may_use(keyed, fake):
     CreateRequest's model and from): a key restricted to some may neither overwrite another model by copying one of
     its own onto its name, nor reach another model through one of its own names created from it."""
     app, handle, recorder = keyed
-    secret = make_key(app, models="llama3.2,mine")
+    secret = make_key(app, models="llama3.2,mine", manage=True)
     onto_other = {"source": "llama3.2", "destination": "qwen3"}
     refused = requests.post(f"{handle.url}/api/copy", json=onto_other, headers=bearer(secret), timeout=10)
     assert refused.status_code == 403
@@ -159,10 +159,10 @@ def test_keys_copy_and_create_name_only_models_the_key_may_use(keyed, fake):
 
 
 def test_keys_manage_the_models_the_key_may_use_and_no_other(keyed, fake):
-    """Management calls name their model as any call does (api/types.go DeleteRequest, PullRequest): a key allowed a
-    model may delete or pull it (the README says so), and gets 403 for any other."""
+    """Management calls name their model as any call does (api/types.go DeleteRequest, PullRequest): a key allowed
+    to manage (--manage) may delete or pull a model it may use, and gets 403 for any other."""
     app, handle, recorder = keyed
-    secret = make_key(app, models="llama3.2")
+    secret = make_key(app, models="llama3.2", manage=True)
     other = requests.delete(f"{handle.url}/api/delete", json={"model": "qwen3"}, headers=bearer(secret), timeout=10)
     assert other.status_code == 403 and "'qwen3'" in other.json()["error"]
     pull = {"model": "llama3.2", "stream": False}
@@ -171,6 +171,51 @@ def test_keys_manage_the_models_the_key_may_use_and_no_other(keyed, fake):
     assert own.status_code == 200
     assert [seen["path"] for seen in fake.seen] == ["/api/pull", "/api/delete"]
     assert sorted(call.outcome for call in recorder.wait_for(3)) == ["completed", "completed", "rejected"]
+
+
+MANAGEMENT_CALLS = [  # every management route of server/routes.go, with a body its handler would take
+    ("POST", "/api/pull", {"model": "llama3.2", "stream": False}),
+    ("POST", "/api/push", {"model": "llama3.2", "stream": False}),
+    ("POST", "/api/create", {"model": "llama3.2", "from": "llama3.2", "stream": False}),
+    ("POST", "/api/copy", {"source": "llama3.2", "destination": "llama3.2"}),
+    ("DELETE", "/api/delete", {"model": "llama3.2"}),
+    ("POST", "/api/blobs/sha256:" + "0" * 64, None),
+    ("POST", "/api/signout", None),
+    ("DELETE", "/api/user/keys/a2V5", None),
+]
+
+
+@pytest.mark.parametrize("models", ["", "llama3.2"], ids=["every-model", "one-model"])
+def test_keys_may_not_manage_models_unless_created_to(keyed, fake, models):
+    """A key without --manage, even one allowed every model, may neither pull, push, create, copy nor delete models,
+    nor sign the server out of ollama.com: those change what every caller has. Each gets 403 in Ollama's shape before
+    reaching it and is recorded as rejected; the key's other calls go on."""
+    app, handle, recorder = keyed
+    secret = make_key(app, models=models)
+    for method, path, body in MANAGEMENT_CALLS:
+        refused = requests.request(method, handle.url + path, json=body, headers=bearer(secret), timeout=10)
+        assert refused.status_code == 403, path
+        assert refused.json() == {
+            "error": "the API key 'team' may not manage models (pull, push, create, copy, "
+            "delete) or the server's sign-in; `keys update --manage` allows it"
+        }
+    head = requests.head(f"{handle.url}/api/blobs/sha256:{'0' * 64}", headers=bearer(secret), timeout=10)
+    assert head.status_code == 403
+    assert fake.seen == []
+    assert requests.post(f"{handle.url}/api/chat", json=CHAT, headers=bearer(secret), timeout=10).status_code == 200
+    calls = recorder.wait_for(len(MANAGEMENT_CALLS) + 2)
+    assert sorted(call.outcome for call in calls) == ["completed"] + ["rejected"] * (len(MANAGEMENT_CALLS) + 1)
+    assert {call.key_name for call in calls} == {"team"}
+
+
+def test_keys_with_manage_reach_every_management_route(keyed, fake):
+    """--manage lets the same calls through to Ollama, unchanged."""
+    app, handle, _recorder = keyed
+    secret = make_key(app, manage=True)
+    for method, path, body in MANAGEMENT_CALLS:
+        answer = requests.request(method, handle.url + path, json=body, headers=bearer(secret), timeout=10)
+        assert answer.status_code != 403, path
+    assert [seen["path"] for seen in fake.seen] == [path for _, path, _ in MANAGEMENT_CALLS]
 
 
 def test_keys_requests_per_minute_refuses_past_the_limit_with_retry_after(keyed, fake):

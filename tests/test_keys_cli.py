@@ -17,8 +17,11 @@ import ollama
 import openai
 import pytest
 import requests
+from playhouse.migrate import SchemaMigrator, migrate
 
-from proxy_app.store.keys import REFRESH_SECONDS
+from proxy_app import config
+from proxy_app.store import counters
+from proxy_app.store.keys import KEYS_TABLE, REFRESH_SECONDS
 from tests.conftest import postgres_schema
 from tests.processes import ROOT, wait_until
 
@@ -70,25 +73,27 @@ def test_keys_cli_create_list_update_revoke_usage(database):
     *shown, secret = result.stdout.splitlines()
     assert SECRET.fullmatch(secret) and result.stdout.count(secret) == 1
     assert shown[0].split() == ["NAME", "HINT", "CREATED", "EXPIRES", "REVOKED", "MODELS", "RPM", "TPM",
-                                "TOKENS/DAY", "TOKENS/MONTH", "STREAMS", "CAPTURE"]  # fmt: skip
+                                "TOKENS/DAY", "TOKENS/MONTH", "STREAMS", "CAPTURE", "MANAGE"]  # fmt: skip
     assert shown[1].split()[:2] == ["team", secret[:8]]
     (row,) = listed(database)
     assert datetime.fromisoformat(row.pop("created")) <= datetime.now(UTC)
     assert row == {
         "name": "team", "hint": secret[:8], "expires": expires.isoformat(), "revoked": None,
         "models": ["llama3.2:latest", "qwen3:8b"], "rpm": 5, "tpm": 0, "tokens_per_day": 1000, "tokens_per_month": 0,
-        "max_streams": 0, "capture": False,
+        "max_streams": 0, "capture": False, "manage": False,
     }  # fmt: skip
     digest = hashlib.sha256(secret.encode()).hexdigest()
     for output in (keys(database, "list").stdout, keys(database, "list", "--json").stdout):
         assert "team" in output and secret not in output and digest not in output
 
     assert (
-        keys(database, "update", "team", "--models", "", "--rpm", "0", "--max-streams", "2", "--capture").returncode
+        keys(
+            database, "update", "team", "--models", "", "--rpm", "0", "--max-streams", "2", "--capture", "--manage"
+        ).returncode
         == 0
     )
     (row,) = listed(database)
-    assert (row["models"], row["rpm"], row["max_streams"], row["capture"]) == ([], 0, 2, True)
+    assert (row["models"], row["rpm"], row["max_streams"], row["capture"], row["manage"]) == ([], 0, 2, True, True)
     assert (row["tokens_per_day"], row["expires"]) == (1000, expires.isoformat())  # not given: unchanged
 
     usage = json.loads(keys(database, "usage", "team").stdout)
@@ -107,6 +112,21 @@ def test_keys_cli_create_list_update_revoke_usage(database):
     (row,) = listed(database)
     assert datetime.fromisoformat(row["revoked"]) <= datetime.now(UTC)
     assert json.loads(keys(database, "usage", "team").stdout)["revoked"] is True
+
+
+def test_keys_cli_adds_manage_to_a_key_table_made_without_it(database):
+    """An api_keys table made before keys had --manage gets the column as the command (or a proxy) next opens it:
+    the keys it holds keep every other field and may not manage, and --manage can then be given."""
+    create(database, "old", "--rpm", "5")
+    environ = {f"OLLAMA_PROXY_{name}": value for name, value in database.items()}
+    with counters.OneConnection(config.merge(environ=environ)["DATABASE"]) as db:
+        migrate(SchemaMigrator.from_database(db).drop_column(KEYS_TABLE, "manage"))
+        assert "manage" not in {column.name for column in db.get_columns(KEYS_TABLE)}
+    (row,) = listed(database)
+    assert (row["name"], row["rpm"], row["manage"]) == ("old", 5, False)
+    assert listed(database) == [row]  # opening it again changes nothing
+    assert keys(database, "update", "old", "--manage").returncode == 0
+    assert listed(database)[0]["manage"] is True
 
 
 def test_keys_cli_refusals_are_one_line_and_exit_non_zero(tmp_path):

@@ -21,6 +21,11 @@ NATIVE_STREAMING = frozenset({"/api/generate", "/api/chat", "/api/pull", "/api/p
 # Why: these routes name a second model besides ``model`` (api/types.go, CopyRequest and CreateRequest): the one
 # /api/copy writes, and the one /api/create builds from. A key's model list must allow both.
 SECOND_MODEL_KEYS = {"/api/copy": "destination", "/api/create": "from"}
+# Why: these routes change what every caller of the server has (server/routes.go): its models (pull, create with its
+# blob uploads, copy, delete), what it publishes under its registry credentials (push), and its ollama.com sign-in
+# (signout, and DELETE /api/user/keys/:encodedKey, which runs the same handler).
+MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/signout"})
+MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys/")
 # Top-level request keys that shape generation; stored with `options` as model_parameters.
 GENERATION_KEYS = gojson.REPLACED[1:]  # all but input
 
@@ -31,6 +36,11 @@ PROMPT_FIELDS = {"/api/generate": "prompt", "/api/embeddings": "prompt", "/v1/co
 PROMPT_CHARS = gojson.TEXT_CHARS  # issue 3: the prompt is cut to 1000 characters (not bytes)
 USAGE_KEY = b'"stream_options":{"include_usage":true}'
 _SURROGATE = re.compile("[\ud800-\udfff]")  # after json's decoding, a lone one (a valid pair is one character)
+
+
+def is_management(path: str) -> bool:
+    """True for a call that manages the server's models or its sign-in (MANAGEMENT_PATHS), whatever its method."""
+    return path in MANAGEMENT_PATHS or path.startswith(MANAGEMENT_PREFIXES)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def _send(app: Flask, req: Request, call: CallInFlight) -> Response | RelayedAns
     call.request_size_bytes = body_size
     call.intake = intake
     if call.key is not None:
-        verdict = keycheck.admit(app, call.key, intake.model, intake.second_model)
+        verdict = keycheck.admit(app, call.key, call.endpoint, intake.model, intake.second_model)
         if verdict is not None:
             state_of(app).gate.leave()
             return _refuse_key(app, call, verdict)

@@ -1,10 +1,11 @@
 """API keys on the relay path: whose call this is, whether it may go upstream, and what it costs the key at the end.
 
 ``identify`` reads the key a call presents and takes it off the request (a proxy key never reaches Ollama; any other
-``Authorization`` passes through). ``admit`` refuses a model the key may not use (403) or a call over a limit (429
-with Retry-After), before anything reaches Ollama. ``settle_key`` frees the call's stream and charges its tokens.
-The keys and their counters are the store's (``state_of(app).keys``: store/keystore.py); with no key stored and
-``REQUIRE_KEY`` off none of this reads a header.
+``Authorization`` passes through). ``admit`` refuses a model the key may not use or a management call (pull,
+delete, ...) of a key that may not manage (403), or a call over a limit (429 with Retry-After), before anything
+reaches Ollama. ``settle_key`` frees the call's stream and charges its tokens. The keys and their counters are the
+store's (``state_of(app).keys``: store/keystore.py); with no key stored and ``REQUIRE_KEY`` off none of this reads a
+header.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from proxy_app import apikeys
 from proxy_app.apikeys import Policy
+from proxy_app.ollama.intake import is_management
 from proxy_app.ollama.model_list import LISTS, only_allowed
 from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
@@ -56,9 +58,12 @@ def identify(app, environ: dict) -> Verdict:
     return Verdict(policy, 401, reason) if reason else Verdict(policy)  # a refused key still names its calls
 
 
-def admit(app, policy: Policy, model: str | None, second_model: str | None = None) -> Verdict | None:
-    """None when a call of ``policy`` for ``model`` (and ``second_model``: intake.SECOND_MODEL_KEYS) may go upstream
-    (its request and stream are then taken), else the refusal."""
+def admit(app, policy: Policy, path: str, model: str | None, second_model: str | None = None) -> Verdict | None:
+    """None when a call of ``policy`` to ``path`` for ``model`` (and ``second_model``: intake.SECOND_MODEL_KEYS) may
+    go upstream (its request and stream are then taken), else the refusal."""
+    if not policy.manage and is_management(path):
+        return Verdict(policy, 403, f"the API key {policy.name!r} may not manage models (pull, push, create, copy, "
+                                    f"delete) or the server's sign-in; `keys update --manage` allows it")  # fmt: skip
     for name in (model, second_model):
         if not policy.allows_model(name):
             return Verdict(policy, 403, f"the API key {policy.name!r} may not use the model {name[:200]!r}")

@@ -30,6 +30,7 @@ COLUMNS = {  # a row's field -> its heading in the table
     "name": "NAME", "hint": "HINT", "created": "CREATED", "expires": "EXPIRES", "revoked": "REVOKED",
     "models": "MODELS", "rpm": "RPM", "tpm": "TPM", "tokens_per_day": "TOKENS/DAY",
     "tokens_per_month": "TOKENS/MONTH", "max_streams": "STREAMS", "capture": "CAPTURE",
+    "manage": "MANAGE",
 }  # fmt: skip
 CLIENT_HEADERS = "Authorization: Bearer KEY or X-API-Key: KEY"
 
@@ -61,6 +62,9 @@ def _key_options(command):
           for flag, text in LIMIT_HELP.items()),
         click.option("--capture/--no-capture", default=None,
                      help="--no-capture: never store this key's prompts and previews."),
+        click.option("--manage/--no-manage", default=None,
+                     help="--manage: may also pull, push, create, copy and delete the models it may use (off by "
+                          "default: those change the models of every caller)."),
         click.option("--expires", type=FutureMoment(),
                      help="When the key stops working: ISO date or datetime, UTC; never: no expiry."),
     ]  # fmt: skip

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from peewee import BigIntegerField, CharField, CompositeKey, Database, Model, SchemaManager
 
 from proxy_app.store import models
-from proxy_app.store.keys import ApiKey
+from proxy_app.store.keys import ApiKey, add_missing_columns
 
 MINUTE, DAY, MONTH = "minute", "day", "month"  # the periods of Policy.token_limits
 
@@ -47,8 +47,10 @@ class KeyStream(Model):
 
 
 def create_tables(db: Database) -> None:
+    """Create the key tables that are missing, and the columns an older ``api_keys`` lacks."""
     for model in (ApiKey, KeyUsage, KeyStream):
         SchemaManager(model, database=db).create_all(safe=True)
+    add_missing_columns(db)
 
 
 def window_start(period: str, now: float) -> int:

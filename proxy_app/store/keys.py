@@ -13,7 +13,18 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from peewee import BigIntegerField, BooleanField, CharField, Database, Model, SchemaManager, TextField
+from peewee import (
+    SQL,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    Database,
+    DatabaseError,
+    Model,
+    SchemaManager,
+    TextField,
+)
+from playhouse.migrate import SchemaMigrator, migrate
 
 from proxy_app import apikeys
 from proxy_app.apikeys import Policy
@@ -49,6 +60,7 @@ class ApiKey(Model):
     tokens_per_month = BigIntegerField(default=0)
     max_streams = BigIntegerField(default=0)
     capture = BooleanField(default=True)
+    manage = BooleanField(default=False)  # may pull, push, create, copy and delete its models
 
     class Meta:
         table_name = KEYS_TABLE
@@ -63,9 +75,28 @@ class ApiKey(Model):
             tokens_per_month=self.tokens_per_month,
             max_streams=self.max_streams,
             capture=self.capture,
+            manage=self.manage,
             expires=self.expires,
             revoked=self.revoked is not None,
         )
+
+
+def add_missing_columns(db: Database) -> None:
+    """Add to an ``api_keys`` table the columns it lacks (``manage``: False for every key it holds). Safe to run from
+    several processes at once: a column another one added first is left as it is."""
+    if "manage" in _columns(db):
+        return
+    column = BooleanField(constraints=[SQL("DEFAULT FALSE")])  # one ADD COLUMN, no table rewrite
+    try:
+        with db.atomic():
+            migrate(SchemaMigrator.from_database(db).add_column(KEYS_TABLE, "manage", column, allow_not_null=True))
+    except DatabaseError:
+        if "manage" not in _columns(db):
+            raise
+
+
+def _columns(db: Database) -> set[str]:
+    return {column.name for column in db.get_columns(KEYS_TABLE)}
 
 
 class KeyError_(ValueError):
@@ -83,6 +114,7 @@ class KeyChange:
     tokens_per_month: int | None = None
     max_streams: int | None = None
     capture: bool | None = None
+    manage: bool | None = None
     expires: datetime | str | None = None  # or apikeys.NEVER: no expiry
 
     def values(self) -> dict:
@@ -140,7 +172,7 @@ class KeyTable:
 
     def rows(self) -> list[dict]:
         """Every key as a dict (never the secret or its hash), by name."""
-        shown = ("name", "hint", "created", "expires", "revoked", "models", *apikeys.LIMITS, "capture")
+        shown = ("name", "hint", "created", "expires", "revoked", "models", *apikeys.LIMITS, "capture", "manage")
         rows = ApiKey.select().order_by(ApiKey.name).execute(self.db)
         return [{field: getattr(row, field) for field in shown} for row in rows]
 
