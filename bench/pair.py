@@ -7,9 +7,10 @@ moment of a shared machine falls on both. Reported for each: calls per second an
 in each slice (and their medians), and the largest serving process's resident memory after each slice, so memory
 that grows with calls shows as it accumulates.
 
-Run alone: ``python -m bench.pair OTHER_CHECKOUT [--server waitress] [--workers N --threads N]``, where
-OTHER_CHECKOUT is a source tree of the proxy, e.g. made by ``git worktree add /tmp/other COMMIT``; it runs with
-this checkout's virtualenv.
+Run alone: ``python -m bench.pair OTHER_CHECKOUT [--this CHECKOUT] [--server waitress] [--workers N --threads N]``,
+where OTHER_CHECKOUT is a source tree of the proxy, e.g. made by ``git worktree add /tmp/other COMMIT``, and
+``--this`` puts another tree in this checkout's place (two earlier commits compared); both run with this checkout's
+virtualenv.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run(
     connections: int = CONNECTIONS,
     workers: int | None = None,
     threads: int | None = None,
+    this: Path = targets.ROOT,
 ) -> dict:
     """Slices of load on both proxies, alternating; per proxy: each slice's figures and the medians. ``workers`` and
     ``threads`` None leave those settings at each checkout's own defaults."""
@@ -45,7 +47,7 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="ollama-proxy-pair-"))
     started = []
     try:
-        for checkout in (targets.ROOT, other):
+        for checkout in (this, other):
             started.append(targets.start_proxy(server, upstream, work, threads, workers, checkout=checkout))
         for target in started:
             asyncio.run(client.sequential(target.url, 20, stream=False))  # warm up
@@ -84,6 +86,7 @@ def _summary(rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.pair", description=__doc__.splitlines()[0])
     parser.add_argument("other", type=Path, help="the other checkout's source tree")
+    parser.add_argument("--this", type=Path, default=targets.ROOT, help="the tree in this one's place")
     parser.add_argument("--server", choices=("gunicorn", "waitress"), default="gunicorn")
     parser.add_argument("--slices", type=int, default=SLICES)
     parser.add_argument("--seconds", type=float, default=SECONDS)
@@ -99,13 +102,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from bench.__main__ import code_version, machine  # here: bench.__main__ imports the modules it runs
 
-    other = args.other.resolve()
+    other, this = args.other.resolve(), args.this.resolve()
     document = {"mode": "pair", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-                "code": code_version(), "other_code": code_version(other), "server": args.server,
+                "code": code_version(this), "other_code": code_version(other), "server": args.server,
                 "workers": args.workers or "default", "threads": args.threads or "default",
                 "connections": args.connections, "seconds": args.seconds}  # fmt: skip
     document["figures"] = run(other, args.server, args.slices, args.seconds, args.connections, args.workers,
-                              args.threads)  # fmt: skip
+                              args.threads, this)  # fmt: skip
     document["machine"]["load_average_at_end"] = [round(value, 1) for value in os.getloadavg()]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = f"{stamp}-pair-{args.server}-{document['other_code']}.json"
