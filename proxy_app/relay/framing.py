@@ -80,17 +80,16 @@ def is_reusable(response: http.client.HTTPResponse) -> bool:
 
 
 def check_framing(response: http.client.HTTPResponse, method: str) -> None:
-    """Check the body framing an answer's head announces (RFC 9112 6.3) and have its body read by it; raise
-    HTTPException, for a 502, on framing no proxy may guess at: a transfer coding other than chunked, one in an
-    HTTP/1.0 answer, or Content-Length values that differ or are no plain number.
+    """Check the body framing an answer's head (``response.head``, upstream.Head) announces (RFC 9112 6.3) and have
+    its body read by it; raise HTTPException, for a 502, on framing no proxy may guess at: a transfer coding other
+    than chunked, one in an HTTP/1.0 answer, or Content-Length values that differ or are no plain number.
 
     An answer that has no body whatever it announces (to HEAD, 204, 304) keeps its connection from the next call:
     bytes that follow it, at once or late, belong to no call. So does an answer framed both ways, whose Content-Length
     is ignored (and never relayed: ``read_head``).
     """
-    message = response.msg
-    codings = message.get_all("Transfer-Encoding") or []
-    lengths = {value.strip(" \t") for field in message.get_all("Content-Length") or [] for value in field.split(",")}
+    codings = response.head.codings
+    lengths = {value.strip(" \t") for field in response.head.lengths for value in field.split(",")}
     if codings and (_coding_names(codings) != ["chunked"] or response.version == 10):
         raise http.client.HTTPException(f"unsupported Transfer-Encoding from the upstream: {', '.join(codings)[:60]!r}")
     if not codings and len(lengths) > 1:

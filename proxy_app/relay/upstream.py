@@ -40,13 +40,15 @@ class Unreachable(OSError):
 
 
 class Head:
-    """An answer's header fields as sent (``items``, in order), looked up in any case (``get``: the first value).
+    """An answer's header fields as sent (``items``, in order), looked up in any case (``get``: the first value),
+    and the values of its Transfer-Encoding and Content-Length fields as they came (``codings``, ``lengths``: every
+    field, a Content-Length that is not relayed too), for ``framing.check_framing``.
 
     werkzeug's Headers scans its list and raises and catches a KeyError for every name it lacks: three a call here.
     """
 
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        self.fields = fields
+    def __init__(self, fields: list[tuple[str, str]], codings: list[str], lengths: list[str]) -> None:
+        self.fields, self.codings, self.lengths = fields, codings, lengths
         self._first: dict[str, str] = {}
         for name, value in fields:
             self._first.setdefault(name.lower(), value)
@@ -77,7 +79,7 @@ def read_head(message: http.client.HTTPMessage) -> Head:
     bad_line = _bad_line(message)
     if bad_line is not None:
         raise http.client.HTTPException(f"invalid header line from the upstream: {bad_line[:60]!r}")
-    fields = []
+    fields, codings, lengths = [], [], []
     for name, value in message.items():
         if not _FIELD_NAME.fullmatch(name):
             raise http.client.HTTPException(f"invalid header name from the upstream: {name[:60]!r}")
@@ -85,9 +87,14 @@ def read_head(message: http.client.HTTPMessage) -> Head:
         if _CONTROL.search(value):
             raise http.client.HTTPException(f"a control character in the upstream's header {name[:60]!r}")
         fields.append((name, value))
-    if "Transfer-Encoding" in message:  # the body is framed by its chunks, and no stale length reaches the client
+        lowered = name.lower()
+        if lowered == "transfer-encoding":
+            codings.append(value)
+        elif lowered == "content-length":
+            lengths.append(value)
+    if codings:  # the body is framed by its chunks, and no stale length reaches the client
         fields = [(name, value) for name, value in fields if name.lower() != "content-length"]
-    return Head(fields)
+    return Head(fields, codings, lengths)
 
 
 def _bad_line(message: http.client.HTTPMessage) -> str | None:
@@ -179,7 +186,7 @@ class Pool:
             connection.request(method, target, body=body, headers=headers)
             sock = connection.sock  # http.client forgets it once an answer says the connection closes after it
             response = connection.getresponse()
-            response.head = read_head(response.msg)
+            response.head = read_head(response.msg)  # check_framing reads it
             framing.check_framing(response, method)
         except BaseException:
             if response is not None:
