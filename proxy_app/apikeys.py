@@ -68,7 +68,7 @@ class Policy:
     tokens_per_month: int = 0
     max_streams: int = 0  # calls in flight at once
     capture: bool = True  # False: its prompts and previews are never stored
-    manage: bool = False  # True: may pull, push, create, copy and delete its models (intake.is_management)
+    manage: bool = False  # True: may manage its models and the sign-in (intake.is_management: pull, delete, ...)
     expires: datetime | None = None  # UTC
     revoked: bool = False
 
