@@ -78,7 +78,7 @@ def child(upstream_url: str, count: int) -> None:
     """
     from proxy_app import create_app
 
-    data_dir = tempfile.mkdtemp(prefix="ollama-proxy-instructions-")
+    data_dir = os.path.abspath("data")  # in the run's own directory, which the parent deletes
     app = create_app({"UPSTREAM": upstream_url, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING"}, environ={})
     try:
         from proxy_app.state import state_of
