@@ -6,7 +6,8 @@ start is spread over one token interval), connecting from eight loopback address
 cap), as clients on several hosts would. Reported per target: streams complete, wall time, each stream's duration
 (request written to last byte) against the upstream's 1.0 s, CPU seconds of the serving processes and of the client,
 and resident memory and threads per serving process. ``direct`` (the upstream alone, same client) shows what the
-client itself costs.
+client itself costs, and ``floor`` (bench/floor.py, an asyncio relay that only passes bytes on) what any relay in
+Python costs at least.
 
 Slow clients: from 127.0.0.2, 1,000 connections, half dripping a header line every 2 s and half silent, for
 ATTACK_SECONDS; meanwhile a fresh connection from 127.0.0.1 makes one call every 0.25 s. Reported: the fresh calls'
@@ -48,6 +49,11 @@ def run(work: Path, rounds: int = 3) -> dict:
     results: dict = {"streams_1000": {}, "slow_clients": {}}
     try:
         results["streams_1000"]["direct"] = streams(upstream, rounds)
+        floor = targets.start_floor(upstream)
+        try:
+            results["streams_1000"]["floor"] = streams(floor, rounds)
+        finally:
+            floor.stop()
         for server in SERVERS:
             target = targets.start_proxy(server, upstream, work, threads=None, workers=None)
             try:

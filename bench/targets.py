@@ -156,6 +156,16 @@ def start_nginx(upstream: Target, work_dir: Path) -> Target:
     return Target("nginx", f"http://127.0.0.1:{port}", process)
 
 
+def start_floor(upstream: Target) -> Target:
+    """bench/floor.py: an asyncio relay that passes bytes through and does nothing else (the Python floor)."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream-port",
+               upstream.url.rsplit(":", 1)[1]]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT)
+    wait_listening(port, process)
+    return Target("floor", f"http://127.0.0.1:{port}", process)
+
+
 def start_hello(server: str, threads: int = 64) -> Target:
     """bench/hello.py (a fixed answer) under gunicorn gthread (1 worker) or waitress: the servers' own cost."""
     port, bin_dir = free_port(), Path(sys.executable).parent
