@@ -625,10 +625,12 @@ def poll_query(api: str, query: str, expected: str, timeout: float = 10.0) -> st
     deadline, value = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:
-            result = requests.get(api + "query", params={"query": query}, timeout=2).json()["data"]["result"]
-            value = result[0]["value"][1] if result else None
+            answer = requests.get(api + "query", params={"query": query}, timeout=2)
         except requests.ConnectionError:
-            pass  # not listening yet
+            answer = None  # not listening yet
+        if answer is not None and answer.status_code != 503:  # 503: listening, its storage not ready yet
+            result = answer.json()["data"]["result"]
+            value = result[0]["value"][1] if result else None
         if value == expected:
             return value
         time.sleep(0.1)  # bounded polling while Prometheus starts and scrapes
