@@ -43,7 +43,6 @@ class Ticker:
         self.restarts = 0  # threads started in place of one that died (not counting forks)
         self.pid: int | None = None  # the process that started ``thread``
         self.thread: threading.Thread | None = None
-        self._running = False  # True from a thread's start until its last step: ensure() reads only this
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._first_run = threading.Event()
@@ -54,9 +53,10 @@ class Ticker:
         ``wait`` seconds for its first run. Cheap enough for every call."""
         if not self.interval:
             return
-        # No pid comparison or is_alive() here: in a forked child the at-fork hook has cleared ``_running``, and a
-        # thread clears it as it ends; _start checks the pid and the thread once more.
-        if not self._running:
+        thread = self.thread
+        # No pid comparison here: in a forked child the at-fork hook has set ``thread`` to None, and Python's own
+        # hook has marked every thread of the parent as ended; _start checks the pid once more.
+        if thread is None or not thread.is_alive():
             self._start()
         if wait:
             self._first_run.wait(wait)
@@ -81,12 +81,7 @@ class Ticker:
                 self.on_start()
             self.pid, self._first_run = os.getpid(), threading.Event()
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._running = True
-            try:
-                self.thread.start()
-            except BaseException:
-                self._running = False
-                raise
+            self.thread.start()
 
     def _run(self) -> None:
         delay = self.first_delay
@@ -99,11 +94,8 @@ class Ticker:
             log.exception("the %s thread crashed; its next use starts a new one", self.name)
         finally:
             self._first_run.set()  # nobody waits for a first run that will not come
-            try:
-                if self.on_exit is not None:
-                    self.on_exit()
-            finally:
-                self._running = False  # the next ensure() starts another (no new one starts while this one lives)
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _forget_parent(self) -> None:
         """In a new child process: no thread, fresh lock and events; a stopped ticker stays stopped."""
@@ -111,7 +103,7 @@ class Ticker:
         self._lock, self._stop, self._first_run = threading.Lock(), threading.Event(), threading.Event()
         if stopped:
             self._stop.set()
-        self.pid, self.thread, self._running = os.getpid(), None, False
+        self.pid, self.thread = os.getpid(), None
         if self.after_fork is not None:
             self.after_fork()
 
