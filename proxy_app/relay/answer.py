@@ -26,6 +26,7 @@ from proxy_app.relay.client_watch import ClientLeft, client_gone_check, stream_w
 from proxy_app.relay.headers import client_headers, status_line
 from proxy_app.relay.inflight import CallInFlight
 from proxy_app.relay.middleware import RelayedAnswer
+from proxy_app.relay.on_loop import LOOP_KEY, LoopBody, StreamCut, can_go_to_loop
 from proxy_app.relay.settle import outcome_of, refuse_call, settle
 from proxy_app.state import state_of
 
@@ -64,8 +65,9 @@ def relay_answer(app: Flask, req: Request, call: CallInFlight, upstream) -> Resp
         return Response(b"", status=status, headers=headers)
     if status == 200 and keycheck.filters_models(call.key, req.method, req.path):
         return _model_list(app, call, upstream, meter, headers)
-    wait = _client_watch(app, req, upstream)
-    body = _stream(app, call, upstream, meter, stripper, "Content-Length" in upstream.head, wait)
+    loop = req.environ.get(LOOP_KEY) if is_stream and can_go_to_loop(upstream) else None
+    wait = None if loop is not None else _client_watch(app, req, upstream)
+    body = _stream(app, call, upstream, Tally(call, meter, stripper), "Content-Length" in upstream.head, wait, loop)
     next(body)  # into its try: a body closed unread settles the call without reading the upstream
     return RelayedAnswer(status_line(status, upstream.reason), headers, body, partial(abandon, app, call, upstream))
 
@@ -93,53 +95,81 @@ def _client_watch(app: Flask, req: Request, upstream):
     return stream_wait(upstream.socket, app.config["READ_TIMEOUT"] or None, is_gone)
 
 
-def _stream(
-    app: Flask, call: CallInFlight, upstream, meter: UsageMeter, stripper, has_length: bool, wait
-) -> Iterator[bytes]:
+class Tally:
+    """What a relayed body has given the client so far: each piece passes ``take`` on its way (the usage meter, the
+    stripper, the first-byte and first-token times, the bytes sent)."""
+
+    def __init__(self, call: CallInFlight, meter: UsageMeter, stripper) -> None:
+        self.call, self.meter, self.stripper = call, meter, stripper
+        self.sent_bytes, self.ttft, self.at_line_start = 0, None, True
+
+    def take(self, chunk: bytes) -> bytes:
+        """The client's bytes for ``chunk`` of the upstream's body (maybe none, while the stripper holds them)."""
+        call = self.call
+        try:
+            self.meter.feed(chunk)
+        except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
+            log.exception("usage parsing failed; the call is recorded without counts")
+            self.meter = UsageMeter("", call.http_status)  # a meter without a mode ignores the rest
+        if self.stripper is not None:
+            chunk = self.stripper.feed(chunk)
+        if call.first_byte_ms is None:  # once, not a clock read on every chunk
+            call.first_byte_ms = (time.perf_counter() - call.arrived) * 1000
+        if self.ttft is None and self.meter.has_content:
+            self.ttft = (time.perf_counter() - call.arrived) * 1000
+        return self.sent(chunk)
+
+    def sent(self, chunk: bytes) -> bytes:
+        """Count ``chunk`` as given to the client."""
+        if chunk:
+            self.sent_bytes += len(chunk)
+            self.at_line_start = chunk.endswith(b"\n")
+        return chunk
+
+    def held(self) -> bytes:
+        """What the stripper still holds back (a partial event), for the client."""
+        return self.sent(self.stripper.flush()) if self.stripper is not None else b""
+
+
+def _stream(app: Flask, call: CallInFlight, upstream, tally: Tally, has_length: bool, wait, loop) -> Iterator[bytes]:
     """Yield the upstream body as it arrives, after one empty piece for the caller; settle the call in ``finally``
     whatever happens.
 
-    ``wait`` (client_watch.stream_wait) watches the client while the upstream is silent; it raises ClientLeft.
+    ``wait`` (client_watch.stream_wait) watches the client while the upstream is silent; it raises ClientLeft. With a
+    ``loop`` (on_loop.py) the server's event loop relays the body instead, and this only waits for its end.
     """
-    sent_bytes, ttft, outcome, error, at_line_start = 0, None, None, None, True
+    outcome, error = None, None
     try:
         yield b""
-        for chunk in framing.pieces(upstream, READ_SIZE, wait):
-            try:
-                meter.feed(chunk)
-            except Exception:  # a parser bug must not cost the client its stream (STYLE habit 2)
-                log.exception("usage parsing failed; the call is recorded without counts")
-                meter = UsageMeter("", call.http_status)  # a meter without a mode ignores the rest
-            if stripper is not None:
-                chunk = stripper.feed(chunk)
-            if call.first_byte_ms is None:  # once, not a clock read on every chunk
-                call.first_byte_ms = (time.perf_counter() - call.arrived) * 1000
-            if ttft is None and meter.has_content:
-                ttft = (time.perf_counter() - call.arrived) * 1000
-            if chunk:
-                sent_bytes += len(chunk)
-                at_line_start = chunk.endswith(b"\n")
-                yield chunk
-        if stripper is not None and (tail := stripper.flush()):
-            sent_bytes += len(tail)
+        if loop is not None:
+            LoopBody(upstream, tally.take, partial(_last_words, app, upstream, tally)).relay_on(loop)
+        else:
+            for chunk in framing.pieces(upstream, READ_SIZE, wait):
+                if chunk := tally.take(chunk):
+                    yield chunk
+        if tail := tally.held():
             yield tail
     except GeneratorExit:
         outcome = "client_gone"
         raise
-    except ClientLeft:  # left while the upstream was silent: end the body, nobody reads it
+    except (ClientLeft, StreamCut):  # left while the upstream was silent, or cut by the drain: nobody reads on
         outcome = "client_gone"
     except (http.client.HTTPException, OSError) as exc:
         outcome, error = "upstream_error", f"upstream connection lost: {reason_of(exc)}"
         if has_length:
             raise UpstreamBroke(error) from exc
-        held = stripper.flush() if stripper is not None else b""  # a partial event it was holding back
-        if held:
-            at_line_start = held.endswith(b"\n")
-        tail = held + error_tail(upstream.head.get("Content-Type", ""), error, at_line_start)
-        sent_bytes += len(tail)
-        yield tail
+        held = tally.held()  # a partial event it was holding back
+        yield tally.sent(held + error_tail(upstream.head.get("Content-Type", ""), error, tally.at_line_start))
     finally:
-        finish(app, call, upstream, meter, outcome, error, sent_bytes, ttft)
+        finish(app, call, upstream, tally.meter, outcome, error, tally.sent_bytes, tally.ttft)
+
+
+def _last_words(app: Flask, upstream, tally: Tally) -> bytes | None:
+    """The end of a stream the drain cuts (drain.py), or None while it does not cut."""
+    drain = state_of(app).drain
+    if drain is None or not drain.is_cutting:
+        return None
+    return drain.last_words(upstream.head.get("Content-Type", ""), tally.at_line_start)
 
 
 def reason_of(exc: BaseException) -> str:

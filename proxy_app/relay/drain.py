@@ -65,6 +65,11 @@ class Drain:
         """End every stream at its next chunk from now on."""
         self._cut.set()
 
+    def last_words(self, content_type: str, at_line_start: bool) -> bytes:
+        """The error line that ends a cut stream, in its own shape."""
+        message = f"the proxy is shutting down: stream cut after the {self.grace_seconds:g} s grace period"
+        return error_tail(content_type, message, at_line_start)
+
     def start(self) -> None:
         """Run the drain in a background thread (safe from a signal handler; a second call does nothing)."""
         if not self._started.is_set():
@@ -119,14 +124,10 @@ class _CuttableBody:
         at_line_start = True
         for chunk in self._body:
             if self._drain.is_cutting:
-                yield self._last_words(at_line_start)
+                yield self._drain.last_words(self._content_type, at_line_start)
                 return
             at_line_start = chunk.endswith(b"\n")
             yield chunk
-
-    def _last_words(self, at_line_start: bool) -> bytes:
-        message = f"the proxy is shutting down: stream cut after the {self._drain.grace_seconds:g} s grace period"
-        return error_tail(self._content_type, message, at_line_start)
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)

@@ -40,16 +40,14 @@ def pieces(response: http.client.HTTPResponse, size: int, wait=None) -> Iterator
     is closed; its connection can take the next request unless ``is_reusable`` says otherwise. ``wait``, if given, is
     called before each read that finds nothing buffered (whatever it raises ends the body).
     """
-    reader, is_chunked, length = _framing_of(response)
+    reader, chunked, length = _framing_of(response)
     if reader is None:  # no body, or it was closed already
         return
-    if is_chunked:
+    if chunked:
         leftover = yield from _dechunked(reader, size, wait)
     else:
         leftover = yield from _sized(reader, size, length, wait)
-    response.close()  # the body ended: http.client may send the next request on this connection
-    if leftover:  # bytes after the end of the body: this connection is not fit for another request
-        _keep_from_reuse(response)
+    end_of_body(response, leftover)  # leftover: bytes after the body, which make the connection unfit for reuse
 
 
 # ---- what http.client decided about the body ------------------------------------------------------------------------
@@ -67,6 +65,27 @@ def _framing_of(response: http.client.HTTPResponse) -> tuple[io.BufferedReader |
 
 def _keep_from_reuse(response: http.client.HTTPResponse) -> None:
     response.will_close = True
+
+
+def is_chunked(response: http.client.HTTPResponse) -> bool:
+    """True when the body still to read is chunked."""
+    return response.fp is not None and bool(response.chunked)
+
+
+def buffered_body(response: http.client.HTTPResponse, size: int) -> bytes:
+    """What the response's reader holds of the body (at most ``size`` bytes, its buffer's size); read without
+    waiting once the socket no longer blocks (on_loop.py reads the rest from the socket itself)."""
+    return response.fp.read1(size) or b""
+
+
+def end_of_body(response: http.client.HTTPResponse, rest: bytes | None) -> None:
+    """Close a body read to its end outside ``pieces``; ``rest``, what followed it, keeps the connection from
+    reuse. None: the body did not end, and the connection is closed when it is released."""
+    if rest is None:
+        return
+    response.close()
+    if rest:
+        _keep_from_reuse(response)
 
 
 def has_no_body(response: http.client.HTTPResponse) -> bool:

@@ -26,6 +26,7 @@ from waitress.server import BaseWSGIServer
 
 from proxy_app.service.dispatch import LastIdleFirstDispatcher
 from proxy_app.service.guard import Guard, Limits
+from proxy_app.service.loop_relay import LoopTask, Pump
 from proxy_app.service.request_errors import OwnRoutesParser, ShapedErrorTask
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class GuardedChannel(HTTPChannel):
 
     parser_class = OwnRoutesParser
     error_task_class = ShapedErrorTask
-    guard: Guard  # set on the per-front subclass (make_channel_class)
+    task_class = LoopTask
+    guard: Guard  # set on the per-front subclass (make_channel_class), with loop_map, the loop's socket map
+    loop_map: dict
     has_asked = False  # True once a whole request has come in on this connection
+    pump: Pump | None = None  # relaying this connection's stream on the loop (loop_relay.py)
 
     def __init__(self, server, sock, addr, adj, map=None) -> None:
         super().__init__(server, sock, addr, adj, map)
@@ -82,17 +86,26 @@ class GuardedChannel(HTTPChannel):
             self.header_deadline = self._deadline(now)  # a request finished in this read and the next one began
         return result
 
+    def handle_read(self) -> None:
+        """Read as waitress does; a client gone (EOF) ends the stream the loop relays for it at once."""
+        super().handle_read()
+        if not self.connected and self.pump is not None:
+            self.pump.client_left()
+
     def del_channel(self, map=None) -> None:
-        """Leave the loop, and the guard's count (once, however often the channel is closed)."""
+        """Leave the loop, and the guard's count (once, however often the channel is closed); the stream the loop
+        relays for it ends."""
+        if self.pump is not None:
+            self.pump.client_left()
         host, self.host = getattr(self, "host", None), None
         super().del_channel(map)
         if host is not None:
             self.guard.release(host)
 
 
-def make_channel_class(guard: Guard) -> type[GuardedChannel]:
-    """A channel class bound to one front's guard (waitress creates channels from the class alone)."""
-    return type("GuardedChannel", (GuardedChannel,), {"guard": guard})
+def make_channel_class(guard: Guard, loop_map: dict) -> type[GuardedChannel]:
+    """A channel class bound to one front's guard and loop (waitress creates channels from the class alone)."""
+    return type("GuardedChannel", (GuardedChannel,), {"guard": guard, "loop_map": loop_map})
 
 
 class Acceptor(wasyncore.dispatcher):
@@ -206,7 +219,7 @@ class Front:
         self.server = waitress.create_server(app, map=self.map, _dispatcher=dispatcher, threads=threads,
                                              **{**OPTIONS, **options})  # fmt: skip
         listeners = [item for item in self.map.values() if isinstance(item, BaseWSGIServer)]
-        channel_class = make_channel_class(self.guard)
+        channel_class = make_channel_class(self.guard, self.map)
         self.acceptors = []
         for listener in listeners:
             listener.channel_class = channel_class

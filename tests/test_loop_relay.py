@@ -1,0 +1,212 @@
+"""Streams relayed by the front's event loop (service/loop_relay.py, relay/on_loop.py): what arrives is what the
+client gets, the loop lets go of the upstream socket at the end, it stops reading while the client does not take
+what is sent, and every way a body can end early ends it in the stream's own error shape, recorded.
+
+The proxy runs as ``serve --server waitress`` does (WaitressService: the guarded front); the upstream is a raw socket
+server, so each test decides the exact bytes and their timing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from proxy_app import create_app
+from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, Pump
+from proxy_app.service.servers import WaitressService
+from proxy_app.state import state_of
+from tests.conftest import CallRecorder
+from tests.processes import wait_until
+from tests.raw_upstream import RawUpstream, read_request, reply
+
+STREAM = b'{"model":"llama3.2","prompt":"hi"}'
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def line(n: int, done: bool = False) -> bytes:
+    if done:
+        return b'{"model":"llama3.2","response":"","done":true,"prompt_eval_count":3,"eval_count":%d}\n' % n
+    return b'{"model":"llama3.2","response":"t%d","done":false}\n' % n
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.fixture
+def front(tmp_path):
+    """Factory: the app in front of ``url`` under WaitressService, its recorder; stopped after the test."""
+    started = []
+
+    def start(url: str, **settings):
+        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0, **settings},
+                         environ={})  # fmt: skip
+        recorder = CallRecorder()
+        state_of(app).call_sinks.append(recorder)
+        service = WaitressService(app)
+        threading.Thread(target=service.serve_forever, daemon=True).start()
+        started.append(service)
+        return service, recorder
+
+    yield start
+    for service in started:
+        assert service.stop(wait=10)
+
+
+def pumps(service) -> list[Pump]:
+    return [item for item in list(service.front.map.values()) if isinstance(item, Pump)]
+
+
+def ask(port: int, body: bytes = STREAM) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    return sock
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """The de-chunked body of the answer on ``sock`` (read to its last chunk)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head.lower()
+    body = b""
+    while True:
+        while b"\r\n" not in rest:
+            rest += _recv(sock)
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        while len(rest) < size + 2:
+            rest += _recv(sock)
+        if size == 0:
+            return body
+        body, rest = body + rest[:size], rest[size + 2 :]
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    assert data, "the proxy closed the connection before the last chunk"
+    return data
+
+
+def paced(*parts: bytes, pause: float = 0.05):
+    """Script: send each part apart, then hold the connection until the proxy closes it."""
+
+    def script(upstream, conn):
+        for part in parts:
+            conn.sendall(part)
+            time.sleep(pause)
+        reply(b"", then_close=False)(upstream, conn)
+
+    return script
+
+
+def test_loop_relay_relays_a_stream_on_the_loop_as_it_arrived(front):
+    """Chunks split across reads, several in one read, and a chunk extension: the client gets the data as sent,
+    while a pump (not the call's thread) holds the upstream socket; the row has Ollama's counts."""
+    lines = [line(n) for n in range(5)] + [line(5, done=True)]
+    framed = b"".join(chunk(piece) for piece in lines[:3])
+    parts = [HEAD + framed[:7], framed[7:120], framed[120:] + b"%x;ext=1\r\n" % len(lines[3]),
+             lines[3] + b"\r\n" + chunk(lines[4]), chunk(lines[5]) + b"0\r\n\r\n"]  # fmt: skip
+    raw = RawUpstream(paced(*parts))
+    try:
+        service, recorder = front(raw.url)
+        sock = ask(int(service.server.effective_port))
+        wait_until(lambda: pumps(service), timeout=5, message="a pump relays the stream")
+        assert read_answer(sock) == b"".join(lines)
+        sock.close()
+        call = recorder.wait_for(1)[0]
+        assert (call.outcome, call.http_status, call.input_tokens, call.output_tokens) == ("completed", 200, 3, 5)
+        assert call.response_size_bytes == len(b"".join(lines))
+        assert pumps(service) == []
+    finally:
+        raw.close()
+
+
+def test_loop_relay_gives_the_connection_back_for_the_next_call(front):
+    """A stream the loop relayed to its end leaves its upstream connection whole: the next call reuses it."""
+    whole = HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
+    again = []  # requests that came on a connection which had carried one before
+
+    def answers(upstream, conn):  # the connection's first request was read (raw_upstream.py)
+        conn.sendall(whole)
+        while request := read_request(conn):
+            again.append(request)
+            conn.sendall(whole)
+
+    raw = RawUpstream(answers)
+    try:
+        service, recorder = front(raw.url)
+        for _ in range(2):
+            with ask(int(service.server.effective_port)) as sock:
+                assert read_answer(sock) == line(0) + line(1, done=True)
+        assert [call.outcome for call in recorder.wait_for(2)] == ["completed", "completed"]
+        assert len(again) == 1 and again[0].startswith(b"POST /api/generate") and again[0].endswith(STREAM)
+        assert pumps(service) == []
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("ending", ["closed", "silent", "bad framing"])
+def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(front, ending):
+    """The upstream closes mid-body, falls silent past READ_TIMEOUT, or sends invalid framing: the client gets the
+    lines that came and an error line, the call is recorded as an upstream error, and the connection is dropped."""
+    first = HEAD + chunk(line(0))
+    script = {"closed": reply(first), "silent": reply(first, then_close=False),
+              "bad framing": reply(first + b"zz\r\n", then_close=False)}[ending]  # fmt: skip
+    raw = RawUpstream(script)
+    try:
+        service, recorder = front(raw.url, READ_TIMEOUT="0.5")
+        with ask(int(service.server.effective_port)) as sock:
+            body = read_answer(sock)
+        assert body.startswith(line(0))
+        error = json.loads(body[len(line(0)) :])["error"]
+        assert error.startswith("upstream connection lost: ")
+        call = recorder.wait_for(1)[0]
+        assert (call.outcome, call.http_status) == ("upstream_error", 200)
+        assert call.error_message == error
+        if ending != "closed":  # the proxy closes it (the upstream closed it itself otherwise)
+            wait_until(lambda: raw.closed_at, timeout=3, message="the upstream connection closed")
+        assert pumps(service) == []
+    finally:
+        raw.close()
+
+
+def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
+    """A client that reads nothing holds at most about OUTBUF_LIMIT of its stream in the proxy; the rest waits in
+    the upstream's socket, and the whole body still arrives intact once the client reads."""
+    lines = [b'{"n":%d,"pad":"%s","done":false}\n' % (n, b"x" * 4000) for n in range(2500)]  # about 10 MB
+    lines.append(line(2500, done=True))
+    body = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
+    sent = []
+
+    def big(upstream, conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        for at in range(0, len(body), 65536):
+            conn.sendall(body[at : at + 65536])
+            sent.append(at)
+        reply(b"", then_close=False)(upstream, conn)
+
+    raw = RawUpstream(big)
+    try:
+        service, recorder = front(raw.url)
+        sock = ask(int(service.server.effective_port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        wait_until(lambda: pumps(service), timeout=5, message="a pump relays the stream")
+        held = []
+        for _ in range(20):
+            time.sleep(0.05)
+            held.append(max((channel.total_outbufs_len for channel in service.front.channels()), default=0))
+        assert max(held) <= OUTBUF_LIMIT + READ_SIZE + 64 * 1024
+        assert sent[-1] < len(body) - 4 * 1024 * 1024, "the upstream could send it all: nothing held it back"
+        assert read_answer(sock) == b"".join(lines)
+        sock.close()
+        assert recorder.wait_for(1)[0].outcome == "completed"
+    finally:
+        raw.close()
