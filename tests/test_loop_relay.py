@@ -180,7 +180,8 @@ def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(front, endi
 
 def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
     """A client that reads nothing holds at most about OUTBUF_LIMIT of its stream in the proxy; the rest waits in
-    the upstream's socket, and the whole body still arrives intact once the client reads."""
+    the upstream's socket, and the whole body still arrives intact once the client reads, even after a pause longer
+    than READ_TIMEOUT (the upstream was not silent: the proxy was not reading)."""
     lines = [b'{"n":%d,"pad":"%s","done":false}\n' % (n, b"x" * 4000) for n in range(2500)]  # about 10 MB
     lines.append(line(2500, done=True))
     body = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
@@ -195,7 +196,7 @@ def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
 
     raw = RawUpstream(big)
     try:
-        service, recorder = front(raw.url)
+        service, recorder = front(raw.url, READ_TIMEOUT="0.5")
         sock = ask(int(service.server.effective_port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         wait_until(lambda: pumps(service), timeout=5, message="a pump relays the stream")

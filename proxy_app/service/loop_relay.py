@@ -69,7 +69,8 @@ class Pump(wasyncore.dispatcher):
         super().__init__(map=loop_map)  # no socket yet: start() adds it to the map, on the loop's thread
         self.task, self.body, self.channel = task, body, task.channel
         self.ended = threading.Event()
-        self.deadline: float | None = None
+        self.deadline: float | None = None  # when the upstream's silence ends the body (READ_TIMEOUT)
+        self.waits_for_client = False  # not reading: the client has not taken what was sent
 
     def start(self) -> None:
         """On the loop's thread: relay what is buffered, then watch the upstream socket."""
@@ -89,17 +90,23 @@ class Pump(wasyncore.dispatcher):
 
     def readable(self) -> bool:
         """Read while the client takes what is sent; end the body once the upstream was silent for too long."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.channel.total_outbufs_len >= OUTBUF_LIMIT:
+            self.waits_for_client = True
+            return False
+        if self.waits_for_client:  # the upstream's silence counts from when the client took what was sent
+            self.waits_for_client = False
+            self._heard()
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
             self.end(TimeoutError("read timed out"))
             return False
-        return self.channel.total_outbufs_len < OUTBUF_LIMIT
+        return True
 
     def writable(self) -> bool:
         return False
 
     def handle_read(self) -> None:
         try:
-            data = self.socket.recv(READ_SIZE)
+            data = _receive(self.socket)
             self._heard()
             if not data:
                 self.body.upstream_closed()
@@ -149,3 +156,15 @@ class Pump(wasyncore.dispatcher):
     def _heard(self) -> None:
         timeout = self.body.timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
+
+
+_buffers = threading.local()  # one read buffer per loop thread
+
+
+def _receive(sock) -> bytes:
+    """What ``sock`` holds, up to READ_SIZE bytes, copied out of the loop thread's buffer at the size that arrived
+    (recv(READ_SIZE) would allocate READ_SIZE bytes for each token line and shrink them: holes all over the heap)."""
+    view = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_SIZE))
+    return bytes(view[: sock.recv_into(view)])
