@@ -20,8 +20,10 @@ import pytest
 import requests
 
 from proxy_app import create_app, shutdown
+from proxy_app.service import front
+from proxy_app.service.guard import Limits
 from proxy_app.state import state_of
-from tests.fake_ollama import FakeOllama, serve
+from tests.fake_ollama import FakeOllama, ServerHandle, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 # The README's test server; another can be named for a run (the tests add a throwaway schema to it).
@@ -129,7 +131,7 @@ def client(app):
 @pytest.fixture
 def live_proxy(app):
     """Our app under waitress on an ephemeral port, as a real client sees it."""
-    handle = serve(app, threads=96)
+    handle = serve_proxy(app, threads=96)
     yield handle
     handle.close()
 
@@ -218,6 +220,16 @@ def gunicorn_proxy(upstream, tmp_path):
         proxy.process.stderr.close()  # an open pipe would be a ResourceWarning (an error) in the next test
 
 
+def serve_proxy(app, threads: int = 64) -> ServerHandle:
+    """Our app on an ephemeral port behind the front ``serve`` runs (service/front.py): guarded as there, and its
+    streams relayed by the loop."""
+    served = front.Front(app, Limits.from_settings(app.config), host="127.0.0.1", port=0, threads=threads,
+                         **front.connection_options(threads))  # fmt: skip
+    handle = ServerHandle(served.server)
+    handle.wait_ready()
+    return handle
+
+
 @pytest.fixture
 def proxy_for(tmp_path):
     """Factory: our app (with a CallRecorder) under waitress, in front of ``url``; all stopped after the test."""
@@ -227,7 +239,7 @@ def proxy_for(tmp_path):
         app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", **settings}, environ={})
         recorder = CallRecorder()
         state_of(app).call_sinks.append(recorder)
-        handle = serve(app, threads=16)
+        handle = serve_proxy(app, threads=16)
         started.append((handle, app))
         return handle, app, recorder
 
@@ -248,7 +260,7 @@ def proxy_with(upstream, tmp_path):
         app = create_app({**settings, **overrides}, environ={})
         recorder = CallRecorder()
         state_of(app).call_sinks.append(recorder)
-        handle = serve(app)
+        handle = serve_proxy(app)
         started.append((app, handle))
         return app, handle, recorder
 

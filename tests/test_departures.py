@@ -17,12 +17,13 @@ import time
 import pytest
 from urllib3.util.wait import wait_for_read
 
-from proxy_app import create_app
+from proxy_app import create_app, shutdown
 from proxy_app.relay import framing
 from proxy_app.relay.client_watch import POLL_SECONDS
 from proxy_app.service.servers import WaitressService
 from proxy_app.state import state_of
 from tests.conftest import CallRecorder, GunicornProxy
+from tests.fake_ollama import serve
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, reply, response
 
@@ -90,6 +91,24 @@ def test_departures_gunicorn_closes_the_upstream_when_the_client_leaves_mid_stre
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ollama-proxy.db")) as db:
         stored = db.execute("SELECT outcome, http_status, response_size_bytes FROM calls").fetchall()
     assert stored == [("client_gone", 200, len(FIRST_LINE))]
+
+
+def test_departures_plain_waitress_thread_notices_the_client_leaving_mid_stream(raw, tmp_path):
+    """Under a server that offers no loop (plain waitress here), the call's thread relays the stream and watches the
+    client between polls: the upstream is closed just as soon."""
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    recorder = CallRecorder()
+    state_of(app).call_sinks.append(recorder)
+    handle = serve(app, threads=4)
+    try:
+        raw.script = reply(ONE_LINE_THEN_SILENCE, then_close=False)
+        left = leave_after_first_line(handle.port)
+        assert_upstream_closed_soon(raw, left)
+        call = recorder.wait_for(1)[0]
+        assert (call.outcome, call.http_status, call.response_size_bytes) == ("client_gone", 200, len(FIRST_LINE))
+    finally:
+        handle.close()
+        shutdown(app)
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])

@@ -125,6 +125,10 @@ class Pump(wasyncore.dispatcher):
     def handle_expt(self) -> None:
         """Out-of-band data from the upstream: nothing to do with the body."""
 
+    def close(self) -> None:
+        """Whoever closes the loop's sockets ends the body; the upstream socket is the call's to close."""
+        self.end(ClientLeft())
+
     def handle_error(self) -> None:  # wasyncore calls it for any other exception in handle_read: a bug of ours
         log.exception("relaying a stream on the loop failed")
         self.end(RuntimeError("relaying the stream failed"))
