@@ -4,6 +4,6 @@
 ``request_body`` (reading the client's body), ``inflight`` (the record of a running call), ``settle`` (the finished
 call handed to the sinks), ``headers`` (what crosses the wire), ``upstream`` (connections to Ollama), ``framing``
 (reading bodies as they arrive), ``on_loop`` (a stream's body handed to the server's event loop), ``gate``
-(concurrency), ``client_watch`` (a client that leaves) and ``drain`` (graceful shutdown). It never imports the store or the dashboard: finished calls leave through the sinks in the app's
-state.
+(concurrency), ``client_watch`` (a client that leaves) and ``drain`` (graceful shutdown). It never imports the
+store or the dashboard: finished calls leave through the sinks in the app's state.
 """
