@@ -15,11 +15,14 @@ import time
 
 import pytest
 
-from proxy_app import create_app
+from proxy_app import create_app, shutdown
+from proxy_app.service.front import Front
+from proxy_app.service.guard import Limits
 from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, Pump
 from proxy_app.service.servers import WaitressService
 from proxy_app.state import state_of
 from tests.conftest import CallRecorder
+from tests.fake_ollama import ServerHandle
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
@@ -211,3 +214,35 @@ def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
         assert recorder.wait_for(1)[0].outcome == "completed"
     finally:
         raw.close()
+
+
+def test_loop_relay_not_offered_where_the_loop_uses_select(tmp_path):
+    """A front whose loop uses select() (Windows: about 512 sockets in all) keeps every stream on its thread, so
+    pumps never crowd out the clients' own sockets; the stream still arrives whole."""
+    lines = [line(n) for n in range(3)] + [line(3, done=True)]
+    raw = RawUpstream(paced(HEAD, *(chunk(piece) for piece in lines), b"0\r\n\r\n"))
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    served = Front(app, Limits.from_settings(app.config), host="127.0.0.1", port=0, threads=4)
+    assert not served.server.adj.asyncore_use_poll
+    handle = ServerHandle(served.server)
+    seen = []
+    try:
+        with ask(handle.port) as sock:
+            watcher = threading.Thread(target=lambda: seen.extend(_pumps_for(served, 0.3)), daemon=True)
+            watcher.start()
+            assert read_answer(sock) == b"".join(lines)
+            watcher.join()
+        assert seen == []
+    finally:
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
+def _pumps_for(served: Front, seconds: float) -> list[Pump]:
+    """Every pump seen in ``served``'s map over ``seconds``."""
+    found, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found += [item for item in list(served.map.values()) if isinstance(item, Pump)]
+        time.sleep(0.01)
+    return found

@@ -13,6 +13,7 @@ the rest, and every body on a server that offers no loop, is relayed by the thre
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 from collections.abc import Callable
@@ -76,7 +77,8 @@ class LoopBody:
 
     def finish(self) -> None:
         """On the call's thread once the loop let go: the socket blocks again; a whole body frees the connection."""
-        self.socket.settimeout(self.timeout)
+        with contextlib.suppress(OSError):  # closed under us: the connection is closed when released anyway
+            self.socket.settimeout(self.timeout)
         framing.end_of_body(self.upstream, self._framing.rest if self._framing.ended else None)
 
     def relay_on(self, loop) -> None:

@@ -30,15 +30,17 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024  # what one readable event reads at most: everything a burst of tokens brought
 OUTBUF_LIMIT = 256 * 1024  # unsent bytes for one client above which the pump stops reading the upstream
-STALL_SECONDS = 1.0  # how often a waiting thread looks whether its client's connection was closed under it
+STALL_SECONDS = 10.0  # how often a waiting thread looks whether the loop stopped with its connection closed
 
 
 class LoopTask(WSGITask):
-    """waitress's task for a request, offering the app the loop that serves its connection (``LOOP_KEY``)."""
+    """waitress's task for a request, offering the app the loop that serves its connection (``LOOP_KEY``) when
+    the loop polls with poll(): select() on Windows takes about 512 sockets, which the clients' alone may fill."""
 
     def get_environment(self) -> dict:
         environ = super().get_environment()
-        environ[LOOP_KEY] = LoopRelay(self, self.channel.loop_map)
+        if self.channel.adj.asyncore_use_poll:
+            environ[LOOP_KEY] = LoopRelay(self, self.channel.loop_map)
         return environ
 
 
@@ -52,9 +54,10 @@ class LoopRelay:
         """Relay ``body`` on the loop (the server's trigger runs the start there) and return once it has ended."""
         pump = Pump(self.task, body, self.loop_map)
         channel = self.task.channel
+        channel.pump = pump  # from now on the channel ends it when it closes, even before the loop starts it
         channel.server.trigger.pull_trigger(pump.start)
         while not pump.ended.wait(STALL_SECONDS):
-            if not channel.connected and not pump.ended.wait(STALL_SECONDS):  # closed, and no loop turns to say so
+            if not channel.connected:  # closed, and no loop turned to say so: the loop has stopped
                 pump.end(ClientLeft())
 
 
@@ -74,6 +77,8 @@ class Pump(wasyncore.dispatcher):
 
     def start(self) -> None:
         """On the loop's thread: relay what is buffered, then watch the upstream socket."""
+        if self.ended.is_set():  # its connection closed before the loop got here
+            return
         try:
             if not self.channel.connected:
                 raise ClientLeft
@@ -84,7 +89,6 @@ class Pump(wasyncore.dispatcher):
         except BaseException as exc:  # noqa: BLE001 - whatever it is, the call's thread must wake and settle
             self.end(exc)
             return
-        self.channel.pump = self
         if self.body.finished:
             self.end()
 
