@@ -8,6 +8,7 @@ server, so each test decides the exact bytes and their timing.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
@@ -18,7 +19,7 @@ import pytest
 from proxy_app import create_app, shutdown
 from proxy_app.service.front import Front
 from proxy_app.service.guard import Limits
-from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, Pump
+from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, LoopTask, Pump
 from proxy_app.service.servers import WaitressService
 from proxy_app.state import state_of
 from tests.conftest import CallRecorder
@@ -98,6 +99,19 @@ def _recv(sock: socket.socket) -> bytes:
     return data
 
 
+def every_request(answer: bytes, again: list | None = None):
+    """Script: ``answer`` each request on the connection; the requests after its first go to ``again``."""
+
+    def script(upstream, conn):  # the connection's first request was read (raw_upstream.py)
+        conn.sendall(answer)
+        while request := read_request(conn):
+            if again is not None:
+                again.append(request)
+            conn.sendall(answer)
+
+    return script
+
+
 def paced(*parts: bytes, pause: float = 0.05):
     """Script: send each part apart, then hold the connection until the proxy closes it."""
 
@@ -136,14 +150,7 @@ def test_loop_relay_gives_the_connection_back_for_the_next_call(front):
     """A stream the loop relayed to its end leaves its upstream connection whole: the next call reuses it."""
     whole = HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
     again = []  # requests that came on a connection which had carried one before
-
-    def answers(upstream, conn):  # the connection's first request was read (raw_upstream.py)
-        conn.sendall(whole)
-        while request := read_request(conn):
-            again.append(request)
-            conn.sendall(whole)
-
-    raw = RawUpstream(answers)
+    raw = RawUpstream(every_request(whole, again))
     try:
         service, recorder = front(raw.url)
         for _ in range(2):
@@ -246,3 +253,23 @@ def _pumps_for(served: Front, seconds: float) -> list[Pump]:
         found += [item for item in list(served.map.values()) if isinstance(item, Pump)]
         time.sleep(0.01)
     return found
+
+
+def test_loop_relay_leaves_nothing_for_the_garbage_collector(front):
+    """A relayed stream's task, environ and request body are freed when the call ends, not at some later collection
+    of reference cycles (a long stream's would have aged into the oldest generation, collected least often)."""
+    lines = [line(0), line(1, done=True)]
+    raw = RawUpstream(every_request(HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"))
+    gc.collect()
+    gc.disable()
+    try:
+        service, recorder = front(raw.url)
+        for _ in range(3):
+            with ask(int(service.server.effective_port)) as sock:
+                assert read_answer(sock) == b"".join(lines)
+        recorder.wait_for(3)
+        wait_until(lambda: not [item for item in gc.get_objects() if isinstance(item, LoopTask)], timeout=3,
+                   message="every task freed")  # fmt: skip
+    finally:
+        gc.enable()
+        raw.close()

@@ -43,6 +43,13 @@ class LoopTask(WSGITask):
             environ[LOOP_KEY] = LoopRelay(self, self.channel.loop_map)
         return environ
 
+    def service(self) -> None:
+        try:
+            super().service()
+        finally:  # the relay in the environ holds this task, which holds the environ (and the request's body)
+            if self.environ is not None:
+                self.environ.pop(LOOP_KEY, None)
+
 
 class LoopRelay:
     """What the app finds under LOOP_KEY: ``relay(body)`` relays a LoopBody on the loop and waits for its end."""
