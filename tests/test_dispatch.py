@@ -46,10 +46,11 @@ def one_at_a_time(dispatcher, count: int, threads: int = 16) -> list[int]:
 
 
 def wait_idle(dispatcher, threads: int) -> None:
-    """Until every thread waits again (the one that served a task goes idle just after it)."""
+    """Until every thread waits again (the one that served a task goes idle just after it) with nothing queued: a
+    woken thread counts as active only once it runs, so an empty queue is what says every task was taken."""
     for _ in range(500):
         with dispatcher.lock:
-            if dispatcher.active_count == 0 and len(dispatcher.threads) == threads:
+            if dispatcher.active_count == 0 and not dispatcher.queue and len(dispatcher.threads) == threads:
                 return
         threading.Event().wait(0.01)
     raise AssertionError("the dispatcher's threads did not go idle")
