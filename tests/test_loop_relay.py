@@ -28,6 +28,8 @@ from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
 STREAM = b'{"model":"llama3.2","prompt":"hi"}'
+# The head and chunks of a stream as Ollama writes them: streamResponse in server/routes.go, one line per flush,
+# each framed by Go's net/http/internal/chunked.go (hex size, CRLF, data, CRLF).
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
