@@ -220,12 +220,20 @@ def gunicorn_proxy(upstream, tmp_path):
         proxy.process.stderr.close()  # an open pipe would be a ResourceWarning (an error) in the next test
 
 
-def serve_proxy(app, threads: int = 64) -> ServerHandle:
+class FrontHandle(ServerHandle):
+    """A running front (``front``: its loop's map, its channels), stopped as any ServerHandle."""
+
+    def __init__(self, served: front.Front) -> None:
+        super().__init__(served.server)
+        self.front = served
+
+
+def serve_proxy(app, threads: int = 64, options: dict | None = None) -> FrontHandle:
     """Our app on an ephemeral port behind the front ``serve`` runs (service/front.py): guarded as there, and its
-    streams relayed by the loop."""
-    served = front.Front(app, Limits.from_settings(app.config), host="127.0.0.1", port=0, threads=threads,
-                         **front.connection_options(threads))  # fmt: skip
-    handle = ServerHandle(served.server)
+    streams relayed by the loop. ``options`` replace the platform's connection options (poll() and its limits)."""
+    options = front.connection_options(threads) if options is None else options
+    served = front.Front(app, Limits.from_settings(app.config), host="127.0.0.1", port=0, threads=threads, **options)
+    handle = FrontHandle(served)
     handle.wait_ready()
     return handle
 

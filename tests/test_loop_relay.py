@@ -2,7 +2,7 @@
 client gets, the loop lets go of the upstream socket at the end, it stops reading while the client does not take
 what is sent, and every way a body can end early ends it in the stream's own error shape, recorded.
 
-The proxy runs as ``serve --server waitress`` does (WaitressService: the guarded front); the upstream is a raw socket
+The proxy runs behind the front ``serve`` runs (``proxy_for``: tests/conftest.py); the upstream is a raw socket
 server, so each test decides the exact bytes and their timing.
 """
 
@@ -18,12 +18,8 @@ import pytest
 
 from proxy_app import create_app, shutdown
 from proxy_app.service.front import Front
-from proxy_app.service.guard import Limits
 from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, LoopTask, Pump
-from proxy_app.service.servers import WaitressService
-from proxy_app.state import state_of
-from tests.conftest import CallRecorder
-from tests.fake_ollama import ServerHandle
+from tests.conftest import serve_proxy
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
@@ -43,28 +39,8 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-@pytest.fixture
-def front(tmp_path):
-    """Factory: the app in front of ``url`` under WaitressService, its recorder; stopped after the test."""
-    started = []
-
-    def start(url: str, **settings):
-        app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "PORT": 0, **settings},
-                         environ={})  # fmt: skip
-        recorder = CallRecorder()
-        state_of(app).call_sinks.append(recorder)
-        service = WaitressService(app)
-        threading.Thread(target=service.serve_forever, daemon=True).start()
-        started.append(service)
-        return service, recorder
-
-    yield start
-    for service in started:
-        assert service.stop(wait=10)
-
-
-def pumps(service) -> list[Pump]:
-    return [item for item in list(service.front.map.values()) if isinstance(item, Pump)]
+def pumps(served: Front) -> list[Pump]:
+    return [item for item in list(served.map.values()) if isinstance(item, Pump)]
 
 
 def ask(port: int, body: bytes = STREAM) -> socket.socket:
@@ -126,7 +102,7 @@ def paced(*parts: bytes, pause: float = 0.05):
     return script
 
 
-def test_loop_relay_relays_a_stream_on_the_loop_as_it_arrived(front):
+def test_loop_relay_relays_a_stream_on_the_loop_as_it_arrived(proxy_for):
     """Chunks split across reads, several in one read, and a chunk extension: the client gets the data as sent,
     while a pump (not the call's thread) holds the upstream socket; the row has Ollama's counts."""
     lines = [line(n) for n in range(5)] + [line(5, done=True)]
@@ -135,38 +111,38 @@ def test_loop_relay_relays_a_stream_on_the_loop_as_it_arrived(front):
              lines[3] + b"\r\n" + chunk(lines[4]), chunk(lines[5]) + b"0\r\n\r\n"]  # fmt: skip
     raw = RawUpstream(paced(*parts))
     try:
-        service, recorder = front(raw.url)
-        sock = ask(int(service.server.effective_port))
-        wait_until(lambda: pumps(service), timeout=5, message="a pump relays the stream")
+        handle, _, recorder = proxy_for(raw.url)
+        sock = ask(handle.port)
+        wait_until(lambda: pumps(handle.front), timeout=5, message="a pump relays the stream")
         assert read_answer(sock) == b"".join(lines)
         sock.close()
         call = recorder.wait_for(1)[0]
         assert (call.outcome, call.http_status, call.input_tokens, call.output_tokens) == ("completed", 200, 3, 5)
         assert call.response_size_bytes == len(b"".join(lines))
-        assert pumps(service) == []
+        assert pumps(handle.front) == []
     finally:
         raw.close()
 
 
-def test_loop_relay_gives_the_connection_back_for_the_next_call(front):
+def test_loop_relay_gives_the_connection_back_for_the_next_call(proxy_for):
     """A stream the loop relayed to its end leaves its upstream connection whole: the next call reuses it."""
     whole = HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
     again = []  # requests that came on a connection which had carried one before
     raw = RawUpstream(every_request(whole, again))
     try:
-        service, recorder = front(raw.url)
+        handle, _, recorder = proxy_for(raw.url)
         for _ in range(2):
-            with ask(int(service.server.effective_port)) as sock:
+            with ask(handle.port) as sock:
                 assert read_answer(sock) == line(0) + line(1, done=True)
         assert [call.outcome for call in recorder.wait_for(2)] == ["completed", "completed"]
         assert len(again) == 1 and again[0].startswith(b"POST /api/generate") and again[0].endswith(STREAM)
-        assert pumps(service) == []
+        assert pumps(handle.front) == []
     finally:
         raw.close()
 
 
 @pytest.mark.parametrize("ending", ["closed", "silent", "bad framing"])
-def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(front, ending):
+def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(proxy_for, ending):
     """The upstream closes mid-body, falls silent past READ_TIMEOUT, or sends invalid framing: the client gets the
     lines that came and an error line, the call is recorded as an upstream error, and the connection is dropped."""
     first = HEAD + chunk(line(0))
@@ -174,8 +150,8 @@ def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(front, endi
               "bad framing": reply(first + b"zz\r\n", then_close=False)}[ending]  # fmt: skip
     raw = RawUpstream(script)
     try:
-        service, recorder = front(raw.url, READ_TIMEOUT="0.5")
-        with ask(int(service.server.effective_port)) as sock:
+        handle, _, recorder = proxy_for(raw.url, READ_TIMEOUT="0.5")
+        with ask(handle.port) as sock:
             body = read_answer(sock)
         assert body.startswith(line(0))
         error = json.loads(body[len(line(0)) :])["error"]
@@ -185,12 +161,12 @@ def test_loop_relay_ends_a_broken_stream_in_its_shape_and_records_it(front, endi
         assert call.error_message == error
         if ending != "closed":  # the proxy closes it (the upstream closed it itself otherwise)
             wait_until(lambda: raw.closed_at, timeout=3, message="the upstream connection closed")
-        assert pumps(service) == []
+        assert pumps(handle.front) == []
     finally:
         raw.close()
 
 
-def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
+def test_loop_relay_stops_reading_while_the_client_takes_nothing(proxy_for):
     """A client that reads nothing holds at most about OUTBUF_LIMIT of its stream in the proxy; the rest waits in
     the upstream's socket, and the whole body still arrives intact once the client reads, even after a pause longer
     than READ_TIMEOUT (the upstream was not silent: the proxy was not reading)."""
@@ -208,14 +184,14 @@ def test_loop_relay_stops_reading_while_the_client_takes_nothing(front):
 
     raw = RawUpstream(big)
     try:
-        service, recorder = front(raw.url, READ_TIMEOUT="0.5")
-        sock = ask(int(service.server.effective_port))
+        handle, _, recorder = proxy_for(raw.url, READ_TIMEOUT="0.5")
+        sock = ask(handle.port)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        wait_until(lambda: pumps(service), timeout=5, message="a pump relays the stream")
+        wait_until(lambda: pumps(handle.front), timeout=5, message="a pump relays the stream")
         held = []
         for _ in range(20):
             time.sleep(0.05)
-            held.append(max((channel.total_outbufs_len for channel in service.front.channels()), default=0))
+            held.append(max((channel.total_outbufs_len for channel in handle.front.channels()), default=0))
         assert max(held) <= OUTBUF_LIMIT + READ_SIZE + 64 * 1024
         assert sent[-1] < len(body) - 4 * 1024 * 1024, "the upstream could send it all: nothing held it back"
         assert read_answer(sock) == b"".join(lines)
@@ -231,13 +207,12 @@ def test_loop_relay_not_offered_where_the_loop_uses_select(tmp_path):
     lines = [line(n) for n in range(3)] + [line(3, done=True)]
     raw = RawUpstream(paced(HEAD, *(chunk(piece) for piece in lines), b"0\r\n\r\n"))
     app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
-    served = Front(app, Limits.from_settings(app.config), host="127.0.0.1", port=0, threads=4)
-    assert not served.server.adj.asyncore_use_poll
-    handle = ServerHandle(served.server)
+    handle = serve_proxy(app, threads=4, options={})
+    assert not handle.front.server.adj.asyncore_use_poll
     seen = []
     try:
         with ask(handle.port) as sock:
-            watcher = threading.Thread(target=lambda: seen.extend(_pumps_for(served, 0.3)), daemon=True)
+            watcher = threading.Thread(target=lambda: seen.extend(_pumps_for(handle.front, 0.3)), daemon=True)
             watcher.start()
             assert read_answer(sock) == b"".join(lines)
             watcher.join()
@@ -252,12 +227,12 @@ def _pumps_for(served: Front, seconds: float) -> list[Pump]:
     """Every pump seen in ``served``'s map over ``seconds``."""
     found, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
-        found += [item for item in list(served.map.values()) if isinstance(item, Pump)]
+        found += pumps(served)
         time.sleep(0.01)
     return found
 
 
-def test_loop_relay_leaves_nothing_for_the_garbage_collector(front):
+def test_loop_relay_leaves_nothing_for_the_garbage_collector(proxy_for):
     """A relayed stream's task, environ and request body are freed when the call ends, not at some later collection
     of reference cycles (a long stream's would have aged into the oldest generation, collected least often)."""
     lines = [line(0), line(1, done=True)]
@@ -265,9 +240,9 @@ def test_loop_relay_leaves_nothing_for_the_garbage_collector(front):
     gc.collect()
     gc.disable()
     try:
-        service, recorder = front(raw.url)
+        handle, _, recorder = proxy_for(raw.url)
         for _ in range(3):
-            with ask(int(service.server.effective_port)) as sock:
+            with ask(handle.port) as sock:
                 assert read_answer(sock) == b"".join(lines)
         recorder.wait_for(3)
         wait_until(lambda: not [item for item in gc.get_objects() if isinstance(item, LoopTask)], timeout=3,
