@@ -250,3 +250,33 @@ def test_loop_relay_leaves_nothing_for_the_garbage_collector(proxy_for):
     finally:
         gc.enable()
         raw.close()
+
+
+def test_loop_relay_pumps_do_not_count_as_client_connections(tmp_path):
+    """The connection limit counts clients: the pumps of streams in progress (and the listener and the trigger,
+    also in the loop's map) leave room for as many clients as the limit says."""
+    lines = [line(0), line(1, done=True)]
+    whole = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
+    connections = []
+
+    def script(upstream, conn):  # the first two streams stay open while a third client asks
+        connections.append(conn)
+        held = len(connections) <= 2
+        (paced(HEAD, chunk(lines[0]), pause=3.0) if held else every_request(whole))(upstream, conn)
+
+    raw = RawUpstream(script)
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    handle = serve_proxy(app, threads=4, options={"connection_limit": 3, "asyncore_use_poll": True})
+    held = []
+    try:
+        held = [ask(handle.port) for _ in range(2)]
+        wait_until(lambda: len(pumps(handle.front)) == 2, timeout=5, message="a pump for each stream")
+        with ask(handle.port) as sock:
+            sock.settimeout(2)
+            assert read_answer(sock) == b"".join(lines)
+    finally:
+        for sock in held:
+            sock.close()
+        handle.close()
+        raw.close()
+        shutdown(app)

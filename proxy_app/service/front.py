@@ -128,10 +128,11 @@ class Acceptor(wasyncore.dispatcher):
         if now >= self._next_maintenance:  # waitress's own: closes kept-alive connections idle for channel_timeout
             self._next_maintenance = now + self.server.adj.cleanup_interval
             self.server.maintenance(time.time())
-        full = len(self.loop_map) >= self.server.adj.connection_limit
+        # The clients' connections only: the loop's map also holds the listeners, the trigger and the pumps.
+        full = self.guard.total >= self.server.adj.connection_limit
         if full != self._full:
             self._full = full
-            log.warning("%d open connections: %s", len(self.loop_map),
+            log.warning("%d open connections: %s", self.guard.total,
                         "connection limit reached, not accepting" if full else "accepting again")  # fmt: skip
         return not full
 

@@ -51,6 +51,7 @@ class Guard:
     def __init__(self, limits: Limits, clock=time.monotonic) -> None:
         self.limits, self.clock = limits, clock
         self.open: Counter = Counter()
+        self.total = 0  # open client connections, from every address
         self.refused = 0
         self.closed_slow = 0
         self._lock = threading.Lock()
@@ -64,12 +65,14 @@ class Guard:
                 self._log_refusal(host)
                 return False
             self.open[host] += 1
+            self.total += 1
             return True
 
     def release(self, host: str) -> None:
         """Forget a closed connection from ``host``."""
         with self._lock:
             self.open[host] -= 1
+            self.total -= 1
             if self.open[host] <= 0:
                 del self.open[host]
 
