@@ -96,6 +96,40 @@ def test_pool_sends_no_content_length_for_a_get_without_body(upstream):
     assert b"content-length" not in raw.wait_for_requests(1)[0].lower()
 
 
+class SendRecorder:
+    """A socket that notes the data of each ``sendall`` and leaves everything else to the real socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.sends = sock, []
+
+    def sendall(self, data) -> None:
+        self.sends.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize(("size", "sends"), [(2, 1), (upstream_module.COALESCE_BYTES, 1),
+                                             (upstream_module.COALESCE_BYTES + 1, 2)])  # fmt: skip
+def test_connection_sends_the_head_and_a_small_body_at_once(upstream, size, sends):
+    raw, _ = upstream(answer_every_request())
+    connection = upstream_module.HTTPConnection("127.0.0.1", raw.port, timeout=5)
+    connection.read_timeout = 5
+    connection.connect()
+    connection.sock = recorder = SendRecorder(connection.sock)
+    body = b"x" * size
+    try:
+        connection.request("POST", "/api/generate", body=body, headers={"Content-Length": str(size)})
+        answer = connection.getresponse()
+        assert answer.status == 200 and answer.read() == b'{"ok":true}'
+    finally:
+        connection.close()
+    assert raw.wait_for_requests(1)[0].endswith(b"\r\n\r\n" + body)
+    assert len(recorder.sends) == sends
+    assert recorder.sends[0].startswith(b"POST /api/generate HTTP/1.1\r\n") and recorder.sends[-1].endswith(body)
+
+
 def test_pool_refused_connection_is_unreachable():
     pool = Pool(f"http://127.0.0.1:{free_port()}", 5, 5, keep=2)
     with pytest.raises(Unreachable, match="refused"):

@@ -24,6 +24,8 @@ from proxy_app.relay.client_watch import current_gone_check, wait_first_byte
 
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # no field value holds these (RFC 9110 5.5); HTAB it may
+# Why: a body this small costs less to copy beside the head than a second send costs.
+COALESCE_BYTES = 64 * 1024
 # Why: servers send one or two interim answers (102, 103) before the final one; an endless run is an attack.
 MAX_INTERIM_ANSWERS = 10
 # How the email parser behind http.client notes a line that is no header field, instead of refusing it.
@@ -135,10 +137,30 @@ class _Answer(http.client.HTTPResponse):
 
 
 class _Timed:
-    """Connection mixin: the connect timeout while connecting, then the read timeout; a watched wait for answers."""
+    """Connection mixin: the connect timeout while connecting, then the read timeout; a watched wait for answers;
+    a request's head and small body in one send."""
 
     read_timeout: float | None
     response_class = _Answer
+    _held: list | None = None
+
+    def endheaders(self, message_body=None, *, encode_chunked: bool = False) -> None:
+        """Send the head, and a body of at most ``COALESCE_BYTES`` with it: http.client sends them apart, and each
+        send is a system call that gives up the interpreter lock and waits to take it back."""
+        if encode_chunked or not isinstance(message_body, bytes) or len(message_body) > COALESCE_BYTES:
+            return super().endheaders(message_body, encode_chunked=encode_chunked)
+        self._held = []
+        try:
+            super().endheaders(message_body)
+            data = b"".join(self._held)
+        finally:
+            self._held = None
+        super().send(data)
+
+    def send(self, data) -> None:
+        if self._held is None:
+            return super().send(data)
+        self._held.append(data)
 
     def connect(self) -> None:
         try:
