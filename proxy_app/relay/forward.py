@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import logging
 import time
-import uuid
 from datetime import UTC, datetime
 
 from flask import Flask
@@ -24,7 +23,7 @@ from proxy_app.relay import answer, keycheck
 from proxy_app.relay.client_watch import ClientLeft, watching
 from proxy_app.relay.gate import ByteBudget, Gate, InFlight
 from proxy_app.relay.headers import client_address, request_target, upstream_headers
-from proxy_app.relay.inflight import CallInFlight
+from proxy_app.relay.inflight import CallInFlight, new_request_id
 from proxy_app.relay.middleware import Relay, RelayedAnswer, make_host_rule
 from proxy_app.relay.request_body import InvalidBody, is_blob_upload, read_request_body
 from proxy_app.relay.settle import refuse_call
@@ -103,7 +102,7 @@ def _start_call(app: Flask, req: Request) -> CallInFlight:
     return CallInFlight(
         arrived=time.perf_counter(),
         timestamp=datetime.now(UTC),
-        request_id=uuid.uuid4().hex,
+        request_id=new_request_id(),
         ip_source=client_address(environ, app.config["TRUSTED_PROXIES"]),
         user_agent=environ.get("HTTP_USER_AGENT", ""),
         http_method=req.method,

@@ -1,16 +1,39 @@
 """``CallInFlight``: what the relay knows of one call while it runs, filled in as the call goes.
 
 ``forward`` starts it from the request, the relay adds timings and sizes, and ``settle`` turns it into the stored
-``Call`` (calls.py). Moments are ``time.perf_counter()`` readings; durations are milliseconds. It does no I/O.
+``Call`` (calls.py). Moments are ``time.perf_counter()`` readings; durations are milliseconds. It does no I/O
+beyond drawing each process's request-id prefix.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
 from proxy_app.apikeys import Policy
 from proxy_app.ollama.intake import Intake
+
+
+class _RequestIds:
+    """Request ids of 32 hex digits: a random 64-bit prefix drawn once per process (again in a forked child), then
+    the process's count of calls. They are unique, not secret (whoever may read one row may read them all): uuid4
+    would draw 16 bytes from the kernel for every call, a system call that gives up the interpreter lock."""
+
+    def __init__(self) -> None:
+        self.draw()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.count):016x}"  # next() on a count is atomic: one C call under the GIL
+
+
+new_request_id = _RequestIds().next
 
 
 @dataclass(slots=True)
