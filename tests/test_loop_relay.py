@@ -19,7 +19,8 @@ import pytest
 from proxy_app import create_app, shutdown
 from proxy_app.service.front import Front
 from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, LoopTask, Pump
-from tests.conftest import serve_proxy
+from proxy_app.state import state_of
+from tests.conftest import CallRecorder, serve_proxy
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
@@ -277,6 +278,32 @@ def test_loop_relay_pumps_do_not_count_as_client_connections(tmp_path):
     finally:
         for sock in held:
             sock.close()
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
+def test_loop_relay_client_leaving_after_the_last_line_leaves_a_completed_call(tmp_path, loop):
+    """A client that closes once it has a stream's last line, before the body's closing chunk (Go's net/http writes
+    it when the handler returns, after the last line's flush), had the whole answer: the call is completed, with
+    Ollama's counts, on the loop and on a thread alike. Its upstream connection is closed, not reused."""
+    lines = [line(0), line(1, done=True)]
+    raw = RawUpstream(reply(HEAD + b"".join(chunk(piece) for piece in lines), then_close=False))  # no last chunk yet
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    recorder = CallRecorder()
+    state_of(app).call_sinks.append(recorder)
+    handle = serve_proxy(app, threads=4, options=None if loop else {})
+    try:
+        with ask(handle.port) as sock:
+            received = b""
+            while b'"done":true' not in received:
+                received += _recv(sock)
+        call = recorder.wait_for(1)[0]
+        assert (call.outcome, call.http_status, call.input_tokens, call.output_tokens) == ("completed", 200, 3, 1)
+        wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
+        assert not state_of(app).upstream_pool._idle
+    finally:
         handle.close()
         raw.close()
         shutdown(app)

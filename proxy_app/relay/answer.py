@@ -193,6 +193,10 @@ def finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome,
         usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
         ttft = call.first_byte_ms
+    if outcome == "client_gone" and usage.is_complete:
+        # It left once the answer's last line or event had come, before the closing chunk Go's server writes after
+        # it: Ollama did all of it, so the call completed (its connection, released above, is still not reused).
+        outcome = None
     content_type = upstream.head.get("Content-Type", "")
     outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
     call.sent_bytes, call.ttft_ms = sent_bytes, ttft
