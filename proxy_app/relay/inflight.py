@@ -2,35 +2,44 @@
 
 ``forward`` starts it from the request, the relay adds timings and sizes, and ``settle`` turns it into the stored
 ``Call`` (calls.py). Moments are ``time.perf_counter()`` readings; durations are milliseconds. It does no I/O
-beyond drawing each process's request-id prefix.
+beyond drawing random request ids from the kernel.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from proxy_app.apikeys import Policy
 from proxy_app.ollama.intake import Intake
 
+# Why: one system call per this many calls, for 4 KiB of randomness held at a time.
+IDS_PER_DRAW = 256
+
 
 class _RequestIds:
-    """Request ids of 32 hex digits: a random 64-bit prefix drawn once per process (again in a forked child), then
-    the process's count of calls. They are unique, not secret (whoever may read one row may read them all): uuid4
-    would draw 16 bytes from the kernel for every call, a system call that gives up the interpreter lock."""
+    """Request ids: 32 random hex digits (as unguessable as uuid4's, and telling nothing of how many calls others
+    made), drawn from the kernel IDS_PER_DRAW at a time: a draw is a system call that gives up the interpreter lock,
+    which uuid4 would make for every call. A forked child drops what its parent drew, so the two never share an id."""
 
     def __init__(self) -> None:
-        self.draw()
+        self._ids: Iterator[str] = iter(())
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self.draw)
+            os.register_at_fork(after_in_child=self._drop)
 
-    def draw(self) -> None:
-        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+    def _drop(self) -> None:
+        self._ids = iter(())
 
     def next(self) -> str:
-        return f"{self.prefix}{next(self.count):016x}"  # next() on a count is atomic: one C call under the GIL
+        try:
+            return next(self._ids)  # one C call under the GIL: no two threads take the same id
+        except StopIteration:
+            drawn = os.urandom(16 * IDS_PER_DRAW).hex()
+            ids = iter([drawn[start : start + 32] for start in range(0, len(drawn), 32)])
+            self._ids = ids  # threads that ran out at once each keep their own draw: random, so never the same
+            return next(ids)
 
 
 new_request_id = _RequestIds().next
