@@ -78,6 +78,17 @@ def _recv(sock: socket.socket) -> bytes:
     return data
 
 
+class Replay:
+    """A socket whose first ``recv`` gives back ``data`` already read from it."""
+
+    def __init__(self, data: bytes, sock: socket.socket) -> None:
+        self.data, self.sock = data, sock
+
+    def recv(self, size: int) -> bytes:
+        data, self.data = self.data, b""
+        return data or self.sock.recv(size)
+
+
 def every_request(answer: bytes, again: list | None = None):
     """Script: ``answer`` each request on the connection; the requests after its first go to ``again``."""
 
@@ -303,6 +314,41 @@ def test_loop_relay_client_leaving_after_the_last_line_leaves_a_completed_call(t
         assert (call.outcome, call.http_status, call.input_tokens, call.output_tokens) == ("completed", 200, 3, 1)
         wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
         assert not state_of(app).upstream_pool._idle
+    finally:
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
+def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(tmp_path):
+    """waitress closes the connection after each streamed answer, so a client that streams from as many connections
+    as its cap allows reconnects after every answer: the connections it is done with no longer count, although the
+    loop may close them a turn later, and it never gets a 429."""
+    lines = [line(0), line(1, done=True)]
+    whole = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
+    raw = RawUpstream(every_request(whole))
+    settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "MAX_CONNECTIONS_PER_CLIENT": 4}
+    app = create_app(settings, environ={})
+    handle = serve_proxy(app, threads=8)
+    heads: list[bytes] = []
+
+    def client() -> None:
+        for _ in range(40):
+            with ask(handle.port) as sock:
+                head = sock.recv(65536)
+                while b"\r\n\r\n" not in head and (piece := sock.recv(65536)):
+                    head += piece
+                if head.startswith(b"HTTP/1.1 200 "):  # read to the last chunk before connecting again
+                    read_answer(Replay(head, sock))
+                heads.append(head.split(b"\r\n", 1)[0])
+
+    try:
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(30)
+        assert len(heads) == 160 and set(heads) == {b"HTTP/1.1 200 OK"}, sorted(set(heads))
     finally:
         handle.close()
         raw.close()

@@ -50,12 +50,23 @@ OPTIONS = {
 }
 
 
+class GuardedTask(LoopTask):
+    """waitress's task; an answer after which its connection closes leaves the guard's count as it ends."""
+
+    def finish(self) -> None:
+        # waitress closes the connection after every answer without Content-Length (each stream): its client may
+        # connect again the moment the answer ends, before the loop has closed this one.
+        if self.close_on_finish:
+            self.channel.leave_guard()
+        super().finish()
+
+
 class GuardedChannel(HTTPChannel):
     """waitress's channel, with the times the guard needs: when the headers are due, when a byte last came."""
 
     parser_class = OwnRoutesParser
     error_task_class = ShapedErrorTask
-    task_class = LoopTask
+    task_class = GuardedTask
     guard: Guard  # set on the per-front subclass (make_channel_class), with loop_map, the loop's socket map
     loop_map: dict
     has_asked = False  # True once a whole request has come in on this connection
@@ -93,12 +104,15 @@ class GuardedChannel(HTTPChannel):
             self.pump.client_left()
 
     def del_channel(self, map=None) -> None:
-        """Leave the loop, and the guard's count (once, however often the channel is closed); the stream the loop
-        relays for it ends."""
+        """Leave the loop, and the guard's count; the stream the loop relays for it ends."""
         if self.pump is not None:
             self.pump.client_left()
-        host, self.host = getattr(self, "host", None), None
         super().del_channel(map)
+        self.leave_guard()
+
+    def leave_guard(self) -> None:
+        """Leave the guard's count, once however often it is asked (by the loop and by the call's thread)."""
+        host = self.__dict__.pop("host", None)  # one dict operation under the GIL: only one caller gets the host
         if host is not None:
             self.guard.release(host)
 
