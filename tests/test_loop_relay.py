@@ -25,6 +25,7 @@ from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
 STREAM = b'{"model":"llama3.2","prompt":"hi"}'
+SOURCE = "127.0.0.3"  # a client address no other test uses (Linux answers on all of 127.0.0.0/8)
 # The head and chunks of a stream as Ollama writes them: streamResponse in server/routes.go, one line per flush,
 # each framed by Go's net/http/internal/chunked.go (hex size, CRLF, data, CRLF).
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -44,8 +45,8 @@ def pumps(served: Front) -> list[Pump]:
     return [item for item in list(served.map.values()) if isinstance(item, Pump)]
 
 
-def ask(port: int, body: bytes = STREAM) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def ask(port: int, body: bytes = STREAM, source: str | None = None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=source and (source, 0))
     sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     return sock
@@ -334,13 +335,17 @@ def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connecti
 
     def client() -> None:
         for _ in range(40):
-            with ask(handle.port) as sock:
-                head = sock.recv(65536)
-                while b"\r\n\r\n" not in head and (piece := sock.recv(65536)):
-                    head += piece
-                if head.startswith(b"HTTP/1.1 200 "):  # read to the last chunk before connecting again
-                    read_answer(Replay(head, sock))
-                heads.append(head.split(b"\r\n", 1)[0])
+            head = b""
+            try:
+                with ask(handle.port, source=SOURCE) as sock:  # an address of its own: no other test's connections
+                    head = sock.recv(65536)
+                    while b"\r\n\r\n" not in head and (piece := sock.recv(65536)):
+                        head += piece
+                    if head.startswith(b"HTTP/1.1 200 "):  # read to the last chunk before connecting again
+                        read_answer(Replay(head, sock))
+            except OSError as exc:  # a refused connection may be closed before the request is sent
+                head = head or repr(exc).encode()
+            heads.append(head.split(b"\r\n", 1)[0])
 
     try:
         clients = [threading.Thread(target=client) for _ in range(4)]
@@ -350,6 +355,40 @@ def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connecti
             thread.join(30)
         assert len(heads) == 160 and set(heads) == {b"HTTP/1.1 200 OK"}, sorted(set(heads))
     finally:
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
+def test_loop_relay_a_connection_whose_answer_is_not_taken_counts_until_it_closes(tmp_path):
+    """A client that asks for an answer after which the connection closes and does not read it holds that connection
+    until waitress gives up on it: it keeps counting towards its cap, so a client cannot hold more than its cap."""
+    big = b'{"model":"llama3.2","response":"' + b"x" * (8 * 1024 * 1024) + b'","done":true}'
+    raw = RawUpstream(every_request(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                    % (len(big), big)))  # fmt: skip
+    settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "MAX_CONNECTIONS_PER_CLIENT": 2}
+    app = create_app(settings, environ={})
+    handle = serve_proxy(app, threads=4)
+    body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+    unread = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+    opened = [unread]
+    try:
+        unread.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        wait_until(lambda: any(channel.close_when_flushed for channel in handle.front.channels()), timeout=10,
+                   message="the answer ended, with its bytes not taken")  # fmt: skip
+        second = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+        opened.append(second)
+        second.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert second.recv(4096).startswith(b"HTTP/1.1 200 ")
+        third = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+        opened.append(third)
+        assert third.recv(4096).startswith(b"HTTP/1.1 429 ")
+    finally:
+        for sock in opened:
+            sock.close()
+        # the loop closes the channels, and with them the file waitress spilled the unsent answer to
+        wait_until(lambda: not handle.front.channels(), timeout=10, message="the connections closed")
         handle.close()
         raw.close()
         shutdown(app)

@@ -55,8 +55,9 @@ class GuardedTask(LoopTask):
 
     def finish(self) -> None:
         # waitress closes the connection after every answer without Content-Length (each stream): its client may
-        # connect again the moment the answer ends, before the loop has closed this one.
-        if self.close_on_finish:
+        # connect again the moment the answer ends, before the loop has closed this one. A client that has not taken
+        # what was sent (its connection may stay open until channel_timeout) keeps counting until it is closed.
+        if self.close_on_finish and not self.channel.total_outbufs_len:
             self.channel.leave_guard()
         super().finish()
 
