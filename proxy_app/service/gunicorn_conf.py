@@ -12,9 +12,11 @@ import re
 from pathlib import Path
 
 from proxy_app import config as _config
+from proxy_app.service import heap as _heap
 from proxy_app.service import metrics_dir as _metrics_dirs
 
 _settings = _config.load()
+_heap.cap_arenas()  # in the arbiter, before any worker is forked: each worker starts with the cap (heap.py)
 
 # Prometheus multiprocess mode (wsgi-stack.md rule 11). prometheus_client chooses file-backed values when it is first
 # imported, so the variable is set here, in the arbiter, before any worker loads the app. A directory exported by the

@@ -24,6 +24,7 @@ from proxy_app.access import is_loopback
 from proxy_app.settings import PREFIX
 from proxy_app.state import state_of
 
+from . import heap
 from .supervisor import (
     Supervisor,
     SupervisorError,
@@ -104,6 +105,7 @@ def serve(settings: Mapping, overrides: Mapping, on_start=None) -> int:
     service stops it from its own thread.
     """
     logging.basicConfig(level=settings["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    heap.cap_arenas()  # before any thread starts: the supervisor's, the app's, waitress's (gunicorn's arbiter: its own)
     check_proxy_port(settings["HOST"], settings["PORT"])
     environ = config_module.child_environ(as_environ(overrides))
     supervisor = start_supervisor(settings, environ)
