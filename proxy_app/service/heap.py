@@ -1,7 +1,7 @@
 """glibc's malloc arenas, capped before a serving process starts its threads.
 
-glibc gives a thread that allocates while another holds the heap's lock an arena of its own, up to eight per core,
-and each arena keeps the memory freed in it for itself. With a thread per call, a worker's freed memory is spread
+glibc gives each thread that allocates an arena of its own, until there are eight per core, and each arena keeps
+the memory freed in it for itself. With a thread per call, a worker's freed memory is spread
 over every arena its threads ever used, and its resident size climbs long after its live objects stopped growing
 (docs/benchmarks.md, memory). Python's own threads allocate while holding the GIL, so they seldom contend for one
 heap: ARENAS arenas serve them as well as sixteen do. The cap is glibc's own ``mallopt(M_ARENA_MAX)``; a
