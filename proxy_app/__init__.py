@@ -77,6 +77,14 @@ def warn_if_exposed(settings) -> str | None:
     return message
 
 
+def start_background(app: Flask) -> None:
+    """Start this process's background threads (the samplers, the residency poller) as it begins to serve, so that
+    its first call finds their first figures; each also starts on first use, and again after a fork."""
+    state = app.extensions.get(state_module.KEY)
+    for hook in state.before_relay if state is not None else []:
+        hook()
+
+
 def shutdown(app: Flask) -> None:
     """Run every part's shutdown hook (flush the writer, stop background threads); safe to call twice."""
     state = app.extensions.get(state_module.KEY)

@@ -17,6 +17,7 @@ from proxy_app.relay.drain import Drain
 from proxy_app.relay.gate import InFlight
 from proxy_app.service.servers import WaitressService, choose_server, client_address
 from proxy_app.service.supervisor import is_listening
+from proxy_app.state import state_of
 from tests.conftest import free_port
 from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_until
 
@@ -106,6 +107,19 @@ def test_service_waitress_stop_from_another_thread(settings, run):
     serving.join(5)
     assert not serving.is_alive() and not is_listening(port)
     assert service.server.trigger._closed and not service.server._map  # pytest fails the test if the drain raised
+
+
+def test_service_waitress_starts_the_samplers_before_the_first_call(settings):
+    """The first call of a process finds the load sampler's first figure instead of waiting for it."""
+    app = create_app({**settings, "PORT": 0, "SAMPLE_INTERVAL": "5"}, environ={})  # the fixture turns samplers off
+    service = WaitressService(app)
+    serving = threading.Thread(target=service.serve_forever, daemon=True)
+    serving.start()
+    try:
+        wait_until(lambda: state_of(app).load_sampler.has_sample, timeout=10, message="the first CPU figure")
+    finally:
+        assert service.stop(wait=10) is True
+        serving.join(5)
 
 
 def test_service_drain_cuts_streams_only_after_grace():

@@ -13,7 +13,8 @@ from proxy_app.ticker import Ticker
 # Why: a CPU percentage needs two readings of the CPU times. A process's first figure comes from two readings this far
 # apart, taken in the sampling thread (psutil keeps each thread's last reading), so a row never waits a whole interval.
 FIRST_CPU_SECONDS = 0.1
-# Why: the first call of a process may end before that first figure exists; it waits this long at most for it.
+# Why: the first call of a process may end before that first figure exists (the server starts the sampler as it
+# begins to serve: proxy_app.start_background); it waits this long at most for it.
 FIRST_SAMPLE_WAIT = 1.0
 
 
@@ -35,6 +36,11 @@ class LoadSampler:
         interval of 0."""
         self._ticker.ensure(wait=FIRST_SAMPLE_WAIT if self._latest[0] is None else 0.0)
         return self._latest
+
+    @property
+    def has_sample(self) -> bool:
+        """True once this process has a CPU figure (asking starts nothing)."""
+        return self._latest[0] is not None
 
     def _begin(self) -> None:
         """Before each new thread: its first run measures afresh; memory needs one reading, so it is there at once."""

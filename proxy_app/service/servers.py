@@ -167,6 +167,9 @@ class WaitressService:
     def serve_forever(self) -> None:
         """Serve until ``stop()`` has drained the calls; then flush the store (Ollama is the caller's)."""
         log.info("ollama-proxy (waitress) listening on %s, relaying to %s", self.url, self.app.config["UPSTREAM"])
+        from proxy_app import start_background
+
+        start_background(self.app)
         try:
             self.server.run()  # returns once the drain has closed every socket
         finally:

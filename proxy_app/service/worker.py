@@ -41,6 +41,10 @@ class FrontWorker(Worker):
                                  sockets=[listener.sock for listener in self.sockets], threads=self.cfg.threads,
                                  backlog=self.cfg.backlog, channel_timeout=max(int(self.cfg.keepalive), 1),
                                  **options)  # fmt: skip
+        if hasattr(self.wsgi, "extensions"):  # the proxy's app: start its samplers before its first call
+            from proxy_app import start_background
+
+            start_background(self.wsgi)
         while self.alive:
             self.notify()
             self.front.poll(LOOP_SECONDS)
