@@ -321,6 +321,32 @@ def test_loop_relay_client_leaving_after_the_last_line_leaves_a_completed_call(t
         shutdown(app)
 
 
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
+def test_loop_relay_client_leaving_after_an_error_line_leaves_an_upstream_error(tmp_path, loop):
+    """Ollama ends a stream that fails with an error line (the ollama client raises on it and closes): a client that
+    leaves once it has that line, before the closing chunk, leaves the call recorded as the upstream's error, with
+    Ollama's message, not as a client that went away."""
+    lines = [line(0), b'{"error":"an error was encountered while running the model"}\n']
+    raw = RawUpstream(reply(HEAD + b"".join(chunk(piece) for piece in lines), then_close=False))  # no last chunk yet
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    recorder = CallRecorder()
+    state_of(app).call_sinks.append(recorder)
+    handle = serve_proxy(app, threads=4, options=None if loop else {})
+    try:
+        with ask(handle.port) as sock:
+            received = b""
+            while b'"error"' not in received:
+                received += _recv(sock)
+        call = recorder.wait_for(1)[0]
+        assert (call.outcome, call.http_status) == ("upstream_error", 200)
+        assert call.error_message == "an error was encountered while running the model"
+        wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
+    finally:
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
 def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(tmp_path):
     """waitress closes the connection after each streamed answer, so a client that streams from as many connections
     as its cap allows reconnects after every answer: the connections it is done with no longer count, although the

@@ -193,9 +193,10 @@ def finish(app: Flask, call: CallInFlight, upstream, meter: UsageMeter, outcome,
         usage = Usage()
     if ttft is None and meter.has_content:  # a whole JSON answer: its first byte is its first token
         ttft = call.first_byte_ms
-    if outcome == "client_gone" and usage.is_complete:
-        # It left once the answer's last line or event had come, before the closing chunk Go's server writes after
-        # it: Ollama did all of it, so the call completed (its connection, released above, is still not reused).
+    if outcome == "client_gone" and (usage.is_complete or usage.error_message is not None):
+        # It left once the answer's last line or event (or the error line that ends a failed stream) had come, before
+        # the closing chunk Go's server writes after it: the record says what Ollama did, completed or failed (its
+        # connection, released above, is still not reused).
         outcome = None
     content_type = upstream.head.get("Content-Type", "")
     outcome = outcome or outcome_of(call.http_status, usage, content_type.startswith(STREAM_TYPES))
