@@ -295,12 +295,22 @@ def test_loop_relay_pumps_do_not_count_as_client_connections(tmp_path):
         shutdown(app)
 
 
+ERROR_LINE = b'{"error":"an error was encountered while running the model"}\n'  # how Ollama ends a failed stream
+
+
 @pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
-def test_loop_relay_client_leaving_after_the_last_line_leaves_a_completed_call(tmp_path, loop):
+@pytest.mark.parametrize(
+    ("last", "recorded"),
+    [(line(1, done=True), ("completed", None, 3, 1)),
+     (ERROR_LINE, ("upstream_error", "an error was encountered while running the model", None, None))],
+    ids=["done", "error"],
+)  # fmt: skip
+def test_loop_relay_client_leaving_after_the_last_line_leaves_what_ollama_did(tmp_path, loop, last, recorded):
     """A client that closes once it has a stream's last line, before the body's closing chunk (Go's net/http writes
-    it when the handler returns, after the last line's flush), had the whole answer: the call is completed, with
-    Ollama's counts, on the loop and on a thread alike. Its upstream connection is closed, not reused."""
-    lines = [line(0), line(1, done=True)]
+    it when the handler returns, after the last line's flush), had the whole answer: the call is recorded as Ollama
+    ended it, completed with its counts or failed with its error line's message (the ollama client raises on that
+    line and closes), on the loop and on a thread alike. Its upstream connection is closed, not reused."""
+    lines = [line(0), last]
     raw = RawUpstream(reply(HEAD + b"".join(chunk(piece) for piece in lines), then_close=False))  # no last chunk yet
     app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
     recorder = CallRecorder()
@@ -309,38 +319,13 @@ def test_loop_relay_client_leaving_after_the_last_line_leaves_a_completed_call(t
     try:
         with ask(handle.port) as sock:
             received = b""
-            while b'"done":true' not in received:
+            while last not in received:
                 received += _recv(sock)
         call = recorder.wait_for(1)[0]
-        assert (call.outcome, call.http_status, call.input_tokens, call.output_tokens) == ("completed", 200, 3, 1)
+        assert call.http_status == 200
+        assert (call.outcome, call.error_message, call.input_tokens, call.output_tokens) == recorded
         wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
         assert not state_of(app).upstream_pool._idle
-    finally:
-        handle.close()
-        raw.close()
-        shutdown(app)
-
-
-@pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
-def test_loop_relay_client_leaving_after_an_error_line_leaves_an_upstream_error(tmp_path, loop):
-    """Ollama ends a stream that fails with an error line (the ollama client raises on it and closes): a client that
-    leaves once it has that line, before the closing chunk, leaves the call recorded as the upstream's error, with
-    Ollama's message, not as a client that went away."""
-    lines = [line(0), b'{"error":"an error was encountered while running the model"}\n']
-    raw = RawUpstream(reply(HEAD + b"".join(chunk(piece) for piece in lines), then_close=False))  # no last chunk yet
-    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
-    recorder = CallRecorder()
-    state_of(app).call_sinks.append(recorder)
-    handle = serve_proxy(app, threads=4, options=None if loop else {})
-    try:
-        with ask(handle.port) as sock:
-            received = b""
-            while b'"error"' not in received:
-                received += _recv(sock)
-        call = recorder.wait_for(1)[0]
-        assert (call.outcome, call.http_status) == ("upstream_error", 200)
-        assert call.error_message == "an error was encountered while running the model"
-        wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
     finally:
         handle.close()
         raw.close()
