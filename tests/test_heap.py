@@ -15,9 +15,7 @@ import pytest
 
 from proxy_app.service import heap
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc only"
-)
+pytestmark = pytest.mark.skipif(not heap.is_glibc(), reason="glibc only")
 
 THREADS = 8  # fewer than glibc's own limit here (eight per core), more than heap.ARENAS
 

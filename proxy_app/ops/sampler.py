@@ -34,7 +34,7 @@ class LoadSampler:
     def latest(self) -> tuple[float | None, float | None]:
         """Return the last sample, waiting (at most FIRST_SAMPLE_WAIT) for this process's first; (None, None) with an
         interval of 0."""
-        self._ticker.ensure(wait=FIRST_SAMPLE_WAIT if self._latest[0] is None else 0.0)
+        self._ticker.ensure(wait=0.0 if self.has_sample else FIRST_SAMPLE_WAIT)
         return self._latest
 
     @property

@@ -19,8 +19,13 @@ M_ARENA_MAX = -8  # glibc's malloc.h
 ARENAS = 2
 
 
+def is_glibc() -> bool:
+    """True when this process's C library is glibc (the only one with these arenas)."""
+    return platform.libc_ver()[0] == "glibc"
+
+
 def cap_arenas(environ: Mapping[str, str] = os.environ) -> bool:
     """Cap this process's malloc arenas at ARENAS (its forked children inherit it); True when the cap was set."""
-    if "MALLOC_ARENA_MAX" in environ or platform.libc_ver()[0] != "glibc":
+    if "MALLOC_ARENA_MAX" in environ or not is_glibc():
         return False
     return ctypes.CDLL(None).mallopt(M_ARENA_MAX, ARENAS) == 1
