@@ -45,8 +45,13 @@ def pumps(served: Front) -> list[Pump]:
     return [item for item in list(served.map.values()) if isinstance(item, Pump)]
 
 
+def connect(port: int, source: str | None = None) -> socket.socket:
+    """A connection to the proxy, from ``source`` when given (an address of the test's own)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=source and (source, 0))
+
+
 def ask(port: int, body: bytes = STREAM, source: str | None = None) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=source and (source, 0))
+    sock = connect(port, source)
     sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     return sock
@@ -381,18 +386,18 @@ def test_loop_relay_a_connection_whose_answer_is_not_taken_counts_until_it_close
     app = create_app(settings, environ={})
     handle = serve_proxy(app, threads=4)
     body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
-    unread = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+    unread = connect(handle.port, SOURCE)
     opened = [unread]
     try:
         unread.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: "
                        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
         wait_until(lambda: any(channel.close_when_flushed for channel in handle.front.channels()), timeout=10,
                    message="the answer ended, with its bytes not taken")  # fmt: skip
-        second = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+        second = connect(handle.port, SOURCE)
         opened.append(second)
         second.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert second.recv(4096).startswith(b"HTTP/1.1 200 ")
-        third = socket.create_connection(("127.0.0.1", handle.port), timeout=10, source_address=(SOURCE, 0))
+        third = connect(handle.port, SOURCE)
         opened.append(third)
         assert third.recv(4096).startswith(b"HTTP/1.1 429 ")
     finally:
