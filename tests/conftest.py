@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -165,17 +166,24 @@ class GunicornProxy:
         full_env = {**os.environ, **env, "OLLAMA_PROXY_PORT": str(self.port), "OLLAMA_PROXY_WORKERS": str(workers),
                     "OLLAMA_PROXY_THREADS": str(threads), "OLLAMA_PROXY_LOG_LEVEL": "WARNING"}  # fmt: skip
         gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        # A file, not a pipe: a pipe nobody reads fills up, and then every worker that logs blocks in the write.
+        self.log = tempfile.TemporaryFile(mode="a+b")  # appending: reading it never moves where gunicorn writes
         self.process = subprocess.Popen(
             [gunicorn, "-c", "deploy/gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=full_env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=self.log,
         )  # fmt: skip
         self._wait_ready()
+
+    def stderr(self) -> bytes:
+        """What the arbiter and its workers have written to stderr so far."""
+        self.log.seek(0)
+        return self.log.read()
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.process.stderr.read().decode(errors='replace')}")
+                raise RuntimeError(f"gunicorn exited: {self.stderr().decode(errors='replace')}")
             try:
                 requests.get(self.url + "/health", timeout=2)
                 return
@@ -217,7 +225,7 @@ def gunicorn_proxy(upstream, tmp_path):
     yield start
     for proxy in started:
         proxy.stop()
-        proxy.process.stderr.close()  # an open pipe would be a ResourceWarning (an error) in the next test
+        proxy.log.close()  # an open file would be a ResourceWarning (an error) in the next test
 
 
 class FrontHandle(ServerHandle):

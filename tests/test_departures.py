@@ -87,7 +87,7 @@ def test_departures_gunicorn_closes_the_upstream_when_the_client_leaves_mid_stre
         assert_upstream_closed_soon(raw, left)
     finally:
         assert proxy.stop() == 0
-        proxy.process.stderr.close()
+        proxy.log.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ollama-proxy.db")) as db:
         stored = db.execute("SELECT outcome, http_status, response_size_bytes FROM calls").fetchall()
     assert stored == [("client_gone", 200, len(FIRST_LINE))]

@@ -60,7 +60,7 @@ def shared(tmp_path_factory):
     finally:
         for proxy in started:
             proxy.stop()
-            proxy.process.stderr.close()
+            proxy.log.close()
         upstream.close()
 
 

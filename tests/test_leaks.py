@@ -121,7 +121,7 @@ def test_leaks_gunicorn_bad_head_answers_in_shape_and_frees_the_slot(raw, tmp_pa
             later = [session.post(proxy.url + "/api/generate", json=GENERATE, timeout=10) for _ in range(3)]
     finally:
         assert proxy.stop() == 0
-        proxy.process.stderr.close()
+        proxy.log.close()
     for answer in refused:
         assert answer.status_code == 502 and "invalid Content-Length from the upstream" in answer.json()["error"]
     assert [answer.status_code for answer in later] == [200] * 3

@@ -166,7 +166,7 @@ def test_wire_control_character_in_upstream_header_under_gunicorn(gunicorn_proxy
     assert_still_serving(proxy.port, raw)
     assert proxy.stop() == 0
     assert stored(tmp_path / "data") == [("upstream_error", 502), ("completed", 200)]
-    assert b"Traceback" not in proxy.process.stderr.read()
+    assert b"Traceback" not in proxy.stderr()
 
 
 def stored(data_dir) -> list[tuple]:
@@ -228,7 +228,7 @@ def test_wire_bad_chunk_size_from_the_client_under_gunicorn_gets_400_in_the_api_
     assert proxy.stop() == 0
     # The front (waitress's event loop, in every gunicorn worker) refuses the body before the app runs; each is a row.
     assert sorted(stored(tmp_path / "data")) == sorted([("completed", 200)] + [("rejected", 400)] * len(BAD_SIZES))
-    assert b"Traceback" not in proxy.process.stderr.read()
+    assert b"Traceback" not in proxy.stderr()
 
 
 def test_wire_bad_chunk_size_from_the_client_under_waitress_gets_400(upstream, fake, tmp_path):
