@@ -121,3 +121,27 @@ def test_dispatch_shutdown_cancels_what_no_thread_took():
     release.set()
     stopper.join(10)
     assert not made.threads and left.cancelled and served == []  # the thread stopped instead of taking it
+
+
+def test_dispatch_warns_of_a_queue_once_not_for_every_request(caplog):
+    """Requests waiting for a thread are logged at most once every QUEUE_WARNING_SECONDS, not once each: a flood of
+    lines from the loop's thread would slow every connection, and stop them all on a stderr nobody reads."""
+    made = LastIdleFirstDispatcher()
+    made.set_thread_count(1)
+    release, served = threading.Event(), []
+
+    class Blocking(Task):
+        def service(self) -> None:
+            release.wait(5)
+
+    try:
+        with caplog.at_level("WARNING", logger="waitress.queue"):
+            made.add_task(Blocking(served))
+            for _ in range(200):
+                made.add_task(Task(served))
+        release.set()
+        warnings = [record.getMessage() for record in caplog.records if record.name == "waitress.queue"]
+        assert len(warnings) == 1 and warnings[0].startswith("Task queue depth is "), warnings
+    finally:
+        release.set()
+        assert made.shutdown(timeout=5)

@@ -7,14 +7,20 @@ stack it used: the process grows with THREADS, not with the load, and every call
 cold (docs/benchmarks.md measures both). Here each idle thread waits on a lock of its own, kept on a stack, and a
 new task wakes the top one; the threads a load needs stay warm and the others stay untouched.
 
-Everything else is waitress's dispatcher: its queue, its counts and its shutdown.
+Everything else is waitress's dispatcher: its queue, its counts and its shutdown, and its warning when requests wait
+for a thread, which here comes at most once every QUEUE_WARNING_SECONDS: waitress logs it for every request queued,
+and a flood of log lines from the loop's thread would slow every connection (or stop them all, on a stderr that is
+not read).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from waitress.task import ThreadedTaskDispatcher
+
+QUEUE_WARNING_SECONDS = 10.0
 
 
 class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
@@ -23,6 +29,7 @@ class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
     def __init__(self) -> None:
         super().__init__()
         self.idle: list[threading.Lock] = []  # one held lock per waiting thread; the last to wait on top
+        self._next_warning = 0.0
 
     def handler_thread(self, thread_no: int) -> None:
         """Take tasks from the queue until told to stop (waitress's loop, waiting on this thread's own lock)."""
@@ -58,8 +65,9 @@ class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
             self.queue.append(task)
             self._wake(1)
             waiting = len(self.queue) - (len(self.threads) - self.stop_count - self.active_count)
-            if waiting > 0:
-                self.queue_logger.warning("Task queue depth is %d", waiting)
+            if waiting > 0 and time.monotonic() >= self._next_warning:
+                self._next_warning = time.monotonic() + QUEUE_WARNING_SECONDS
+                self.queue_logger.warning("Task queue depth is %d (requests waiting for one of the threads)", waiting)
 
     def set_thread_count(self, count: int) -> None:
         """Start or stop threads as waitress does; threads told to stop are woken here."""
