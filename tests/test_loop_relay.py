@@ -29,6 +29,7 @@ SOURCE = "127.0.0.3"  # a client address no other test uses (Linux answers on al
 # The head and chunks of a stream as Ollama writes them: streamResponse in server/routes.go, one line per flush,
 # each framed by Go's net/http/internal/chunked.go (hex size, CRLF, data, CRLF).
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+WHOLE = b'{"model":"llama3.2","response":"t","done":true,"eval_count":1}'  # a stream:false answer
 
 
 def line(n: int, done: bool = False) -> bytes:
@@ -52,13 +53,22 @@ def connect(port: int, source: str | None = None) -> socket.socket:
 
 def ask(port: int, body: bytes = STREAM, source: str | None = None) -> socket.socket:
     sock = connect(port, source)
-    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    sock.sendall(generate_request(body))
     return sock
+
+
+def generate_request(body: bytes = STREAM, version: bytes = b"1.1", more: bytes = b"") -> bytes:
+    return (b"POST /api/generate HTTP/%s\r\nHost: localhost\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (version, more, len(body), body))  # fmt: skip
 
 
 def read_answer(sock: socket.socket) -> bytes:
     """The de-chunked body of the answer on ``sock`` (read to its last chunk)."""
+    return read_head_and_body(sock)[1]
+
+
+def read_head_and_body(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head (lowered) and the de-chunked body of the answer on ``sock``, read to its last chunk and no further."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
@@ -74,7 +84,8 @@ def read_answer(sock: socket.socket) -> bytes:
         while len(rest) < size + 2:
             rest += _recv(sock)
         if size == 0:
-            return body
+            assert rest == b"\r\n", rest  # no trailer, and nothing after the answer
+            return head.lower(), body
         body, rest = body + rest[:size], rest[size + 2 :]
 
 
@@ -155,6 +166,65 @@ def test_loop_relay_gives_the_connection_back_for_the_next_call(proxy_for):
         assert [call.outcome for call in recorder.wait_for(2)] == ["completed", "completed"]
         assert len(again) == 1 and again[0].startswith(b"POST /api/generate") and again[0].endswith(STREAM)
         assert pumps(handle.front) == []
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
+def test_loop_relay_client_keeps_its_connection_after_a_stream(tmp_path, loop):
+    """An HTTP/1.1 stream ends with its last chunk, so its client keeps the connection for its next call, as Go's
+    server (Ollama) lets it, on the loop and on a thread; a client that asks to close gets the close it asked for."""
+    lines = [line(0), line(1, done=True)]
+    raw = RawUpstream(every_request(HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"))
+    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
+    recorder = CallRecorder()
+    state_of(app).call_sinks.append(recorder)
+    handle = serve_proxy(app, threads=4, options=None if loop else {})
+    try:
+        with connect(handle.port) as sock:
+            for _ in range(3):
+                sock.sendall(generate_request())
+                head, body = read_head_and_body(sock)
+                assert body == b"".join(lines)
+                assert b"connection: close" not in head
+            sock.sendall(generate_request(more=b"Connection: close\r\n"))
+            head, body = read_head_and_body(sock)
+            assert body == b"".join(lines) and b"connection: close" in head
+            sock.settimeout(5)
+            assert sock.recv(1) == b"", "the proxy closes the connection its client asked to close"
+        assert [call.outcome for call in recorder.wait_for(4)] == ["completed"] * 4
+    finally:
+        handle.close()
+        raw.close()
+        shutdown(app)
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "whole"])
+def test_loop_relay_a_stopping_server_closes_each_connection_after_its_next_answer(proxy_for, streamed):
+    """Once the server stops (``guard.stopping``, set where it stops accepting), a kept-alive connection's next
+    answer says ``Connection: close`` and the connection closes after it, as Go's server does on Shutdown: clients
+    that keep calling on their connections cannot hold a stop off until its deadline."""
+    if streamed:
+        answer = HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
+    else:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(WHOLE), WHOLE)  # fmt: skip
+    raw = RawUpstream(every_request(answer))
+    try:
+        handle, _, recorder = proxy_for(raw.url)
+        with connect(handle.port) as sock:
+            heads = []
+            for stopping in (False, True):
+                handle.front.guard.stopping = stopping
+                sock.sendall(generate_request())
+                received = b""
+                while not received.endswith(b"0\r\n\r\n" if streamed else WHOLE):
+                    received += _recv(sock)
+                heads.append(received.split(b"\r\n\r\n", 1)[0].lower())
+            assert [b"connection: close" in head for head in heads] == [False, True]
+            sock.settimeout(5)
+            assert sock.recv(1) == b"", "the connection closes after the answer"
+        assert [call.outcome for call in recorder.wait_for(2)] == ["completed"] * 2
     finally:
         raw.close()
 
@@ -337,13 +407,18 @@ def test_loop_relay_client_leaving_after_the_last_line_leaves_what_ollama_did(tm
         shutdown(app)
 
 
-def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(tmp_path):
-    """waitress closes the connection after each streamed answer, so a client that streams from as many connections
-    as its cap allows reconnects after every answer: the connections it is done with no longer count, although the
-    loop may close them a turn later, and it never gets a 429."""
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "whole"])
+def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(tmp_path, streamed):
+    """A client that calls from as many connections as its cap allows, and closes each one and opens another after
+    every answer (streamed or whole: the proxy keeps both open), never gets a 429: the connections it closed no longer
+    count, although the loop may read their end after it has accepted the new connection."""
     lines = [line(0), line(1, done=True)]
-    whole = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
-    raw = RawUpstream(every_request(whole))
+    if streamed:
+        answer = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
+    else:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(WHOLE), WHOLE)  # fmt: skip
+    raw = RawUpstream(every_request(answer))
     settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "MAX_CONNECTIONS_PER_CLIENT": 4}
     app = create_app(settings, environ={})
     handle = serve_proxy(app, threads=8)
@@ -357,8 +432,11 @@ def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connecti
                     head = sock.recv(65536)
                     while b"\r\n\r\n" not in head and (piece := sock.recv(65536)):
                         head += piece
-                    if head.startswith(b"HTTP/1.1 200 "):  # read to the last chunk before connecting again
+                    if head.startswith(b"HTTP/1.1 200 ") and streamed:  # read to the end before connecting again
                         read_answer(Replay(head, sock))
+                    elif head.startswith(b"HTTP/1.1 200 "):
+                        while not head.endswith(WHOLE):
+                            head += _recv(sock)
             except OSError as exc:  # a refused connection may be closed before the request is sent
                 head = head or repr(exc).encode()
             heads.append(head.split(b"\r\n", 1)[0])

@@ -1,6 +1,7 @@
 """Slow and silent clients (finding 4): 1,000 connections from one address that drip a header line every 2 s or send
 nothing never stop the proxy. Fresh calls from another address are answered within a second all along, each
-connection over the per-address cap is refused at once, and the rest are closed when the header deadline passes.
+connection over the per-address cap is refused long before the header deadline (it waits at most 0.5 s, plus a loop
+turn, for its client's closes: service/acceptor.py), and the rest are closed when the header deadline passes.
 
 The attackers connect from 127.0.0.2 and the fresh calls from 127.0.0.1 (all of 127/8 is loopback on Linux), so the
 cap is exercised as it would be by a real second host. Each run is bounded in count and time and stops by itself.
@@ -113,7 +114,7 @@ def test_slow_clients_cannot_stop_the_proxy(proxy, many_files):
     assert len(attack.closed) == ATTACKERS, f"{ATTACKERS - len(attack.closed)} attacker connections still open"
     held = sorted(attack.closed[fileno] - attack.opened[fileno] for fileno in attack.closed)
     refused = sum(seconds < HEADER_TIMEOUT / 2 for seconds in held)
-    assert refused >= ATTACKERS - PER_CLIENT * proxy.processes  # over the cap: refused at once
+    assert refused >= ATTACKERS - PER_CLIENT * proxy.processes  # over the cap: refused within a second or two
     assert held[-1] < HEADER_TIMEOUT + 3  # the rest: closed once the header deadline passed
     assert call(proxy.port)[0] == 200
 

@@ -1,29 +1,27 @@
 """The HTTP front of one server process, under waitress and under gunicorn alike: slow clients cost no thread.
 
 waitress reads each request whole in its event loop before a thread takes it, so a client that drips its headers or
-sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that
-refuses connections beyond MAX_CONNECTIONS_PER_CLIENT per client address (TRUSTED_PROXIES exempt) and accepts in
-batches, and channels that are closed when their headers take longer than HEADER_TIMEOUT or their body falls silent
-for BODY_TIMEOUT (guard.py counts and judges). Its channels refuse a body too big for the proxy's own routes and
-answer a request that cannot be read in the API's error shape (request_errors.py). Everything else (parsing, threads,
-keep-alive, writing answers) is waitress's own, reached through its public classes. The acceptor takes the
-listener's place in the loop's map under the same socket, so whatever closes the server's listener also takes the
-acceptor out. It does not run the loop (servers.py, worker.py do).
+sends nothing holds only a socket. This module adds what waitress lacks against such clients: an acceptor that holds
+each client address to MAX_CONNECTIONS_PER_CLIENT (TRUSTED_PROXIES exempt) and accepts in batches (acceptor.py), and
+channels that are closed when their headers take longer than HEADER_TIMEOUT or their body falls silent for
+BODY_TIMEOUT (guard.py counts and judges). Its channels refuse a body too big for the proxy's own routes and answer a
+request that cannot be read in the API's error shape (request_errors.py), and keep a connection open after a
+chunked answer. Everything else (parsing, threads, keep-alive, writing answers) is waitress's own, reached through
+its public classes. It does not run the loop (servers.py, worker.py do).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
-import time
 
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 
+from proxy_app.service.acceptor import Acceptor
 from proxy_app.service.dispatch import LastIdleFirstDispatcher
 from proxy_app.service.guard import Guard, Limits
 from proxy_app.service.loop_relay import LoopTask, Pump
@@ -31,8 +29,6 @@ from proxy_app.service.request_errors import OwnRoutesParser, ShapedErrorTask
 
 log = logging.getLogger(__name__)
 
-ACCEPT_BATCH = 256  # connections accepted per wake-up: a burst of clients is in within a few loop turns
-CHECK_SECONDS = 0.5  # how often deadlines are checked: a slow client is closed at most this late
 # Model blobs (POST /api/blobs, many GB) must pass; waitress spools request bodies to a temporary file first.
 MAX_BODY_BYTES = 64 * 1024**3
 # Why: select() on Windows handles about 512 sockets; elsewhere poll() has no such limit, so idle keep-alive
@@ -51,12 +47,32 @@ OPTIONS = {
 
 
 class GuardedTask(LoopTask):
-    """waitress's task; an answer after which its connection closes leaves the guard's count as it ends."""
+    """waitress's task; an HTTP/1.1 chunked answer (a stream) keeps its connection open, and an answer after which
+    its connection closes leaves the guard's count as it ends."""
+
+    _building_head = False
+
+    def build_response_header(self) -> bytes:
+        if self.channel.guard.stopping:  # as Go's server does once it shuts down: no connection is kept for later
+            self.set_close_on_finish()
+        self._building_head = True
+        try:
+            return super().build_response_header()
+        finally:
+            self._building_head = False
+
+    def set_close_on_finish(self) -> None:
+        """Close the connection after this answer, except where waitress would close it only because the answer is
+        chunked: its last chunk ends it, so the client keeps the connection for its next call, as Go's server (and
+        so Ollama) lets it. A client that asked to close, HTTP/1.0 and every error still close."""
+        if self._building_head and self.chunked_response and self.version == "1.1":
+            return
+        super().set_close_on_finish()
 
     def finish(self) -> None:
-        # waitress closes the connection after every answer without Content-Length (each stream): its client may
-        # connect again the moment the answer ends, before the loop has closed this one. A client that has not taken
-        # what was sent (its connection may stay open until channel_timeout) keeps counting until it is closed.
+        # Its client may connect again the moment the answer ends, before the loop has closed this connection. A
+        # client that has not taken what was sent (its connection may stay open until channel_timeout) keeps
+        # counting until it is closed.
         if self.close_on_finish and not self.channel.total_outbufs_len:
             self.channel.leave_guard()
         super().finish()
@@ -123,82 +139,6 @@ def make_channel_class(guard: Guard, loop_map: dict) -> type[GuardedChannel]:
     return type("GuardedChannel", (GuardedChannel,), {"guard": guard, "loop_map": loop_map})
 
 
-class Acceptor(wasyncore.dispatcher):
-    """Accepts on ``server``'s listening socket in its place: in batches, refusing clients over the cap."""
-
-    def __init__(self, server: BaseWSGIServer, guard: Guard, loop_map: dict) -> None:
-        super().__init__(server.socket, map=loop_map)  # same socket, same key: it replaces the server in the map
-        self.server, self.guard, self.loop_map = server, guard, loop_map
-        self.accepting = True
-        self._next_check = 0.0
-        self._next_maintenance = 0.0
-        self._full = False
-
-    def readable(self) -> bool:
-        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached."""
-        now = self.guard.clock()
-        if now >= self._next_check:
-            self._next_check = now + CHECK_SECONDS
-            self.close_overdue(now)
-        if now >= self._next_maintenance:  # waitress's own: closes kept-alive connections idle for channel_timeout
-            self._next_maintenance = now + self.server.adj.cleanup_interval
-            self.server.maintenance(time.time())
-        # The clients' connections only: the loop's map also holds the listeners, the trigger and the pumps.
-        full = self.guard.total >= self.server.adj.connection_limit
-        if full != self._full:
-            self._full = full
-            log.warning("%d open connections: %s", self.guard.total,
-                        "connection limit reached, not accepting" if full else "accepting again")  # fmt: skip
-        return not full
-
-    def writable(self) -> bool:
-        return False
-
-    def handle_accept(self) -> None:
-        """Accept what waits (up to ACCEPT_BATCH): a channel each, or a 429 and a close for a client over the cap."""
-        for _ in range(ACCEPT_BATCH):
-            try:
-                pair = self.accept()
-            except OSError as exc:  # out of file descriptors, say: keep listening, try again next turn
-                log.warning("accept() failed: %s", exc)
-                return
-            if pair is None:
-                return
-            sock, addr = pair
-            host = addr[0] if isinstance(addr, tuple) else str(addr)
-            if not self.guard.admit(host):
-                _refuse(sock, self.guard.limits.per_client)
-                continue
-            try:
-                self.server.set_socket_options(sock)
-                self.server.channel_class(self.server, sock, self.server.fix_addr(addr), self.server.adj,
-                                          map=self.loop_map)  # fmt: skip
-            except OSError:  # the client left before we could set it up
-                self.guard.release(host)
-                sock.close()
-
-    def close_overdue(self, now: float) -> int:
-        """Close every channel whose headers are late or whose body stalled; return how many."""
-        overdue = [channel for channel in list(self.server.active_channels.values())
-                   if isinstance(channel, GuardedChannel) and self.guard.is_overdue(channel, now)]  # fmt: skip
-        for channel in overdue:
-            channel.will_close = True  # the loop closes it at its next turn (writable() sees will_close)
-        self.guard.closed_slow += len(overdue)
-        return len(overdue)
-
-
-def _refuse(sock, per_client: int) -> None:
-    """Best effort: tell the client why (Ollama's error shape) and close; never wait for a slow one."""
-    body = json.dumps({"error": f"too many connections from this address (at most {per_client})"}).encode()
-    head = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    try:
-        sock.setblocking(False)
-        sock.send(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    except OSError:
-        pass
-    sock.close()
-
-
 def connection_options(threads: int, limit: int = POSIX_CONNECTION_LIMIT) -> dict:
     """waitress's connection limit and poller for this platform (and the open-file limit they need)."""
     if sys.platform == "win32":
@@ -247,7 +187,8 @@ class Front:
         wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
 
     def stop_accepting(self) -> None:
-        """Close the listening sockets; connections already open go on."""
+        """Close the listening sockets; connections already open go on, each closing after its next answer."""
+        self.guard.stopping = True
         for acceptor in self.acceptors:
             acceptor.close()
 

@@ -54,15 +54,18 @@ class Guard:
         self.total = 0  # open client connections, from every address
         self.refused = 0
         self.closed_slow = 0
+        self.stopping = False  # set as the server stops: every answer from then on closes its connection
         self._lock = threading.Lock()
         self._next_log = 0.0
 
-    def admit(self, host: str) -> bool:
-        """Count a new connection from ``host``; False (and nothing counted) when it is over the cap."""
+    def admit(self, host: str, last_chance: bool = True) -> bool:
+        """Count a new connection from ``host``; False (and nothing counted) when it is over the cap, which counts as
+        a refusal only on its ``last_chance``."""
         with self._lock:
             if self.limits.is_capped(host) and self.open[host] >= self.limits.per_client:
-                self.refused += 1
-                self._log_refusal(host)
+                if last_chance:
+                    self.refused += 1
+                    self._log_refusal(host)
                 return False
             self.open[host] += 1
             self.total += 1

@@ -211,9 +211,11 @@ class WaitressService:
         self.server.trigger.pull_trigger(action)
 
     def _close_listener(self) -> None:
-        """On the loop thread: stop accepting; the trigger stays open for the pulls still to come."""
+        """On the loop thread: stop accepting, and close each connection after its next answer; the trigger stays
+        open for the pulls still to come."""
         from waitress import wasyncore
 
+        self.front.guard.stopping = True
         wasyncore.dispatcher.close(self.server)  # the server's own close() would close the trigger too
 
     def _close_connections(self) -> None:
