@@ -25,6 +25,16 @@ class Task:
         self.cancelled = True
 
 
+def blocking(release: threading.Event) -> type[Task]:
+    """A task class whose ``service`` holds its thread until ``release`` is set (5 s at most)."""
+
+    class Blocking(Task):
+        def service(self) -> None:
+            release.wait(5)
+
+    return Blocking
+
+
 @pytest.fixture
 def dispatcher():
     made = LastIdleFirstDispatcher()
@@ -104,11 +114,7 @@ def test_dispatch_shutdown_cancels_what_no_thread_took():
     made = LastIdleFirstDispatcher()
     made.set_thread_count(1)
     release, served = threading.Event(), []
-
-    class Blocking(Task):
-        def service(self) -> None:
-            release.wait(5)
-
+    Blocking = blocking(release)
     made.add_task(Blocking(served))
     left = Task(served)
     made.add_task(left)
@@ -129,11 +135,7 @@ def test_dispatch_warns_of_a_queue_once_not_for_every_request(caplog):
     made = LastIdleFirstDispatcher()
     made.set_thread_count(1)
     release, served = threading.Event(), []
-
-    class Blocking(Task):
-        def service(self) -> None:
-            release.wait(5)
-
+    Blocking = blocking(release)
     try:
         with caplog.at_level("WARNING", logger="waitress.queue"):
             made.add_task(Blocking(served))

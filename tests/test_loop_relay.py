@@ -89,6 +89,19 @@ def read_head_and_body(sock: socket.socket) -> tuple[bytes, bytes]:
         body, rest = body + rest[:size], rest[size + 2 :]
 
 
+def read_whole(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head (lowered) and body of an answer with Content-Length on ``sock``, read to its end and no further."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    while len(body) < length:
+        body += _recv(sock)
+    assert len(body) == length, body
+    return head.lower(), body
+
+
 def _recv(sock: socket.socket) -> bytes:
     data = sock.recv(65536)
     assert data, "the proxy closed the connection before the last chunk"
@@ -104,6 +117,14 @@ class Replay:
     def recv(self, size: int) -> bytes:
         data, self.data = self.data, b""
         return data or self.sock.recv(size)
+
+
+def two_lines_or_whole(streamed: bool) -> bytes:
+    """Ollama's answer: a stream of two lines (``line(0)``, a done line), or a whole WHOLE with Content-Length."""
+    if streamed:
+        return HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
+    return head % len(WHOLE) + WHOLE
 
 
 def every_request(answer: bytes, again: list | None = None):
@@ -204,12 +225,7 @@ def test_loop_relay_a_stopping_server_closes_each_connection_after_its_next_answ
     """Once the server stops (``guard.stopping``, set where it stops accepting), a kept-alive connection's next
     answer says ``Connection: close`` and the connection closes after it, as Go's server does on Shutdown: clients
     that keep calling on their connections cannot hold a stop off until its deadline."""
-    if streamed:
-        answer = HEAD + chunk(line(0)) + chunk(line(1, done=True)) + b"0\r\n\r\n"
-    else:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(WHOLE), WHOLE)  # fmt: skip
-    raw = RawUpstream(every_request(answer))
+    raw = RawUpstream(every_request(two_lines_or_whole(streamed)))
     try:
         handle, _, recorder = proxy_for(raw.url)
         with connect(handle.port) as sock:
@@ -217,10 +233,9 @@ def test_loop_relay_a_stopping_server_closes_each_connection_after_its_next_answ
             for stopping in (False, True):
                 handle.front.guard.stopping = stopping
                 sock.sendall(generate_request())
-                received = b""
-                while not received.endswith(b"0\r\n\r\n" if streamed else WHOLE):
-                    received += _recv(sock)
-                heads.append(received.split(b"\r\n\r\n", 1)[0].lower())
+                head, body = read_head_and_body(sock) if streamed else read_whole(sock)
+                assert body == (line(0) + line(1, done=True) if streamed else WHOLE)
+                heads.append(head)
             assert [b"connection: close" in head for head in heads] == [False, True]
             sock.settimeout(5)
             assert sock.recv(1) == b"", "the connection closes after the answer"
@@ -412,13 +427,7 @@ def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connecti
     """A client that calls from as many connections as its cap allows, and closes each one and opens another after
     every answer (streamed or whole: the proxy keeps both open), never gets a 429: the connections it closed no longer
     count, although the loop may read their end after it has accepted the new connection."""
-    lines = [line(0), line(1, done=True)]
-    if streamed:
-        answer = HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"
-    else:
-        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(WHOLE), WHOLE)  # fmt: skip
-    raw = RawUpstream(every_request(answer))
+    raw = RawUpstream(every_request(two_lines_or_whole(streamed)))
     settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "MAX_CONNECTIONS_PER_CLIENT": 4}
     app = create_app(settings, environ={})
     handle = serve_proxy(app, threads=8)
