@@ -84,7 +84,8 @@ class Acceptor(wasyncore.dispatcher):
     def admit_waiting(self, now: float) -> None:
         """At each loop turn, admit each connection over its client's cap as soon as the connections its client
         closed are read; refuse it (429) at the first turn after its deadline. A client that closes a connection and
-        opens another at once is never refused for the closed one, however late the loop reads its end."""
+        opens another at once is not refused for the closed one, even when the loop reads its end after the new one
+        (within CAP_WAIT_SECONDS)."""
         waiting, self._over_cap = self._over_cap, deque()
         for sock, addr, host, deadline in waiting:
             if self.guard.admit(host, last_chance=now >= deadline):

@@ -70,9 +70,9 @@ class GuardedTask(LoopTask):
         super().set_close_on_finish()
 
     def finish(self) -> None:
-        # Its client may connect again the moment the answer ends, before the loop has closed this connection. A
-        # client that has not taken what was sent (its connection may stay open until channel_timeout) keeps
-        # counting until it is closed.
+        # An answer after which its connection closes (the client asked, HTTP/1.0, a stop) leaves the count as it
+        # ends: its client may connect again at once, before the loop has closed this connection. A client that has
+        # not taken what was sent (its connection may stay open until channel_timeout) keeps counting until then.
         if self.close_on_finish and not self.channel.total_outbufs_len:
             self.channel.leave_guard()
         super().finish()
