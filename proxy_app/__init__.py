@@ -81,8 +81,8 @@ def start_background(app: Flask) -> None:
     """Start this process's background threads (the samplers, the residency poller) as it begins to serve, so that
     its first call finds their first figures; each also starts on first use, and again after a fork."""
     state = app.extensions.get(state_module.KEY)
-    for hook in state.before_relay if state is not None else []:
-        hook()
+    if state is not None:
+        state.run_before_relay()
 
 
 def shutdown(app: Flask) -> None:

@@ -38,6 +38,11 @@ class ProxyState:
     otel: Any = None  # ops.otel's sink, with OTEL on
     keys: Any = None  # store.keystore.Keys: the API key ring and the limiter
 
+    def run_before_relay(self) -> None:
+        """Run the before_relay hooks: each makes sure one of this process's background threads runs."""
+        for hook in self.before_relay:
+            hook()
+
 
 def state_of(app) -> ProxyState:
     """The ProxyState of ``app`` (create_app puts it in ``app.extensions``)."""

@@ -92,8 +92,7 @@ class Relay:
             response = answer_ourselves(req.path, 405, f"method {req.method[:20]!r} is not allowed")
             response.headers["Allow"] = ", ".join(METHODS)
             return response
-        for hook in state_of(self.app).before_relay:
-            hook()
+        state_of(self.app).run_before_relay()
         try:
             return self.forward(self.app, req)
         except Exception:  # a bug of ours: the client still gets an answer in Ollama's shape
