@@ -203,20 +203,18 @@ class WaitressService:
     # ---- waitress's parts ------------------------------------------------------------------------------------------
     # waitress has no public way to stop a server gracefully (create_server() gives run() and close(), and close()
     # shuts the listener and the trigger at once), so the stop uses the server's own parts, as waitress's sibling
-    # webtest does: the trigger (runs a function on the loop thread, which owns the sockets), a plain dispatcher close
-    # of the listener, the open connections in active_channels, and the task dispatcher. Only these methods touch them.
+    # webtest does: the trigger (runs a function on the loop thread, which owns the sockets), the front's acceptors
+    # (which hold the listener), the open connections in active_channels, and the task dispatcher. Only these methods
+    # touch them.
 
     def _in_loop(self, action) -> None:
         """Run ``action`` on waitress's own loop thread, which owns the sockets."""
         self.server.trigger.pull_trigger(action)
 
     def _close_listener(self) -> None:
-        """On the loop thread: stop accepting, and close each connection after its next answer; the trigger stays
-        open for the pulls still to come."""
-        from waitress import wasyncore
-
-        self.front.guard.stopping = True
-        wasyncore.dispatcher.close(self.server)  # the server's own close() would close the trigger too
+        """On the loop thread: stop accepting, and close each connection after its next answer (the front's own stop;
+        the server's close() would close the trigger too, which stays open for the pulls still to come)."""
+        self.front.stop_accepting()
 
     def _close_connections(self) -> None:
         """On the loop thread: close every connection and take the trigger out of the loop's map, still open."""
