@@ -248,14 +248,15 @@ def serve_proxy(app, threads: int = 64, options: dict | None = None) -> FrontHan
 
 @pytest.fixture
 def proxy_for(tmp_path):
-    """Factory: our app (with a CallRecorder) under waitress, in front of ``url``; all stopped after the test."""
+    """Factory: our app (with a CallRecorder) under waitress, in front of ``url``; all stopped after the test.
+    ``options`` replace the front's connection options as in ``serve_proxy`` (``{}``: select(), no loop relay)."""
     started: list = []
 
-    def start(url: str, **settings):
+    def start(url: str, options: dict | None = None, **settings):
         app = create_app({"UPSTREAM": url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", **settings}, environ={})
         recorder = CallRecorder()
         state_of(app).call_sinks.append(recorder)
-        handle = serve_proxy(app, threads=16)
+        handle = serve_proxy(app, threads=16, options=options)
         started.append((handle, app))
         return handle, app, recorder
 

@@ -20,7 +20,7 @@ from proxy_app import create_app, shutdown
 from proxy_app.service.front import Front
 from proxy_app.service.loop_relay import OUTBUF_LIMIT, READ_SIZE, LoopTask, Pump
 from proxy_app.state import state_of
-from tests.conftest import CallRecorder, serve_proxy
+from tests.conftest import serve_proxy
 from tests.processes import wait_until
 from tests.raw_upstream import RawUpstream, read_request, reply
 
@@ -192,32 +192,27 @@ def test_loop_relay_gives_the_connection_back_for_the_next_call(proxy_for):
 
 
 @pytest.mark.parametrize("loop", [True, False], ids=["loop", "thread"])
-def test_loop_relay_client_keeps_its_connection_after_a_stream(tmp_path, loop):
+def test_loop_relay_client_keeps_its_connection_after_a_stream(proxy_for, loop):
     """An HTTP/1.1 stream ends with its last chunk, so its client keeps the connection for its next call, as Go's
     server (Ollama) lets it, on the loop and on a thread; a client that asks to close gets the close it asked for."""
-    lines = [line(0), line(1, done=True)]
-    raw = RawUpstream(every_request(HEAD + b"".join(chunk(piece) for piece in lines) + b"0\r\n\r\n"))
-    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
-    recorder = CallRecorder()
-    state_of(app).call_sinks.append(recorder)
-    handle = serve_proxy(app, threads=4, options=None if loop else {})
+    lines = line(0) + line(1, done=True)
+    raw = RawUpstream(every_request(two_lines_or_whole(streamed=True)))
     try:
+        handle, _, recorder = proxy_for(raw.url, options=None if loop else {})
         with connect(handle.port) as sock:
             for _ in range(3):
                 sock.sendall(generate_request())
                 head, body = read_head_and_body(sock)
-                assert body == b"".join(lines)
+                assert body == lines
                 assert b"connection: close" not in head
             sock.sendall(generate_request(more=b"Connection: close\r\n"))
             head, body = read_head_and_body(sock)
-            assert body == b"".join(lines) and b"connection: close" in head
+            assert body == lines and b"connection: close" in head
             sock.settimeout(5)
             assert sock.recv(1) == b"", "the proxy closes the connection its client asked to close"
         assert [call.outcome for call in recorder.wait_for(4)] == ["completed"] * 4
     finally:
-        handle.close()
         raw.close()
-        shutdown(app)
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["stream", "whole"])
@@ -395,18 +390,15 @@ ERROR_LINE = b'{"error":"an error was encountered while running the model"}\n'  
      (ERROR_LINE, ("upstream_error", "an error was encountered while running the model", None, None))],
     ids=["done", "error"],
 )  # fmt: skip
-def test_loop_relay_client_leaving_after_the_last_line_leaves_what_ollama_did(tmp_path, loop, last, recorded):
+def test_loop_relay_client_leaving_after_the_last_line_leaves_what_ollama_did(proxy_for, loop, last, recorded):
     """A client that closes once it has a stream's last line, before the body's closing chunk (Go's net/http writes
     it when the handler returns, after the last line's flush), had the whole answer: the call is recorded as Ollama
     ended it, completed with its counts or failed with its error line's message (the ollama client raises on that
     line and closes), on the loop and on a thread alike. Its upstream connection is closed, not reused."""
     lines = [line(0), last]
     raw = RawUpstream(reply(HEAD + b"".join(chunk(piece) for piece in lines), then_close=False))  # no last chunk yet
-    app = create_app({"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}, environ={})
-    recorder = CallRecorder()
-    state_of(app).call_sinks.append(recorder)
-    handle = serve_proxy(app, threads=4, options=None if loop else {})
     try:
+        handle, app, recorder = proxy_for(raw.url, options=None if loop else {})
         with ask(handle.port) as sock:
             received = b""
             while last not in received:
@@ -417,20 +409,16 @@ def test_loop_relay_client_leaving_after_the_last_line_leaves_what_ollama_did(tm
         wait_until(lambda: raw.closed_at, timeout=5, message="the upstream connection closed")
         assert not state_of(app).upstream_pool._idle
     finally:
-        handle.close()
         raw.close()
-        shutdown(app)
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["stream", "whole"])
-def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(tmp_path, streamed):
+def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connections_it_closed(proxy_for, streamed):
     """A client that calls from as many connections as its cap allows, and closes each one and opens another after
     every answer (streamed or whole: the proxy keeps both open), never gets a 429: the connections it closed no longer
     count, although the loop may read their end after it has accepted the new connection."""
     raw = RawUpstream(every_request(two_lines_or_whole(streamed)))
-    settings = {"UPSTREAM": raw.url, "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR", "MAX_CONNECTIONS_PER_CLIENT": 4}
-    app = create_app(settings, environ={})
-    handle = serve_proxy(app, threads=8)
+    handle, _, _ = proxy_for(raw.url, MAX_CONNECTIONS_PER_CLIENT=4)
     heads: list[bytes] = []
 
     def client() -> None:
@@ -458,9 +446,7 @@ def test_loop_relay_a_client_at_its_connection_cap_is_never_refused_for_connecti
             thread.join(30)
         assert len(heads) == 160 and set(heads) == {b"HTTP/1.1 200 OK"}, sorted(set(heads))
     finally:
-        handle.close()
         raw.close()
-        shutdown(app)
 
 
 def test_loop_relay_a_connection_whose_answer_is_not_taken_counts_until_it_closes(tmp_path):
