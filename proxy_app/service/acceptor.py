@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import deque
 
 from waitress import wasyncore
 from waitress.server import BaseWSGIServer
 
+from proxy_app.service.balance import Share
 from proxy_app.service.guard import Guard
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,11 @@ CHECK_SECONDS = 0.5  # how often deadlines are checked: a slow client is closed 
 class Acceptor(wasyncore.dispatcher):
     """Accepts on ``server``'s listening socket in its place: in batches, holding each client to its cap."""
 
-    def __init__(self, server: BaseWSGIServer, guard: Guard, loop_map: dict) -> None:
+    def __init__(self, server: BaseWSGIServer, guard: Guard, loop_map: dict, share: Share | None = None) -> None:
         super().__init__(server.socket, map=loop_map)  # same socket, same key: it replaces the server in the map
         self.server, self.guard, self.loop_map = server, guard, loop_map
+        self.share = share  # this gunicorn worker's place among its peers (balance.py); None: no peers
+        self._takes_turn = True  # whether this loop turn accepts (before_turn)
         self.accepting = True
         self._next_check = 0.0
         self._next_maintenance = 0.0
@@ -40,7 +44,8 @@ class Acceptor(wasyncore.dispatcher):
         self._over_cap: deque = deque()  # (socket, address, host, deadline): waiting for their client's closes
 
     def readable(self) -> bool:
-        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached."""
+        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached or the
+        turn is this worker's peers' (before_turn)."""
         now = self.guard.clock()
         if now >= self._next_check:
             self._next_check = now + CHECK_SECONDS
@@ -56,14 +61,27 @@ class Acceptor(wasyncore.dispatcher):
             self._full = full
             log.warning("%d open connections: %s", self.guard.total,
                         "connection limit reached, not accepting" if full else "accepting again")  # fmt: skip
-        return not full
+        return not full and self._takes_turn
+
+    def before_turn(self) -> float:
+        """Before each loop turn (Front.poll): tell this worker's peers its load and decide whether it accepts in
+        this turn (balance.py); return how long the turn may wait for an event at most."""
+        if self.share is None:
+            return math.inf
+        if self._full:
+            self.share.leave()  # its peers take every new connection meanwhile
+            return math.inf
+        self._takes_turn = self.share.before_turn(self.guard.total)
+        return self.share.longest_wait()
 
     def writable(self) -> bool:
         return False
 
     def handle_accept(self) -> None:
-        """Accept what waits (up to ACCEPT_BATCH): a channel each; a client over its cap waits (``admit_waiting``)."""
-        for _ in range(ACCEPT_BATCH):
+        """Accept what waits (up to ACCEPT_BATCH, or this worker's room among its peers): a channel each; a client over
+        its cap waits (``admit_waiting``)."""
+        batch = ACCEPT_BATCH if self.share is None else self.share.room(self.guard.total, ACCEPT_BATCH)
+        for _ in range(batch):
             try:
                 pair = self.accept()
             except OSError as exc:  # out of file descriptors, say: keep listening, try again next turn
@@ -106,6 +124,9 @@ class Acceptor(wasyncore.dispatcher):
 
     def close(self) -> None:
         """Stop listening; the connections waiting for room are closed."""
+        if self.share is not None:
+            self.share.leave()
+            self.share = None
         while self._over_cap:
             self._over_cap.popleft()[0].close()
         super().close()

@@ -22,6 +22,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 
 from proxy_app.service.acceptor import Acceptor
+from proxy_app.service.balance import Share
 from proxy_app.service.dispatch import LastIdleFirstDispatcher
 from proxy_app.service.guard import Guard, Limits
 from proxy_app.service.loop_relay import LoopTask, Pump
@@ -161,7 +162,7 @@ def raise_file_limit(wanted: int) -> None:
 class Front:
     """waitress's server for ``app`` with a guarded acceptor on each listener; ``map`` is the loop's socket map."""
 
-    def __init__(self, app, limits: Limits, threads: int, **options) -> None:
+    def __init__(self, app, limits: Limits, threads: int, share: Share | None = None, **options) -> None:
         self.map: dict = {}
         self.guard = Guard(limits)
         dispatcher = LastIdleFirstDispatcher()
@@ -179,11 +180,13 @@ class Front:
         self.acceptors = []
         for listener in listeners:
             listener.channel_class = channel_class
-            self.acceptors.append(Acceptor(listener, self.guard, self.map))
+            self.acceptors.append(Acceptor(listener, self.guard, self.map, share))
         self.task_dispatcher = self.server.task_dispatcher
 
     def poll(self, timeout: float) -> None:
-        """One turn of the event loop (what waitress's ``run`` repeats)."""
+        """One turn of the event loop (what waitress's ``run`` repeats), waiting at most ``timeout`` for an event."""
+        for acceptor in self.acceptors:
+            timeout = min(timeout, acceptor.before_turn())
         wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
 
     def stop_accepting(self) -> None:

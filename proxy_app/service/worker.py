@@ -2,9 +2,9 @@
 
 gunicorn keeps what it is good at (the arbiter, several workers, Prometheus multiprocess files, HUP, TERM with a
 graceful timeout, replacing dead workers); each worker runs the same guarded waitress front as ``serve --server
-waitress``, so a client that drips its headers or sends nothing holds a socket, never one of the THREADS threads.
-The worker's loop turns at least once a second to tell the arbiter it is alive. It does not support TLS
-(terminate it in a reverse proxy) or max_requests.
+waitress``, so a client that drips its headers or sends nothing holds a socket, never one of the THREADS threads,
+and the workers share new connections evenly (balance.py). The worker's loop turns at least once a second to tell
+the arbiter it is alive. It does not support TLS (terminate it in a reverse proxy) or max_requests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gunicorn.workers.base import Worker
 
 from proxy_app import config
 
-from . import front, guard
+from . import balance, front, guard
 
 LOOP_SECONDS = 1.0  # longest wait for an event: how often the heartbeat and the stop flag are looked at
 THREAD_STOP_SECONDS = 2.0  # after the last answer, how long the threads get to end before the process moves on
@@ -25,7 +25,16 @@ STOP_LINGER_SECONDS = 2.0
 
 
 class FrontWorker(Worker):
-    """Serves the app on gunicorn's listeners with waitress's loop and threads, behind front.py's guard."""
+    """Serves the app on gunicorn's listeners with waitress's loop and threads, behind front.py's guard; takes its
+    share of new connections among its peers (balance.py)."""
+
+    table: balance.Table | None = None  # made by the arbiter at its first worker, before any fork: shared by all
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # in the arbiter, which spawns one worker at a time
+        if FrontWorker.table is None:
+            FrontWorker.table = balance.Table()
+        self.share = balance.Share(FrontWorker.table, FrontWorker.table.claim())
 
     @classmethod
     def check_config(cls, cfg, log) -> None:
@@ -40,7 +49,7 @@ class FrontWorker(Worker):
         self.front = front.Front(self.wsgi, guard.Limits.from_settings(settings),
                                  sockets=[listener.sock for listener in self.sockets], threads=self.cfg.threads,
                                  backlog=self.cfg.backlog, channel_timeout=max(int(self.cfg.keepalive), 1),
-                                 **options)  # fmt: skip
+                                 share=self.share, **options)  # fmt: skip
         if hasattr(self.wsgi, "extensions"):  # the proxy's app: start its samplers before its first call
             from proxy_app import start_background
 

@@ -1,0 +1,106 @@
+"""Spreads new connections evenly over gunicorn's workers.
+
+The workers poll one shared listening socket, and the first to wake would take every connection waiting: a burst of
+clients can land on one worker, which then answers them all under one interpreter lock while the other idles, and a
+kept-alive client stays on the worker that accepted it. So each worker publishes, in a table of shared memory the
+arbiter makes before it forks them, how many connections it holds and when its loop last turned. A worker holding
+more than SLACK over its least-loaded live peer leaves new connections to its peers, which the same connections
+wake, but still accepts once every ASIDE_SECONDS; a peer whose loop has not turned for LIVE_SECONDS, or that stopped
+accepting, is not counted. So a peer that is stuck or gone slows new connections, never stops them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from multiprocessing.sharedctypes import RawArray
+
+SLOTS = 256  # workers a table tracks over its life: slots of dead workers are reused
+SLACK = 8  # connections a worker may hold over its least-loaded live peer and still accept
+LIVE_SECONDS = 3.0  # a slot whose loop has not turned this long is a dead or stuck worker's (loops turn every second)
+ASIDE_SECONDS = 0.05  # while a worker leaves new connections to its peers, it still takes one turn's worth this often
+CLAIM_SECONDS = 60.0  # a slot given out is its worker's for this long before it first turns (loading the app)
+
+
+class Table:
+    """Per worker slot, in shared memory: when its loop last turned (monotonic clock, the same in every process;
+    0: not accepting, or not yet) and how many connections it holds. Made in the arbiter; slots are claimed there
+    too, by its one thread, so two live workers never share a slot."""
+
+    def __init__(self, slots: int = SLOTS, clock=time.monotonic) -> None:
+        self.slots, self.clock = slots, clock
+        self.values = RawArray("d", 2 * slots + 1)  # [slots in use so far, then turn and connections per slot]
+        self._claimed = [0.0] * slots  # the arbiter's own: when each slot was last given out
+
+    def claim(self) -> int:
+        """A slot for a worker about to be forked: one whose worker is gone (quiet for LIVE_SECONDS and not given
+        out within CLAIM_SECONDS), else a new one, else the one quiet longest."""
+        now, used = self.clock(), int(self.values[0])
+        free = [slot for slot in range(used) if self._quiet_since(slot) <= now - LIVE_SECONDS
+                and self._claimed[slot] <= now - CLAIM_SECONDS]  # fmt: skip
+        if free:
+            slot = free[0]
+        elif used < self.slots:
+            slot, self.values[0] = used, used + 1
+        else:
+            slot = min(range(self.slots), key=self._quiet_since)
+        self._claimed[slot] = now
+        self.put(slot, 0.0, 0)  # counted by its peers from its worker's first loop turn on
+        return slot
+
+    def least_of_peers(self, slot: int) -> float | None:
+        """The fewest connections a live worker other than ``slot`` holds; None when there is none."""
+        now, values = self.clock(), self.values
+        counts = [values[2 + 2 * other] for other in range(int(values[0]))
+                  if other != slot and now - values[1 + 2 * other] < LIVE_SECONDS]  # fmt: skip
+        return min(counts, default=None)
+
+    def _quiet_since(self, slot: int) -> float:
+        return max(self.values[1 + 2 * slot], self._claimed[slot])
+
+    def put(self, slot: int, turn: float, connections: int) -> None:
+        """Write ``slot``: its loop turned at ``turn`` (0: it does not accept) holding ``connections``."""
+        self.values[1 + 2 * slot], self.values[2 + 2 * slot] = turn, connections
+
+
+class Share:
+    """One worker's place in a Table, and whether it steps aside for its peers."""
+
+    def __init__(self, table: Table, slot: int) -> None:
+        self.table, self.slot = table, slot
+        self._aside_since: float | None = None  # when this worker last began to leave new connections to its peers
+
+    def before_turn(self, connections: int) -> bool:
+        """Before each loop turn: publish that this worker is alive and holds ``connections``, and say whether it
+        accepts in this turn. It does not while it holds more than SLACK over its least-loaded live peer, which is
+        woken by the same connections, except once every ASIDE_SECONDS: a peer that is alive but slow to accept
+        never holds a connection up for long."""
+        now = self.table.clock()
+        self.table.put(self.slot, now, connections)
+        least = self.table.least_of_peers(self.slot)
+        if least is None or connections <= least + SLACK:
+            self._aside_since = None
+            return True
+        if self._aside_since is None:
+            self._aside_since = now
+            return False
+        if now - self._aside_since >= ASIDE_SECONDS:
+            self._aside_since = now  # this turn accepts one (room); the next ASIDE_SECONDS are the peers' again
+            return True
+        return False
+
+    def longest_wait(self) -> float:
+        """How long the coming loop turn may wait for an event: ASIDE_SECONDS while stepping aside."""
+        return math.inf if self._aside_since is None else ASIDE_SECONDS
+
+    def leave(self) -> None:
+        """This worker no longer accepts: its peers stop counting it."""
+        self.table.put(self.slot, 0.0, 0)
+
+    def room(self, connections: int, batch: int) -> int:
+        """How many connections to take at this wake-up, holding ``connections``: up to ``batch``, and no more than
+        brings this worker SLACK over its least-loaded live peer, but always at least one."""
+        least = self.table.least_of_peers(self.slot)
+        if least is None:
+            return batch
+        return max(1, min(batch, int(least) + SLACK + 1 - connections))

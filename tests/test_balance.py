@@ -1,0 +1,162 @@
+"""gunicorn's workers share new connections evenly (service/balance.py): a burst of clients, which the first worker
+to wake would otherwise take almost whole, is spread over the workers, and a worker that is gone or not accepting
+is never waited for."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from pathlib import Path
+
+import psutil
+
+from proxy_app.service.balance import ASIDE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
+from tests.processes import wait_until
+
+BURST = 40
+BATCH = 256
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_balance_room_is_a_batch_without_live_peers_and_slack_over_the_least_loaded_one():
+    clock = Clock()
+    table = Table(slots=4, clock=clock)
+    first, second, third = (Share(table, table.claim()) for _ in range(3))
+    assert [first.slot, second.slot, third.slot] == [0, 1, 2]
+    assert first.room(0, BATCH) == BATCH  # its peers have not turned their loops yet: they take nothing
+    second.before_turn(10)
+    third.before_turn(4)
+    first.before_turn(0)
+    assert first.room(0, BATCH) == 4 + SLACK + 1
+    assert first.room(4 + SLACK, BATCH) == 1
+    assert first.room(100, BATCH) == 1  # when it does accept, it takes at least one
+    assert third.room(4, BATCH) == SLACK + 1 - 4  # its least-loaded peer (first) holds none
+    third.leave()
+    assert first.room(0, BATCH) == 10 + SLACK + 1  # a worker that stopped accepting is not counted
+    clock.now += LIVE_SECONDS
+    assert first.room(0, BATCH) == BATCH  # nor one whose loop has not turned for LIVE_SECONDS
+
+
+def test_balance_a_worker_over_its_share_steps_aside_but_takes_a_turn_every_aside_seconds():
+    clock = Clock()
+    table = Table(slots=2, clock=clock)
+    heavy, light = Share(table, table.claim()), Share(table, table.claim())
+    assert light.before_turn(0) and light.longest_wait() == math.inf
+    assert heavy.before_turn(SLACK)  # within SLACK of its peer
+    assert not heavy.before_turn(SLACK + 1)
+    assert heavy.longest_wait() == ASIDE_SECONDS  # its loop turns at least this often meanwhile
+    clock.now += ASIDE_SECONDS / 2
+    assert not heavy.before_turn(SLACK + 1)
+    clock.now += ASIDE_SECONDS
+    assert heavy.before_turn(SLACK + 1)  # a turn of its own: a peer slow to accept holds nobody up for long
+    assert not heavy.before_turn(SLACK + 1)
+    light.before_turn(1)
+    assert heavy.before_turn(SLACK + 1) and heavy.longest_wait() == math.inf  # back within its share
+    clock.now += LIVE_SECONDS  # its peer's loop stopped turning: nobody to step aside for
+    assert heavy.before_turn(100)
+
+
+def test_balance_claim_reuses_a_gone_workers_slot_never_a_booting_or_live_one():
+    clock = Clock()
+    table = Table(slots=4, clock=clock)
+    live, booting, gone = table.claim(), table.claim(), table.claim()
+    Share(table, live).before_turn(5)
+    Share(table, gone).before_turn(7)
+    clock.now += CLAIM_SECONDS
+    Share(table, live).before_turn(5)  # its loop turns; the booting worker's never has yet, the gone one's stopped
+    clock.now += LIVE_SECONDS
+    Share(table, live).before_turn(5)
+    assert table.claim() == booting  # quiet past CLAIM_SECONDS: its worker never started
+    assert table.claim() == gone
+    assert table.claim() == 3  # none free: a new one
+
+
+def _held(worker: psutil.Process, port: int) -> set[int]:
+    """The client ports of the connections to the proxy's ``port`` that ``worker`` holds."""
+    try:
+        connections = worker.net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.raddr.port for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+
+
+def _serving(worker: psutil.Process) -> bool:
+    """True once the worker has loaded the app: it holds its Prometheus counter file open then."""
+    try:
+        return any(Path(opened.path).name.startswith("counter_") for opened in worker.open_files())
+    except psutil.Error:
+        return False
+
+
+def _two_workers(gunicorn_proxy):
+    """The proxy under gunicorn with two workers, both serving."""
+    proxy = gunicorn_proxy(workers=2, threads=8)
+    workers = psutil.Process(proxy.process.pid).children()
+    assert len(workers) == 2
+    wait_until(lambda: all(_serving(worker) for worker in workers), timeout=20, message="both workers serving")
+    time.sleep(0.5)  # from loading the app to the first loop turn
+    return proxy, workers
+
+
+def _connect(proxy, clients: list, count: int, workers) -> list[set[int]]:
+    """Open ``count`` more connections at once; once every one is accepted, the client ports each worker holds."""
+    for _ in range(count):
+        clients.append(socket.create_connection(("127.0.0.1", proxy.port)))
+    wait_until(lambda: sum(len(_held(worker, proxy.port)) for worker in workers) == len(clients), timeout=10,
+               message="every connection accepted")  # fmt: skip
+    return [_held(worker, proxy.port) for worker in workers]
+
+
+def _health(client: socket.socket) -> bytes:
+    client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    client.settimeout(10)
+    return client.recv(64)
+
+
+def test_balance_a_burst_of_clients_is_spread_over_gunicorns_workers(gunicorn_proxy):
+    """BURST clients connect at once and keep their connections: each worker holds about half (the first worker to
+    wake would take them all), and every connection is served."""
+    proxy, workers = _two_workers(gunicorn_proxy)
+    clients: list[socket.socket] = []
+    try:
+        held = sorted(map(len, _connect(proxy, clients, BURST, workers)))
+        assert held[1] - held[0] <= SLACK + 2, held
+        assert all(_health(client).startswith(b"HTTP/1.1 200 ") for client in clients)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_balance_a_stuck_worker_slows_new_connections_never_stops_them(gunicorn_proxy):
+    """A worker holding no connection stops (SIGSTOP): the other, over its share, still takes new connections, one
+    every ASIDE_SECONDS, and all of them once the stopped one has been quiet for LIVE_SECONDS."""
+    proxy, workers = _two_workers(gunicorn_proxy)
+    clients: list[socket.socket] = []
+    try:
+        held = _connect(proxy, clients, BURST, workers)
+        stuck = workers[0]
+        for client in [client for client in clients if client.getsockname()[1] in held[0]]:
+            clients.remove(client)  # the other worker is over its share from now on
+            client.close()
+        wait_until(lambda: not _held(stuck, proxy.port), timeout=10, message="the closes read")
+        time.sleep(0.1)  # a loop turn: its count published
+        stuck.suspend()
+        try:
+            started = time.monotonic()
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+                    assert _health(client).startswith(b"HTTP/1.1 200 ")
+            assert time.monotonic() - started < LIVE_SECONDS / 2  # not waiting for the stopped worker to count out
+        finally:
+            stuck.resume()
+    finally:
+        for client in clients:
+            client.close()
