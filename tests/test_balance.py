@@ -5,6 +5,7 @@ is never waited for."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from pathlib import Path
@@ -77,6 +78,20 @@ def test_balance_claim_reuses_a_gone_workers_slot_never_a_booting_or_live_one():
     assert table.claim() == booting  # quiet past CLAIM_SECONDS: its worker never started
     assert table.claim() == gone
     assert table.claim() == 3  # none free: a new one
+
+
+def test_balance_a_forked_worker_writes_where_the_arbiter_and_its_peers_read():
+    table = Table(slots=2)
+    slot = table.claim()
+    child = os.fork()
+    if child == 0:  # the worker: publishes and leaves at once
+        try:
+            Share(table, slot).before_turn(7)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    other = table.claim()
+    assert table.least_of_peers(other) == 7
 
 
 def _held(worker: psutil.Process, port: int) -> set[int]:

@@ -12,8 +12,8 @@ accepting, is not counted. So a peer that is stuck or gone slows new connections
 from __future__ import annotations
 
 import math
+import mmap
 import time
-from multiprocessing.sharedctypes import RawArray
 
 SLOTS = 256  # workers a table tracks over its life: slots of dead workers are reused
 SLACK = 8  # connections a worker may hold over its least-loaded live peer and still accept
@@ -29,7 +29,9 @@ class Table:
 
     def __init__(self, slots: int = SLOTS, clock=time.monotonic) -> None:
         self.slots, self.clock = slots, clock
-        self.values = RawArray("d", 2 * slots + 1)  # [slots in use so far, then turn and connections per slot]
+        # [slots in use, then per slot: turn, connections], in anonymous shared memory, which the workers inherit at
+        # fork: no file behind it (multiprocessing's RawArray has one), so a full disk cannot fault it.
+        self.values = memoryview(mmap.mmap(-1, 8 * (2 * slots + 1))).cast("d")
         self._claimed = [0.0] * slots  # the arbiter's own: when each slot was last given out
 
     def claim(self) -> int:
