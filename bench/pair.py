@@ -94,8 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        help="gunicorn workers of both (default: each checkout's default; "
-        "needed when those differ, as the wait for ready workers counts this checkout's)",
+        help="gunicorn workers of both (default: each checkout's own default)",
     )
     parser.add_argument("--threads", type=int, help="threads per process of both (default: each checkout's default)")
     parser.add_argument("--output", type=Path, help="results file (default bench/results/<time>-pair-<other>.json)")

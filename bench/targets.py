@@ -194,10 +194,9 @@ def start_proxy(server: str, upstream: Target, work_dir: Path, threads: int | No
                "--upstream", upstream.url, "--data-dir", str(data_dir)]  # fmt: skip
     command += ["--threads", str(threads)] if threads is not None else []
     command += ["--workers", str(workers)] if workers is not None else []
-    if workers is None:
-        from proxy_app import config
-
-        workers = config.load(environ=env, env_file=None)["WORKERS"]
+    if workers is None:  # the served checkout's own default, which another checkout's may differ from
+        code = "import os; from proxy_app import config; print(config.load(os.environ, env_file=None)['WORKERS'])"
+        workers = int(subprocess.check_output([sys.executable, "-c", code], cwd=work_dir, env=env))
     with open(data_dir / "serve.log", "ab") as log:  # cwd is not the repo, so no .env there changes the settings
         process = subprocess.Popen(command, cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     wait_listening(port, process)
