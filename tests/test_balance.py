@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from proxy_app.service.balance import ASIDE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
 from tests.processes import wait_until
@@ -27,54 +28,54 @@ class Clock:
         return self.now
 
 
-def test_balance_room_is_a_batch_without_live_peers_and_slack_over_the_least_loaded_one():
+def test_balance_room_is_a_batch_without_live_peers_and_up_to_the_share_of_the_least_loaded_one():
     clock = Clock()
     table = Table(slots=4, clock=clock)
     first, second, third = (Share(table, table.claim()) for _ in range(3))
     assert [first.slot, second.slot, third.slot] == [0, 1, 2]
     assert first.room(0, BATCH) == BATCH  # its peers have not turned their loops yet: they take nothing
-    second.before_turn(10)
-    third.before_turn(4)
-    first.before_turn(0)
-    assert first.room(0, BATCH) == 4 + SLACK + 1
-    assert first.room(4 + SLACK, BATCH) == 1
-    assert first.room(100, BATCH) == 1  # when it does accept, it takes at least one
-    assert third.room(4, BATCH) == SLACK + 1 - 4  # its least-loaded peer (first) holds none
+    second.publish(10)
+    third.publish(4)
+    assert first.room(0, BATCH) == 4 + SLACK  # up to SLACK over its least-loaded peer
+    assert first.room(4 + SLACK, BATCH) == 1  # at its share it still takes one
+    third.publish(400)
+    second.publish(400)
+    assert first.room(450, BATCH) == 50  # a quarter over the least-loaded peer, when that is more than SLACK
     third.leave()
-    assert first.room(0, BATCH) == 10 + SLACK + 1  # a worker that stopped accepting is not counted
+    second.publish(10)
+    assert first.room(0, BATCH) == 10 + SLACK  # a worker that stopped accepting is not counted
     clock.now += LIVE_SECONDS
-    assert first.room(0, BATCH) == BATCH  # nor one whose loop has not turned for LIVE_SECONDS
+    assert first.room(100, BATCH) == BATCH  # nor one whose loop has not turned for LIVE_SECONDS
 
 
-def test_balance_a_worker_over_its_share_steps_aside_but_takes_a_turn_every_aside_seconds():
+def test_balance_a_worker_over_its_share_steps_aside_then_takes_one_if_a_connection_still_waits():
     clock = Clock()
     table = Table(slots=2, clock=clock)
     heavy, light = Share(table, table.claim()), Share(table, table.claim())
-    assert light.before_turn(0) and light.longest_wait() == math.inf
-    assert heavy.before_turn(SLACK)  # within SLACK of its peer
-    assert not heavy.before_turn(SLACK + 1)
-    assert heavy.longest_wait() == ASIDE_SECONDS  # its loop turns at least this often meanwhile
-    clock.now += ASIDE_SECONDS / 2
-    assert not heavy.before_turn(SLACK + 1)
+    light.publish(0)
+    assert not heavy.is_aside() and heavy.longest_wait() == math.inf
+    assert heavy.room(SLACK + 1, BATCH) == 0  # over its share: the waiting connections are its peers' for now
+    assert heavy.is_aside() and heavy.longest_wait() == pytest.approx(ASIDE_SECONDS)  # its loop turns by then
     clock.now += ASIDE_SECONDS
-    assert heavy.before_turn(SLACK + 1)  # a turn of its own: a peer slow to accept holds nobody up for long
-    assert not heavy.before_turn(SLACK + 1)
-    light.before_turn(1)
-    assert heavy.before_turn(SLACK + 1) and heavy.longest_wait() == math.inf  # back within its share
+    assert not heavy.is_aside() and heavy.longest_wait() == math.inf  # no busy loop once the step aside is over
+    assert heavy.room(SLACK + 1, BATCH) == 1  # one still waits: a peer slow to accept holds nobody up for long
+    assert heavy.room(SLACK + 2, BATCH) == 0  # and the next one is left to the peers again
+    light.publish(SLACK)
+    assert heavy.room(SLACK + 2, BATCH) == SLACK - 2 and not heavy.is_aside()  # back within its share
     clock.now += LIVE_SECONDS  # its peer's loop stopped turning: nobody to step aside for
-    assert heavy.before_turn(100)
+    assert heavy.room(100, BATCH) == BATCH
 
 
 def test_balance_claim_reuses_a_gone_workers_slot_never_a_booting_or_live_one():
     clock = Clock()
     table = Table(slots=4, clock=clock)
     live, booting, gone = table.claim(), table.claim(), table.claim()
-    Share(table, live).before_turn(5)
-    Share(table, gone).before_turn(7)
+    Share(table, live).publish(5)
+    Share(table, gone).publish(7)
     clock.now += CLAIM_SECONDS
-    Share(table, live).before_turn(5)  # its loop turns; the booting worker's never has yet, the gone one's stopped
+    Share(table, live).publish(5)  # its loop turns; the booting worker's never has yet, the gone one's stopped
     clock.now += LIVE_SECONDS
-    Share(table, live).before_turn(5)
+    Share(table, live).publish(5)
     assert table.claim() == booting  # quiet past CLAIM_SECONDS: its worker never started
     assert table.claim() == gone
     assert table.claim() == 3  # none free: a new one
@@ -86,7 +87,7 @@ def test_balance_a_forked_worker_writes_where_the_arbiter_and_its_peers_read():
     child = os.fork()
     if child == 0:  # the worker: publishes and leaves at once
         try:
-            Share(table, slot).before_turn(7)
+            Share(table, slot).publish(7)
         finally:
             os._exit(0)
     os.waitpid(child, 0)

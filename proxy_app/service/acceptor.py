@@ -36,7 +36,6 @@ class Acceptor(wasyncore.dispatcher):
         super().__init__(server.socket, map=loop_map)  # same socket, same key: it replaces the server in the map
         self.server, self.guard, self.loop_map = server, guard, loop_map
         self.share = share  # this gunicorn worker's place among its peers (balance.py); None: no peers
-        self._takes_turn = True  # whether this loop turn accepts (before_turn)
         self.accepting = True
         self._next_check = 0.0
         self._next_maintenance = 0.0
@@ -44,8 +43,8 @@ class Acceptor(wasyncore.dispatcher):
         self._over_cap: deque = deque()  # (socket, address, host, deadline): waiting for their client's closes
 
     def readable(self) -> bool:
-        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached or the
-        turn is this worker's peers' (before_turn)."""
+        """Called every loop turn: run the periodic checks, then accept unless the connection limit is reached or
+        this worker is stepping aside for its peers (balance.py)."""
         now = self.guard.clock()
         if now >= self._next_check:
             self._next_check = now + CHECK_SECONDS
@@ -61,18 +60,17 @@ class Acceptor(wasyncore.dispatcher):
             self._full = full
             log.warning("%d open connections: %s", self.guard.total,
                         "connection limit reached, not accepting" if full else "accepting again")  # fmt: skip
-        return not full and self._takes_turn
+        if self.share is not None:
+            if full:
+                self.share.leave()  # its peers take every new connection meanwhile
+                return False
+            self.share.publish(self.guard.total)
+            return not self.share.is_aside()
+        return not full
 
-    def before_turn(self) -> float:
-        """Before each loop turn (Front.poll): tell this worker's peers its load and decide whether it accepts in
-        this turn (balance.py); return how long the turn may wait for an event at most."""
-        if self.share is None:
-            return math.inf
-        if self._full:
-            self.share.leave()  # its peers take every new connection meanwhile
-            return math.inf
-        self._takes_turn = self.share.before_turn(self.guard.total)
-        return self.share.longest_wait()
+    def longest_wait(self) -> float:
+        """How long the coming loop turn may wait for an event (Front.poll): the end of a step aside, if any."""
+        return math.inf if self.share is None else self.share.longest_wait()
 
     def writable(self) -> bool:
         return False
@@ -81,7 +79,7 @@ class Acceptor(wasyncore.dispatcher):
         """Accept what waits (up to ACCEPT_BATCH, or this worker's room among its peers): a channel each; a client over
         its cap waits (``admit_waiting``)."""
         batch = ACCEPT_BATCH if self.share is None else self.share.room(self.guard.total, ACCEPT_BATCH)
-        for _ in range(batch):
+        for _ in range(batch):  # none when this worker steps aside
             try:
                 pair = self.accept()
             except OSError as exc:  # out of file descriptors, say: keep listening, try again next turn

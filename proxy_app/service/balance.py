@@ -3,10 +3,15 @@
 The workers poll one shared listening socket, and the first to wake would take every connection waiting: a burst of
 clients can land on one worker, which then answers them all under one interpreter lock while the other idles, and a
 kept-alive client stays on the worker that accepted it. So each worker publishes, in a table of shared memory the
-arbiter makes before it forks them, how many connections it holds and when its loop last turned. A worker holding
-more than SLACK over its least-loaded live peer leaves new connections to its peers, which the same connections
-wake, but still accepts once every ASIDE_SECONDS; a peer whose loop has not turned for LIVE_SECONDS, or that stopped
-accepting, is not counted. So a peer that is stuck or gone slows new connections, never stops them.
+arbiter makes before it forks them, how many connections it holds and when its loop last turned, and takes waiting
+connections only up to its share: SLACK, or a quarter, over its least-loaded live peer. Woken with connections
+waiting while over its share, it steps aside for ASIDE_SECONDS, as its peers, woken by the same connections, take
+them, and then takes one if one still waits. A peer whose loop has not turned for LIVE_SECONDS, or that stopped
+accepting, is not counted: a peer that is stuck or gone slows new connections, never stops them.
+
+The share grows with the load (a quarter over the peer) and a step aside is short and happens only while connections
+wait, because each loop turn costs time in proportion to the connections held: sharing in small steps made a burst
+of 1,000 connections take hundreds of extra turns.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import mmap
 import time
 
 SLOTS = 256  # workers a table tracks over its life: slots of dead workers are reused
-SLACK = 8  # connections a worker may hold over its least-loaded live peer and still accept
+SLACK = 8  # connections a worker may hold over its least-loaded live peer (or a quarter more, if that is more)
 LIVE_SECONDS = 3.0  # a slot whose loop has not turned this long is a dead or stuck worker's (loops turn every second)
-ASIDE_SECONDS = 0.05  # while a worker leaves new connections to its peers, it still takes one turn's worth this often
+ASIDE_SECONDS = 0.001  # how long a worker over its share leaves a waiting connection to its peers before taking it
 CLAIM_SECONDS = 60.0  # a slot given out is its worker's for this long before it first turns (loading the app)
 
 
@@ -66,43 +71,43 @@ class Table:
 
 
 class Share:
-    """One worker's place in a Table, and whether it steps aside for its peers."""
+    """One worker's place in a Table, and whether it is stepping aside for its peers."""
 
     def __init__(self, table: Table, slot: int) -> None:
         self.table, self.slot = table, slot
-        self._aside_since: float | None = None  # when this worker last began to leave new connections to its peers
+        self._aside_until: float | None = None  # while stepping aside: when it takes its own turn again
 
-    def before_turn(self, connections: int) -> bool:
-        """Before each loop turn: publish that this worker is alive and holds ``connections``, and say whether it
-        accepts in this turn. It does not while it holds more than SLACK over its least-loaded live peer, which is
-        woken by the same connections, except once every ASIDE_SECONDS: a peer that is alive but slow to accept
-        never holds a connection up for long."""
-        now = self.table.clock()
-        self.table.put(self.slot, now, connections)
-        least = self.table.least_of_peers(self.slot)
-        if least is None or connections <= least + SLACK:
-            self._aside_since = None
-            return True
-        if self._aside_since is None:
-            self._aside_since = now
-            return False
-        if now - self._aside_since >= ASIDE_SECONDS:
-            self._aside_since = now  # this turn accepts one (room); the next ASIDE_SECONDS are the peers' again
-            return True
-        return False
-
-    def longest_wait(self) -> float:
-        """How long the coming loop turn may wait for an event: ASIDE_SECONDS while stepping aside."""
-        return math.inf if self._aside_since is None else ASIDE_SECONDS
+    def publish(self, connections: int) -> None:
+        """At each loop turn: this worker is alive and accepting, and holds ``connections``."""
+        self.table.put(self.slot, self.table.clock(), connections)
 
     def leave(self) -> None:
         """This worker no longer accepts: its peers stop counting it."""
         self.table.put(self.slot, 0.0, 0)
 
+    def is_aside(self) -> bool:
+        """True while this worker leaves waiting connections to its peers (it does not poll the listener then)."""
+        return self._aside_until is not None and self.table.clock() < self._aside_until
+
+    def longest_wait(self) -> float:
+        """How long the coming loop turn may wait for an event: until the end of a step aside."""
+        remaining = math.inf if self._aside_until is None else self._aside_until - self.table.clock()
+        return remaining if remaining > 0 else math.inf
+
     def room(self, connections: int, batch: int) -> int:
-        """How many connections to take at this wake-up, holding ``connections``: up to ``batch``, and no more than
-        brings this worker SLACK over its least-loaded live peer, but always at least one."""
+        """How many of the connections waiting to take now, holding ``connections``: up to ``batch``, and no more
+        than fills this worker's share (at least one). Over its share, none: it steps aside for ASIDE_SECONDS, as
+        its peers, woken by the same connections, take them; if one still waits after that, it takes one, so a peer
+        that is alive but slow to accept holds nobody up for long."""
         least = self.table.least_of_peers(self.slot)
         if least is None:
             return batch
-        return max(1, min(batch, int(least) + SLACK + 1 - connections))
+        allowed = int(least) + max(SLACK, int(least) // 4)
+        if connections <= allowed:
+            self._aside_until = None
+            return max(1, min(batch, allowed - connections))
+        if self._aside_until is None:
+            self._aside_until = self.table.clock() + ASIDE_SECONDS
+            return 0
+        self._aside_until = None  # its step aside is over and a connection still waits
+        return 1

@@ -186,7 +186,7 @@ class Front:
     def poll(self, timeout: float) -> None:
         """One turn of the event loop (what waitress's ``run`` repeats), waiting at most ``timeout`` for an event."""
         for acceptor in self.acceptors:
-            timeout = min(timeout, acceptor.before_turn())
+            timeout = min(timeout, acceptor.longest_wait())
         wasyncore.loop(timeout=timeout, map=self.map, use_poll=True, count=1)
 
     def stop_accepting(self) -> None:
