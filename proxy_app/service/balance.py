@@ -9,9 +9,9 @@ waiting while over its share, it steps aside for ASIDE_SECONDS, as its peers, wo
 them, and then takes one if one still waits. A peer whose loop has not turned for LIVE_SECONDS, or that stopped
 accepting, is not counted: a peer that is stuck or gone slows new connections, never stops them.
 
-The share grows with the load (a quarter over the peer) and a step aside is short and happens only while connections
-wait, because each loop turn costs time in proportion to the connections held: sharing in small steps made a burst
-of 1,000 connections take hundreds of extra turns.
+The share grows with the load, and a step aside is short and happens only while connections wait, because each loop
+turn costs time in proportion to the connections held: sharing a large burst in small steps would make its
+connections wait many turns to be accepted (or refused, over a client's cap).
 """
 
 from __future__ import annotations
