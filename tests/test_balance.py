@@ -8,11 +8,11 @@ import math
 import os
 import socket
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
+from bench.targets import wait_workers_ready
 from proxy_app.service.balance import ASIDE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
 from tests.processes import wait_until
 
@@ -104,21 +104,13 @@ def _held(worker: psutil.Process, port: int) -> set[int]:
     return {c.raddr.port for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
 
 
-def _serving(worker: psutil.Process) -> bool:
-    """True once the worker has loaded the app: it holds its Prometheus counter file open then."""
-    try:
-        return any(Path(opened.path).name.startswith("counter_") for opened in worker.open_files())
-    except psutil.Error:
-        return False
-
-
 def _two_workers(gunicorn_proxy):
     """The proxy under gunicorn with two workers, both serving."""
     proxy = gunicorn_proxy(workers=2, threads=8)
     workers = psutil.Process(proxy.process.pid).children()
     assert len(workers) == 2
-    wait_until(lambda: all(_serving(worker) for worker in workers), timeout=20, message="both workers serving")
-    time.sleep(0.5)  # from loading the app to the first loop turn
+    wait_workers_ready(2, proxy.process, timeout=20)
+    time.sleep(0.3)  # and a loop turn more: each worker's count published
     return proxy, workers
 
 
