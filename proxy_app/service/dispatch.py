@@ -65,8 +65,8 @@ class LastIdleFirstDispatcher(ThreadedTaskDispatcher):
             self.queue.append(task)
             self._wake(1)
             waiting = len(self.queue) - (len(self.threads) - self.stop_count - self.active_count)
-            if waiting > 0 and time.monotonic() >= self._next_warning:
-                self._next_warning = time.monotonic() + QUEUE_WARNING_SECONDS
+            if waiting > 0 and (now := time.monotonic()) >= self._next_warning:
+                self._next_warning = now + QUEUE_WARNING_SECONDS
                 self.queue_logger.warning("Task queue depth is %d (requests waiting for one of the threads)", waiting)
 
     def set_thread_count(self, count: int) -> None:
