@@ -79,6 +79,8 @@ def test_calls_text_bounded_and_storable_when_built():
     assert call.model == "m\ufffd" * 100 and call.prompt == "q" * 500 and call.response_preview == "\ufffda" * 100
     assert call.user_agent == HUGE["user_agent"][:512] and call.model_parameters == HUGE["model_parameters"][:4096]
     assert sample_call(prompt="ünïcode ✓ \U0001f600 =").prompt == "ünïcode ✓ \U0001f600 ="  # valid text is kept
+    one_bad = sample_call(session_id="s\x00" * 300)  # one field out of bounds among short ASCII ones
+    assert one_bad.as_dict() == {**sample_call().as_dict(), "session_id": "s" * 100}  # cut to 200, then NULs out
 
 
 def test_store_huge_values_agree_in_database_mirror_and_export(store_writer):
