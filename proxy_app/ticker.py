@@ -43,6 +43,7 @@ class Ticker:
         self.restarts = 0  # threads started in place of one that died (not counting forks)
         self.pid: int | None = None  # the process that started ``thread``
         self.thread: threading.Thread | None = None
+        self.running = False  # this process's thread has started and has not ended
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._first_run = threading.Event()
@@ -53,10 +54,10 @@ class Ticker:
         ``wait`` seconds for its first run. Cheap enough for every call."""
         if not self.interval:
             return
-        thread = self.thread
-        # No pid comparison here: in a forked child the at-fork hook has set ``thread`` to None, and Python's own
-        # hook has marked every thread of the parent as ended; _start checks the pid once more.
-        if thread is None or not thread.is_alive():
+        # No pid comparison and no Thread.is_alive() (a lock taken and given back) here: ``running`` is set just
+        # before this process's thread starts and cleared as it ends, and the at-fork hook clears it in a child,
+        # which runs where Python's own hook runs; _start checks the pid and the thread once more.
+        if not self.running:
             self._start()
         if wait:
             self._first_run.wait(wait)
@@ -73,7 +74,7 @@ class Ticker:
             self._forget_parent()  # forked without the at-fork hook (it runs for os.fork(), not for every fork())
         with self._lock:
             if self._stop.is_set() or (self.thread is not None and self.thread.is_alive()):
-                return
+                return  # stopped, or the thread is ending: ``running`` is clear, and the next call starts another
             if self.thread is not None:
                 self.restarts += 1
                 log.error("the %s thread had died; starting a new one", self.name)
@@ -81,6 +82,7 @@ class Ticker:
                 self.on_start()
             self.pid, self._first_run = os.getpid(), threading.Event()
             self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self.running = True
             self.thread.start()
 
     def _run(self) -> None:
@@ -93,6 +95,7 @@ class Ticker:
         except Exception:
             log.exception("the %s thread crashed; its next use starts a new one", self.name)
         finally:
+            self.running = False  # _start waits for this thread's end before it starts another
             self._first_run.set()  # nobody waits for a first run that will not come
             if self.on_exit is not None:
                 self.on_exit()
@@ -103,7 +106,7 @@ class Ticker:
         self._lock, self._stop, self._first_run = threading.Lock(), threading.Event(), threading.Event()
         if stopped:
             self._stop.set()
-        self.pid, self.thread = os.getpid(), None
+        self.pid, self.thread, self.running = os.getpid(), None, False
         if self.after_fork is not None:
             self.after_fork()
 
