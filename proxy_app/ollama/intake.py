@@ -28,6 +28,7 @@ MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/cop
 MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys/")
 # Top-level request keys that shape generation; stored with `options` as model_parameters.
 GENERATION_KEYS = gojson.REPLACED[1:]  # all but input
+_GENERATION_KEY_SET = frozenset(GENERATION_KEYS)
 
 # Where each route's request struct holds the prompt; a key the struct lacks is ignored by Ollama, and so here.
 PROMPT_FIELDS = {"/api/generate": "prompt", "/api/embeddings": "prompt", "/v1/completions": "prompt",
@@ -153,7 +154,9 @@ def _model_from_path(path: str) -> str | None:
 
 def _parameters(request: gojson.Request) -> str | None:
     room = [gojson.PARAMETER_CHARS]
-    chosen = {key: gojson.bounded(request.values[key], room) for key in GENERATION_KEYS if key in request.values}
+    chosen = {}
+    if not _GENERATION_KEY_SET.isdisjoint(request.values):  # most requests name none: no loop over every key
+        chosen = {key: gojson.bounded(request.values[key], room) for key in GENERATION_KEYS if key in request.values}
     if request.options is not None:
         chosen.update((key, gojson.bounded(value, room)) for key, value in request.options.items())
     if not chosen:

@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+_RESERVED_BELOW = tuple(ours + "/" for ours in RESERVED_PATHS)
+
+
 def is_reserved(path: str) -> bool:
     """True for the proxy's own paths (RESERVED_PATHS and below them), which Flask serves; the rest is Ollama's."""
-    return any(path == ours or path.startswith(ours + "/") for ours in RESERVED_PATHS)
+    return path in RESERVED_PATHS or path.startswith(_RESERVED_BELOW)
 
 
 def make_host_rule(config) -> HostRule:
