@@ -278,8 +278,10 @@ class UsageMeter:
                 self._usage.error_message = as_go_text(reading.error)
         self._add_text(reading.text, reading.extra)
         if reading.counts:  # the last count seen wins, as /v1 chunks repeat usage and the final line holds metrics
+            usage = self._usage
             for name, value in reading.counts.items():
-                self._set_count(name, value)
+                if as_count(value) is not None:  # a plausible non-negative int (bools and floats are ignored)
+                    setattr(usage, name, value)
         self._set_reason(reading.reason)
         self._complete = self._complete or reading.is_complete
         for name in ("model", "remote_model", "remote_host"):
@@ -297,11 +299,6 @@ class UsageMeter:
         elif isinstance(extra, (str, list)) and extra:
             self.has_content = True
         self._settled = self.has_content and self._preview_size >= self.preview_chars
-
-    def _set_count(self, name: str, value: object) -> None:
-        """Store a count or duration if it is a plausible non-negative int (bools and floats are ignored)."""
-        if as_count(value) is not None:
-            setattr(self._usage, name, value)
 
     def _set_reason(self, value: object) -> None:
         """Store a non-empty done_reason, finish_reason, stop_reason or Responses status."""
