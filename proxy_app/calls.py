@@ -96,8 +96,6 @@ class Call:
 
     def __post_init__(self) -> None:
         """Make every text field storable (see ``storable_text``): the one place the bounds are applied."""
-        if _all_storable(_text_values(self)):
-            return
         for name, limit in _TEXT_BOUNDS:
             value = getattr(self, name)
             if type(value) is str and (len(value) > limit or not value.isascii() or "\x00" in value):
@@ -111,18 +109,6 @@ class Call:
 COLUMNS: tuple[str, ...] = tuple(field.name for field in fields(Call))
 values_of = operator.attrgetter(*COLUMNS)  # a Call's (or a stored row's) values in COLUMNS order, in one C call
 _TEXT_BOUNDS = tuple(TEXT_CHARS.items())
-_TEXT_LIMITS = tuple(TEXT_CHARS.values())
-_text_values = operator.attrgetter(*TEXT_CHARS)
-
-
-def _all_storable(values: tuple) -> bool:
-    """True when every text value is short ASCII without NUL, as nearly every call's are: checked in a few C calls
-    rather than field by field. None counts as the four characters of "None", within every bound."""
-    try:
-        joined = "".join(filter(None, values))
-    except TypeError:  # not text: the field-by-field check decides
-        return False
-    return joined.isascii() and "\x00" not in joined and all(map(operator.ge, _TEXT_LIMITS, map(len, map(str, values))))
 
 
 def storable_text(text: str, limit: int) -> str:
