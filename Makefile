@@ -13,7 +13,8 @@ BIN := $(VENV)/bin
 # A file joins this list only while that holds for every test in it; `make test` runs these and all the others.
 UNIT_TESTS := tests/test_usage.py tests/test_intake.py tests/test_framing.py tests/test_config.py \
 	tests/test_csvlog.py tests/test_queries.py tests/test_dashboard.py tests/test_security.py tests/test_upstream.py \
-	tests/test_writer.py tests/test_bad_input.py tests/test_dispatch.py tests/test_inflight.py tests/test_heap.py \
+	tests/test_writer.py tests/test_bad_input.py tests/test_dispatch.py tests/test_front_loop.py tests/test_inflight.py \
+	tests/test_heap.py \
 	tests/test_package.py::test_package_ranges_hold_the_pins
 
 $(BIN)/activate: requirements.txt requirements-dev.txt

@@ -115,6 +115,18 @@ class GuardedChannel(HTTPChannel):
             self.header_deadline = self._deadline(now)  # a request finished in this read and the next one began
         return result
 
+    def writable(self) -> bool:
+        """waitress's rule, except while a call's thread holds the output buffer: it sends what it writes itself,
+        and the loop could not take the buffer meanwhile (waitress's handle_write tries and gives up). Asked to
+        watch for room to write then, poll would return at once on every turn: the loop would spin, and take the
+        interpreter lock back each time, keeping the call's thread waiting for it. A thread that leaves output it
+        could not send pulls the trigger, and the loop's next turn asks again."""
+        if self.total_outbufs_len and self.requests:
+            if not self.outbuf_lock.acquire(blocking=False):
+                return False
+            self.outbuf_lock.release()
+        return super().writable()
+
     def handle_read(self) -> None:
         """Read as waitress does; a client gone (EOF) ends the stream the loop relays for it at once."""
         super().handle_read()
