@@ -157,6 +157,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_front(served) -> None:
+    """Stop a Front whose loop a test turns itself (once that loop has stopped): listeners, connections, threads."""
+    served.stop_accepting()
+    served.close_connections()
+    served.task_dispatcher.shutdown(timeout=2)
+    served.server.trigger.close()
+
+
 class GunicornProxy:
     """The proxy under gunicorn with deploy/gunicorn.conf.py, as a subprocess on a free port."""
 

@@ -9,6 +9,7 @@ import time
 
 from proxy_app.service.front import Front
 from proxy_app.service.guard import Limits
+from tests.conftest import stop_front
 from tests.processes import wait_until
 
 POLL_SECONDS = 0.05  # the loop's longest wait: about 10 turns in HOLD_SECONDS when it only waits
@@ -57,7 +58,4 @@ def test_front_loop_waits_while_a_call_thread_holds_its_output_and_sends_it_afte
         client.close()
         running.clear()
         thread.join(5)
-        served.stop_accepting()
-        served.close_connections()
-        served.task_dispatcher.shutdown(timeout=2)
-        served.server.trigger.close()
+        stop_front(served)

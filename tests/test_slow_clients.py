@@ -26,7 +26,7 @@ from bench.concurrency import ATTACK_FROM, CALLS_FROM, Attack, fresh_call
 from proxy_app import config, settings
 from proxy_app.service.front import Front
 from proxy_app.service.guard import Limits
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_front
 from tests.processes import ROOT, ServeProcess, fake_ollama_env, health, wait_until
 
 ATTACKERS = 1000
@@ -148,10 +148,7 @@ def front_for():
     for served, running, thread in started:
         running.clear()
         thread.join(5)
-        served.stop_accepting()
-        served.close_connections()
-        served.task_dispatcher.shutdown(timeout=2)
-        served.server.trigger.close()
+        stop_front(served)
 
 
 def _loop(served: Front, running: threading.Event) -> None:
