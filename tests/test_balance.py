@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from bench.targets import wait_workers_ready
-from proxy_app.service.balance import ASIDE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
+from proxy_app.service.balance import ASIDE_SECONDS, ASIDE_STALE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
 from tests.processes import wait_until
 
 BURST = 40
@@ -64,6 +64,21 @@ def test_balance_a_worker_over_its_share_steps_aside_then_takes_one_if_a_connect
     assert heavy.room(SLACK + 2, BATCH) == SLACK - 2 and not heavy.is_aside()  # back within its share
     clock.now += LIVE_SECONDS  # its peer's loop stopped turning: nobody to step aside for
     assert heavy.room(100, BATCH) == BATCH
+
+
+def test_balance_a_step_aside_no_connection_outlived_is_over_and_the_next_one_steps_aside_first():
+    clock = Clock()
+    table = Table(slots=2, clock=clock)
+    heavy, light = Share(table, table.claim()), Share(table, table.claim())
+    light.publish(0)
+    assert heavy.room(SLACK + 1, BATCH) == 0  # steps aside; its peer takes the connection, none waits after it
+    clock.now += 2 * ASIDE_STALE_SECONDS
+    light.publish(0)  # the peer's loop turns on
+    assert not heavy.is_aside()
+    assert heavy.room(SLACK + 1, BATCH) == 0  # a new connection, much later: left to the peer first, again
+    assert heavy.is_aside()
+    clock.now += ASIDE_SECONDS
+    assert heavy.room(SLACK + 1, BATCH) == 1  # and taken if it still waits after that
 
 
 def test_balance_claim_reuses_a_gone_workers_slot_never_a_booting_or_live_one():

@@ -24,6 +24,9 @@ SLOTS = 256  # workers a table tracks over its life: slots of dead workers are r
 SLACK = 8  # connections a worker may hold over its least-loaded live peer (or a quarter more, if that is more)
 LIVE_SECONDS = 3.0  # a slot whose loop has not turned this long is a dead or stuck worker's (loops turn every second)
 ASIDE_SECONDS = 0.001  # how long a worker over its share leaves a waiting connection to its peers before taking it
+# A step aside that ended this long ago without a connection still waiting is over: the next time the worker is over
+# its share, it steps aside again first. Longer than a loop turn under load, so the turn after a step aside finds it.
+ASIDE_STALE_SECONDS = 0.1
 CLAIM_SECONDS = 60.0  # a slot given out is its worker's for this long before it first turns (loading the app)
 
 
@@ -106,8 +109,9 @@ class Share:
         if connections <= allowed:
             self._aside_until = None
             return max(1, min(batch, allowed - connections))
-        if self._aside_until is None:
-            self._aside_until = self.table.clock() + ASIDE_SECONDS
+        now = self.table.clock()
+        if self._aside_until is None or now - self._aside_until > ASIDE_STALE_SECONDS:
+            self._aside_until = now + ASIDE_SECONDS
             return 0
         self._aside_until = None  # its step aside is over and a connection still waits
         return 1
