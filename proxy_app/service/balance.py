@@ -21,7 +21,9 @@ import mmap
 import time
 
 SLOTS = 256  # workers a table tracks over its life: slots of dead workers are reused
-SLACK = 8  # connections a worker may hold over its least-loaded live peer (or a quarter more, if that is more)
+# Connections a worker may hold over its least-loaded live peer (or a quarter more, if that is more): small, so a
+# few clients (8 on 2 workers) are split evenly, not left on the worker that woke first.
+SLACK = 2
 LIVE_SECONDS = 3.0  # a slot whose loop has not turned this long is a dead or stuck worker's (loops turn every second)
 ASIDE_SECONDS = 0.001  # how long a worker over its share leaves a waiting connection to its peers before taking it
 # A step aside that ended this long ago without a connection still waiting is over: the next time the worker is over
