@@ -44,11 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
     parser.add_argument("--soak-seconds", type=float, help="soak duration (full: 600, quick: 0 = no soak)")
-    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers (default 3: best calls/s here)")
-    parser.add_argument("--threads", type=int, default=320, help="threads per proxy process (256 streams must fit)")
+    parser.add_argument("--workers", type=int, help="gunicorn workers (default: serve's own WORKERS)")
+    parser.add_argument("--threads", type=int, help="threads per proxy process (default: serve's own THREADS)")
     parser.add_argument("--only", help="comma-separated, from: " + ",".join(FIGURES))
     parser.add_argument("--output", type=Path, help="results file (default bench/results/<time>-<mode>.json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.workers, args.threads = args.workers or targets.SERVE_WORKERS, args.threads or targets.SERVE_THREADS
+    return args
 
 
 def start_all(work: Path, workers: int, threads: int) -> list[targets.Target]:

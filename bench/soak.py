@@ -122,8 +122,8 @@ def run_soak(work: Path, seconds: float, workers: int, threads: int, settings: d
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1800.0)
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=320)
+    parser.add_argument("--workers", type=int, default=targets.SERVE_WORKERS)
+    parser.add_argument("--threads", type=int, default=targets.SERVE_THREADS)
     parser.add_argument(
         "--set",
         action="append",

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import psutil
 
+from proxy_app import config
+
 ROOT = Path(__file__).resolve().parent.parent
+_DEFAULTS = config.load({}, env_file=None)
+# What a user gets from `serve`, and so what the bench measures unless told otherwise.
+SERVE_WORKERS, SERVE_THREADS = _DEFAULTS["WORKERS"], _DEFAULTS["THREADS"]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NGINX_CONF = """worker_processes 1;
 pid {dir}/nginx.pid;
