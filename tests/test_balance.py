@@ -13,7 +13,15 @@ import psutil
 import pytest
 
 from bench.targets import wait_workers_ready
-from proxy_app.service.balance import ASIDE_SECONDS, ASIDE_STALE_SECONDS, CLAIM_SECONDS, LIVE_SECONDS, SLACK, Share, Table
+from proxy_app.service.balance import (
+    ASIDE_SECONDS,
+    ASIDE_STALE_SECONDS,
+    CLAIM_SECONDS,
+    LIVE_SECONDS,
+    SLACK,
+    Share,
+    Table,
+)
 from tests.processes import wait_until
 
 BURST = 40
